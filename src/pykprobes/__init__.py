@@ -1,0 +1,86 @@
+"""pykprobes: kprobes for the CPython virtual machine.
+
+The public API is loaded lazily (PEP 562): `import pykprobes` imports nothing else, because
+the start-up `.pth` hook imports this package first and must cost next to nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from pykprobes._version import __version__
+
+_EXPORTS: dict[str, str] = {
+    "Kprobe": "pykprobes.core.probe",
+    "KPROBE_FLAG_GONE": "pykprobes.core.probe",
+    "KPROBE_FLAG_DISABLED": "pykprobes.core.probe",
+    "KPROBE_FLAG_OPTIMIZED": "pykprobes.core.probe",
+    "KPROBE_FLAG_FTRACE": "pykprobes.core.probe",
+    "KPROBE_FLAG_EARLY": "pykprobes.core.probe",
+    "ProbeAddress": "pykprobes.core.address",
+    "Regs": "pykprobes.core.regs",
+    "KprobeError": "pykprobes.errors",
+    "KprobeHandlerWarning": "pykprobes.core.site",
+    "nokprobe": "pykprobes.core.blacklist",
+    "resolve_line": "pykprobes.core.lines",
+    "register_kprobe": "pykprobes.core.registry",
+    "unregister_kprobe": "pykprobes.core.registry",
+    "register_kprobes": "pykprobes.core.registry",
+    "unregister_kprobes": "pykprobes.core.registry",
+    "enable_kprobe": "pykprobes.core.registry",
+    "disable_kprobe": "pykprobes.core.registry",
+    "get_kprobe": "pykprobes.core.registry",
+    "list_kprobes": "pykprobes.core.registry",
+    "arm_all_kprobes": "pykprobes.core.registry",
+    "disarm_all_kprobes": "pykprobes.core.registry",
+    "set_optimization": "pykprobes.core.registry",
+    "wait_for_kprobe_optimizer": "pykprobes.core.registry",
+    "init_kprobes": "pykprobes.core.registry",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from pykprobes.core.address import ProbeAddress
+    from pykprobes.core.blacklist import nokprobe
+    from pykprobes.core.lines import resolve_line
+    from pykprobes.core.probe import (
+        KPROBE_FLAG_DISABLED,
+        KPROBE_FLAG_EARLY,
+        KPROBE_FLAG_FTRACE,
+        KPROBE_FLAG_GONE,
+        KPROBE_FLAG_OPTIMIZED,
+        Kprobe,
+    )
+    from pykprobes.core.registry import (
+        arm_all_kprobes,
+        disable_kprobe,
+        disarm_all_kprobes,
+        enable_kprobe,
+        get_kprobe,
+        init_kprobes,
+        list_kprobes,
+        register_kprobe,
+        register_kprobes,
+        set_optimization,
+        unregister_kprobe,
+        unregister_kprobes,
+        wait_for_kprobe_optimizer,
+    )
+    from pykprobes.core.regs import Regs
+    from pykprobes.core.site import KprobeHandlerWarning
+    from pykprobes.errors import KprobeError
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pykprobes' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,1 @@
+"""The architecture-independent core of pykprobes (kernel/kprobes.c)."""

@@ -1,0 +1,125 @@
+"""The contract between the core and the mechanisms (the kernel's `arch_*` verbs).
+
+The core never imports a mechanism statically: `select_breakpoint()` and `select_optimizer()`
+load them by dotted name from the tables below, the way wrapt defers `'module:function'`
+hooks, and return the chosen one together with the reason each other one was rejected
+(coverage.py's tracer selection), which `pykprobes info` prints.
+
+Two kinds of mechanism, as in the kernel:
+
+* a **breakpoint** arch (`sys.monitoring` on 3.12+, `sys.settrace` on 3.11) arms a probe
+  address so that it is hit at once, including in frames that are already running;
+* an **optimizer** arch (bytecode rewriting) builds a new code object with the probe's call
+  sequence at the address; the core then switches the code's holders to it.
+
+An address is always (code object, offset), where the code object is compared by identity
+and the offset is the start of an instruction (its first EXTENDED_ARG prefix if it has one).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Mapping
+from types import CodeType, FrameType
+from typing import Protocol
+
+#: pre(frame, offset): called before the instruction at `offset` executes, in the probed
+#: frame's thread, with that frame. It never raises.
+PreHit = Callable[[FrameType, int], None]
+#: post(frame, offset): called after the instruction at `offset` executed (the next
+#: instruction executed in that frame); never raises.
+PostHit = Callable[[FrameType, int], None]
+#: Optimized hit: called with no argument from the injected call sequence; it finds the
+#: probed frame with sys._getframe(1). Never raises.
+OptHit = Callable[[], None]
+
+
+class BreakpointArch(Protocol):
+    """A mechanism that acts at once (the kernel's int3 probe)."""
+
+    name: str
+
+    def arm(self, code: CodeType, offset: int, pre: PreHit, post: PostHit | None) -> None:
+        """From now on call `pre` before every execution of the instruction at `offset` of
+        this very `code` object, in every thread (as far as the mechanism can reach), and
+        `post` after it, if given. Arming an armed address replaces its callbacks."""
+
+    def disarm(self, code: CodeType, offset: int) -> None:
+        """Undo `arm`: the address runs with no callback. Disarming an unarmed one is a no-op."""
+
+    def uses_entry_event(self, code: CodeType, offset: int) -> bool:
+        """True when a probe at this address is served by a function-entry event
+        (the analogue of the kernel's ftrace-based probe, KPROBE_FLAG_FTRACE)."""
+
+    def close(self) -> None:
+        """Disarm everything and give back what was claimed (tool ids, trace functions)."""
+
+
+class OptimizerArch(Protocol):
+    """A mechanism that rewrites code (the kernel's optprobe)."""
+
+    name: str
+
+    def check_optimizable(self, code: CodeType, offset: int) -> str | None:
+        """None when a call sequence can safely be inserted before this instruction;
+        otherwise the reason it cannot (the probe then stays a breakpoint)."""
+
+    def build(
+        self,
+        code: CodeType,
+        hits: Mapping[int, OptHit],
+        consts: Mapping[int, CodeType],
+    ) -> CodeType:
+        """A new code object: `code` with, before the instruction at each offset in `hits`,
+        a call of `hits[offset]()` whose line number is the instruction's; and with each
+        code constant at index `i` of `code.co_consts` replaced by `consts[i]` (the nested
+        functions' own rewritten code). Everything else behaves exactly as `code`."""
+
+    def frames_running(self, code: CodeType) -> bool:
+        """True while some frame (a thread's stack, a suspended generator or coroutine)
+        still executes this very code object."""
+
+
+BREAKPOINT_ARCHES: Mapping[str, str] = {
+    "monitoring": "pykprobes.arch.monitoring:MonitoringArch",
+    "settrace": "pykprobes.arch.settrace:SettraceArch",
+}
+OPTIMIZER_ARCHES: Mapping[str, str] = {
+    "rewrite": "pykprobes.arch.rewrite:RewriteArch",
+}
+
+
+class ArchUnavailable(Exception):
+    """Raised by an arch's constructor when it cannot work on this interpreter; the message
+    is the reason shown by `pykprobes info`."""
+
+
+def _load(spec: str) -> type:
+    module, _, attr = spec.partition(":")
+    cls: type = getattr(importlib.import_module(module), attr)
+    return cls
+
+
+def _select(table: Mapping[str, str], wanted: str | None) -> tuple[object, dict[str, str]]:
+    rejected: dict[str, str] = {}
+    for name, spec in table.items():
+        if wanted and name != wanted:
+            rejected[name] = f"not chosen: PYKPROBES_BREAKPOINT={wanted}"
+            continue
+        try:
+            return _load(spec)(), rejected
+        except ArchUnavailable as exc:
+            rejected[name] = str(exc)
+    raise ArchUnavailable("; ".join(f"{n}: {r}" for n, r in rejected.items()))
+
+
+def select_breakpoint() -> tuple[BreakpointArch, dict[str, str]]:
+    """The first breakpoint arch that works here, and why the others were not taken."""
+    arch, rejected = _select(BREAKPOINT_ARCHES, os.environ.get("PYKPROBES_BREAKPOINT") or None)
+    return arch, rejected  # type: ignore[return-value]
+
+
+def select_optimizer() -> tuple[OptimizerArch, dict[str, str]]:
+    arch, rejected = _select(OPTIMIZER_ARCHES, None)
+    return arch, rejected  # type: ignore[return-value]

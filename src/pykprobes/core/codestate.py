@@ -1,0 +1,252 @@
+"""Which version of a probed code object runs, and who holds it.
+
+For every code object with probes (and every code object enclosing one, when the optimizer
+has to replace a nested function's code in its parent's constants) the registry keeps a
+`CodeState`: the *original* code (what the program compiled; the identity probe addresses
+refer to), the *current* version its holders hold (the original, or a rewritten copy with
+call sequences for the optimized sites and/or rewritten nested code in its constants), and
+the *retired* versions that frames may still be running.
+
+`sync()` makes the state match its sites: it rebuilds the current version when the set of
+optimized sites changed, switches every holder to it (function objects; the parent's
+constants), and arms the breakpoint mechanism exactly where the running versions need it:
+at non-optimized sites of the current version (offsets translated when the version is
+rewritten), and at every site of a retired version that lacks that site's call sequence,
+for as long as frames run it (the analogue of waiting for `synchronize_rcu_tasks()`).
+
+Every function here expects the registry lock to be held (hence `_locked`-free names: this
+module is private to the registry).
+"""
+
+from __future__ import annotations
+
+import dis
+import gc
+from collections.abc import Iterable
+from types import CodeType, FunctionType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pykprobes.core.arch import BreakpointArch, OptimizerArch
+    from pykprobes.core.site import Site
+
+
+class Version:
+    """One runnable version of a code state: the code, where each original instruction
+    sits in it, and which sites have a call sequence in it."""
+
+    __slots__ = ("code", "consts", "map", "opt")
+
+    def __init__(
+        self,
+        code: CodeType,
+        offmap: dict[int, int] | None,
+        opt: frozenset[int],
+        consts: dict[int, CodeType],
+    ) -> None:
+        self.code = code
+        #: original offset -> offset in `code`; None means the identity.
+        self.map = offmap
+        self.opt = opt
+        self.consts = consts
+
+    def phys(self, offset: int) -> int:
+        return offset if self.map is None else self.map[offset]
+
+
+class CodeState:
+    __slots__ = (
+        "armed",
+        "children",
+        "const_index",
+        "current",
+        "module",
+        "original",
+        "parent",
+        "retired",
+        "sites",
+    )
+
+    def __init__(self, module: str, original: CodeType) -> None:
+        self.module = module
+        self.original = original
+        self.current = Version(original, None, frozenset(), {})
+        self.retired: list[Version] = []
+        self.parent: CodeState | None = None
+        self.const_index: int | None = None
+        self.children: dict[int, CodeState] = {}
+        self.sites: dict[int, Site] = {}
+        #: (id(version code), physical offset) -> (version code, offset, site, with post)
+        self.armed: dict[tuple[int, int], tuple[CodeType, int, Site, bool]] = {}
+
+    @property
+    def unused(self) -> bool:
+        return not self.sites and not self.children
+
+    def __repr__(self) -> str:
+        return f"<CodeState {self.module}:{self.original.co_qualname}>"
+
+
+class Mechanisms:
+    """The two arches the states are synced with (the optimizer may be missing)."""
+
+    __slots__ = ("breakpoint", "optimizer", "versions")
+
+    def __init__(self, breakpoint: BreakpointArch, optimizer: OptimizerArch | None) -> None:
+        self.breakpoint = breakpoint
+        self.optimizer = optimizer
+        #: id(any version's code) -> its state, to map a function's current code back.
+        self.versions: dict[int, CodeState] = {}
+
+
+def _instructions(code: CodeType) -> list[tuple[int, str, object]]:
+    """(start offset, opname, argval) per instruction, EXTENDED_ARG folded into its start."""
+    out: list[tuple[int, str, object]] = []
+    start: int | None = None
+    for ins in dis.get_instructions(code):
+        if ins.opname == "EXTENDED_ARG":
+            if start is None:
+                start = ins.offset
+            continue
+        out.append((ins.offset if start is None else start, ins.opname, ins.argval))
+        start = None
+    return out
+
+
+def align(original: CodeType, new: CodeType, hits: dict[int, object]) -> dict[int, int]:
+    """original offset -> offset in `new`, where `new` is `original` with a call sequence
+    (ending in POP_TOP, containing LOAD_CONST hits[offset]) inserted before each hit offset.
+    Raises ValueError if `new` is not such a copy."""
+    old_ins = _instructions(original)
+    new_ins = _instructions(new)
+    offmap: dict[int, int] = {}
+    j = 0
+    for off, opname, _ in old_ins:
+        hit = hits.get(off)
+        if hit is not None:
+            seen_hit = False
+            while j < len(new_ins):
+                _, nop, narg = new_ins[j]
+                j += 1
+                if nop == "LOAD_CONST" and narg is hit:
+                    seen_hit = True
+                elif seen_hit and nop == "POP_TOP":
+                    break
+            else:
+                raise ValueError(f"no call sequence before offset {off}")
+        if j >= len(new_ins) or new_ins[j][1] != opname:
+            raise ValueError(f"instruction at {off} ({opname}) not found in the rewrite")
+        offmap[off] = new_ins[j][0]
+        j += 1
+    return offmap
+
+
+def _switch_functions(pairs: dict[int, CodeType], olds: Iterable[CodeType]) -> None:
+    """Point every function whose `__code__` is an old version at its new one. One pass of
+    gc.get_referrers over all of them: it walks every object once, in C."""
+    olds = list(olds)
+    if not olds:
+        return
+    for obj in gc.get_referrers(*olds):
+        if type(obj) is FunctionType:
+            new = pairs.get(id(obj.__code__))
+            if new is not None:
+                obj.__code__ = new
+
+
+def sync(state: CodeState, mech: Mechanisms) -> None:
+    """Make `state` (and, when its code changed, its parents) match its sites."""
+    _rebuild(state, mech)
+    reconcile_breakpoints(state, mech)
+
+
+def _rebuild(state: CodeState, mech: Mechanisms) -> None:
+    opt = frozenset(off for off, site in state.sites.items() if site.optimized and site.active)
+    consts = {
+        index: child.current.code
+        for index, child in state.children.items()
+        if child.current.code is not child.original
+    }
+    cur = state.current
+    if opt == cur.opt and consts.keys() == cur.consts.keys() and all(
+        cur.consts[i] is c for i, c in consts.items()
+    ):
+        return
+    original = state.original
+    if not opt and not consts:
+        version = Version(original, None, opt, consts)
+    elif not opt:
+        patched = list(original.co_consts)
+        for index, code in consts.items():
+            patched[index] = code
+        version = Version(original.replace(co_consts=tuple(patched)), None, opt, consts)
+    else:
+        assert mech.optimizer is not None
+        hits = {off: state.sites[off].opt_hit for off in opt}
+        code = mech.optimizer.build(original, hits, consts)
+        version = Version(code, align(original, code, hits), opt, consts)
+    _install(state, version, mech)
+
+
+def _install(state: CodeState, version: Version, mech: Mechanisms) -> None:
+    old = state.current
+    _switch_functions({id(old.code): version.code}, [old.code])
+    state.current = version
+    mech.versions[id(version.code)] = state
+    state.retired = [v for v in state.retired if v.code is not version.code]
+    if old.code is not version.code:
+        state.retired.append(old)
+    if state.parent is not None:
+        _rebuild(state.parent, mech)
+        reconcile_breakpoints(state.parent, mech)
+
+
+def prune_retired(state: CodeState, mech: Mechanisms) -> bool:
+    """Forget retired versions no frame runs any more; True if some are still running."""
+    if not state.retired:
+        return False
+    opt = mech.optimizer
+    keep = [v for v in state.retired if opt is not None and opt.frames_running(v.code)]
+    if len(keep) != len(state.retired):
+        for v in state.retired:
+            if v not in keep and v.code is not state.original:
+                mech.versions.pop(id(v.code), None)
+        state.retired = keep
+        reconcile_breakpoints(state, mech)
+    return bool(keep)
+
+
+def reconcile_breakpoints(state: CodeState, mech: Mechanisms) -> None:
+    """Arm the breakpoint exactly where the running versions need it."""
+    want: dict[tuple[int, int], tuple[CodeType, int, Site, bool]] = {}
+    cur = state.current
+    for off, site in state.sites.items():
+        if not site.active:
+            continue
+        post = bool(site.posts)
+        if off not in cur.opt:
+            phys = cur.phys(off)
+            want[(id(cur.code), phys)] = (cur.code, phys, site, post)
+        for v in state.retired:
+            if off not in v.opt:
+                phys = v.phys(off)
+                want[(id(v.code), phys)] = (v.code, phys, site, post)
+    bp = mech.breakpoint
+    for key, (code, phys, _, _) in list(state.armed.items()):
+        if key not in want:
+            bp.disarm(code, phys)
+            del state.armed[key]
+    for key, entry in want.items():
+        if state.armed.get(key) != entry:
+            code, phys, site, post = entry
+            bp.arm(code, phys, site.pre, site.post if post else None)
+            state.armed[key] = entry
+    for off, site in state.sites.items():
+        site.entry_event = off not in cur.opt and bool(site.active) and \
+            bp.uses_entry_event(cur.code, cur.phys(off))
+
+
+def disarm_all(state: CodeState, mech: Mechanisms) -> None:
+    for code, phys, _, _ in state.armed.values():
+        mech.breakpoint.disarm(code, phys)
+    state.armed.clear()

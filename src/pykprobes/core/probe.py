@@ -1,0 +1,91 @@
+"""The `Kprobe` record and its flags (include/linux/kprobes.h)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from types import CodeType, FunctionType
+
+    from pykprobes.core.address import ProbeAddress
+    from pykprobes.core.regs import Regs
+
+KPROBE_FLAG_GONE: Final = 1  # the probed code is gone (module removed or reloaded)
+KPROBE_FLAG_DISABLED: Final = 2  # the user disabled the probe
+KPROBE_FLAG_OPTIMIZED: Final = 4  # served by rewritten code (an optprobe)
+KPROBE_FLAG_FTRACE: Final = 8  # served by a function-entry event (PY_START)
+KPROBE_FLAG_EARLY: Final = 16  # registered before init_kprobes() (the seed)
+
+Handler = Callable[["Kprobe", "Regs"], Any]
+
+
+class Kprobe:
+    """One probe: where it sits, what it runs, and its counters.
+
+    Give either `symbol_name` (`"pkg.mod:Qual.name"`) or `addr` (a function, a code object,
+    or a `ProbeAddress`), plus `offset` (a bytecode offset). After `register_kprobe()`,
+    `addr` is the resolved `ProbeAddress`; to register the same object again, clear
+    `addr` and `flags` first, as the kernel's own tests do.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_site",
+        "addr",
+        "flags",
+        "nfault",
+        "nhit",
+        "nmissed",
+        "offset",
+        "post_handler",
+        "pre_handler",
+        "symbol_name",
+    )
+
+    def __init__(
+        self,
+        symbol_name: str | None = None,
+        offset: int = 0,
+        addr: ProbeAddress | CodeType | FunctionType | Callable[..., Any] | None = None,
+        pre_handler: Handler | None = None,
+        post_handler: Handler | None = None,
+        flags: int = 0,
+    ) -> None:
+        self.symbol_name = symbol_name
+        self.offset = offset
+        self.addr: Any = addr
+        self.pre_handler = pre_handler
+        self.post_handler = post_handler
+        self.flags = flags
+        self.nhit = 0
+        self.nmissed = 0
+        #: Handler exceptions caught and counted (the program never sees them).
+        self.nfault = 0
+        self._site: Any = None
+
+    @property
+    def registered(self) -> bool:
+        return self._site is not None
+
+    def is_disabled(self) -> bool:
+        """The kernel's kprobe_disabled(): disabled by the user, or gone."""
+        return bool(self.flags & (KPROBE_FLAG_DISABLED | KPROBE_FLAG_GONE))
+
+    def is_gone(self) -> bool:
+        return bool(self.flags & KPROBE_FLAG_GONE)
+
+    def is_optimized(self) -> bool:
+        return bool(self.flags & KPROBE_FLAG_OPTIMIZED)
+
+    @property
+    def symbol(self) -> str:
+        """`module:Qual.name+OFFS` of the resolved address (or what was asked for)."""
+        site = self._site
+        if site is not None:
+            return f"{site.symbol}+{site.addr.offset}"
+        return f"{self.symbol_name}+{self.offset}"
+
+    def __repr__(self) -> str:
+        state = "registered" if self.registered else "unregistered"
+        return f"<Kprobe {self.symbol} {state} nhit={self.nhit} nmissed={self.nmissed}>"
