@@ -557,17 +557,24 @@ def module_code_loaded(module: str, code: CodeType) -> CodeType:
     when the optimizer already handles a probe in it; early probes need that)."""
     m = _m()
     with _lock:
-        entries = _pending.pop(module, [])
-        root: CodeState | None = None
-        for p, qualname in entries:
-            p._site = None
+        unresolved: list[tuple[Kprobe, str]] = []
+        for p, qualname in _pending.pop(module, []):
+            if p.flags & KPROBE_FLAG_GONE:
+                unresolved.append((p, qualname))
+                continue
+            pending_site, p._site = p._site, None
             try:
                 target = resolve.resolve_in_code(module, code, qualname)
                 _register_target_locked(p, target, f"{module}:{qualname}", m)
             except KprobeError as exc:
+                # It stays registered, GONE, as a kernel probe whose text went away.
+                p._site = pending_site
                 p.flags |= KPROBE_FLAG_GONE
+                unresolved.append((p, qualname))
                 _warn(f"pykprobes: probe on {module}:{qualname} could not be armed when "
                       f"{module} was imported: {exc}")
+        if unresolved:
+            _pending[module] = unresolved
         root = _states.get(id(code))
         return root.current.code if root is not None else code
 

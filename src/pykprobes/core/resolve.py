@@ -78,8 +78,7 @@ def module_exists(name: str) -> bool:
         if mod is not None:
             path = list(getattr(mod, "__path__", []) or [])
             continue
-        spec = importlib.machinery.PathFinder.find_spec(prefix if path is None else part,
-                                                        path)
+        spec = importlib.machinery.PathFinder.find_spec(prefix, path)
         if spec is None and path is None:
             try:
                 spec = importlib.machinery.FrozenImporter.find_spec(prefix)

@@ -1,0 +1,204 @@
+"""Ports of the kernel's lib/test_kprobes.c (test_kprobe, test_kprobes) and its error cases."""
+
+from __future__ import annotations
+
+import errno
+import random
+
+import pytest
+
+import pykprobes as kp
+from tests.core import targets
+from tests.testenv import OPTIMIZED
+
+
+class State:
+    rand1 = 0
+    preh_val = 0
+    posth_val = 0
+
+
+def _pre(p: kp.Kprobe, regs: kp.Regs) -> None:
+    assert regs.args["value"] == State.rand1
+    State.preh_val = State.rand1 // targets.DIV_FACTOR
+
+
+def _post(p: kp.Kprobe, regs: kp.Regs) -> None:
+    assert State.preh_val == State.rand1 // targets.DIV_FACTOR
+    State.posth_val = State.preh_val + targets.DIV_FACTOR
+
+
+def _pre2(p: kp.Kprobe, regs: kp.Regs) -> None:
+    State.preh_val = State.rand1 // targets.DIV_FACTOR + 127
+
+
+def _post2(p: kp.Kprobe, regs: kp.Regs) -> None:
+    State.posth_val = State.preh_val + 127
+
+
+@pytest.fixture(autouse=True)
+def rand() -> None:
+    State.rand1 = random.randint(4, 2**31)
+    State.preh_val = State.posth_val = 0
+
+
+def test_kprobe() -> None:
+    p = kp.Kprobe(symbol_name="tests.core.targets:kprobe_target",
+                  pre_handler=_pre, post_handler=_post)
+    kp.register_kprobe(p)
+    try:
+        assert targets.kprobe_target(State.rand1) == State.rand1 // targets.DIV_FACTOR
+        assert State.preh_val != 0, "kprobe pre_handler not called"
+        assert State.posth_val != 0, "kprobe post_handler not called"
+        assert p.nhit == 1 and p.nmissed == 0 and p.nfault == 0
+    finally:
+        kp.unregister_kprobe(p)
+
+
+def test_kprobes() -> None:
+    kp1 = kp.Kprobe(symbol_name="tests.core.targets:kprobe_target",
+                    pre_handler=_pre, post_handler=_post)
+    kp2 = kp.Kprobe(symbol_name="tests.core.targets:kprobe_target2",
+                    pre_handler=_pre2, post_handler=_post2)
+    kp.register_kprobes([kp1, kp2])
+    try:
+        targets.kprobe_target(State.rand1)
+        assert State.preh_val != 0 and State.posth_val != 0
+        State.preh_val = State.posth_val = 0
+        targets.kprobe_target2(State.rand1)
+        assert State.preh_val == State.rand1 // targets.DIV_FACTOR + 127
+        assert State.posth_val == State.preh_val + 127
+    finally:
+        kp.unregister_kprobes([kp1, kp2])
+    # Reusing the records needs addr and flags cleared, as in the kernel's test.
+    for p in (kp1, kp2):
+        with pytest.raises(kp.KprobeError) as info:
+            kp.register_kprobe(p)
+        assert info.value.errno == errno.EINVAL
+        p.addr = None
+        p.flags = 0
+    kp.register_kprobes([kp1, kp2])
+    kp.unregister_kprobes([kp1, kp2])
+
+
+def test_pre_handler_only_is_optimized_when_allowed() -> None:
+    seen: list[int] = []
+    p = kp.Kprobe(symbol_name="tests.core.targets:kprobe_target",
+                  pre_handler=lambda p, regs: seen.append(regs.args["value"]))
+    kp.register_kprobe(p)
+    try:
+        kp.wait_for_kprobe_optimizer()
+        assert bool(p.flags & kp.KPROBE_FLAG_OPTIMIZED) == OPTIMIZED
+        for v in range(5):
+            assert targets.kprobe_target(v) == v // 3
+        assert seen == [0, 1, 2, 3, 4]
+        assert p.nhit == 5
+    finally:
+        kp.unregister_kprobe(p)
+
+
+def test_register_kprobes_is_all_or_nothing() -> None:
+    good = kp.Kprobe(symbol_name="tests.core.targets:kprobe_target")
+    bad = kp.Kprobe(symbol_name="tests.core.targets:no_such_function")
+    with pytest.raises(kp.KprobeError) as info:
+        kp.register_kprobes([good, bad])
+    assert info.value.errno == errno.ENOENT
+    assert not good.registered
+    assert kp.get_kprobe(targets.kprobe_target) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "err"),
+    [
+        ({}, errno.EINVAL),
+        ({"symbol_name": "tests.core.targets:add", "addr": targets.add}, errno.EINVAL),
+        ({"symbol_name": "no_such_module_xyz:func"}, errno.ENOENT),
+        ({"symbol_name": "tests.core.no_such_module:func"}, errno.ENOENT),
+        ({"symbol_name": "tests.core.targets:no_such_func"}, errno.ENOENT),
+        ({"symbol_name": "tests.core.targets:Widget.no_such_method"}, errno.ENOENT),
+        ({"symbol_name": "tests.core.targets:add", "offset": 1}, errno.EINVAL),
+        ({"symbol_name": "tests.core.targets:add", "offset": 100000}, errno.EINVAL),
+        ({"symbol_name": "tests.core.targets:add", "offset": -2}, errno.EINVAL),
+        ({"symbol_name": "no colon here"}, errno.EINVAL),
+        ({"symbol_name": "tests.core.targets:Widget"}, errno.EINVAL),
+        ({"symbol_name": "pykprobes.core.registry:register_kprobe"}, errno.EINVAL),
+        ({"symbol_name": "importlib._bootstrap:_find_and_load"}, errno.EINVAL),
+        ({"addr": kp.register_kprobe}, errno.EINVAL),
+        ({"addr": len}, errno.EINVAL),
+        ({"symbol_name": "tests.core.targets:<module>"}, errno.ENOENT),
+    ],
+)
+def test_registration_errors(kwargs: dict[str, object], err: int) -> None:
+    p = kp.Kprobe(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(kp.KprobeError) as info:
+        kp.register_kprobe(p)
+    assert info.value.errno == err, str(info.value)
+    assert not p.registered
+
+
+def test_nokprobe_is_blacklisted() -> None:
+    @kp.nokprobe
+    def private(x: int) -> int:
+        return x
+
+    with pytest.raises(kp.KprobeError) as info:
+        kp.register_kprobe(kp.Kprobe(addr=private))
+    assert info.value.errno == errno.EINVAL
+    assert "nokprobe" in str(info.value)
+
+
+def test_nokprobe_class() -> None:
+    @kp.nokprobe
+    class Private:
+        def method(self) -> int:
+            return 1
+
+    with pytest.raises(kp.KprobeError) as info:
+        kp.register_kprobe(kp.Kprobe(addr=Private.method))
+    assert info.value.errno == errno.EINVAL
+
+
+def test_reregistering_a_registered_probe() -> None:
+    p = kp.Kprobe(addr=targets.add)
+    kp.register_kprobe(p)
+    try:
+        with pytest.raises(kp.KprobeError) as info:
+            kp.register_kprobe(p)
+        assert info.value.errno == errno.EINVAL
+    finally:
+        kp.unregister_kprobe(p)
+
+
+def test_flags_other_than_disabled_are_masked() -> None:
+    p = kp.Kprobe(addr=targets.add,
+                  flags=kp.KPROBE_FLAG_GONE | kp.KPROBE_FLAG_OPTIMIZED | kp.KPROBE_FLAG_EARLY)
+    kp.register_kprobe(p)
+    try:
+        assert not p.flags & (kp.KPROBE_FLAG_GONE | kp.KPROBE_FLAG_EARLY)
+        assert targets.add(1, 2) == 3
+        assert p.nhit == 1
+    finally:
+        kp.unregister_kprobe(p)
+
+
+def test_registered_disabled() -> None:
+    p = kp.Kprobe(addr=targets.add, flags=kp.KPROBE_FLAG_DISABLED)
+    kp.register_kprobe(p)
+    try:
+        targets.add(1, 2)
+        assert p.nhit == 0
+        kp.enable_kprobe(p)
+        targets.add(1, 2)
+        assert p.nhit == 1
+    finally:
+        kp.unregister_kprobe(p)
+
+
+def test_unregister_unregistered_is_einval() -> None:
+    with pytest.raises(kp.KprobeError) as info:
+        kp.unregister_kprobe(kp.Kprobe(addr=targets.add))
+    assert info.value.errno == errno.EINVAL
+    with pytest.raises(kp.KprobeError):
+        kp.enable_kprobe(kp.Kprobe(addr=targets.add))
+    with pytest.raises(kp.KprobeError):
+        kp.disable_kprobe(kp.Kprobe(addr=targets.add))

@@ -1,0 +1,176 @@
+"""What each mechanism promises: breakpoints act at once, optimized probes cover frames
+still running the old code, unregistering restores the very same code objects."""
+
+from __future__ import annotations
+
+import dis
+import threading
+import time
+
+import pytest
+
+import pykprobes as kp
+from pykprobes.core import registry
+from tests.core import targets
+from tests.testenv import HAS_SYS_MONITORING, OPTIMIZED
+
+SPIN_STOP = threading.Event()
+SPIN_COUNT = [0]
+
+
+def spin() -> int:
+    n = 0
+    while not SPIN_STOP.is_set():
+        n += 1  # SPIN-BODY
+        SPIN_COUNT[0] = n
+    return n
+
+
+def _line_of(func: object, marker: str) -> int:
+    import inspect
+
+    src, first = inspect.getsourcelines(func)  # type: ignore[arg-type]
+    return first + next(i for i, line in enumerate(src) if marker in line)
+
+
+@pytest.mark.skipif(not HAS_SYS_MONITORING,
+                    reason="capability: settrace (3.11) cannot reach frames already running "
+                           "in other threads")
+def test_probe_on_a_loop_already_running_in_another_thread() -> None:
+    SPIN_STOP.clear()
+    t = threading.Thread(target=spin, daemon=True)
+    t.start()
+    try:
+        while SPIN_COUNT[0] < 1000:
+            time.sleep(0.001)
+        addrs = kp.resolve_line(f"{__file__}:{_line_of(spin, 'SPIN-BODY')}")
+        probes = [kp.Kprobe(addr=a) for a in addrs]
+        kp.register_kprobes(probes)
+        try:
+            kp.wait_for_kprobe_optimizer()
+            deadline = time.monotonic() + 10
+            while sum(p.nhit for p in probes) < 100 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert sum(p.nhit for p in probes) >= 100
+        finally:
+            kp.unregister_kprobes(probes)
+        hits = sum(p.nhit for p in probes)
+        time.sleep(0.05)
+        assert sum(p.nhit for p in probes) == hits, "the probe kept firing after unregister"
+    finally:
+        SPIN_STOP.set()
+        t.join(10)
+
+
+def test_optimized_probe_covers_frames_still_running_old_code() -> None:
+    """A generator suspended inside `counter` before the probe is optimized keeps running
+    the original code; the breakpoint stays armed there until it finishes."""
+    code = targets.counter.__code__
+    yield_off = next(i.offset for i in dis.get_instructions(code) if i.opname == "YIELD_VALUE")
+    body = [i.offset for i in dis.get_instructions(code) if i.offset < yield_off
+            and i.opname == "LOAD_FAST" and i.argval == "i"][-1]
+    gen = targets.counter(10)
+    assert next(gen) == 0  # suspended in the original code
+    p = kp.Kprobe(addr=targets.counter, offset=body)
+    kp.register_kprobe(p)
+    try:
+        kp.wait_for_kprobe_optimizer()
+        assert bool(p.flags & kp.KPROBE_FLAG_OPTIMIZED) == OPTIMIZED
+        if OPTIMIZED:
+            assert targets.counter.__code__ is not code
+            state = registry._states[id(code)]
+            assert any(v.code is code for v in state.retired), "old code still covered"
+        assert next(gen) == 1 and next(gen) == 2
+        assert p.nhit == 2, "frames running the old code still hit the probe"
+        assert list(targets.counter(3)) == [0, 1, 2]
+        assert p.nhit == 5
+        gen.close()
+        kp.wait_for_kprobe_optimizer()
+        if OPTIMIZED:
+            assert not registry._states[id(code)].retired, "old code forgotten once unused"
+    finally:
+        kp.unregister_kprobe(p)
+    assert targets.counter.__code__ is code
+
+
+def test_entry_probe_of_a_generator_fires_at_first_resumption() -> None:
+    p = kp.Kprobe(addr=targets.counter)
+    kp.register_kprobe(p)
+    try:
+        kp.wait_for_kprobe_optimizer()
+        gen = targets.counter(2)
+        assert p.nhit == 0
+        assert list(gen) == [0, 1]
+        assert p.nhit == 1
+    finally:
+        kp.unregister_kprobe(p)
+
+
+def test_entry_probe_flags() -> None:
+    p = kp.Kprobe(addr=targets.add)
+    kp.register_kprobe(p)
+    try:
+        kp.wait_for_kprobe_optimizer()
+        if OPTIMIZED:
+            assert p.flags & kp.KPROBE_FLAG_OPTIMIZED
+            assert not p.flags & kp.KPROBE_FLAG_FTRACE
+        elif HAS_SYS_MONITORING:
+            assert p.flags & kp.KPROBE_FLAG_FTRACE  # served by PY_START
+    finally:
+        kp.unregister_kprobe(p)
+
+
+def test_recursion_and_many_offsets() -> None:
+    offsets = [i.offset for i in dis.get_instructions(targets.recurse)
+               if i.opname not in ("CACHE", "RESUME", "EXTENDED_ARG")]
+    probes = [kp.Kprobe(addr=targets.recurse, offset=o) for o in offsets]
+    kp.register_kprobes(probes)
+    try:
+        kp.wait_for_kprobe_optimizer()
+        assert targets.recurse(20) == 20
+        assert probes[0].nhit == 21
+        assert sum(p.nhit for p in probes) > 21 * 3
+    finally:
+        kp.unregister_kprobes(probes)
+
+
+def test_unregister_restores_the_very_same_code_objects() -> None:
+    funcs = [targets.add, targets.loop_sum, targets.recurse, targets.counter, targets.outer]
+    before = [f.__code__ for f in funcs]
+    probes = [kp.Kprobe(addr=f) for f in funcs]
+    probes.append(kp.Kprobe(symbol_name="tests.core.targets:outer.<locals>.inner"))
+    kp.register_kprobes(probes)
+    kp.wait_for_kprobe_optimizer()
+    targets.add(1, 2)
+    targets.loop_sum(3)
+    targets.recurse(3)
+    list(targets.counter(3))
+    targets.outer(3)
+    kp.unregister_kprobes(probes)
+    kp.wait_for_kprobe_optimizer()
+    assert [f.__code__ for f in funcs] == before
+    assert all(a is b for a, b in zip((f.__code__ for f in funcs), before, strict=True))
+    assert not registry._states, "every code state is dropped"
+
+
+def test_set_optimization_off_and_on() -> None:
+    if not OPTIMIZED:
+        pytest.skip("capability: this run keeps optimization off for the whole suite")
+    p = kp.Kprobe(addr=targets.add)
+    kp.register_kprobe(p)
+    try:
+        kp.wait_for_kprobe_optimizer()
+        assert p.flags & kp.KPROBE_FLAG_OPTIMIZED
+        kp.set_optimization(False)
+        assert not p.flags & kp.KPROBE_FLAG_OPTIMIZED
+        assert targets.add.__code__ is p.addr.code
+        targets.add(1, 1)
+        assert p.nhit == 1
+        kp.set_optimization(True)
+        kp.wait_for_kprobe_optimizer()
+        assert p.flags & kp.KPROBE_FLAG_OPTIMIZED
+        targets.add(1, 1)
+        assert p.nhit == 2
+    finally:
+        kp.set_optimization(True)
+        kp.unregister_kprobe(p)

@@ -1,0 +1,120 @@
+"""The module notifier: probes on modules not imported yet, top-level code, reload and
+removal (GONE)."""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import pykprobes as kp
+
+SOURCE = '''
+LOG = []
+
+def work(x):
+    return x * 3
+
+class Thing:
+    def method(self):
+        return "m"
+
+LOG.append(work(2))
+'''
+
+
+@pytest.fixture
+def fresh_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    name = f"pkfresh_{tmp_path.name.replace('-', '_')}"
+    pkg = tmp_path / name
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "mod.py").write_text(SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield f"{name}.mod"
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[key]
+
+
+def test_probe_waits_for_import_and_reaches_import_time_code(fresh_module: str) -> None:
+    seen: list[int] = []
+    work = kp.Kprobe(symbol_name=f"{fresh_module}:work",
+                     pre_handler=lambda p, r: seen.append(r.args["x"]))
+    method = kp.Kprobe(symbol_name=f"{fresh_module}:Thing.method")
+    top = kp.Kprobe(symbol_name=f"{fresh_module}:<module>")
+    kp.register_kprobes([work, method, top])
+    try:
+        assert fresh_module not in sys.modules  # registering imported nothing
+        assert work.addr is None or not hasattr(work.addr, "code")
+        mod = importlib.import_module(fresh_module)
+        assert mod.LOG == [6]
+        assert seen == [2], "the call made by the module's body was probed"
+        assert top.nhit == 1
+        assert mod.work(5) == 15 and seen == [2, 5]
+        assert mod.Thing().method() == "m" and method.nhit == 1
+        kp.wait_for_kprobe_optimizer()
+        assert mod.work(1) == 3 and work.nhit == 3
+    finally:
+        kp.unregister_kprobes([work, method, top])
+    assert mod.work.__code__ is work.addr.code
+
+
+def test_pending_unknown_symbol_is_gone_not_an_import_error(fresh_module: str) -> None:
+    p = kp.Kprobe(symbol_name=f"{fresh_module}:nope")
+    kp.register_kprobe(p)
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be armed"):
+            mod = importlib.import_module(fresh_module)
+        assert mod.work(1) == 3
+        assert p.flags & kp.KPROBE_FLAG_GONE
+    finally:
+        kp.unregister_kprobe(p)
+
+
+def test_unregister_pending_probe(fresh_module: str) -> None:
+    p = kp.Kprobe(symbol_name=f"{fresh_module}:work")
+    kp.register_kprobe(p)
+    assert "0000000000000000  k  " in kp.list_kprobes()
+    kp.unregister_kprobe(p)
+    mod = importlib.import_module(fresh_module)
+    assert mod.work(1) == 3 and p.nhit == 0
+
+
+def test_reload_marks_gone(fresh_module: str) -> None:
+    mod = importlib.import_module(fresh_module)
+    p = kp.Kprobe(symbol_name=f"{fresh_module}:work")
+    kp.register_kprobe(p)
+    try:
+        mod.work(1)
+        assert p.nhit == 1
+        old_work = mod.work
+        importlib.reload(mod)
+        assert p.flags & kp.KPROBE_FLAG_GONE
+        assert "[GONE]" in kp.list_kprobes()
+        mod.work(1)
+        old_work(1)
+        assert p.nhit == 1
+        with pytest.raises(kp.KprobeError) as info:
+            kp.enable_kprobe(p)
+        assert info.value.errno == errno.EINVAL
+    finally:
+        kp.unregister_kprobe(p)
+    assert old_work.__code__ is p.addr.code
+
+
+def test_removed_from_sys_modules_marks_gone(fresh_module: str) -> None:
+    mod = importlib.import_module(fresh_module)
+    p = kp.Kprobe(symbol_name=f"{fresh_module}:work")
+    kp.register_kprobe(p)
+    try:
+        del sys.modules[fresh_module]
+        assert "[GONE]" in kp.list_kprobes()
+        assert p.flags & kp.KPROBE_FLAG_GONE
+        mod.work(1)
+        assert p.nhit == 0
+    finally:
+        kp.unregister_kprobe(p)
