@@ -1,0 +1,78 @@
+"""The `pykprobes` command line.
+
+Subcommands import what they need inside their own function (DESIGN.md, import rules), so
+that `pykprobes --help` loads neither the core nor a mechanism.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Callable
+
+from pykprobes._version import __version__
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    """Print the interpreter, its capabilities and the mechanisms that would be chosen."""
+    from pykprobes import env
+    from pykprobes.core.arch import ArchUnavailable, select_breakpoint, select_optimizer
+
+    print(f"pykprobes {__version__}")
+    print(f"python: {platform.python_version()} ({platform.python_implementation()})")
+    print(f"executable: {sys.executable}")
+    print(f"sys.monitoring: {'yes' if env.HAS_SYS_MONITORING else 'no'}")
+    print(f"free-threaded: {'yes' if env.FREE_THREADED else 'no'}")
+
+    selectors: list[tuple[str, Callable[[], tuple[object, dict[str, str]]]]] = [
+        ("breakpoint", select_breakpoint),
+        ("optimizer", select_optimizer),
+    ]
+    for kind, select in selectors:
+        try:
+            arch, rejected = select()
+        except ArchUnavailable as exc:
+            # Every mechanism of this kind refused; the message lists each one's reason.
+            print(f"{kind}: none available")
+            print(f"  rejected: {exc}")
+            continue
+        except ImportError as exc:
+            # A mechanism that cannot even be imported (a missing module, a missing
+            # dependency such as `bytecode`) is reported, not raised: `info` is the command
+            # people run to find out why things do not work.
+            print(f"{kind}: none available")
+            print(f"  cannot load: {exc}")
+            continue
+        print(f"{kind}: {getattr(arch, 'name', type(arch).__name__)}")
+        for name, reason in rejected.items():
+            print(f"  rejected {name}: {reason}")
+        # Selecting instantiates the mechanism, which may claim something (a sys.monitoring
+        # tool id); give it back, since `info` only looks.
+        close = getattr(arch, "close", None)
+        if close is not None:
+            close()
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    # prog is fixed: under `python -m pykprobes`, argv[0] would be ".../__main__.py".
+    parser = argparse.ArgumentParser(
+        prog="pykprobes", description="kprobes for the CPython virtual machine."
+    )
+    parser.add_argument("--version", action="version", version=f"pykprobes {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    info = commands.add_parser(
+        "info",
+        help="show the Python, its capabilities and the chosen mechanisms",
+        description="Show the Python, its capabilities, the breakpoint and optimizer "
+        "mechanisms that would be chosen, and why each other one was rejected.",
+    )
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
