@@ -1,0 +1,35 @@
+"""What the suite runs against: the mechanism chosen by PYKPROBES_ARCH, and capability flags.
+
+Tests ask these flags, never the Python version (STYLE.md rules 4 and 12). `dev.py test` runs
+the whole suite once per arch; a plain `pytest` runs it with the default.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Final, Protocol
+
+from pykprobes.env import HAS_SYS_MONITORING
+
+__all__ = ["ARCH", "ARCHES", "HAS_SYS_MONITORING", "OPTIMIZED", "RunPython"]
+
+ARCHES: Final = ("breakpoint", "optimized")
+
+_arch = os.environ.get("PYKPROBES_ARCH") or "optimized"
+if _arch not in ARCHES:
+    # A typo would otherwise silently test the default mechanism twice.
+    raise RuntimeError(f"PYKPROBES_ARCH={_arch!r}: expected one of {', '.join(ARCHES)}")
+
+#: "breakpoint": optimization is off, every probe stays a breakpoint (the kernel's
+#: debug.kprobes-optimization=0). "optimized": probes are optimized where they can be.
+ARCH: Final[str] = _arch
+OPTIMIZED: Final[bool] = ARCH == "optimized"
+
+
+class RunPython(Protocol):
+    """The type of the `run_python` fixture, for annotating tests that use it."""
+
+    def __call__(
+        self, code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]: ...
