@@ -1,0 +1,587 @@
+"""The breakpoint arch on `sys.monitoring` (PEP 669, CPython 3.12+): the kernel's int3 probe.
+
+How an address (code object, offset) is armed
+----------------------------------------------
+* We claim one tool id (4, else 3) and set *local* events on the probed code object only,
+  so code that is not probed pays nothing.
+* An ordinary offset is served by the INSTRUCTION event. Its callback returns
+  `sys.monitoring.DISABLE` for every offset of that code that is not armed, so after the
+  first run of the code only the armed offsets cost a callback.
+* An offset in the prologue (offset 0, or anything up to and including the first RESUME:
+  MAKE_CELL, COPY_FREE_VARS, RETURN_GENERATOR, POP_TOP, RESUME) never fires INSTRUCTION
+  events (it lies before `_co_firsttraceable`), so it is served by PY_START and
+  `uses_entry_event()` is True for it (the core sets KPROBE_FLAG_FTRACE). For generators and
+  coroutines PY_START fires at the *first resumption* (first `next()`/`send()`), not when
+  the generator object is created by the call. The pre-handler gets the armed offset.
+* A RESUME after a `yield`/`await` never fires INSTRUCTION events either: it is served by
+  PY_RESUME. END_FOR never runs with an event (an exhausted FOR_ITER jumps over it), so it
+  cannot be probed (EINVAL).
+
+Re-arming without `restart_events()`
+------------------------------------
+An offset that returned DISABLE stays disabled until the code is re-instrumented. The
+global `sys.monitoring.restart_events()` would also re-enable every other tool's disabled
+events, so we never call it. Instead, when an arm adds an offset, we set this code's local
+events for our tool to 0 and back (`_retoggle`). In CPython, `set_local_events` ->
+`_PyMonitoring_SetLocalEvents` -> `set_local_events` + `_Py_Instrument` (3.12) /
+`force_instrument_lock_held` (3.13) computes `removed_events = active - new` and
+`new_events = new - active` for the code, and calls `remove_per_instruction_tools` /
+`add_per_instruction_tools` on every instruction for exactly those tool bits: turning our
+INSTRUCTION bit off clears it everywhere, turning it on sets it on every instruction again,
+while the other tools' bits (`per_instruction_tools[i]`) are untouched. Verified on 3.12.1
+and 3.13.0 (tests/arch/test_monitoring.py::test_rearm_after_disable_*). The two calls are
+made from one C-level `map()` so that no bytecode (hence no GIL switch) runs between them:
+another thread cannot execute the code in the gap and miss an armed hit (GIL builds; on a
+free-threaded build the gap exists).
+
+Post-handlers
+-------------
+`post(frame, offset)` runs at the next instruction executed in the same frame. We arm,
+internally, the armed instruction's static successors (see `successors.py`) and record a
+pending post keyed by the frame object (frames hash by identity). The first successor
+reached in that frame runs the post. If the instruction raised instead and a handler in the
+frame caught it, the handler (also armed) drops the pending post: an instruction that raised
+did not complete. Instructions that leave the frame run the post from PY_RETURN (RETURN_*),
+PY_YIELD (YIELD_VALUE), or, for RAISE_VARARGS/RERAISE with no handler in the frame,
+PY_UNWIND. PY_UNWIND cannot be a local event (ValueError "invalid local event set"), so
+it is enabled *globally*, and only while such a probe is armed: every frame unwound by an
+exception anywhere then costs one cheap callback.
+
+Pending posts hold a strong reference to their frame. A frame left by an exception from an
+instruction that is not a raise leaves its record behind; records are capped at
+`PENDING_CAP`: on overflow the dead ones (frames nobody else references: not executing, not
+resumable) are swept, then the oldest are dropped (`pending_dropped` counts them).
+
+Limits and quirks (3.12.1, 3.13.0)
+----------------------------------
+* sys.monitoring does not call any callback while one is running (`tstate->tracing`):
+  a probe hit inside a pre/post handler, or inside another tool's callback, is not seen
+  at all (it can not be counted as missed).
+* If another tool enables INSTRUCTION events on a code object on which we already have
+  them, CPython loses ours on that code (`update_instrumentation_data` allocates
+  `per_instruction_tools` zeroed when a second tool appears); the reverse also holds. This
+  is a CPython bug; sys.settrace with `f_trace_opcodes` on 3.12+ is such a tool.
+* A hit that already started in another thread can still call pre/post once after
+  `disarm()` returned (there is no synchronize_rcu).
+* A callback that raises never reaches the program: the address is disarmed, the failure
+  counted (`nfailures`, `failures`) and passed to `on_failure` if set.
+  KeyboardInterrupt is re-raised: it is the program's signal, not the handler's failure.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import itertools
+import sys
+import threading
+from collections.abc import Callable
+from types import CodeType, FrameType
+from typing import Any, ClassVar, Final
+
+from pykprobes.arch.successors import Flow, analyze, prologue_end
+from pykprobes.core.arch import ArchUnavailable, PostHit, PreHit
+from pykprobes.errors import KprobeError
+
+__all__ = ["MonitoringArch"]
+
+TOOL_IDS: Final = (4, 3)
+TOOL_NAME: Final = "pykprobes"
+#: At most this many pending post records (frames between an armed instruction and the
+#: next one); see the module docstring.
+PENDING_CAP: Final = 4096
+
+_getframe = sys._getframe
+
+
+class _Site:
+    """What one event at one (code, offset) does. Immutable once published, except that a
+    failure clears `pre`/`post`; chained (`next`) with the other codes' sites at the same
+    offset, and (`also`) with more entry probes of the same code."""
+
+    __slots__ = ("code", "next", "also", "pre", "post", "armed", "waits", "succ", "handler")
+
+    def __init__(self, code: CodeType) -> None:
+        self.code = code
+        self.next: _Site | None = None
+        self.also: _Site | None = None
+        self.pre: PreHit | None = None
+        self.post: PostHit | None = None
+        #: The armed offset, passed to pre/post (for PY_START: the offset probed).
+        self.armed = -1
+        #: This offset is a successor or handler of a post-armed instruction of this code.
+        self.waits = False
+        #: Where this site's post runs: offsets (INSTRUCTION), or -1 for PY_RETURN/PY_YIELD/
+        #: PY_UNWIND.
+        self.succ: frozenset[int] = frozenset()
+        #: The handler catching this instruction in the frame (a raise's post runs there).
+        self.handler = -1
+
+    def clone(self) -> _Site:
+        s = _Site(self.code)
+        s.also, s.pre, s.post, s.armed = self.also, self.pre, self.post, self.armed
+        s.waits, s.succ, s.handler = self.waits, self.succ, self.handler
+        return s
+
+
+class _Probe:
+    __slots__ = ("pre", "post")
+
+    def __init__(self, pre: PreHit, post: PostHit | None) -> None:
+        self.pre = pre
+        self.post = post
+
+
+class _CodeModel:
+    """The lock-guarded truth for one armed code object."""
+
+    __slots__ = ("code", "flows", "entry_end", "probes", "keys", "events", "needs_unwind")
+
+    def __init__(self, code: CodeType, flows: dict[int, Flow], entry_end: int) -> None:
+        self.code = code  # the strong reference that keeps id(code) stable
+        self.flows = flows
+        self.entry_end = entry_end
+        self.probes: dict[int, _Probe] = {}
+        #: (event, offset) pairs currently published for this code.
+        self.keys: set[tuple[int, int]] = set()
+        self.events = 0
+        #: Some probe of this code runs its post from the global PY_UNWIND event.
+        self.needs_unwind = False
+
+
+class MonitoringArch:
+    """Breakpoints on sys.monitoring local events. See the module docstring."""
+
+    name = "monitoring"
+    #: Measured on 3.12.1 and 3.13.0 (tests/arch/test_monitoring.py).
+    capabilities: ClassVar[dict[str, bool]] = {
+        "running_frames_this_thread": True,
+        "running_frames_other_threads": True,
+        "threads_started_earlier": True,
+        "threads_started_later": True,
+        "unprobed_code_untaxed": True,
+        "entry_event": True,
+        "post_handler": True,
+        "hits_inside_handlers": False,
+    }
+
+    def __init__(self) -> None:
+        mon = getattr(sys, "monitoring", None)
+        if mon is None:
+            raise ArchUnavailable("sys.monitoring does not exist before 3.12 (PEP 669)")
+        self._mon: Any = mon
+        events = mon.events
+        self._E_INS: int = events.INSTRUCTION
+        self._E_START: int = events.PY_START
+        self._E_RESUME: int = events.PY_RESUME
+        self._E_RETURN: int = events.PY_RETURN
+        self._E_YIELD: int = events.PY_YIELD
+        self._E_UNWIND: int = events.PY_UNWIND
+        tool = -1
+        for candidate in TOOL_IDS:
+            try:
+                mon.use_tool_id(candidate, TOOL_NAME)
+            except ValueError:
+                continue
+            tool = candidate
+            break
+        if tool < 0:
+            holders = ", ".join(f"{t} by {mon.get_tool(t)!r}" for t in TOOL_IDS)
+            raise KprobeError(
+                errno.EBUSY, f"no sys.monitoring tool id free for pykprobes: held: {holders}"
+            )
+        self.tool: int = tool
+        self._lock = threading.Lock()
+        self._codes: dict[int, _CodeModel] = {}
+        self._unwind_on = False
+        self._closed = False
+        #: Failures of pre/post callbacks (each disarmed its address).
+        self.nfailures = 0
+        self.failures: collections.deque[tuple[CodeType, int, BaseException]] = collections.deque(
+            maxlen=16
+        )
+        #: on_failure(code, offset, exc), called (guarded) when a callback failed.
+        self.on_failure: Callable[[CodeType, int, BaseException], None] | None = None
+        #: Pending posts dropped because of PENDING_CAP.
+        self.pending_dropped = 0
+        self._failed: list[_Site] = []
+        self._install_callbacks()
+
+    # ------------------------------------------------------------------ hot path
+
+    def _install_callbacks(self) -> None:
+        # Tables read by the callbacks; the callbacks are closures so that every name they
+        # use is a fast local or cell (no attribute lookups on self per hit).
+        ins: dict[int, _Site] = {}
+        start: dict[int, _Site] = {}
+        resume: dict[int, _Site] = {}
+        leave: dict[int, _Site] = {}
+        pending: dict[FrameType, _Site] = {}
+        epoch = [0]
+        self._ins, self._start, self._resume, self._leave = ins, start, resume, leave
+        self._pending, self._epoch = pending, epoch
+        DISABLE = self._mon.DISABLE
+        fail = self._fail
+        trim = self._trim_pending
+        cap = PENDING_CAP
+
+        def run_post(site: _Site, frame: FrameType) -> None:
+            post = site.post
+            if post is not None:
+                try:
+                    post(frame, site.armed)
+                except BaseException as exc:  # never reaches the program
+                    if exc.__class__ is KeyboardInterrupt:
+                        raise
+                    fail(site, exc)
+
+        def on_instruction(code: CodeType, offset: int) -> Any:
+            try:
+                site = ins[offset]
+            except KeyError:
+                # No switch point between the lookup and the DISABLE (subscript, no call;
+                # 3.12+ runs the GC only at eval-breaker checks): a concurrent arm() is
+                # either already visible or toggles after this DISABLE is applied.
+                return DISABLE
+            if site.code is not code:
+                e = epoch[0]  # read before any switch point can happen
+                site = site.next  # type: ignore[assignment]
+                while site is not None and site.code is not code:
+                    site = site.next  # type: ignore[assignment]
+                if site is None:
+                    return DISABLE if epoch[0] == e else None
+            frame = _getframe(1)
+            if site.waits and pending:
+                rec = pending.pop(frame, None)
+                if rec is not None and (offset in rec.succ):
+                    run_post(rec, frame)
+            pre = site.pre
+            if pre is not None:
+                try:
+                    pre(frame, offset)
+                except BaseException as exc:  # never reaches the program
+                    if exc.__class__ is KeyboardInterrupt:
+                        raise
+                    fail(site, exc)
+                    return None
+                if site.post is not None:
+                    pending[frame] = site
+                    if len(pending) > cap:
+                        trim()
+            elif not site.waits and site.post is None:
+                return DISABLE
+            return None
+
+        def on_start(code: CodeType, offset: int) -> Any:
+            site = start.get(offset)
+            while site is not None and site.code is not code:
+                site = site.next
+            if site is None:
+                return None
+            frame = _getframe(1)
+            while site is not None:
+                pre = site.pre
+                if pre is not None:
+                    try:
+                        pre(frame, site.armed)
+                    except BaseException as exc:
+                        if exc.__class__ is KeyboardInterrupt:
+                            raise
+                        fail(site, exc)
+                        site = site.also
+                        continue
+                    if site.post is not None:
+                        pending[frame] = site
+                        if len(pending) > cap:
+                            trim()
+                site = site.also
+            return None
+
+        def on_resume(code: CodeType, offset: int) -> Any:
+            e = epoch[0]
+            site = resume.get(offset)
+            while site is not None and site.code is not code:
+                site = site.next
+            if site is None:
+                return DISABLE if epoch[0] == e else None
+            pre = site.pre
+            if pre is not None:
+                frame = _getframe(1)
+                try:
+                    pre(frame, offset)
+                except BaseException as exc:
+                    if exc.__class__ is KeyboardInterrupt:
+                        raise
+                    fail(site, exc)
+                    return None
+                if site.post is not None:
+                    pending[frame] = site
+                    if len(pending) > cap:
+                        trim()
+            return None
+
+        def on_leave(code: CodeType, offset: int, value: object) -> Any:
+            e = epoch[0]
+            site = leave.get(offset)
+            while site is not None and site.code is not code:
+                site = site.next
+            if site is None:
+                return DISABLE if epoch[0] == e else None
+            if pending:
+                frame = _getframe(1)
+                rec = pending.pop(frame, None)
+                if rec is not None and rec.code is code and rec.armed == site.armed:
+                    run_post(rec, frame)
+            return None
+
+        def on_unwind(code: CodeType, offset: int, exc: BaseException) -> Any:
+            # Global event (cannot be local): be quick when nothing is pending.
+            if pending:
+                frame = _getframe(1)
+                rec = pending.pop(frame, None)
+                if rec is not None and rec.code is code and rec.succ is _UNWIND:
+                    run_post(rec, frame)
+            return None
+
+        mon, tool, E = self._mon, self.tool, self._mon.events
+        mon.register_callback(tool, E.INSTRUCTION, on_instruction)
+        mon.register_callback(tool, E.PY_START, on_start)
+        mon.register_callback(tool, E.PY_RESUME, on_resume)
+        mon.register_callback(tool, E.PY_RETURN, on_leave)
+        mon.register_callback(tool, E.PY_YIELD, on_leave)
+        mon.register_callback(tool, E.PY_UNWIND, on_unwind)
+
+    def _fail(self, site: _Site, exc: BaseException) -> None:
+        """A pre/post raised: stop calling it, count it, disarm the address at the next
+        arm/disarm (we may be inside the program's frame: take no lock here)."""
+        try:
+            site.pre = None
+            site.post = None
+            self.nfailures += 1
+            self.failures.append((site.code, site.armed, exc))
+            self._failed.append(site)
+            hook = self.on_failure
+            if hook is not None:
+                hook(site.code, site.armed, exc)
+        except BaseException:  # noqa: BLE001 - never reaches the program
+            pass
+
+    def _trim_pending(self) -> None:
+        """Over PENDING_CAP: drop the records of dead frames, then the oldest ones."""
+        pending = self._pending
+        try:
+            for frame in list(pending):
+                # Ours, the loop variable, getrefcount's argument: nobody else holds it,
+                # so the frame is neither executing nor resumable.
+                if sys.getrefcount(frame) <= 3 and pending.pop(frame, None) is not None:
+                    self.pending_dropped += 1
+            excess = len(pending) - PENDING_CAP // 2
+            if excess > 0:
+                for frame in list(pending)[:excess]:
+                    if pending.pop(frame, None) is not None:
+                        self.pending_dropped += 1
+        except BaseException:  # noqa: BLE001 - never reaches the program
+            pass
+
+    # ------------------------------------------------------------------ arm/disarm
+
+    def uses_entry_event(self, code: CodeType, offset: int) -> bool:
+        return 0 <= offset <= prologue_end(code)
+
+    def arm(self, code: CodeType, offset: int, pre: PreHit, post: PostHit | None) -> None:
+        if self._closed:
+            raise KprobeError(errno.EINVAL, "the monitoring arch is closed")
+        flows = analyze(code)  # outside the lock: dis runs Python code
+        entry_end = prologue_end(code)
+        flow = flows.get(offset)
+        if flow is None:
+            raise KprobeError(
+                errno.EINVAL, f"{code.co_name}+{offset} is not the start of an instruction"
+            )
+        if flow.opname == "END_FOR":
+            raise KprobeError(
+                errno.EINVAL,
+                f"{code.co_name}+{offset}: END_FOR never runs with an event "
+                "(an exhausted FOR_ITER jumps over it)",
+            )
+        with self._lock:
+            self._reap_locked()
+            model = self._codes.get(id(code))
+            if model is None or model.code is not code:
+                model = self._codes[id(code)] = _CodeModel(code, flows, entry_end)
+            model.probes[offset] = _Probe(pre, post)
+            self._epoch[0] += 1
+            self._publish_locked(model)
+
+    def disarm(self, code: CodeType, offset: int) -> None:
+        with self._lock:
+            self._reap_locked()
+            model = self._codes.get(id(code))
+            if model is None or model.code is not code or offset not in model.probes:
+                return
+            del model.probes[offset]
+            self._publish_locked(model)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for model in list(self._codes.values()):
+                model.probes.clear()
+                self._publish_locked(model)
+            self._pending.clear()
+            mon, tool = self._mon, self.tool
+            try:
+                mon.set_events(tool, 0)
+                for ev in (
+                    self._E_INS,
+                    self._E_START,
+                    self._E_RESUME,
+                    self._E_RETURN,
+                    self._E_YIELD,
+                    self._E_UNWIND,
+                ):
+                    mon.register_callback(tool, ev, None)
+            finally:
+                mon.free_tool_id(tool)
+
+    # ------------------------------------------------------------------ tables
+
+    def _reap_locked(self) -> None:
+        """Disarm the addresses whose callback failed (queued by `_fail`)."""
+        failed, self._failed = self._failed, []
+        for site in failed:
+            model = self._codes.get(id(site.code))
+            if model is None or model.code is not site.code:
+                continue
+            probe = model.probes.get(site.armed)
+            if probe is not None:
+                del model.probes[site.armed]
+                self._publish_locked(model)
+
+    def _build_locked(self, model: _CodeModel) -> dict[tuple[int, int], _Site]:
+        """The sites this code needs, keyed by (event, event offset)."""
+        code, flows = model.code, model.flows
+        sites: dict[tuple[int, int], _Site] = {}
+        E_INS, E_START, E_RESUME = self._E_INS, self._E_START, self._E_RESUME
+
+        def site(event: int, off: int) -> _Site:
+            s = sites.get((event, off))
+            if s is None:
+                s = sites[(event, off)] = _Site(code)
+            return s
+
+        for offset in sorted(model.probes):
+            probe = model.probes[offset]
+            flow = flows[offset]
+            if offset <= model.entry_end:
+                s = _Site(code)
+                head = sites.get((E_START, model.entry_end))
+                if head is None:
+                    sites[(E_START, model.entry_end)] = s
+                else:
+                    while head.also is not None:
+                        head = head.also
+                    head.also = s
+                after = flows[model.entry_end].successors
+            elif flow.opname == "RESUME":
+                s = site(E_RESUME, offset)
+                after = flow.successors
+            else:
+                s = site(E_INS, offset)
+                after = flow.successors
+            s.pre, s.post, s.armed = probe.pre, probe.post, offset
+            if probe.post is None:
+                continue
+            if flow.leaves in ("return", "yield") and offset > model.entry_end:
+                s.succ = _LEAVE
+                leave_event = self._E_RETURN if flow.leaves == "return" else self._E_YIELD
+                site(leave_event, flow.real_offset).armed = offset
+            elif flow.leaves == "raise":
+                if flow.handler is not None:
+                    s.succ = frozenset({flow.handler})
+                else:
+                    s.succ = _UNWIND
+            else:
+                s.succ = after
+            drops = set(s.succ) if isinstance(s.succ, frozenset) else set()
+            if flow.handler is not None and offset > model.entry_end:
+                drops.add(flow.handler)
+            for w in drops:
+                if w >= 0:
+                    site(E_INS, w).waits = True
+        return sites
+
+    def _publish_locked(self, model: _CodeModel) -> None:
+        code = model.code
+        new = self._build_locked(model)
+        tables = {
+            self._E_INS: self._ins,
+            self._E_START: self._start,
+            self._E_RESUME: self._resume,
+            self._E_RETURN: self._leave,
+            self._E_YIELD: self._leave,
+        }
+        old_keys = model.keys
+        new_keys = set(new)
+        # Publish the new and changed sites before enabling events, unpublish the removed
+        # ones after (a callback finding nothing returns DISABLE or nothing).
+        for (event, off), s in new.items():
+            self._relink(tables[event], off, code, s)
+        events = 0
+        for event, _off in new_keys:
+            events |= event
+        model.needs_unwind = any(s.succ is _UNWIND for s in new.values())
+        mon, tool = self._mon, self.tool
+        grew = not new_keys <= old_keys
+        if events == 0:
+            if model.events:
+                mon.set_local_events(tool, code, 0)
+            del self._codes[id(code)]
+        elif grew and model.events:
+            # Re-instrument this code for our tool only: see "Re-arming" above.
+            list(map(mon.set_local_events, (tool, tool), (code, code), (0, events)))
+        elif events != model.events:
+            mon.set_local_events(tool, code, events)
+        for event, off in old_keys - new_keys:
+            self._relink(tables[event], off, code, None)
+        model.keys = new_keys
+        model.events = events
+        self._set_unwind_locked(any(m.needs_unwind for m in self._codes.values()))
+
+    def _set_unwind_locked(self, on: bool) -> None:
+        if on != self._unwind_on:
+            self._mon.set_events(self.tool, self._E_UNWIND if on else 0)
+            self._unwind_on = on
+
+    @staticmethod
+    def _relink(table: dict[int, _Site], off: int, code: CodeType, new: _Site | None) -> None:
+        """Replace `code`'s site in the chain at `off` by `new` (None: remove it). Sites
+        are cloned so that a callback walking the old chain never sees a half-made one."""
+        others: list[_Site] = []
+        s = table.get(off)
+        while s is not None:
+            if s.code is not code:
+                others.append(s)
+            s = s.next
+        chain = ([new] if new is not None else []) + [o.clone() for o in others]
+        for a, b in itertools.pairwise(chain):
+            a.next = b
+        if chain:
+            chain[-1].next = None
+            table[off] = chain[0]
+        else:
+            table.pop(off, None)
+
+    # ------------------------------------------------------------------ introspection
+
+    def armed_addresses(self) -> list[tuple[CodeType, int]]:
+        """The armed addresses (for tests and `pykprobes info`)."""
+        with self._lock:
+            return [(m.code, off) for m in self._codes.values() for off in sorted(m.probes)]
+
+
+# Markers for where a post runs when the instruction leaves the frame.
+_LEAVE: Final[frozenset[int]] = frozenset({-1})
+_UNWIND: Final[frozenset[int]] = frozenset({-2})

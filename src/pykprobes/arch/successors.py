@@ -1,0 +1,174 @@
+"""Static control flow of one code object, for the breakpoint arches' post-handlers.
+
+A post-handler runs "after the armed instruction executed", i.e. at the next instruction
+executed in the same frame. The monitoring arch implements that by arming, internally, every
+instruction that can run next: the fall-through and jump targets of the armed instruction.
+This module computes them with `dis`, for CPython 3.12 and 3.13 (the only versions with
+`sys.monitoring`), from the de-instrumented `co_code` that `dis` reads.
+
+What counts as "the next instruction" is what fires the next INSTRUCTION event, so the
+instructions that never fire one are looked through (`_silent_opcodes`):
+
+* `RESUME` and `END_FOR` are skipped by the INSTRUCTION instrumentation
+  (`_Py_Instrument` in 3.12, `force_instrument_lock_held` in 3.13, Python/instrumentation.c:
+  "if (opcode == RESUME || opcode == END_FOR) continue");
+* the prologue (`MAKE_CELL`, `COPY_FREE_VARS`, `RETURN_GENERATOR`, `POP_TOP`, up to and
+  including the first `RESUME`) lies before `co->_co_firsttraceable` and is never
+  instrumented either: a probe there is served by the PY_START event instead.
+
+An exhausted `FOR_ITER` does not jump to its `dis` target but past it (measured, see
+`_FOR_ITER_EXIT_SKIPS`). Exception-table handlers are not successors: an instruction that
+raises did not complete, so no post-handler runs for it; the handler is reported separately
+(`Flow.handler`) so that the arch can drop the pending post there.
+"""
+
+from __future__ import annotations
+
+import dis
+import sys
+from types import CodeType
+from typing import Final
+
+__all__ = ["Flow", "analyze", "prologue_end"]
+
+# Instructions after which the frame is left instead of continuing at a successor.
+# The value is the local event that still sees the frame (PY_UNWIND is global-only).
+_LEAVES: Final[dict[str, str]] = {
+    "RETURN_VALUE": "return",
+    "RETURN_CONST": "return",
+    "YIELD_VALUE": "yield",
+    "RAISE_VARARGS": "raise",
+    "RERAISE": "raise",
+}
+
+_UNCONDITIONAL_JUMPS: Final = frozenset(
+    {"JUMP_FORWARD", "JUMP_BACKWARD", "JUMP_BACKWARD_NO_INTERRUPT", "JUMP", "JUMP_NO_INTERRUPT"}
+)
+
+# Which opcodes never fire an INSTRUCTION event (Python/instrumentation.c, see above).
+_silent_opcodes: Final = frozenset({"RESUME", "END_FOR"})
+
+# Where an exhausted FOR_ITER continues, relative to its dis target (which is END_FOR):
+# 3.12 jumps over END_FOR (`JUMPBY(oparg + 1)`); 3.13 over END_FOR and the POP_TOP after it
+# (`JUMPBY(oparg + 2)`). The same holds when an inlined generator (FOR_ITER_GEN) returns:
+# END_FOR (and POP_TOP on 3.13) run without an INSTRUCTION event. Measured on 3.12.1/3.13.0.
+_FOR_ITER_EXIT_SKIPS: Final[dict[tuple[int, int], tuple[str, ...]]] = {
+    (3, 12): ("END_FOR",),
+    (3, 13): ("END_FOR", "POP_TOP"),
+}
+
+
+class Flow:
+    """The control flow out of one instruction (its first EXTENDED_ARG prefix included)."""
+
+    __slots__ = ("offset", "opname", "real_offset", "end", "successors", "leaves", "handler")
+
+    def __init__(
+        self,
+        offset: int,
+        opname: str,
+        real_offset: int,
+        end: int,
+        successors: frozenset[int],
+        leaves: str | None,
+        handler: int | None,
+    ) -> None:
+        #: The instruction's address: its first EXTENDED_ARG prefix if it has one.
+        self.offset = offset
+        #: The real opcode (not EXTENDED_ARG) and its own offset.
+        self.opname = opname
+        self.real_offset = real_offset
+        #: The offset of the next instruction in the code (after the inline caches).
+        self.end = end
+        #: Offsets whose INSTRUCTION event can come next in the same frame, on completion.
+        self.successors = successors
+        #: "return", "yield" or "raise" when the instruction leaves the frame (for "raise":
+        #: unless `handler` catches it in the frame).
+        self.leaves = leaves
+        #: The exception-table handler covering this instruction, if any.
+        self.handler = handler
+
+    def __repr__(self) -> str:
+        return (
+            f"Flow({self.offset}, {self.opname}, succ={sorted(self.successors)}, "
+            f"leaves={self.leaves}, handler={self.handler})"
+        )
+
+
+def _instructions(code: CodeType) -> list[tuple[int, dis.Instruction]]:
+    """(address, real instruction) pairs: EXTENDED_ARG prefixes folded into what follows."""
+    out: list[tuple[int, dis.Instruction]] = []
+    prefix: int | None = None
+    for ins in dis.get_instructions(code):
+        if ins.opname == "EXTENDED_ARG":
+            if prefix is None:
+                prefix = ins.offset
+            continue
+        out.append((ins.offset if prefix is None else prefix, ins))
+        prefix = None
+    return out
+
+
+def prologue_end(code: CodeType) -> int:
+    """The offset of the first RESUME: everything up to and including it is the prologue,
+    which never fires INSTRUCTION events (it precedes `_co_firsttraceable`); -1 if none."""
+    for ins in dis.get_instructions(code):
+        if ins.opname == "RESUME":
+            return ins.offset
+    return -1
+
+
+def analyze(code: CodeType) -> dict[int, Flow]:
+    """The Flow of every instruction of `code`, keyed by address."""
+    instrs = _instructions(code)
+    nbytes = len(code.co_code)
+    by_real: dict[int, int] = {}
+    opname_at: dict[int, str] = {}
+    end_at: dict[int, int] = {}
+    for i, (addr, ins) in enumerate(instrs):
+        by_real[ins.offset] = addr
+        opname_at[addr] = ins.opname
+        end_at[addr] = instrs[i + 1][0] if i + 1 < len(instrs) else nbytes
+    # Bytecode.exception_entries exists since 3.11 but is missing from typeshed.
+    entries = dis.Bytecode(code).exception_entries  # type: ignore[attr-defined]
+    first_resume = prologue_end(code)
+    skips = _FOR_ITER_EXIT_SKIPS.get(sys.version_info[:2], ("END_FOR",))
+
+    def handler_for(real: int) -> int | None:
+        for e in entries:
+            if e.start <= real < e.end:
+                return int(e.target)
+        return None
+
+    def resolve(target: int, seen: frozenset[int] = frozenset()) -> frozenset[int]:
+        # Look through instructions that never fire INSTRUCTION events.
+        name = opname_at.get(target)
+        if name is None or target >= nbytes:
+            return frozenset()
+        if name in _silent_opcodes and target not in seen:
+            return resolve(end_at[target], seen | {target})
+        return frozenset({target})
+
+    flows: dict[int, Flow] = {}
+    for addr, ins in instrs:
+        name = ins.opname
+        end = end_at[addr]
+        succ: set[int] = set()
+        leaves = _LEAVES.get(name)
+        if leaves is None:
+            target: int | None = None
+            if ins.opcode in dis.hasjrel or ins.opcode in dis.hasjabs:
+                target = by_real.get(int(ins.argval), int(ins.argval))
+            if name == "FOR_ITER" and target is not None:
+                t = target
+                for skipped in skips:
+                    if opname_at.get(t) == skipped:
+                        t = end_at[t]
+                succ |= resolve(t)
+            elif target is not None:
+                succ |= resolve(target)
+            if name not in _UNCONDITIONAL_JUMPS:
+                succ |= resolve(end)
+        handler = handler_for(ins.offset) if addr > first_resume else None
+        flows[addr] = Flow(addr, name, ins.offset, end, frozenset(succ), leaves, handler)
+    return flows
