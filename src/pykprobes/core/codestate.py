@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from types import CodeType, FunctionType
 from typing import TYPE_CHECKING
 
+from pykprobes.core.address import entry_offset
+
 if TYPE_CHECKING:
     from pykprobes.core.arch import BreakpointArch, OptimizerArch
     from pykprobes.core.site import Site
@@ -119,10 +121,18 @@ def align(original: CodeType, new: CodeType, hits: dict[int, object]) -> dict[in
     Raises ValueError if `new` is not such a copy."""
     old_ins = _instructions(original)
     new_ins = _instructions(new)
+    # An entry probe's call sequence goes after the prologue's RESUME, that is before the
+    # instruction that follows it.
+    entry = entry_offset(original)
+    before = {off: hit for off, hit in hits.items() if off > entry}
+    entry_hits = [hit for off, hit in hits.items() if off <= entry]
+    if entry_hits:
+        after_resume = next(off for off, _, _ in old_ins if off > entry)
+        before[after_resume] = entry_hits[0]
     offmap: dict[int, int] = {}
     j = 0
     for off, opname, _ in old_ins:
-        hit = hits.get(off)
+        hit = before.get(off)
         if hit is not None:
             seen_hit = False
             while j < len(new_ins):

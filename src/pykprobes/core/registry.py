@@ -25,7 +25,7 @@ from pykprobes.core.probe import (
     KPROBE_FLAG_OPTIMIZED,
     Kprobe,
 )
-from pykprobes.core.site import Site
+from pykprobes.core.site import Site, synchronize_hits
 from pykprobes.errors import KprobeError, einval, enoent
 
 #: The kernel's OPTIMIZE_DELAY (5 jiffies): how long the optimizer waits to batch probes.
@@ -373,7 +373,13 @@ def optimization_enabled() -> bool:
 
 
 def unregister_kprobe(p: Kprobe) -> None:
-    """Disarm and remove `p`; once no probe needs it, the code is the original again."""
+    """Disarm and remove `p`; once no probe needs it, the code is the original again.
+    When it returns, no handler of `p` runs any more (hits in flight have finished)."""
+    _unregister(p)
+    synchronize_hits()
+
+
+def _unregister(p: Kprobe) -> None:
     m = _m()
     with _lock:
         site = p._site
@@ -405,7 +411,9 @@ def unregister_kprobe(p: Kprobe) -> None:
 
 
 def _drop_unused_locked(state: CodeState, m: Mechanisms) -> None:
-    while state.unused and state.current.code is state.original and not state.retired:
+    # Retired versions need nothing once no site is left: their call sequences call
+    # sites that are inactive now, and there is no breakpoint to keep for them.
+    while state.unused and state.current.code is state.original:
         del _states[id(state.original)]
         m.versions.pop(id(state.original), None)
         parent = state.parent
@@ -431,9 +439,12 @@ def register_kprobes(probes: Iterable[Kprobe]) -> None:
 
 
 def unregister_kprobes(probes: Iterable[Kprobe]) -> None:
+    """Unregister each registered probe, then wait once for the hits in flight (the
+    kernel's batch unregistration does one RCU sync)."""
     for p in list(probes):
         if p.registered:
-            unregister_kprobe(p)
+            _unregister(p)
+    synchronize_hits()
 
 
 # --------------------------------------------------------------------------- enable

@@ -13,6 +13,7 @@ handlers and counts `nmissed`, as the kernel's per-CPU `current_kprobe` does.
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 from _thread import get_ident
 from types import FrameType
@@ -24,9 +25,10 @@ if TYPE_CHECKING:
     from pykprobes.core.address import ProbeAddress
     from pykprobes.core.probe import Kprobe
 
-#: Threads now running a handler (the per-CPU `current_kprobe`). A set of thread idents:
-#: cheaper than a threading.local attribute on every hit.
-_busy: Final[set[int]] = set()
+#: Threads now running a handler (the per-CPU `current_kprobe`), each with the Regs of the
+#: hit it runs: a dict keyed by thread ident is cheaper than a threading.local attribute on
+#: every hit, and the Regs object tells one hit from the next (see synchronize_hits).
+_busy: Final[dict[int, Regs]] = {}
 
 _getframe = sys._getframe
 
@@ -54,6 +56,18 @@ def _report_fault(p: Kprobe, where: str, exc: BaseException) -> None:
 def in_handler() -> bool:
     """True while this thread runs a probe handler."""
     return get_ident() in _busy
+
+
+def synchronize_hits(timeout: float = 10.0) -> None:
+    """Wait until every hit in flight in another thread has finished (the kernel waits with
+    synchronize_rcu() after unregistering). Hits that start later read the new tables. Call
+    it without holding the registry lock: a handler may register probes."""
+    me = get_ident()
+    inflight = {tid: regs for tid, regs in list(_busy.items()) if tid != me}
+    deadline = time.monotonic() + timeout
+    while inflight and time.monotonic() < deadline:
+        time.sleep(0.0002)
+        inflight = {tid: r for tid, r in inflight.items() if _busy.get(tid) is r}
 
 
 class Site:
@@ -97,10 +111,11 @@ class Site:
             for p in active:
                 p.nmissed += 1
             return
-        _busy.add(tid)
+        regs = _busy[tid] = Regs(frame, self.addr.offset)
         try:
-            regs = Regs(frame, self.addr.offset)
-            for p in active:
+            # Read again now that synchronize_hits() can see this hit: an unregister that
+            # did not see it has already published the new tuple.
+            for p in self.active:
                 p.nhit += 1
                 handler = p.pre_handler
                 if handler is not None:
@@ -111,7 +126,7 @@ class Site:
                     except BaseException as exc:  # noqa: BLE001 - never reaches the program
                         _report_fault(p, "pre_handler", exc)
         finally:
-            _busy.discard(tid)
+            del _busy[tid]
 
     def post(self, frame: FrameType, offset: int = 0) -> None:
         """After the instruction ran: the aggregate post-handler."""
@@ -121,10 +136,9 @@ class Site:
         tid = get_ident()
         if tid in _busy:
             return  # the pre-hit was counted missed already
-        _busy.add(tid)
+        regs = _busy[tid] = Regs(frame, self.addr.offset)
         try:
-            regs = Regs(frame, self.addr.offset)
-            for p in posts:
+            for p in self.posts:
                 handler = p.post_handler
                 if handler is not None:
                     try:
@@ -134,7 +148,7 @@ class Site:
                     except BaseException as exc:  # noqa: BLE001 - never reaches the program
                         _report_fault(p, "post_handler", exc)
         finally:
-            _busy.discard(tid)
+            del _busy[tid]
 
     def opt_hit(self) -> None:
         """Called by the call sequence in rewritten code; the probed frame is our caller."""
