@@ -202,3 +202,25 @@ def test_unregister_unregistered_is_einval() -> None:
         kp.enable_kprobe(kp.Kprobe(addr=targets.add))
     with pytest.raises(kp.KprobeError):
         kp.disable_kprobe(kp.Kprobe(addr=targets.add))
+
+
+def test_address_the_mechanism_refuses_leaves_no_trace() -> None:
+    """An instruction no mechanism can serve (END_FOR never runs with an event on 3.12+,
+    nothing refuses it on 3.11) either registers cleanly or fails with EINVAL, leaving
+    no site behind."""
+    import dis
+
+    ends = [i.offset for i in dis.get_instructions(targets.loop_sum) if i.opname == "END_FOR"]
+    if not ends:
+        pytest.skip("capability: no END_FOR instruction before 3.12")
+    p = kp.Kprobe(addr=targets.loop_sum, offset=ends[0])
+    try:
+        kp.register_kprobe(p)
+    except kp.KprobeError as exc:
+        assert exc.errno == errno.EINVAL
+        assert not p.registered and p.addr is targets.loop_sum
+        assert kp.get_kprobe(targets.loop_sum, ends[0]) is None
+        assert targets.loop_sum(3) == 3
+    else:
+        assert targets.loop_sum(3) == 3
+        kp.unregister_kprobe(p)

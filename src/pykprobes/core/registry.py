@@ -234,11 +234,19 @@ def _register_target_locked(
         site = Site(addr, symbol)
         _table[addr.key] = site
         state.sites[offset] = site
+    given = (p.addr, p.offset)
     site.probes.append(p)
     p.addr = addr
     p.offset = offset
     p._site = site
-    _refresh_site_locked(site, state, m)
+    try:
+        _refresh_site_locked(site, state, m)
+    except BaseException:
+        # The mechanism refused the address (prepare failed): undo, as the kernel's error
+        # paths do, and leave p as the caller gave it.
+        _unregister(p)
+        p.addr, p.offset = given
+        raise
 
 
 def _refresh_site_locked(site: Site, state: CodeState, m: Mechanisms) -> None:
