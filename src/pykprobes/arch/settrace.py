@@ -1,0 +1,470 @@
+"""The breakpoint arch on `sys.settrace` with opcode events: the fallback for 3.11.
+
+It also works on 3.12 and 3.13, where selection prefers the monitoring arch.
+
+How it works
+------------
+A global trace function is installed with `sys.settrace` in the thread that arms the first
+probe, and with `threading.settrace` for threads started later. Its 'call' event returns a
+local tracer only for frames of armed code objects, and sets `f_trace_opcodes` (and clears
+`f_trace_lines`) on them. The local tracer's 'opcode' event at an armed offset
+(`frame.f_lasti`) calls `pre(frame, offset)`; `post` runs at the next 'opcode' or 'return'
+event of that frame. Frames of armed code that are already running in the arming thread
+(`sys._getframe()` and its callers) get `f_trace` set at arm time, so they hit at once.
+When nothing is armed any more the trace function is removed (`sys.settrace(None)`,
+`threading.settrace(None)`), and other threads remove it themselves at their next call.
+
+A probe in the prologue (offset 0 up to and including the first RESUME) is served by the
+'call' event when `f_lasti` is in the prologue, i.e. at the first start of a generator or
+coroutine, not at its creation nor at later resumptions: `uses_entry_event()` is True for
+it, as for the monitoring arch. A RESUME after a `yield` is served by the 'call' event of
+the resumption (`f_lasti` is that RESUME; RESUME itself never reports an 'opcode' event).
+
+Per-version facts (measured, tests/arch/test_settrace.py)
+---------------------------------------------------------
+* EXTENDED_ARG: 3.11 reports one 'opcode' event with `f_lasti` at the first prefix and none
+  for the real opcode (ceval's EXTENDED_ARG dispatches it without the tracing check);
+  3.12 and 3.13 report the prefix and then the real opcode (`f_lasti` = its own offset), so
+  the real opcode's event is not taken for "the next instruction" of a post.
+* 3.12: setting `f_trace_opcodes` only sets `interp->f_opcode_trace_set`
+  (Objects/frameobject.c `frame_settrace_opcodes`); `_PyEval_SetTrace` turns INSTRUCTION
+  events on, for every code object, only if that flag is set when a trace function is
+  installed (gh-103615, documented by gh-114480). So we set it once, before our first
+  `sys.settrace`. The flag is never cleared: every later `sys.settrace` in the process, by
+  anyone, runs with INSTRUCTION events on, which is slower for them.
+* 3.12.1 crashes (segfault in `sys.settrace`) when, after a thread exited with an
+  opcode-tracing trace function still installed (as threads started under
+  `threading.settrace` do), `f_trace_opcodes` is assigned on a frame of a thread that has
+  no trace function and `sys.settrace` is then called. We only ever assign
+  `f_trace_opcodes` in a thread where a trace function is installed
+  (`_set_opcode_trace_flag`, `_trace_running_frames` runs after `sys.settrace`).
+* 3.13: the setter calls `_PyEval_SetOpcodeTrace`, which sets local INSTRUCTION events on
+  the frame's code for the sys.settrace tool, but only if `f_trace` is already set: we set
+  `f_trace` first. Those local INSTRUCTION events make sys.monitoring lose another tool's
+  INSTRUCTION events on the same code (see arch/monitoring.py): do not mix the two arches
+  on one code object.
+* An exhausted FOR_ITER over a Python iterator reports an 'exception' event
+  (StopIteration) although the instruction completes normally: a pending post survives
+  'exception' events of FOR_ITER, SEND and of the raising instructions (RAISE_VARARGS,
+  RERAISE: their post runs at the handler's first opcode or at the frame's 'return'),
+  and is dropped for any other instruction, which did not complete.
+
+Limits
+------
+* The global trace function is called for every call of every function in traced
+  threads, and on 3.12 every instruction of every code object fires an INSTRUCTION event
+  while it is installed: unprobed code is taxed (5-15x per call, ANCHOR-COSTS.md row J).
+* Threads that were already running when the first probe was armed have no trace function:
+  neither their running frames nor their new calls are ever hit.
+* Only one trace function per thread exists: if another one is installed (`sys.gettrace()`
+  or `threading.gettrace()` is not ours), `arm` fails with EBUSY naming it. A tool that
+  replaces ours later silently stops our probes in that thread.
+* Trace functions are not called while one runs: hits inside pre/post are not seen.
+* A callback that raises never reaches the program: the address is disarmed at the next
+  arm/disarm (at once for this frame), the failure counted (`nfailures`, `failures`) and
+  passed to `on_failure` if set. KeyboardInterrupt is re-raised.
+"""
+
+from __future__ import annotations
+
+import collections
+import dis
+import errno
+import sys
+import threading
+from collections.abc import Callable
+from types import CodeType, FrameType
+from typing import Any, ClassVar, Final
+
+from pykprobes.arch.successors import prologue_end
+from pykprobes.errors import KprobeError
+
+__all__ = ["SettraceArch"]
+
+TraceFunc = Callable[[FrameType, str, Any], Any]
+
+_PY312: Final = sys.version_info[:2] == (3, 12)
+
+# A pending post survives an 'exception' event of these (see the module docstring).
+_KEEP_ON_EXCEPTION: Final = frozenset({"FOR_ITER", "SEND", "RAISE_VARARGS", "RERAISE"})
+
+#: At most this many pending posts (frames between an armed instruction and the next one).
+PENDING_CAP: Final = 4096
+
+_getframe = sys._getframe
+
+
+_opcode_trace_flag_set = False
+
+
+def _noop_trace(frame: FrameType, event: str, arg: Any) -> None:
+    return None
+
+
+def _set_opcode_trace_flag() -> None:
+    """3.12: set `interp->f_opcode_trace_set`, once per process.
+
+    `_PyEval_SetTrace` turns INSTRUCTION events on only if some frame set `f_trace_opcodes`
+    before (gh-103615, gh-114480). The flag is set by assigning `f_trace_opcodes`, which we
+    do *while a trace function is installed in this thread*: on 3.12.1, assigning it in a
+    thread without one, after some thread exited with an opcode-tracing trace function
+    still installed, makes the next `sys.settrace()` crash the interpreter (segfault,
+    reproduced without pykprobes; tests/arch/test_settrace.py::test_no_crash_*).
+    """
+    global _opcode_trace_flag_set
+    if _opcode_trace_flag_set:
+        return
+    me = _getframe()
+    if sys.gettrace() is None:
+        sys.settrace(_noop_trace)
+        try:
+            me.f_trace_opcodes = True
+            me.f_trace_opcodes = False
+        finally:
+            sys.settrace(None)
+    else:
+        me.f_trace_opcodes = True
+        me.f_trace_opcodes = False
+    _opcode_trace_flag_set = True
+
+
+class _Site:
+    __slots__ = ("code", "offset", "last", "pre", "post", "keep")
+
+    def __init__(
+        self, code: CodeType, offset: int, last: int, pre: Any, post: Any, keep: bool
+    ) -> None:
+        self.code = code
+        #: The armed offset (first EXTENDED_ARG prefix) ...
+        self.offset = offset
+        #: ... and the offset of its real opcode (3.12+ report both).
+        self.last = last
+        self.pre = pre
+        self.post = post
+        #: The pending post survives an 'exception' event of this instruction.
+        self.keep = keep
+
+
+class _CodeModel:
+    __slots__ = ("code", "sites", "entry", "entry_end")
+
+    def __init__(self, code: CodeType, entry_end: int) -> None:
+        self.code = code  # keeps id(code) stable while armed
+        self.entry_end = entry_end
+        #: offset -> site, for 'opcode' events and RESUME-after-yield 'call' events.
+        self.sites: dict[int, _Site] = {}
+        #: Prologue probes, run by the 'call' event of the first start.
+        self.entry: tuple[_Site, ...] = ()
+
+
+def _groups(code: CodeType) -> dict[int, tuple[int, str]]:
+    """address -> (offset of the real opcode, its name), EXTENDED_ARG folded in."""
+    out: dict[int, tuple[int, str]] = {}
+    prefix: int | None = None
+    for ins in dis.get_instructions(code):
+        if ins.opname == "EXTENDED_ARG":
+            prefix = ins.offset if prefix is None else prefix
+            continue
+        out[ins.offset if prefix is None else prefix] = (ins.offset, ins.opname)
+        prefix = None
+    return out
+
+
+def _describe(func: object) -> str:
+    mod = getattr(func, "__module__", None) or type(func).__module__
+    name = getattr(func, "__qualname__", None) or type(func).__qualname__
+    return f"{mod}.{name} ({func!r})"
+
+
+class SettraceArch:
+    """Breakpoints on sys.settrace opcode events. See the module docstring."""
+
+    name = "settrace"
+    #: Measured on 3.11.7, 3.12.1 and 3.13.0 (tests/arch/test_settrace.py).
+    capabilities: ClassVar[dict[str, bool]] = {
+        "running_frames_this_thread": True,
+        "running_frames_other_threads": False,
+        "threads_started_earlier": False,
+        "threads_started_later": True,
+        "unprobed_code_untaxed": False,
+        "entry_event": True,
+        "post_handler": True,
+        "hits_inside_handlers": False,
+    }
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._codes: dict[int, _CodeModel] = {}
+        self._installed = False
+        self._closed = False
+        self._pending: dict[FrameType, _Site] = {}
+        self._failed: list[_Site] = []
+        #: Failures of pre/post callbacks (each disarmed its address).
+        self.nfailures = 0
+        self.failures: collections.deque[tuple[CodeType, int, BaseException]] = collections.deque(
+            maxlen=16
+        )
+        #: on_failure(code, offset, exc), called (guarded) when a callback failed.
+        self.on_failure: Callable[[CodeType, int, BaseException], None] | None = None
+        #: Pending posts dropped because of PENDING_CAP.
+        self.pending_dropped = 0
+        self._global, self._local = self._make_tracers()
+
+    # ------------------------------------------------------------------ hot path
+
+    def _make_tracers(self) -> tuple[TraceFunc, TraceFunc]:
+        codes = self._codes
+        pending = self._pending
+        fail = self._fail
+        cap = PENDING_CAP
+        trim = self._trim_pending
+        settrace = sys.settrace
+
+        def call_pre(site: _Site, frame: FrameType) -> None:
+            pre = site.pre
+            if pre is None:
+                return
+            try:
+                pre(frame, site.offset)
+            except BaseException as exc:  # never reaches the program
+                if exc.__class__ is KeyboardInterrupt:
+                    raise
+                fail(site, exc)
+                return
+            if site.post is not None:
+                pending[frame] = site
+                if len(pending) > cap:
+                    trim()
+
+        def call_post(site: _Site, frame: FrameType) -> None:
+            post = site.post
+            if post is None:
+                return
+            try:
+                post(frame, site.offset)
+            except BaseException as exc:  # never reaches the program
+                if exc.__class__ is KeyboardInterrupt:
+                    raise
+                fail(site, exc)
+
+        def local(frame: FrameType, event: str, arg: Any) -> Any:
+            code = frame.f_code
+            m = codes.get(id(code))
+            if m is None or m.code is not code:
+                pending.pop(frame, None)
+                return None  # disarmed: stop tracing this frame
+            if event == "opcode":
+                lasti = frame.f_lasti
+                if pending:
+                    rec = pending.get(frame)
+                    # 3.12+ report the real opcode after its EXTENDED_ARG prefix: that is
+                    # still the armed instruction, not the next one.
+                    if rec is not None and not (rec.offset < lasti <= rec.last):
+                        del pending[frame]
+                        call_post(rec, frame)
+                site = m.sites.get(lasti)
+                if site is not None:
+                    call_pre(site, frame)
+            elif event == "return":
+                rec = pending.pop(frame, None) if pending else None
+                if rec is not None:
+                    call_post(rec, frame)
+            elif event == "exception":
+                rec = pending.get(frame) if pending else None
+                if rec is not None and not rec.keep:
+                    del pending[frame]  # the instruction raised: it did not complete
+            return local
+
+        def _on_call(m: _CodeModel, frame: FrameType) -> None:
+            lasti = frame.f_lasti
+            if lasti <= m.entry_end:
+                for site in m.entry:
+                    call_pre(site, frame)
+            else:
+                resumed = m.sites.get(lasti)  # a RESUME after a yield
+                if resumed is not None:
+                    call_pre(resumed, frame)
+
+        def global_trace(frame: FrameType, event: str, arg: Any) -> Any:
+            if not codes:
+                settrace(None)  # nothing armed: leave this thread untaxed
+                return None
+            code = frame.f_code
+            m = codes.get(id(code))
+            if m is None or m.code is not code:
+                return None
+            frame.f_trace_lines = False
+            frame.f_trace = local  # 3.13: before f_trace_opcodes, see the docstring
+            frame.f_trace_opcodes = True
+            _on_call(m, frame)
+            return local
+
+        return global_trace, local
+
+    def _fail(self, site: _Site, exc: BaseException) -> None:
+        try:
+            site.pre = None
+            site.post = None
+            self.nfailures += 1
+            self.failures.append((site.code, site.offset, exc))
+            self._failed.append(site)
+            hook = self.on_failure
+            if hook is not None:
+                hook(site.code, site.offset, exc)
+        except BaseException:  # noqa: BLE001 - never reaches the program
+            pass
+
+    def _trim_pending(self) -> None:
+        pending = self._pending
+        try:
+            for frame in list(pending):
+                if sys.getrefcount(frame) <= 3 and pending.pop(frame, None) is not None:
+                    self.pending_dropped += 1
+            excess = len(pending) - PENDING_CAP // 2
+            if excess > 0:
+                for frame in list(pending)[:excess]:
+                    if pending.pop(frame, None) is not None:
+                        self.pending_dropped += 1
+        except BaseException:  # noqa: BLE001 - never reaches the program
+            pass
+
+    # ------------------------------------------------------------------ arm/disarm
+
+    def uses_entry_event(self, code: CodeType, offset: int) -> bool:
+        return 0 <= offset <= prologue_end(code)
+
+    def arm(self, code: CodeType, offset: int, pre: Any, post: Any) -> None:
+        if self._closed:
+            raise KprobeError(errno.EINVAL, "the settrace arch is closed")
+        groups = _groups(code)
+        if offset not in groups:
+            raise KprobeError(
+                errno.EINVAL, f"{code.co_name}+{offset} is not the start of an instruction"
+            )
+        last, opname = groups[offset]
+        if opname == "END_FOR":
+            raise KprobeError(
+                errno.EINVAL,
+                f"{code.co_name}+{offset}: END_FOR never runs with an event "
+                "(an exhausted FOR_ITER jumps over it)",
+            )
+        entry_end = prologue_end(code)
+        with self._lock:
+            self._reap_locked()
+            self._check_busy_locked()
+            model = self._codes.get(id(code))
+            if model is None or model.code is not code:
+                model = _CodeModel(code, entry_end)
+            site = _Site(code, offset, last, pre, post, opname in _KEEP_ON_EXCEPTION)
+            if offset <= entry_end:
+                model.entry = (*(s for s in model.entry if s.offset != offset), site)
+            else:
+                model.sites = {**model.sites, offset: site}
+            self._codes[id(code)] = model
+            # Install only now: our trace function removes itself from a thread whose next
+            # call finds nothing armed.
+            self._install_locked()
+            self._trace_running_frames(code)
+
+    def disarm(self, code: CodeType, offset: int) -> None:
+        with self._lock:
+            self._reap_locked()
+            self._disarm_locked(code, offset)
+            if not self._codes:
+                self._uninstall_locked()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._codes.clear()
+            self._pending.clear()
+            self._uninstall_locked()
+
+    def _disarm_locked(self, code: CodeType, offset: int) -> None:
+        model = self._codes.get(id(code))
+        if model is None or model.code is not code:
+            return
+        if offset <= model.entry_end:
+            model.entry = tuple(s for s in model.entry if s.offset != offset)
+        elif offset in model.sites:
+            model.sites = {o: s for o, s in model.sites.items() if o != offset}
+        if not model.entry and not model.sites:
+            del self._codes[id(code)]
+        for frame, rec in list(self._pending.items()):
+            if rec.code is code and rec.offset == offset:
+                self._pending.pop(frame, None)
+
+    def _reap_locked(self) -> None:
+        failed, self._failed = self._failed, []
+        for site in failed:
+            model = self._codes.get(id(site.code))
+            if model is None:
+                continue
+            current = model.sites.get(site.offset) or next(
+                (s for s in model.entry if s.offset == site.offset), None
+            )
+            if current is site:
+                self._disarm_locked(site.code, site.offset)
+        if not self._codes:
+            self._uninstall_locked()
+
+    # ------------------------------------------------------------------ the trace function
+
+    def _check_busy_locked(self) -> None:
+        ours = self._global
+        current = sys.gettrace()
+        if current is not None and current is not ours:
+            raise KprobeError(
+                errno.EBUSY, f"sys.settrace is held by {_describe(current)} in this thread"
+            )
+        new_threads = threading.gettrace()
+        if new_threads is not None and new_threads is not ours:
+            raise KprobeError(
+                errno.EBUSY, f"threading.settrace is held by {_describe(new_threads)}"
+            )
+
+    def _install_locked(self) -> None:
+        ours = self._global
+        current = sys.gettrace()
+        new_threads = threading.gettrace()
+        if current is None:
+            if _PY312:
+                _set_opcode_trace_flag()
+            sys.settrace(ours)
+        if new_threads is None:
+            threading.settrace(ours)
+        self._installed = True
+
+    def _uninstall_locked(self) -> None:
+        if not self._installed:
+            return
+        if sys.gettrace() is self._global:
+            sys.settrace(None)
+        if threading.gettrace() is self._global:
+            threading.settrace(None)
+        self._installed = False
+
+    def _trace_running_frames(self, code: CodeType) -> None:
+        """Give the frames of `code` already running in this thread our local tracer."""
+        local = self._local
+        frame: FrameType | None = _getframe(1)
+        while frame is not None:
+            if frame.f_code is code and frame.f_trace is not local:
+                frame.f_trace_lines = False
+                frame.f_trace = local
+                frame.f_trace_opcodes = True
+            frame = frame.f_back
+
+    # ------------------------------------------------------------------ introspection
+
+    def installed(self) -> bool:
+        """Is our trace function installed in this thread?"""
+        return sys.gettrace() is self._global
+
+    def armed_addresses(self) -> list[tuple[CodeType, int]]:
+        with self._lock:
+            out: list[tuple[CodeType, int]] = []
+            for m in self._codes.values():
+                offsets = sorted({s.offset for s in m.entry} | set(m.sites))
+                out.extend((m.code, o) for o in offsets)
+            return out
