@@ -4,9 +4,9 @@ the kprobes/list view, threads."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 import threading
 import warnings
+from collections.abc import Callable
 
 import pytest
 

@@ -111,6 +111,9 @@ def _select(table: Mapping[str, str], wanted: str | None) -> tuple[object, dict[
             return _load(spec)(), rejected
         except ArchUnavailable as exc:
             rejected[name] = str(exc)
+        except ImportError as exc:  # e.g. `bytecode` is not installed
+            rejected[name] = f"cannot import {spec}: {exc}"
+
     raise ArchUnavailable("; ".join(f"{n}: {r}" for n, r in rejected.items()))
 
 

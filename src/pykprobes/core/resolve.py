@@ -72,7 +72,7 @@ def module_exists(name: str) -> bool:
         return True
     path: list[str] | None = None
     parts = name.split(".")
-    for i, part in enumerate(parts):
+    for i in range(len(parts)):
         prefix = ".".join(parts[: i + 1])
         mod = sys.modules.get(prefix)
         if mod is not None:
