@@ -89,36 +89,49 @@ def f(n):
 # ---------------------------------------------------------------- tool ids
 
 
+def free_tools() -> list[int]:
+    return [t for t in range(6) if M.get_tool(t) is None]
+
+
 def test_claims_tool_4_then_3_and_close_frees_it() -> None:
+    # The core may hold one already (a live MonitoringArch of the registry): expect the
+    # first free one of (4, 3).
+    wanted = [t for t in (4, 3) if M.get_tool(t) is None]
+    if not wanted:
+        pytest.skip("tools 4 and 3 are both held by someone else")
     a = MonitoringArch()
     try:
-        assert a.tool == 4
-        assert M.get_tool(4) == "pykprobes"
-        b = MonitoringArch()
-        try:
-            assert b.tool == 3
-        finally:
-            b.close()
-        assert M.get_tool(3) is None
+        assert a.tool == wanted[0]
+        assert M.get_tool(a.tool) == "pykprobes"
+        if len(wanted) == 2:
+            b = MonitoringArch()
+            try:
+                assert b.tool == 3
+            finally:
+                b.close()
+            assert M.get_tool(3) is None
     finally:
         a.close()
-    assert M.get_tool(4) is None
+    assert M.get_tool(wanted[0]) is None
     a.close()  # idempotent
 
 
 def test_ebusy_when_tools_4_and_3_are_taken() -> None:
-    M.use_tool_id(4, "someone-else-4")
-    M.use_tool_id(3, "someone-else-3")
+    mine = [t for t in (4, 3) if M.get_tool(t) is None]
+    for t in mine:
+        M.use_tool_id(t, f"someone-else-{t}")
     try:
         with pytest.raises(KprobeError) as info:
             MonitoringArch()
         assert info.value.errno == errno.EBUSY
-        assert "someone-else-4" in str(info.value) and "someone-else-3" in str(info.value)
+        for t in (4, 3):
+            assert repr(M.get_tool(t)) in str(info.value)
     finally:
-        M.free_tool_id(4)
-        M.free_tool_id(3)
-    a = MonitoringArch()  # free again
-    a.close()
+        for t in mine:
+            M.free_tool_id(t)
+    if mine:
+        a = MonitoringArch()  # free again
+        a.close()
 
 
 # ---------------------------------------------------------------- hits
@@ -250,6 +263,18 @@ def test_generator_entry_fires_at_first_resumption(arch: Any) -> None:
     assert rec.npre == 1
     assert list(g) == [1, 2]
     assert rec.npre == 1  # later resumptions are not PY_START
+
+
+def test_coroutine_entry_fires_at_first_resumption(arch: Any) -> None:
+    src = "async def coro(x):\n    return x + 1\n"
+    coro = fresh(src, "coro")
+    rec = Recorder(with_locals=False)
+    arch.arm(coro.__code__, 0, rec.pre, None)
+    c = coro(1)
+    assert rec.npre == 0  # creating the coroutine is not its start
+    with pytest.raises(StopIteration):
+        c.send(None)
+    assert rec.npre == 1
 
 
 def test_resume_after_yield_uses_py_resume(arch: Any) -> None:
@@ -454,7 +479,7 @@ def test_rearm_after_disable_without_restart_events(arch: Any) -> None:
     f = fresh(LOOP_SRC, "f")
     a = offset_of(f, "STORE_FAST", "t", nth=0)
     b = offset_of(f, "BINARY_OP")
-    other_tool = 5
+    other_tool = free_tools()[-1]
     other_lines: list[int] = []
     M.use_tool_id(other_tool, "test-other")
     try:
@@ -484,28 +509,70 @@ def test_rearm_after_disable_without_restart_events(arch: Any) -> None:
 
 
 def test_rearm_after_disable_when_another_tool_has_instruction_events(arch: Any) -> None:
+    """Our re-instrumentation touches only our tool's per-instruction bits: another tool's
+    DISABLEd INSTRUCTION events stay disabled."""
     f = fresh(LOOP_SRC, "f")
     a = offset_of(f, "STORE_FAST", "t", nth=0)
     b = offset_of(f, "BINARY_OP")
-    other_tool = 5
+    other_tool = free_tools()[-1]
     other: list[int] = []
     M.use_tool_id(other_tool, "test-other")
     try:
         M.register_callback(
             other_tool, E.INSTRUCTION, lambda code, off: other.append(off) or M.DISABLE
         )
-        # The other tool first: a second tool turning INSTRUCTION on loses the first
-        # one's events (CPython 3.12/3.13), so this order keeps ours.
         M.set_local_events(other_tool, f.__code__, E.INSTRUCTION)
         hits: list[int] = []
         arch.arm(f.__code__, a, lambda fr, o: hits.append(o), None)
+        # CPython 3.12/3.13 lose the first tool's INSTRUCTION events when a second one
+        # enables them on the same code (see test_cpython_quirk_*): re-enable the other
+        # tool's, as it would have to.
+        M.set_local_events(other_tool, f.__code__, 0)
+        M.set_local_events(other_tool, f.__code__, E.INSTRUCTION)
         f(3)
+        assert other  # both tools see events now
         f(3)
-        arch.arm(f.__code__, b, lambda fr, o: hits.append(o), None)
         n_other = len(other)
+        assert hits == [a, a]
+        arch.arm(f.__code__, b, lambda fr, o: hits.append(o), None)
         f(3)
         assert hits == [a, a, a, b, b, b]
         assert len(other) == n_other  # their per-instruction DISABLEs are untouched
+    finally:
+        M.set_local_events(other_tool, f.__code__, 0)
+        M.register_callback(other_tool, E.INSTRUCTION, None)
+        M.free_tool_id(other_tool)
+
+
+@pytest.mark.skipif(
+    sys.version_info[:3] not in ((3, 12, 1), (3, 13, 0)), reason="characterizes 3.12.1/3.13.0"
+)
+@pytest.mark.parametrize("we_first", [True, False])
+def test_cpython_quirk_second_instruction_tool_clobbers_the_first(
+    arch: Any, we_first: bool
+) -> None:
+    """CPython bug: when a second tool enables INSTRUCTION events on a code object, the
+    first tool's are lost (`update_instrumentation_data` allocates `per_instruction_tools`
+    zeroed). It hits us when another tool (or sys.settrace opcode tracing) comes second,
+    and we hit the other tool when we come second. Documented in arch/monitoring.py."""
+    f = fresh(LOOP_SRC, "f")
+    off = offset_of(f, "BINARY_OP")
+    other_tool = free_tools()[-1]
+    other: list[int] = []
+    ours: list[int] = []
+    M.use_tool_id(other_tool, "test-other")
+    try:
+        M.register_callback(other_tool, E.INSTRUCTION, lambda code, o: other.append(o))
+        if we_first:
+            arch.arm(f.__code__, off, lambda fr, o: ours.append(o), None)
+        M.set_local_events(other_tool, f.__code__, E.INSTRUCTION)
+        if not we_first:
+            arch.arm(f.__code__, off, lambda fr, o: ours.append(o), None)
+        f(3)
+        if we_first:
+            assert ours == [] and other
+        else:
+            assert ours == [off] * 3 and other == []
     finally:
         M.set_local_events(other_tool, f.__code__, 0)
         M.register_callback(other_tool, E.INSTRUCTION, None)
@@ -570,7 +637,6 @@ def test_close_disarms_everything(arch: Any) -> None:
     tool = arch.tool
     arch.close()
     assert M.get_tool(tool) is None
-    assert M.get_local_events(4 if tool != 4 else 3, f.__code__) == 0
     f(3)
     assert rec.npre == 0
     with pytest.raises(KprobeError):

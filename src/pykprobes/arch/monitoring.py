@@ -204,7 +204,8 @@ class MonitoringArch:
         self.on_failure: Callable[[CodeType, int, BaseException], None] | None = None
         #: Pending posts dropped because of PENDING_CAP.
         self.pending_dropped = 0
-        self._failed: list[_Site] = []
+        #: Sites whose callback failed, drained under the lock (deque: atomic append/pop).
+        self._failed: collections.deque[_Site] = collections.deque()
         self._install_callbacks()
 
     # ------------------------------------------------------------------ hot path
@@ -409,9 +410,26 @@ class MonitoringArch:
             model = self._codes.get(id(code))
             if model is None or model.code is not code:
                 model = self._codes[id(code)] = _CodeModel(code, flows, entry_end)
+            previous = model.probes.get(offset)
             model.probes[offset] = _Probe(pre, post)
             self._epoch[0] += 1
-            self._publish_locked(model)
+            # A site whose callback failed may have returned DISABLE: re-instrument.
+            failed = any(s.pre is None for s in self._published(code, offset))
+            try:
+                self._publish_locked(model, force_toggle=failed)
+            except (ValueError, SystemError) as exc:
+                # e.g. 3.13's "cannot instrument shim code object": leave things as they were.
+                if previous is None:
+                    del model.probes[offset]
+                else:
+                    model.probes[offset] = previous
+                try:
+                    self._publish_locked(model)
+                except (ValueError, SystemError):
+                    pass
+                raise KprobeError(
+                    errno.EINVAL, f"{code.co_name}+{offset}: sys.monitoring refused: {exc}"
+                ) from exc
 
     def disarm(self, code: CodeType, offset: int) -> None:
         with self._lock:
@@ -450,8 +468,12 @@ class MonitoringArch:
 
     def _reap_locked(self) -> None:
         """Disarm the addresses whose callback failed (queued by `_fail`)."""
-        failed, self._failed = self._failed, []
-        for site in failed:
+        failed = self._failed
+        while failed:
+            try:
+                site = failed.popleft()
+            except IndexError:
+                break
             model = self._codes.get(id(site.code))
             if model is None or model.code is not site.code:
                 continue
@@ -513,7 +535,18 @@ class MonitoringArch:
                     site(E_INS, w).waits = True
         return sites
 
-    def _publish_locked(self, model: _CodeModel) -> None:
+    def _published(self, code: CodeType, offset: int) -> list[_Site]:
+        """`code`'s published sites at `offset` (INSTRUCTION and PY_RESUME tables)."""
+        out = []
+        for table in (self._ins, self._resume):
+            s = table.get(offset)
+            while s is not None:
+                if s.code is code:
+                    out.append(s)
+                s = s.next
+        return out
+
+    def _publish_locked(self, model: _CodeModel, force_toggle: bool = False) -> None:
         code = model.code
         new = self._build_locked(model)
         tables = {
@@ -534,7 +567,7 @@ class MonitoringArch:
             events |= event
         model.needs_unwind = any(s.succ is _UNWIND for s in new.values())
         mon, tool = self._mon, self.tool
-        grew = not new_keys <= old_keys
+        grew = force_toggle or not new_keys <= old_keys
         if events == 0:
             if model.events:
                 mon.set_local_events(tool, code, 0)

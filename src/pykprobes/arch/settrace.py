@@ -198,7 +198,8 @@ class SettraceArch:
         self._installed = False
         self._closed = False
         self._pending: dict[FrameType, _Site] = {}
-        self._failed: list[_Site] = []
+        #: Sites whose callback failed, drained under the lock (deque: atomic append/pop).
+        self._failed: collections.deque[_Site] = collections.deque()
         #: Failures of pre/post callbacks (each disarmed its address).
         self.nfailures = 0
         self.failures: collections.deque[tuple[CodeType, int, BaseException]] = collections.deque(
@@ -395,8 +396,12 @@ class SettraceArch:
                 self._pending.pop(frame, None)
 
     def _reap_locked(self) -> None:
-        failed, self._failed = self._failed, []
-        for site in failed:
+        failed = self._failed
+        while failed:
+            try:
+                site = failed.popleft()
+            except IndexError:
+                break
             model = self._codes.get(id(site.code))
             if model is None:
                 continue
