@@ -33,3 +33,16 @@ class RunPython(Protocol):
     def __call__(
         self, code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]: ...
+
+
+def _breakpoint_capabilities() -> dict[str, bool]:
+    # The chosen breakpoint arch says what it can reach; tests skip on these, never on
+    # the Python version.
+    from pykprobes.core import registry
+
+    registry.init_kprobes()
+    return dict(registry._m().breakpoint.capabilities)
+
+
+#: The chosen breakpoint arch's capabilities (see core/arch.py BreakpointArch).
+BREAKPOINT_CAPS: Final[dict[str, bool]] = _breakpoint_capabilities()

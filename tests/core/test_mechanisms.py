@@ -12,7 +12,7 @@ import pytest
 import pykprobes as kp
 from pykprobes.core import registry
 from tests.core import targets
-from tests.testenv import HAS_SYS_MONITORING, OPTIMIZED
+from tests.testenv import BREAKPOINT_CAPS, HAS_SYS_MONITORING, OPTIMIZED, RunPython
 
 SPIN_STOP = threading.Event()
 SPIN_COUNT = [0]
@@ -33,9 +33,9 @@ def _line_of(func: object, marker: str) -> int:
     return first + next(i for i, line in enumerate(src) if marker in line)
 
 
-@pytest.mark.skipif(not HAS_SYS_MONITORING,
-                    reason="capability: settrace (3.11) cannot reach frames already running "
-                           "in other threads")
+@pytest.mark.skipif(not BREAKPOINT_CAPS["running_frames_other_threads"],
+                    reason="capability: the breakpoint arch (settrace) cannot reach frames "
+                           "already running in other threads")
 def test_probe_on_a_loop_already_running_in_another_thread() -> None:
     SPIN_STOP.clear()
     t = threading.Thread(target=spin, daemon=True)
@@ -174,3 +174,22 @@ def test_set_optimization_off_and_on() -> None:
     finally:
         kp.set_optimization(True)
         kp.unregister_kprobe(p)
+
+
+@pytest.mark.skipif(not HAS_SYS_MONITORING, reason="capability: sys.monitoring needs 3.12+")
+def test_both_monitoring_tool_ids_taken_is_ebusy(run_python: RunPython) -> None:
+    proc = run_python("""
+        import errno, sys
+        sys.monitoring.use_tool_id(4, "other-debugger")
+        sys.monitoring.use_tool_id(3, "other-profiler")
+        import pykprobes as kp
+        def f():
+            return 1
+        try:
+            kp.register_kprobe(kp.Kprobe(addr=f))
+        except kp.KprobeError as exc:
+            print(errno.errorcode[exc.errno], exc)
+        """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("EBUSY"), proc.stdout
+    assert "other-debugger" in proc.stdout and "other-profiler" in proc.stdout

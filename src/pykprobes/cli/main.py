@@ -18,6 +18,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     """Print the interpreter, its capabilities and the mechanisms that would be chosen."""
     from pykprobes import env
     from pykprobes.core.arch import ArchUnavailable, select_breakpoint, select_optimizer
+    from pykprobes.errors import KprobeError
 
     print(f"pykprobes {__version__}")
     print(f"python: {platform.python_version()} ({platform.python_implementation()})")
@@ -32,8 +33,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for kind, select in selectors:
         try:
             arch, rejected = select()
-        except ArchUnavailable as exc:
-            # Every mechanism of this kind refused; the message lists each one's reason.
+        except (ArchUnavailable, KprobeError) as exc:
+            # Every mechanism of this kind refused (or one is busy: EBUSY when another
+            # tool holds both sys.monitoring ids); the message says why.
             print(f"{kind}: none available")
             print(f"  rejected: {exc}")
             continue
@@ -47,6 +49,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"{kind}: {getattr(arch, 'name', type(arch).__name__)}")
         for name, reason in rejected.items():
             print(f"  rejected {name}: {reason}")
+        capabilities: dict[str, bool] = getattr(arch, "capabilities", {})
+        for cap, value in capabilities.items():
+            print(f"  {cap}: {'yes' if value else 'no'}")
         # Selecting instantiates the mechanism, which may claim something (a sys.monitoring
         # tool id); give it back, since `info` only looks.
         close = getattr(arch, "close", None)

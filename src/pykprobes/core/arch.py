@@ -36,9 +36,18 @@ OptHit = Callable[[], None]
 
 
 class BreakpointArch(Protocol):
-    """A mechanism that acts at once (the kernel's int3 probe)."""
+    """A mechanism that acts at once (the kernel's int3 probe).
+
+    Its constructor raises ArchUnavailable when it cannot work on this interpreter, or
+    KprobeError(EBUSY) when what it needs is held by another tool. `arm` raises
+    KprobeError(EINVAL) for an address it can never serve.
+    """
 
     name: str
+    #: What it can reach, measured by its tests: running_frames_this_thread,
+    #: running_frames_other_threads, threads_started_earlier, threads_started_later,
+    #: unprobed_code_untaxed, entry_event, post_handler, hits_inside_handlers.
+    capabilities: dict[str, bool]
 
     def arm(self, code: CodeType, offset: int, pre: PreHit, post: PostHit | None) -> None:
         """From now on call `pre` before every execution of the instruction at `offset` of
