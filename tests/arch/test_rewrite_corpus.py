@@ -79,12 +79,16 @@ def drive_generator(gen: Any, script: list[tuple[str, Any]]) -> list[Any]:
     return seen
 
 
-LOOP = asyncio.new_event_loop()
+_loop: list[asyncio.AbstractEventLoop] = []
 
 
 def run_async(coro: Any) -> tuple[Any, ...]:
+    # One event loop for the whole module (asyncio.run() per call would be slow for the
+    # thousands of runs here), closed by the `_close_loop` fixture.
+    if not _loop:
+        _loop.append(asyncio.new_event_loop())
     try:
-        return ("ok", LOOP.run_until_complete(coro))
+        return ("ok", _loop[0].run_until_complete(coro))
     except BaseException as exc:  # noqa: BLE001
         return ("raise", type(exc).__name__, str(exc))
 
@@ -844,6 +848,13 @@ class Hit:
 
 
 # --------------------------------------------------------------------------- the tests
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_loop() -> Iterator[None]:
+    yield
+    while _loop:
+        _loop.pop().close()
 
 
 @dataclass
