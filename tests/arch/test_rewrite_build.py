@@ -278,3 +278,17 @@ def test_build_from_code_that_sys_monitoring_instruments() -> None:
         monitoring.set_local_events(tool, summing.__code__, 0)
         monitoring.register_callback(tool, events.INSTRUCTION, None)
         monitoring.free_tool_id(tool)
+
+
+def test_unavailable_with_an_untested_bytecode_release() -> None:
+    program = (
+        f"import sys; sys.path.insert(0, {SRC!r})\n"
+        "import bytecode; bytecode.__version__ = '9.0.0'\n"
+        "from pykprobes.arch.rewrite import RewriteArch\n"
+        "from pykprobes.core.arch import ArchUnavailable\n"
+        "try:\n    RewriteArch()\nexcept ArchUnavailable as exc:\n    print('UNAVAILABLE', exc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout.startswith("UNAVAILABLE bytecode 9.0.0 is not a tested release"), proc.stderr

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import CodeType
+from typing import Final
 
 from pykprobes import env
 from pykprobes.arch.rewrite import assembly, frames, safety
 from pykprobes.core.arch import ArchUnavailable, OptHit
+
+#: The `bytecode` releases inject.py was tested with (a version prefix).
+TESTED_BYTECODE: Final = "0.19."
 
 
 class RewriteArch:
@@ -33,6 +37,14 @@ class RewriteArch:
             version = ".".join(map(str, env.PYVERSION))
             raise ArchUnavailable(f"no call sequence written and tested for CPython {version}")
         try:
+            import bytecode
+
+            # inject.py seeds a private class of bytecode (see there): only the releases it
+            # was tested with are trusted; any other leaves probes to the breakpoint arch.
+            if not bytecode.__version__.startswith(TESTED_BYTECODE):
+                raise ArchUnavailable(
+                    f"bytecode {bytecode.__version__} is not a tested release ({TESTED_BYTECODE}x)"
+                )
             from pykprobes.arch.rewrite import inject
         except ImportError as exc:
             raise ArchUnavailable(f"the bytecode library is not importable: {exc}") from exc

@@ -173,12 +173,16 @@ def build(
     new: CodeType = concrete.to_code(
         stacksize=code.co_stacksize + seq.depth, compute_exception_stack_depths=False
     )
-    _check_same_frame(code, new)
+    _check_same_frame(code, new, new_consts)
     return new
 
 
-def _check_same_frame(code: CodeType, new: CodeType) -> None:
-    """The rewrite must not change what a frame of the code looks like from outside."""
+def _check_same_frame(code: CodeType, new: CodeType, consts: list[object]) -> None:
+    """The rewrite must not change what a frame of the code looks like from outside: a
+    cheap guard against a `bytecode` release whose converter no longer takes our seeds."""
+    kept = new.co_consts[: len(consts)]
+    if len(kept) != len(consts) or any(a is not b for a, b in zip(kept, consts, strict=True)):
+        raise ValueError(f"{code.co_name}: rewrite moved constants")
     for attr in (
         "co_argcount",
         "co_posonlyargcount",
