@@ -127,6 +127,15 @@ def test_recursion_and_many_offsets() -> None:
     kp.register_kprobes(probes)
     try:
         kp.wait_for_kprobe_optimizer()
+        if OPTIMIZED:
+            # Every probe the rewrite accepts is optimized, the entry and the first body
+            # instruction included (two call sequences in a row).
+            opt = registry._m().optimizer
+            assert opt is not None
+            accepted = [p for p in probes if opt.check_optimizable(p.addr.code, p.addr.offset)
+                        is None]
+            assert len(accepted) > 3
+            assert all(p.flags & kp.KPROBE_FLAG_OPTIMIZED for p in accepted)
         assert targets.recurse(20) == 20
         assert probes[0].nhit == 21
         assert sum(p.nhit for p in probes) > 21 * 3

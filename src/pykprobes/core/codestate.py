@@ -122,18 +122,17 @@ def align(original: CodeType, new: CodeType, hits: dict[int, object]) -> dict[in
     old_ins = _instructions(original)
     new_ins = _instructions(new)
     # An entry probe's call sequence goes after the prologue's RESUME, that is before the
-    # instruction that follows it.
+    # instruction that follows it, ahead of that instruction's own call sequence.
     entry = entry_offset(original)
-    before = {off: hit for off, hit in hits.items() if off > entry}
-    entry_hits = [hit for off, hit in hits.items() if off <= entry]
-    if entry_hits:
-        after_resume = next(off for off, _, _ in old_ins if off > entry)
-        before[after_resume] = entry_hits[0]
+    before: dict[int, list[object]] = {}
+    for off, hit in sorted(hits.items()):
+        if off <= entry:
+            off = next(o for o, _, _ in old_ins if o > entry)
+        before.setdefault(off, []).append(hit)
     offmap: dict[int, int] = {}
     j = 0
     for off, opname, _ in old_ins:
-        hit = before.get(off)
-        if hit is not None:
+        for hit in before.get(off, ()):
             seen_hit = False
             while j < len(new_ins):
                 _, nop, narg = new_ins[j]
