@@ -37,6 +37,14 @@ _EXPORTS: dict[str, str] = {
     "set_optimization": "pykprobes.core.registry",
     "wait_for_kprobe_optimizer": "pykprobes.core.registry",
     "init_kprobes": "pykprobes.core.registry",
+    "Kretprobe": "pykprobes.core.kretprobe",
+    "KretprobeInstance": "pykprobes.core.returns",
+    "register_kretprobe": "pykprobes.core.kretprobe",
+    "unregister_kretprobe": "pykprobes.core.kretprobe",
+    "register_kretprobes": "pykprobes.core.kretprobe",
+    "unregister_kretprobes": "pykprobes.core.kretprobe",
+    "enable_kretprobe": "pykprobes.core.kretprobe",
+    "disable_kretprobe": "pykprobes.core.kretprobe",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -44,6 +52,15 @@ __all__ = ["__version__", *_EXPORTS]
 if TYPE_CHECKING:
     from pykprobes.core.address import ProbeAddress
     from pykprobes.core.blacklist import nokprobe
+    from pykprobes.core.kretprobe import (
+        Kretprobe,
+        disable_kretprobe,
+        enable_kretprobe,
+        register_kretprobe,
+        register_kretprobes,
+        unregister_kretprobe,
+        unregister_kretprobes,
+    )
     from pykprobes.core.lines import resolve_line
     from pykprobes.core.probe import (
         KPROBE_FLAG_DISABLED,
@@ -69,6 +86,7 @@ if TYPE_CHECKING:
         wait_for_kprobe_optimizer,
     )
     from pykprobes.core.regs import Regs
+    from pykprobes.core.returns import KretprobeInstance
     from pykprobes.core.site import KprobeHandlerWarning
     from pykprobes.errors import KprobeError
 

@@ -33,6 +33,24 @@ PostHit = Callable[[FrameType, int], None]
 #: Optimized hit: called with no argument from the injected call sequence; it finds the
 #: probed frame with sys._getframe(1). Never raises.
 OptHit = Callable[[], None]
+#: Return hooks of the breakpoint arch: on_return(frame, value) when a frame of the code
+#: returns, on_unwind(frame, exc) when an exception leaves it. Never raise.
+ReturnHit = Callable[[FrameType, object], None]
+UnwindHit = Callable[[FrameType, BaseException], None]
+#: Return hooks built into rewritten code: (on_return(value), on_unwind(exc)), called from
+#: the probed frame itself (sys._getframe(1) is it). Never raise.
+OptReturns = tuple[Callable[[object], None], Callable[[BaseException], None]]
+
+
+class Built:
+    """What `OptimizerArch.build` returns: the new code, and where each instruction of the
+    original code sits in it (original offset -> new offset, every instruction start)."""
+
+    __slots__ = ("code", "offsets")
+
+    def __init__(self, code: CodeType, offsets: Mapping[int, int]) -> None:
+        self.code = code
+        self.offsets = offsets
 
 
 class BreakpointArch(Protocol):
@@ -57,6 +75,19 @@ class BreakpointArch(Protocol):
     def disarm(self, code: CodeType, offset: int) -> None:
         """Undo `arm`: the address runs with no callback. Disarming an unarmed one is a no-op."""
 
+    def arm_return(self, code: CodeType, on_return: ReturnHit, on_unwind: UnwindHit) -> None:
+        """From now on, when a frame of this very `code` object ends, call
+        `on_return(frame, value)` if it returned `value`, or `on_unwind(frame, exc)` if the
+        exception `exc` left it (after the frame's own handlers had their chance; the
+        exception then propagates unchanged). A generator, coroutine or async generator
+        frame ends once: when it returns (value = what it returned, i.e. StopIteration's
+        value), raises, or is closed (GeneratorExit, unless it returns instead); never at a
+        yield or await. In every thread the mechanism reaches (see `capabilities`). Arming
+        an armed code replaces its hooks."""
+
+    def disarm_return(self, code: CodeType) -> None:
+        """Undo `arm_return`; a no-op if not armed."""
+
     def uses_entry_event(self, code: CodeType, offset: int) -> bool:
         """True when a probe at this address is served by a function-entry event
         (the analogue of the kernel's ftrace-based probe, KPROBE_FLAG_FTRACE)."""
@@ -79,11 +110,16 @@ class OptimizerArch(Protocol):
         code: CodeType,
         hits: Mapping[int, OptHit],
         consts: Mapping[int, CodeType],
-    ) -> CodeType:
+        returns: OptReturns | None = None,
+    ) -> Built:
         """A new code object: `code` with, before the instruction at each offset in `hits`,
         a call of `hits[offset]()` whose line number is the instruction's; and with each
         code constant at index `i` of `code.co_consts` replaced by `consts[i]` (the nested
-        functions' own rewritten code). Everything else behaves exactly as `code`."""
+        functions' own rewritten code). With `returns`, the frame also calls
+        `returns[0](value)` as it returns `value`, and `returns[1](exc)` as an exception
+        leaves it (then re-raised unchanged, traceback included), with the meaning of
+        `BreakpointArch.arm_return`. Everything else behaves exactly as `code`. Raises
+        ValueError for an offset `check_optimizable` refuses."""
 
     def frames_running(self, code: CodeType) -> bool:
         """True while some frame (a thread's stack, a suspended generator or coroutine)

@@ -30,6 +30,7 @@ from pykprobes.core.address import entry_offset
 
 if TYPE_CHECKING:
     from pykprobes.core.arch import BreakpointArch, OptimizerArch
+    from pykprobes.core.returns import ReturnSite
     from pykprobes.core.site import Site
 
 
@@ -37,7 +38,7 @@ class Version:
     """One runnable version of a code state: the code, where each original instruction
     sits in it, and which sites have a call sequence in it."""
 
-    __slots__ = ("code", "consts", "map", "opt")
+    __slots__ = ("code", "consts", "map", "opt", "ret")
 
     def __init__(
         self,
@@ -45,12 +46,15 @@ class Version:
         offmap: dict[int, int] | None,
         opt: frozenset[int],
         consts: dict[int, CodeType],
+        ret: bool = False,
     ) -> None:
         self.code = code
         #: original offset -> offset in `code`; None means the identity.
         self.map = offmap
         self.opt = opt
         self.consts = consts
+        #: The return hooks are built into `code`.
+        self.ret = ret
 
     def phys(self, offset: int) -> int:
         return offset if self.map is None else self.map[offset]
@@ -65,7 +69,9 @@ class CodeState:
         "module",
         "original",
         "parent",
+        "ret_armed",
         "retired",
+        "returns",
         "sites",
     )
 
@@ -80,10 +86,14 @@ class CodeState:
         self.sites: dict[int, Site] = {}
         #: (id(version code), physical offset) -> (version code, offset, site, with post)
         self.armed: dict[tuple[int, int], tuple[CodeType, int, Site, bool]] = {}
+        #: The return probes on this code (kretprobes), or None.
+        self.returns: ReturnSite | None = None
+        #: id(version code) -> version code whose return hooks the breakpoint arch serves.
+        self.ret_armed: dict[int, CodeType] = {}
 
     @property
     def unused(self) -> bool:
-        return not self.sites and not self.children
+        return not self.sites and not self.children and self.returns is None
 
     def __repr__(self) -> str:
         return f"<CodeState {self.module}:{self.original.co_qualname}>"
@@ -101,6 +111,7 @@ class Mechanisms:
         self.versions: dict[int, CodeState] = {}
 
 
+# TEMPORARY: until the rewrite arch returns Built (offsets of its own).
 def _instructions(code: CodeType) -> list[tuple[int, str, object]]:
     """(start offset, opname, argval) per instruction, EXTENDED_ARG folded into its start."""
     out: list[tuple[int, str, object]] = []
@@ -176,8 +187,12 @@ def _rebuild(state: CodeState, mech: Mechanisms) -> None:
         for index, child in state.children.items()
         if child.current.code is not child.original
     }
+    # Return hooks ride along whenever the code is rewritten anyway (the entry probe of a
+    # kretprobe is a site at offset 0, so an optimized kretprobe rewrites its code).
+    returns = state.returns
+    ret = bool(opt) and returns is not None and returns.armed
     cur = state.current
-    if opt == cur.opt and consts.keys() == cur.consts.keys() and all(
+    if opt == cur.opt and ret == cur.ret and consts.keys() == cur.consts.keys() and all(
         cur.consts[i] is c for i, c in consts.items()
     ):
         return
@@ -192,8 +207,12 @@ def _rebuild(state: CodeState, mech: Mechanisms) -> None:
     else:
         assert mech.optimizer is not None
         hits = {off: state.sites[off].opt_hit for off in opt}
-        code = mech.optimizer.build(original, hits, consts)
-        version = Version(code, align(original, code, hits), opt, consts)
+        hooks = (returns.opt_return, returns.opt_unwind) if ret and returns else None
+        built = mech.optimizer.build(original, hits, consts, *([hooks] if hooks else []))
+        if isinstance(built, CodeType):  # TEMPORARY, see align()
+            version = Version(built, align(original, built, hits), opt, consts, ret)
+        else:
+            version = Version(built.code, dict(built.offsets), opt, consts, ret)
     _install(state, version, mech)
 
 
@@ -253,9 +272,27 @@ def reconcile_breakpoints(state: CodeState, mech: Mechanisms) -> None:
     for off, site in state.sites.items():
         site.entry_event = off not in cur.opt and bool(site.active) and \
             bp.uses_entry_event(cur.code, cur.phys(off))
+    _reconcile_returns(state, mech)
 
 
-def disarm_all(state: CodeState, mech: Mechanisms) -> None:
-    for code, phys, _, _ in state.armed.values():
-        mech.breakpoint.disarm(code, phys)
-    state.armed.clear()
+def _reconcile_returns(state: CodeState, mech: Mechanisms) -> None:
+    """Serve the return hooks with the breakpoint arch on every running version that does
+    not have them built in."""
+    returns = state.returns
+    want: dict[int, CodeType] = {}
+    if returns is not None and returns.armed:
+        for v in (state.current, *state.retired):
+            if not v.ret:
+                want[id(v.code)] = v.code
+    bp = mech.breakpoint
+    for key, code in list(state.ret_armed.items()):
+        if key not in want:
+            bp.disarm_return(code)
+            del state.ret_armed[key]
+    for key, code in want.items():
+        if key not in state.ret_armed:
+            assert returns is not None
+            bp.arm_return(code, returns.bp_return, returns.bp_unwind)
+            state.ret_armed[key] = code
+
+

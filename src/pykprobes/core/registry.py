@@ -10,10 +10,10 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Iterable
-from types import CodeType, FunctionType, MethodType
+from types import CodeType, FunctionType, MethodType, ModuleType
 from typing import Any, Final
 
-from pykprobes.core import codestate, resolve
+from pykprobes.core import codestate, kretprobe, resolve
 from pykprobes.core.address import ProbeAddress, instruction_starts, is_entry
 from pykprobes.core.arch import select_breakpoint, select_optimizer
 from pykprobes.core.blacklist import blacklist_reason
@@ -240,6 +240,7 @@ def _register_target_locked(
     p.offset = offset
     p._site = site
     try:
+        kretprobe.attach_locked(p, state)
         _refresh_site_locked(site, state, m)
     except BaseException:
         # The mechanism refused the address (prepare failed): undo, as the kernel's error
@@ -257,6 +258,7 @@ def _refresh_site_locked(site: Site, state: CodeState, m: Mechanisms) -> None:
     else:
         site.active = tuple(p for p in site.probes if not p.is_disabled())
     site.posts = tuple(p for p in site.active if p.post_handler is not None)
+    kretprobe.refresh_locked(state)
     if site.optimized and not _optimizable_locked(site, state, m):
         site.optimized = False  # unoptimize at once (the kernel's forced unoptimize)
     codestate.sync(state, m)
@@ -405,6 +407,7 @@ def _unregister(p: Kprobe) -> None:
         p._site = None
         p.flags &= ~(KPROBE_FLAG_OPTIMIZED | KPROBE_FLAG_FTRACE)
         state = _states[id(site.addr.code)]
+        kretprobe.detach_locked(p, state)
         if not site.probes:
             site.active = ()
             site.posts = ()
@@ -551,13 +554,17 @@ def list_kprobes() -> str:
             flags += "[OPTIMIZED]"
         if p.flags & KPROBE_FLAG_FTRACE:
             flags += "[FTRACE]"
-        kind = getattr(p, "_kind", "k")
+        kind = getattr(p, "kind", "k")
         lines.append(f"{site.addr.hexid if isinstance(site, Site) else _NoAddr.hexid}  "
                      f"{kind}  {site.symbol}+{site.addr.offset}  {flags}".rstrip())
     return "\n".join(lines) + ("\n" if lines else "")
 
 
 # --------------------------------------------------------------------------- modules
+
+
+def module_object(name: str) -> ModuleType | None:
+    return sys.modules.get(name)
 
 
 def pending_modules() -> set[str]:

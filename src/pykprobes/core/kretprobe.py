@@ -1,0 +1,240 @@
+"""Return probes (kretprobes): `Kretprobe` and its registration API.
+
+A kretprobe is a kprobe at the function's entry (shared with other probes there, as an
+aggregate probe) plus the return hooks of its code object (`core/returns.py`). Its
+semantics are the kernel's (Documentation/trace/kprobes.rst, "Return Probes"):
+
+* `entry_handler(ri, regs)` runs at entry; a truthy result means "no return handler for
+  this call" (the kernel's non-zero).
+* `handler(ri, regs)` runs when the call ends, with `regs.retval` (and `ri.retval`) the
+  returned value, or `regs.exception` (and `ri.exception`) the exception leaving the frame;
+  the exception still reaches the caller unchanged.
+* `maxactive` calls may be in flight at once; beyond it a call is not probed (neither
+  handler runs) and `nmissed` counts it. 0 means the kernel's default,
+  `max(10, 2 * os.cpu_count())`.
+* Generators, coroutines and async generators: the entry handler runs at the first
+  resumption (where the body starts, as for every entry probe), the return handler once,
+  when the body ends (returns, raises, or is closed), never at a yield or await.
+* `data_size` is checked as the kernel checks it (negative is EINVAL, above
+  KRETPROBE_MAX_DATA_SIZE is E2BIG) and otherwise unused: `ri.data` is a dict private to
+  the call, which grows as the handlers need.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Final
+
+from pykprobes.core import registry
+from pykprobes.core.address import ProbeAddress
+from pykprobes.core.probe import Kprobe
+from pykprobes.core.returns import KretprobeInstance, ReturnSite
+from pykprobes.errors import KprobeError, einval
+
+if TYPE_CHECKING:
+    from pykprobes.core.codestate import CodeState
+    from pykprobes.core.regs import Regs
+
+KRETPROBE_MAX_DATA_SIZE: Final = 4096
+#: The kernel's default maxactive: max(10, 2 * NR_CPUS).
+DEFAULT_MAXACTIVE: Final = max(10, 2 * (os.cpu_count() or 1))
+
+RetHandler = Callable[[KretprobeInstance, "Regs"], Any]
+
+
+class _EntryProbe(Kprobe):
+    """The kprobe a kretprobe puts at its function's entry; listed as `r`."""
+
+    kind = "r"
+
+    def __init__(self, rp: Kretprobe, **kwargs: Any) -> None:
+        super().__init__(pre_handler=rp._entry, **kwargs)
+        self.rp = rp
+
+
+class Kretprobe:
+    """A return probe. Give `symbol_name` or `addr` as for a Kprobe; `offset` must be the
+    function's entry (0)."""
+
+    def __init__(
+        self,
+        symbol_name: str | None = None,
+        offset: int = 0,
+        addr: Any = None,
+        handler: RetHandler | None = None,
+        entry_handler: RetHandler | None = None,
+        data_size: int = 0,
+        maxactive: int = 0,
+    ) -> None:
+        self.symbol_name = symbol_name
+        self.offset = offset
+        self.addr = addr
+        self.handler = handler
+        self.entry_handler = entry_handler
+        self.data_size = data_size
+        self.maxactive = maxactive
+        #: Return handlers run.
+        self.nhit = 0
+        #: Handler exceptions caught and counted.
+        self.nfault = 0
+        self._missed = 0
+        self._inflight: dict[FrameType, KretprobeInstance] = {}
+        self.kp: _EntryProbe | None = None
+
+    @property
+    def nmissed(self) -> int:
+        """Calls not probed: beyond maxactive, entered or ended while a handler ran on the
+        same thread, or in flight when the probe was unregistered or disarmed."""
+        return self._missed + (self.kp.nmissed if self.kp is not None else 0)
+
+    @property
+    def flags(self) -> int:
+        return self.kp.flags if self.kp is not None else 0
+
+    @property
+    def registered(self) -> bool:
+        return self.kp is not None and self.kp.registered
+
+    @property
+    def symbol(self) -> str:
+        return self.kp.symbol if self.kp is not None else f"{self.symbol_name}+{self.offset}"
+
+    def _entry(self, p: Kprobe, regs: Regs) -> None:
+        """The entry kprobe's pre_handler (the kernel's pre_handler_kretprobe)."""
+        if len(self._inflight) >= self.maxactive:
+            self._missed += 1
+            return
+        ri = KretprobeInstance(self, regs.frame)
+        entry = self.entry_handler
+        if entry is not None:
+            try:
+                if entry(ri, regs):
+                    return
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - never reaches the program
+                from pykprobes.core.site import _report_fault
+
+                _report_fault(self, "entry_handler", exc)  # type: ignore[arg-type]
+                return
+        self._inflight[regs.frame] = ri
+
+    def _drop_inflight(self) -> None:
+        self._missed += len(self._inflight)
+        self._inflight.clear()
+
+    def __repr__(self) -> str:
+        state = "registered" if self.registered else "unregistered"
+        return f"<Kretprobe {self.symbol} {state} nhit={self.nhit} nmissed={self.nmissed}>"
+
+
+def register_kretprobe(rp: Kretprobe) -> None:
+    """Register a return probe. Raises KprobeError (EINVAL for an offset that is not the
+    function's entry, E2BIG for a data_size above KRETPROBE_MAX_DATA_SIZE, and the errors of
+    register_kprobe)."""
+    if rp.registered:
+        raise einval(f"kretprobe {rp.symbol} is already registered")
+    if rp.data_size < 0 or rp.maxactive < 0:
+        raise einval("data_size and maxactive must not be negative")
+    if rp.data_size > KRETPROBE_MAX_DATA_SIZE:
+        raise KprobeError(errno.E2BIG, f"data_size {rp.data_size} is above "
+                          f"KRETPROBE_MAX_DATA_SIZE ({KRETPROBE_MAX_DATA_SIZE})")
+    if rp.maxactive == 0:
+        rp.maxactive = DEFAULT_MAXACTIVE
+    rp._missed = 0
+    rp._inflight.clear()
+    kp = _EntryProbe(rp, symbol_name=rp.symbol_name, offset=rp.offset, addr=rp.addr)
+    if rp.offset != 0 and kp.symbol_name is not None and \
+            registry.module_object(kp.symbol_name.partition(":")[0]) is None:
+        # Not imported yet: only offset 0 is known to be the entry before the import.
+        raise einval("Retprobe address must be an function entry")
+    rp.kp = kp
+    try:
+        registry.register_kprobe(kp)
+    except BaseException:
+        rp.kp = None
+        raise
+    if isinstance(kp.addr, ProbeAddress):
+        if kp.addr.offset != 0:  # the registry folds any prologue offset into 0
+            registry.unregister_kprobe(kp)
+            rp.kp = None
+            raise einval("Retprobe address must be an function entry")
+        rp.addr = kp.addr
+
+
+def attach_locked(p: Kprobe, state: CodeState) -> None:
+    """Called by the registry, with its lock held, once a kretprobe's entry probe has a site
+    (at once, or when its module is imported): watch the code's returns."""
+    if not isinstance(p, _EntryProbe):
+        return
+    if state.returns is None:
+        state.returns = ReturnSite()
+    if p.rp not in state.returns.rps:
+        state.returns.rps = (*state.returns.rps, p.rp)
+    refresh_locked(state)
+
+
+def refresh_locked(state: CodeState) -> None:
+    """Whether the code's returns must be reported: not while everything is disarmed or its
+    kretprobes are gone. Calls in flight when reporting stops are counted as missed."""
+    returns = state.returns
+    if returns is None:
+        return
+    armed = not registry.kprobes_all_disarmed() and any(
+        rp.kp is not None and not rp.kp.is_gone() for rp in returns.rps
+    )
+    if returns.armed and not armed:
+        for rp in returns.rps:
+            rp._drop_inflight()
+    returns.armed = armed
+
+
+def detach_locked(p: Kprobe, state: CodeState) -> None:
+    if not isinstance(p, _EntryProbe) or state.returns is None:
+        return
+    state.returns.rps = tuple(rp for rp in state.returns.rps if rp is not p.rp)
+    if not state.returns.rps:
+        state.returns = None
+    p.rp._drop_inflight()
+
+
+def unregister_kretprobe(rp: Kretprobe) -> None:
+    """Unregister: calls in flight finish normally; their return handlers do not run and
+    are counted in nmissed."""
+    if rp.kp is None or not rp.kp.registered:
+        raise einval(f"kretprobe {rp.symbol} is not registered")
+    registry.unregister_kprobe(rp.kp)
+
+
+def register_kretprobes(rps: Iterable[Kretprobe]) -> None:
+    """All or nothing, as register_kprobes."""
+    done: list[Kretprobe] = []
+    try:
+        for rp in rps:
+            register_kretprobe(rp)
+            done.append(rp)
+    except BaseException:
+        for rp in reversed(done):
+            unregister_kretprobe(rp)
+        raise
+
+
+def unregister_kretprobes(rps: Iterable[Kretprobe]) -> None:
+    probes = [rp.kp for rp in rps if rp.kp is not None and rp.kp.registered]
+    registry.unregister_kprobes(probes)
+
+
+def enable_kretprobe(rp: Kretprobe) -> None:
+    if rp.kp is None:
+        raise einval(f"kretprobe {rp.symbol} is not registered")
+    registry.enable_kprobe(rp.kp)
+
+
+def disable_kretprobe(rp: Kretprobe) -> None:
+    """No new call is probed; calls in flight still run their return handler."""
+    if rp.kp is None:
+        raise einval(f"kretprobe {rp.symbol} is not registered")
+    registry.disable_kprobe(rp.kp)

@@ -1,0 +1,104 @@
+"""The return side of kretprobes: per-call instances and the return hit path.
+
+The kernel's kretprobe puts a kprobe at function entry whose handler takes a free
+`kretprobe_instance`, runs `entry_handler`, and hijacks the return address so that the
+trampoline runs `handler` when the call returns. Here the entry kprobe takes the instance
+and files it under the probed *frame* (a frame is one call: recursion, threads, suspended
+generators and coroutines each have their own); the mechanism's return hooks (breakpoint:
+`arm_return`; optimized: built into the rewritten code) call `ReturnSite`, which pops the
+frame's instance from every kretprobe on that code and runs its handler.
+"""
+
+from __future__ import annotations
+
+import sys
+from _thread import get_ident
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from pykprobes.core.regs import Regs
+from pykprobes.core.site import _busy, _report_fault
+
+if TYPE_CHECKING:
+    from pykprobes.core.kretprobe import Kretprobe
+
+_getframe = sys._getframe
+
+
+class KretprobeInstance:
+    """One call of a kretprobed function (`struct kretprobe_instance`)."""
+
+    __slots__ = ("data", "exception", "frame", "retval", "rp", "thread")
+
+    def __init__(self, rp: Kretprobe, frame: FrameType) -> None:
+        #: The kretprobe this call belongs to.
+        self.rp = rp
+        #: Private to this call, shared by its entry and return handlers.
+        self.data: dict[str, Any] = {}
+        #: The ident of the thread that made the call.
+        self.thread = get_ident()
+        self.frame = frame
+        #: How the call ended: the value it returned, or the exception that left it.
+        self.retval: Any = None
+        self.exception: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return f"<KretprobeInstance {self.rp.symbol} thread={self.thread}>"
+
+
+class ReturnSite:
+    """The kretprobes on one code object and its return hooks."""
+
+    __slots__ = ("armed", "rps")
+
+    def __init__(self) -> None:
+        #: The kretprobes whose returns are watched (registered, not gone), in order.
+        self.rps: tuple[Kretprobe, ...] = ()
+        #: Whether the mechanism must report returns (False while all are disarmed).
+        self.armed = False
+
+    def bp_return(self, frame: FrameType, value: object) -> None:
+        self._end(frame, value, None)
+
+    def bp_unwind(self, frame: FrameType, exc: BaseException) -> None:
+        self._end(frame, None, exc)
+
+    def opt_return(self, value: object) -> None:
+        self._end(_getframe(1), value, None)
+
+    def opt_unwind(self, exc: BaseException) -> None:
+        self._end(_getframe(1), None, exc)
+
+    def _end(self, frame: FrameType, value: object, exc: BaseException | None) -> None:
+        rps = self.rps
+        if not rps:
+            return
+        tid = get_ident()
+        if tid in _busy:
+            # A return inside a handler: the handler does not run (kernel: nmissed).
+            for rp in rps:
+                if rp._inflight.pop(frame, None) is not None:
+                    rp._missed += 1
+            return
+        regs = _busy[tid] = Regs(frame, 0)
+        regs.retval = value
+        regs.exception = exc
+        try:
+            for rp in rps:
+                ri = rp._inflight.pop(frame, None)
+                if ri is None:
+                    continue
+                ri.retval = value
+                ri.exception = exc
+                ri.frame = frame
+                rp.nhit += 1
+                handler = rp.handler
+                if handler is not None:
+                    try:
+                        handler(ri, regs)
+                    except KeyboardInterrupt:
+                        raise
+                    except BaseException as err:  # noqa: BLE001 - never reaches the program
+                        _report_fault(rp, "handler", err)
+        finally:
+            del _busy[tid]
