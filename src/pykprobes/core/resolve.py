@@ -213,6 +213,9 @@ def iter_module_functions(mod: ModuleType) -> Iterator[CodeType]:
     """The code of every function reachable from a module's namespace: functions, methods
     (static, class, properties), nested classes, decorated functions' wrapped code."""
     name = mod.__name__
+    # A decorator's wrapper copies __module__ (functools.wraps) but its code lives in the
+    # decorator's file: only code compiled from this module's file belongs to it.
+    file = getattr(mod, "__file__", None)
     seen: set[int] = set()
     stack: list[Any] = list(vars(mod).values())
     while stack:
@@ -229,7 +232,8 @@ def iter_module_functions(mod: ModuleType) -> Iterator[CodeType]:
             continue
         obj = _as_function(obj)
         if isinstance(obj, FunctionType) and obj.__module__ == name:
-            yield obj.__code__
+            if file is None or obj.__code__.co_filename == file:
+                yield obj.__code__
             wrapped = vars(obj).get("__wrapped__")
             if wrapped is not None:
                 stack.append(wrapped)
