@@ -30,3 +30,31 @@ def einval(message: str) -> KprobeError:
 
 def enoent(message: str) -> KprobeError:
     return KprobeError(_errno.ENOENT, message)
+
+
+#: The kernel's error codes and messages (kernel/trace/trace_probe.h ERRORS), in its words.
+#: Every ParseError names one of these codes.
+ERRORS: dict[str, str] = {
+    "BAD_FETCH_ARG": "Invalid fetch argument",
+}
+
+
+class ParseError(Exception):
+    """A bad definition: the code from ERRORS, the column of the bad part, and the text."""
+
+    def __init__(self, code: str, pos: int, text: str) -> None:
+        super().__init__(ERRORS.get(code, code))
+        self.code = code
+        self.pos = pos
+        self.text = text
+
+    @property
+    def message(self) -> str:
+        return ERRORS.get(self.code, self.code)
+
+    def caret(self) -> str:
+        """The definition and a caret under the bad column, as error_log shows them."""
+        return f"{self.text}\n{' ' * self.pos}^"
+
+    def __str__(self) -> str:
+        return f"{self.message}\n{self.caret()}"
