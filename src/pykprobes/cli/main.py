@@ -74,6 +74,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "mechanisms that would be chosen, and why each other one was rejected.",
     )
     info.set_defaults(func=_cmd_info)
+    # Each subcommand module imports the engine inside its command function only.
+    from pykprobes.cli import probe, run
+
+    run.add_parser(commands)
+    probe.add_parsers(commands)
     return parser
 
 

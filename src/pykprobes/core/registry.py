@@ -145,9 +145,9 @@ def register_kprobe(p: Kprobe) -> None:
         reason = blacklist_reason(module, None)
         if reason is not None:
             raise einval(f"{p.symbol_name}: cannot probe {module} ({reason})")
-        mod = sys.modules.get(module)
+        mod = None if module in _expected else sys.modules.get(module)
         if mod is None:
-            if not resolve.module_exists(module):
+            if module not in _expected and not resolve.module_exists(module):
                 raise enoent(f"{p.symbol_name}: no module named {module!r}")
             _register_pending(p, module, qualname)
             return
@@ -564,7 +564,19 @@ def list_kprobes() -> str:
 
 
 def module_object(name: str) -> ModuleType | None:
-    return sys.modules.get(name)
+    return None if name in _expected else sys.modules.get(name)
+
+
+#: Modules whose code is about to run outside the import system (`pykprobes run` runs the
+#: program as `__main__`): probes on them wait for `module_code_loaded()`.
+_expected: set[str] = set()
+
+
+def expect_module(name: str) -> None:
+    """Declare that `name`'s code will be handed over with `module_code_loaded()` (even if a
+    module of that name is in sys.modules now): probes on it wait for that."""
+    with _lock:
+        _expected.add(name)
 
 
 def pending_modules() -> set[str]:
@@ -583,6 +595,7 @@ def module_code_loaded(module: str, code: CodeType) -> CodeType:
     when the optimizer already handles a probe in it; early probes need that)."""
     m = _m()
     with _lock:
+        _expected.discard(module)
         unresolved: list[tuple[Kprobe, str]] = []
         for p, qualname in _pending.pop(module, []):
             if p.flags & KPROBE_FLAG_GONE:

@@ -1,0 +1,207 @@
+"""`pykprobes run`: run a program as `python` would, with probe events enabled.
+
+    pykprobes run -e DEF [-e DEF ...] [--filter EVENT=EXPR] [-o FILE] [--format text|json]
+                  -- script.py ARGS | -- -m module ARGS
+
+The events are defined before the program's code runs: those on `__main__:...` (or, with
+`-m`, on the module's own name) wait for the program's code object and are armed on it
+before its first line runs. The program gets its own `sys.argv`, `sys.path[0]`,
+`__main__` module, stdin and stdout; the trace goes to stderr or FILE as it happens, then
+the profile. The exit code and an uncaught exception's traceback are the program's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import importlib.util
+import os
+import sys
+import threading
+import types
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from pykprobes.cli.errors import print_write_error
+
+
+def add_parser(commands: Any) -> None:
+    run = commands.add_parser(
+        "run", help="run a program with probe events enabled",
+        description="Define and enable probe events, then run a program as `python` would "
+                    "(`-- script.py ARGS` or `-- -m module ARGS`), writing the trace to stderr "
+                    "or FILE as it happens and the profile at the end.")
+    run.add_argument("-e", "--event", action="append", default=[], metavar="DEF",
+                     help="a kprobe_events definition (repeatable)")
+    run.add_argument("--filter", action="append", default=[], metavar="EVENT=EXPR",
+                     help="an ftrace filter for one event (repeatable)")
+    run.add_argument("-o", "--output", metavar="FILE", help="write the trace here, not stderr")
+    run.add_argument("--format", choices=("text", "json"), default="text")
+    run.add_argument("--buffer-size-kb", type=int, default=None, metavar="KB")
+    run.add_argument("program", nargs=argparse.REMAINDER,
+                     help="-- script.py ARGS, or -- -m module ARGS")
+    run.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pykprobes.core import registry
+    from pykprobes.trace.tracefs import TraceWriteError, tracefs
+
+    program = list(args.program)
+    if program and program[0] == "--":
+        program = program[1:]
+    if not program or (program[0] == "-m" and len(program) < 2):
+        print("pykprobes run: give the program after --: script.py ARGS or -m module ARGS",
+              file=sys.stderr)
+        return 2
+    module_name = program[1] if program[0] == "-m" else None
+
+    registry.init_kprobes()
+    registry.expect_module("__main__")
+    if module_name is not None:
+        registry.expect_module(module_name)
+    fs = tracefs()
+    if args.buffer_size_kb:
+        fs.buffer.resize(args.buffer_size_kb)
+    try:
+        for definition in args.event:
+            fs.define(definition)
+        for item in args.filter:
+            name, sep, expr = item.partition("=")
+            if not sep:
+                print(f"pykprobes run: --filter wants EVENT=EXPR, not {item!r}", file=sys.stderr)
+                return 2
+            fs.set_filter(fs.event(name), expr)
+        for event in list(fs.events.values()):
+            event.enable()
+    except TraceWriteError as exc:
+        print_write_error(exc)
+        return 1
+
+    out: TextIO = open(args.output, "w", encoding="utf-8") if args.output else sys.stderr  # noqa: SIM115 - closed at exit
+    writer = _Writer(fs, out, args.format)
+    writer.start()
+    # Threads the program leaves running finish before atexit handlers run: drain then.
+    atexit.register(writer.finish)
+    if module_name is not None:
+        return _run_module(module_name, program[2:], registry)
+    return _run_script(program[0], program[1:], registry)
+
+
+class _Writer:
+    """Moves records from the trace buffer to the output as they come (the trace_pipe)."""
+
+    def __init__(self, fs: Any, out: TextIO, form: str) -> None:
+        from pykprobes.trace import format as fmt
+
+        self.fs = fs
+        self.out = out
+        self.line: Callable[[Any], str] = fmt.format_json if form == "json" else fmt.format_line
+        self.fmt = fmt
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="pykprobes-trace", daemon=True)
+        self.lost = 0
+        self.done = False
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _drain(self, timeout: float) -> None:
+        buffer = self.fs.buffer
+        records = buffer.read(block=timeout > 0, timeout=timeout)
+        lost = buffer.lost - self.lost
+        if lost:
+            self.lost = buffer.lost
+            self.out.write(self.fmt.format_lost(lost))
+        if records:
+            self.out.write("".join(self.line(r) + "\n" for r in records))
+            self.out.flush()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            self._drain(0.05)
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.stop.set()
+        self.thread.join(2)
+        self._drain(0)
+        self.out.write(self.fs.read("kprobe_profile"))
+        self.out.flush()
+        if self.out is not sys.stderr:
+            self.out.close()
+
+
+def _run_script(path: str, argv: list[str], registry: Any) -> int:
+    import tokenize
+
+    try:
+        with tokenize.open(path) as f:
+            source = f.read()
+    except OSError as exc:
+        print(f"{sys.executable}: can't open file {path!r}: [Errno {exc.errno}] "
+              f"{exc.strerror}", file=sys.stderr)
+        return 2
+    code = compile(source, path, "exec")
+    sys.argv[:] = [path, *argv]
+    sys.path[0] = os.path.dirname(os.path.abspath(path))
+    module = types.ModuleType("__main__")
+    module.__dict__.update(__file__=path, __cached__=None, __builtins__=__builtins__)
+    return _exec_main(module, code, None, registry)
+
+
+def _run_module(name: str, argv: list[str], registry: Any) -> int:
+    sys.path[0] = os.getcwd()
+    try:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations is not None:
+            name = f"{name}.__main__"  # a package runs its __main__, as python -m does
+            spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError) as exc:
+        print(f"{sys.executable}: Error while finding module specification for {name!r} "
+              f"({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 1
+    if spec is None or spec.loader is None or not hasattr(spec.loader, "get_code"):
+        print(f"{sys.executable}: No module named {name}", file=sys.stderr)
+        return 1
+    code = spec.loader.get_code(name)
+    sys.argv[:] = [spec.origin or name, *argv]
+    module = types.ModuleType("__main__")
+    module.__dict__.update(__file__=spec.origin, __cached__=spec.cached, __spec__=spec,
+                           __loader__=spec.loader, __package__=spec.parent,
+                           __builtins__=__builtins__)
+    return _exec_main(module, code, name, registry)
+
+
+def _exec_main(module: types.ModuleType, code: types.CodeType, real_name: str | None,
+               registry: Any) -> int:
+    sys.modules["__main__"] = module
+    if real_name is not None:
+        registry.module_code_loaded(real_name, code)
+    run = registry.module_code_loaded("__main__", code)
+    try:
+        exec(run, module.__dict__)
+    except SystemExit as exc:
+        return _exit_code(exc)
+    except BaseException as exc:  # noqa: BLE001 - reported as python reports it
+        tb = exc.__traceback__
+        # Drop our own frame: the traceback starts at the program's code, as under python.
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        sys.excepthook(type(exc), exc.with_traceback(tb), tb)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 1
+    finally:
+        registry.module_executed("__main__", code)
+    return 0
+
+
+def _exit_code(exc: SystemExit) -> int:
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1

@@ -1,0 +1,184 @@
+"""Probe events: a definition, its compiled fetchargs and the probes that record it
+(kernel/trace/trace_kprobe.c).
+
+An event is a client of the core's public API: defining one registers its probes
+*disabled* (so that a bad target fails at definition, and a probe on a module that is not
+imported yet waits for it), enabling it enables them. A hit fetches the arguments (never
+raising), applies the filter, and writes one record into the trace buffer.
+"""
+
+from __future__ import annotations
+
+import time
+from _thread import get_ident
+from collections.abc import Callable
+from typing import Any
+
+import pykprobes as kp
+from pykprobes import grammar
+from pykprobes.errors import KprobeError, ParseError
+from pykprobes.trace import fetchargs
+from pykprobes.trace.buffer import TraceBuffer
+
+_time_ns = time.time_ns
+
+
+def _thread_names() -> dict[int, str]:
+    import threading
+
+    return {t.ident: t.name for t in threading.enumerate() if t.ident is not None}
+
+
+class _Comm:
+    """Thread ident -> name, refreshed when an unknown thread shows up (the hit path must
+    not call threading.current_thread(), which is Python code that could be probed)."""
+
+    __slots__ = ("names",)
+
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}
+
+    def __call__(self, tid: int) -> str:
+        name = self.names.get(tid)
+        if name is None:
+            self.names = _thread_names()
+            name = self.names.get(tid, "python")
+        return name
+
+
+comm_of = _Comm()
+
+
+class Event:
+    """One probe event: `GRP/EVENT`."""
+
+    def __init__(self, definition: grammar.ProbeDef, buffer: TraceBuffer, event_id: int) -> None:
+        self.definition = definition
+        self.group: str = definition.group
+        self.name: str = definition.event
+        self.id = event_id
+        self.is_return: bool = definition.kind == "r"
+        self.buffer = buffer
+        self.fields: tuple[str, ...] = tuple(a.name for a in definition.args)
+        self.enabled = False
+        self.filter_text = "none"
+        self.filter: Callable[[dict[str, Any]], bool] | None = None
+        self.probes: list[Any] = []
+        self.symbol: str = definition.target.partition("+")[0]
+        self.offset: int = definition.offset
+        self.nhit = 0
+        self._fetch: Callable[[Any], tuple[Any, ...]] = lambda regs: ()
+
+    # ------------------------------------------------------------------ setup
+
+    def prepare(self) -> None:
+        """Resolve the target, compile the fetchargs and register the probes, disabled.
+        Raises ParseError (a bad fetcharg) or KprobeError (a bad target)."""
+        d = self.definition
+        if d.target_kind == "line":
+            addrs = kp.resolve_line(f"{d.path}:{d.line}")
+            code = addrs[0].code
+            self.offset = addrs[0].offset
+            self.symbol = f"{d.path}:{d.line}"
+            specs: list[dict[str, Any]] = [{"addr": a} for a in addrs]
+        else:
+            code = None
+            specs = [{"symbol_name": f"{d.module}:{d.qualname}", "offset": d.offset}]
+        self._fetch = fetchargs.compile_fetchargs(d.args, is_return=self.is_return,
+                                                  text=d.text, code=code)
+        probes: list[Any] = []
+        for spec in specs:
+            if self.is_return:
+                probes.append(kp.Kretprobe(handler=self._ret_hit, maxactive=d.maxactive,
+                                           **spec))
+            else:
+                probes.append(kp.Kprobe(pre_handler=self._hit,
+                                        flags=kp.KPROBE_FLAG_DISABLED, **spec))
+        if self.is_return:
+            kp.register_kretprobes(probes)
+            for rp in probes:
+                kp.disable_kretprobe(rp)
+        else:
+            kp.register_kprobes(probes)
+        self.probes = probes
+
+    def release(self) -> None:
+        if self.is_return:
+            kp.unregister_kretprobes(self.probes)
+        else:
+            kp.unregister_kprobes(self.probes)
+        self.probes = []
+        self.enabled = False
+
+    def enable(self) -> None:
+        if self.enabled:
+            return
+        for p in self.probes:
+            if self.is_return:
+                kp.enable_kretprobe(p)
+            else:
+                kp.enable_kprobe(p)
+        self.enabled = True
+
+    def disable(self) -> None:
+        if not self.enabled:
+            return
+        for p in self.probes:
+            if self.is_return:
+                kp.disable_kretprobe(p)
+            else:
+                kp.disable_kprobe(p)
+        self.enabled = False
+
+    def set_filter(self, text: str) -> None:
+        from pykprobes.trace.filter import compile_filter
+
+        text = text.strip()
+        if text in ("", "0", "none"):
+            self.filter, self.filter_text = None, "none"
+            return
+        self.filter = compile_filter(text, self.fields)
+        self.filter_text = text
+
+    # ------------------------------------------------------------------ counters
+
+    @property
+    def nmissed(self) -> int:
+        return sum(p.nmissed for p in self.probes)
+
+    @property
+    def hits(self) -> int:
+        return sum(p.nhit for p in self.probes)
+
+    # ------------------------------------------------------------------ hit path
+
+    def _record(self, regs: Any, caller: str | None) -> None:
+        values = self._fetch(regs)
+        tid = get_ident()
+        flt = self.filter
+        if flt is not None:
+            fields = dict(zip(self.fields, values, strict=False))
+            fields["common_pid"] = tid
+            fields["common_comm"] = comm_of(tid)
+            if not flt(fields):
+                return
+        self.nhit += 1
+        self.buffer.write((_time_ns(), tid, comm_of(tid), self, values, caller))
+
+    def _hit(self, p: Any, regs: Any) -> None:
+        self._record(regs, None)
+
+    def _ret_hit(self, ri: Any, regs: Any) -> None:
+        back = regs.frame.f_back
+        caller = None
+        if back is not None:
+            code = back.f_code
+            caller = f"{back.f_globals.get('__name__', '?')}:{code.co_qualname}"
+        self._record(regs, caller)
+
+    def __repr__(self) -> str:
+        state = "enabled" if self.enabled else "disabled"
+        return f"<Event {self.group}/{self.name} {state} {self.definition.text!r}>"
+
+
+__all__ = ["Event", "KprobeError", "ParseError", "comm_of"]
