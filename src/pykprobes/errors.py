@@ -32,10 +32,58 @@ def enoent(message: str) -> KprobeError:
     return KprobeError(_errno.ENOENT, message)
 
 
-#: The kernel's error codes and messages (kernel/trace/trace_probe.h ERRORS), in its words.
-#: Every ParseError names one of these codes.
+#: The error codes and messages of probe definitions, one table for the whole package (every
+#: ParseError names one of these codes). The kernel's own codes come first, in the order and the
+#: words of kernel/trace/trace_probe.h ERRORS, its spelling and grammar kept ("an function
+#: entry", "valiable"), restricted to those that mean something for Python: no registers, memory
+#: addresses, dereference offsets, arrays, bitfields, BTF, uprobes, eprobes or tracepoints.
+#: MAXACT_NO_KPROBE is the older kernels' name (newer ones say BAD_MAXACT_TYPE). Ours follow, in
+#: the same style; where an older kernel said it in a pr_info(), those are its words.
 ERRORS: dict[str, str] = {
+    # kernel/trace/trace_probe.h
+    "FILE_NOT_FOUND": "Failed to find the given file",
+    "NO_REGULAR_FILE": "Not a regular file",
+    "MAXACT_NO_KPROBE": "Maxactive is not for kprobe",
+    "BAD_MAXACT": "Invalid maxactive number",
+    "MAXACT_TOO_BIG": "Maxactive is too big",
+    "BAD_PROBE_ADDR": "Invalid probed address or symbol",
+    "NON_UNIQ_SYMBOL": "The symbol is not unique",
+    "BAD_RETPROBE": "Retprobe address must be an function entry",
+    "BAD_ADDR_SUFFIX": "Invalid probed address suffix",
+    "NO_GROUP_NAME": "Group name is not specified",
+    "GROUP_TOO_LONG": "Group name is too long",
+    "BAD_GROUP_NAME": "Group name must follow the same rules as C identifiers",
+    "NO_EVENT_NAME": "Event name is not specified",
+    "EVENT_TOO_LONG": "Event name is too long",
+    "BAD_EVENT_NAME": "Event name must follow the same rules as C identifiers",
+    "EVENT_EXIST": "Given group/event name is already used by another event",
+    "RETVAL_ON_PROBE": "$retval is not available on probe",
+    "BAD_STACK_NUM": "Invalid stack number",
+    "BAD_ARG_NUM": "Invalid argument number",
+    "BAD_VAR": "Invalid $-valiable specified",
+    "BAD_IMM": "Invalid immediate value",
+    "IMMSTR_NO_CLOSE": "String is not closed with '\"'",
+    "COMM_CANT_DEREF": "$comm can not be dereferenced",
     "BAD_FETCH_ARG": "Invalid fetch argument",
+    "BAD_TYPE": "Unknown type is specified",
+    "ARG_NAME_TOO_LONG": "Argument name is too long",
+    "NO_ARG_NAME": "Argument name is not specified",
+    "BAD_ARG_NAME": "Argument name must follow the same rules as C identifiers",
+    "USED_ARG_NAME": "This argument name is already used",
+    "ARG_TOO_LONG": "Argument expression is too long",
+    "NO_ARG_BODY": "No argument expression",
+    "BAD_INSN_BNDRY": "Probe point is not an instruction boundary",
+    "FAIL_REG_PROBE": "Failed to register probe event",
+    "DIFF_PROBE_TYPE": "Probe type is different from existing probe",
+    "DIFF_ARG_TYPE": "Argument type or name is different from existing probe",
+    "SAME_PROBE": "There is already the exact same probe event",
+    "TOO_MANY_ARGS": "Too many arguments are specified",
+    # pykprobes' own
+    "BAD_PROBE_TYPE": "Probe definition must be started with 'p', 'r' or '-'",
+    "NO_PROBE_POINT": "Probe point is not specified",
+    "BAD_LINE": "Invalid line number",
+    "NO_LINE_CODE": "No code is found at the given line",
+    "NO_MODULE": "Module is not found",
 }
 
 
