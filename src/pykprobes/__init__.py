@@ -6,10 +6,11 @@ the start-up `.pth` hook imports this package first and must cost next to nothin
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
 from pykprobes._version import __version__
+
+# Not `from typing import TYPE_CHECKING`: the start-up hook imports this package, and typing
+# costs milliseconds to import.
+TYPE_CHECKING = False
 
 _EXPORTS: dict[str, str] = {
     "Kprobe": "pykprobes.core.probe",
@@ -50,6 +51,8 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from pykprobes.core.address import ProbeAddress
     from pykprobes.core.blacklist import nokprobe
     from pykprobes.core.kretprobe import (
@@ -95,6 +98,8 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'pykprobes' has no attribute {name!r}")
+    import importlib
+
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
