@@ -84,6 +84,19 @@ ERRORS: dict[str, str] = {
     "BAD_LINE": "Invalid line number",
     "NO_LINE_CODE": "No code is found at the given line",
     "NO_MODULE": "Module is not found",
+    # Event filters (kernel/trace/trace_events_filter.c FILT_ERR_*), and one of ours.
+    "FILTER_INVALID_OP": "Invalid operator",
+    "FILTER_TOO_MANY_OPEN": "Too many '('",
+    "FILTER_TOO_MANY_CLOSE": "Too few '('",
+    "FILTER_MISSING_QUOTE": "Missing matching quote",
+    "FILTER_EXPECT_STRING": "Expecting string field",
+    "FILTER_EXPECT_DIGIT": "Expecting numeric field",
+    "FILTER_ILLEGAL_FIELD_OP": "Illegal operation for field type",
+    "FILTER_FIELD_NOT_FOUND": "Field not found",
+    "FILTER_ILLEGAL_INTVAL": "Illegal integer value",
+    "FILTER_INVALID_VALUE": "Invalid value (did you forget quotes)?",
+    "FILTER_TOO_MANY_PREDS": "Too many terms in predicate expression",
+    "FILTER_MISSING_OPERAND": "Missing operand",
 }
 
 

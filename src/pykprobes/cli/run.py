@@ -19,7 +19,6 @@ import os
 import sys
 import threading
 import types
-from collections.abc import Callable
 from typing import Any, TextIO
 
 from pykprobes.cli.errors import print_write_error
@@ -96,26 +95,31 @@ class _Writer:
 
         self.fs = fs
         self.out = out
-        self.line: Callable[[Any], str] = fmt.format_json if form == "json" else fmt.format_line
+        self.json = form == "json"
         self.fmt = fmt
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="pykprobes-trace", daemon=True)
-        self.lost = 0
         self.done = False
 
     def start(self) -> None:
         self.thread.start()
 
     def _drain(self, timeout: float) -> None:
-        buffer = self.fs.buffer
-        records = buffer.read(block=timeout > 0, timeout=timeout)
-        lost = buffer.lost - self.lost
-        if lost:
-            self.lost = buffer.lost
-            self.out.write(self.fmt.format_lost(lost))
-        if records:
-            self.out.write("".join(self.line(r) + "\n" for r in records))
-            self.out.flush()
+        batch = self.fs.buffer.read(block=timeout > 0, timeout=timeout)
+        if not batch and not batch.lost_at:
+            return
+        if self.json:
+            lost = dict(batch.lost_at)
+            lines = []
+            for i, record in enumerate(batch):
+                if i in lost:
+                    lines.append(f'{{"lost": {lost.pop(i)}}}\n')
+                lines.append(self.fmt.format_json(record) + "\n")
+            lines += [f'{{"lost": {n}}}\n' for n in lost.values()]
+            self.out.write("".join(lines))
+        else:
+            self.out.write(self.fmt.format_batch(batch))
+        self.out.flush()
 
     def _loop(self) -> None:
         while not self.stop.is_set():

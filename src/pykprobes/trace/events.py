@@ -10,7 +10,7 @@ raising), applies the filter, and writes one record into the trace buffer.
 from __future__ import annotations
 
 import time
-from _thread import get_ident
+from _thread import get_native_id
 from collections.abc import Callable
 from typing import Any
 
@@ -20,13 +20,14 @@ from pykprobes.errors import KprobeError, ParseError
 from pykprobes.trace import fetchargs
 from pykprobes.trace.buffer import TraceBuffer
 
-_time_ns = time.time_ns
+# ftrace's clock counts from boot: CLOCK_MONOTONIC is the same on Linux.
+_time_ns = time.monotonic_ns
 
 
 def _thread_names() -> dict[int, str]:
     import threading
 
-    return {t.ident: t.name for t in threading.enumerate() if t.ident is not None}
+    return {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
 
 
 class _Comm:
@@ -137,7 +138,8 @@ class Event:
         if text in ("", "0", "none"):
             self.filter, self.filter_text = None, "none"
             return
-        self.filter = compile_filter(text, self.fields)
+        types = {a.name: a.type for a in self.definition.args}
+        self.filter = compile_filter(text, types)
         self.filter_text = text
 
     # ------------------------------------------------------------------ counters
@@ -154,7 +156,7 @@ class Event:
 
     def _record(self, regs: Any, caller: str | None) -> None:
         values = self._fetch(regs)
-        tid = get_ident()
+        tid = get_native_id()  # the kernel's pid column is the thread's id
         flt = self.filter
         if flt is not None:
             fields = dict(zip(self.fields, values, strict=False))

@@ -172,11 +172,8 @@ class TraceFS:
 
     def read_pipe(self, timeout: float | None = None) -> str:
         """Consume what the buffer holds (waiting up to `timeout` for something)."""
-        lost_before = self.buffer.lost
-        records = self.buffer.read(block=timeout is None or timeout > 0, timeout=timeout)
-        lost = self.buffer.lost - lost_before
-        out = fmt.format_lost(lost) if lost else ""
-        return out + "".join(fmt.format_line(r) + "\n" for r in records)
+        batch = self.buffer.read(block=timeout is None or timeout > 0, timeout=timeout)
+        return fmt.format_batch(batch)
 
     def write(self, path: str, text: str, append: bool = False) -> None:
         path = path.strip("/")
