@@ -1,0 +1,1 @@
+"""Probe events: kprobe_events for Python (docs/events.md), a client of the core's API."""
