@@ -118,3 +118,30 @@ def test_removed_from_sys_modules_marks_gone(fresh_module: str) -> None:
         assert p.nhit == 0
     finally:
         kp.unregister_kprobe(p)
+
+
+def test_optimizer_running_while_the_module_body_runs(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The optimizer may rewrite a pending module's code while its body runs (here the body
+    flushes it itself, before its `def`): the body still creates its functions from the code
+    it started with, and they must end up running the current version."""
+    from tests.testenv import OPTIMIZED
+
+    name = f"pkmid_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(
+        "import pykprobes\npykprobes.wait_for_kprobe_optimizer()\n"
+        "def work(x):\n    return x + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    p = kp.Kprobe(symbol_name=f"{name}:work")
+    kp.register_kprobe(p)
+    try:
+        mod = importlib.import_module(name)
+        kp.wait_for_kprobe_optimizer()
+        assert bool(p.flags & kp.KPROBE_FLAG_OPTIMIZED) == OPTIMIZED
+        assert (mod.work.__code__ is not p.addr.code) == OPTIMIZED
+        assert mod.work(1) == 2 and mod.work(2) == 3
+        assert p.nhit == 2
+    finally:
+        kp.unregister_kprobe(p)
+        sys.modules.pop(name, None)
+    assert mod.work.__code__ is p.addr.code

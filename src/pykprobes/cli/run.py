@@ -37,6 +37,8 @@ def add_parser(commands: Any) -> None:
     run.add_argument("-o", "--output", metavar="FILE", help="write the trace here, not stderr")
     run.add_argument("--format", choices=("text", "json"), default="text")
     run.add_argument("--buffer-size-kb", type=int, default=None, metavar="KB")
+    run.add_argument("--no-optimize", action="store_true",
+                     help="keep every probe a breakpoint (debug.kprobes-optimization=0)")
     run.add_argument("program", nargs=argparse.REMAINDER,
                      help="-- script.py ARGS, or -- -m module ARGS")
     run.set_defaults(func=cmd_run)
@@ -56,6 +58,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     module_name = program[1] if program[0] == "-m" else None
 
     registry.init_kprobes()
+    if args.no_optimize:
+        registry.set_optimization(False)
     registry.expect_module("__main__")
     if module_name is not None:
         registry.expect_module(module_name)

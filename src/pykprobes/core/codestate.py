@@ -229,6 +229,18 @@ def _install(state: CodeState, version: Version, mech: Mechanisms) -> None:
         reconcile_breakpoints(state.parent, mech)
 
 
+def adopt_holders(state: CodeState) -> None:
+    """Point every function that holds the original or a retired version at the current one.
+
+    Needed when the holders were made from a parent's constants that changed under a
+    running frame: a module body that the optimizer rewrote while it ran still creates its
+    functions from the code it started with."""
+    current = state.current.code
+    olds = [v.code for v in (Version(state.original, None, frozenset(), {}), *state.retired)
+            if v.code is not current]
+    _switch_functions({id(code): current for code in olds}, olds)
+
+
 def prune_retired(state: CodeState, mech: Mechanisms) -> bool:
     """Forget retired versions no frame runs any more; True if some are still running."""
     if not state.retired:

@@ -318,7 +318,18 @@ def _optimizer_work() -> None:
         _timer = None
         again = _optimize_locked()
         if again:
-            _kick_optimizer_locked(RETIRE_RECHECK)
+            _kick_optimizer_locked(_recheck_delay())
+
+
+#: Consecutive passes that found replaced code still possibly in use. Each such pass scans
+#: the heap (gc.get_referrers), so the re-checks back off: 0.1 s, 0.2 s, ... up to 6.4 s.
+_rechecks = 0
+
+
+def _recheck_delay() -> float:
+    global _rechecks
+    _rechecks += 1
+    return RETIRE_RECHECK * 2 ** min(_rechecks - 1, 6)
 
 
 def _optimize_locked() -> bool:
@@ -346,10 +357,34 @@ def _optimize_locked() -> bool:
             codestate.sync(state, m)
         for site in state.sites.values():
             _update_flags(site)
+    global _rechecks
+    if queued:
+        _rechecks = 0
     running = False
     for state in list(_states.values()):
+        if _ancestor_executing(state):
+            # Its parent's body is still running from the code it started with, and may
+            # still create functions holding an old version: keep those versions covered,
+            # switch the functions it created so far, and look again later.
+            codestate.adopt_holders(state)
+            running = True
+            continue
         running |= codestate.prune_retired(state, m)
     return running
+
+
+#: id() of the module (or class body) codes whose body is running now, between
+#: module_code_loaded() and module_executed().
+_executing: set[int] = set()
+
+
+def _ancestor_executing(state: CodeState) -> bool:
+    parent = state.parent
+    while parent is not None:
+        if id(parent.original) in _executing:
+            return True
+        parent = parent.parent
+    return False
 
 
 def wait_for_kprobe_optimizer() -> None:
@@ -360,7 +395,7 @@ def wait_for_kprobe_optimizer() -> None:
             _timer.cancel()
             _timer = None
         if _optimize_locked():
-            _kick_optimizer_locked(RETIRE_RECHECK)
+            _kick_optimizer_locked(_recheck_delay())
 
 
 def set_optimization(enabled: bool) -> None:
@@ -615,13 +650,17 @@ def module_code_loaded(module: str, code: CodeType) -> CodeType:
         if unresolved:
             _pending[module] = unresolved
         root = _states.get(id(code))
-        return root.current.code if root is not None else code
+        if root is None:
+            return code
+        _executing.add(id(code))
+        return root.current.code
 
 
 def module_executed(module: str, code: CodeType) -> None:
     """After the body ran: the functions it created now hold their code, so code states
     whose holder was the module's (or a class body's) constants are held by functions."""
     with _lock:
+        _executing.discard(id(code))
         root = _states.get(id(code))
         if root is None:
             return
@@ -636,6 +675,7 @@ def _detach_executed_locked(state: CodeState) -> None:
         child.parent = None
         child.const_index = None
         del state.children[index]
+        codestate.adopt_holders(child)
     if not state.sites and not state.children:
         _states.pop(id(state.original), None)
 

@@ -85,6 +85,8 @@ class Event:
         else:
             code = None
             specs = [{"symbol_name": f"{d.module}:{d.qualname}", "offset": d.offset}]
+        # Compiled before registering (a bad fetcharg must not leave probes behind), and
+        # again with the resolved code once it is known, to check names and $argN against it.
         self._fetch = fetchargs.compile_fetchargs(d.args, is_return=self.is_return,
                                                   text=d.text, code=code)
         probes: list[Any] = []
@@ -102,6 +104,14 @@ class Event:
         else:
             kp.register_kprobes(probes)
         self.probes = probes
+        resolved = getattr(probes[0], "addr", None)
+        if code is None and isinstance(resolved, kp.ProbeAddress):
+            try:
+                self._fetch = fetchargs.compile_fetchargs(
+                    d.args, is_return=self.is_return, text=d.text, code=resolved.code)
+            except ParseError:
+                self.release()
+                raise
 
     def release(self) -> None:
         if self.is_return:
