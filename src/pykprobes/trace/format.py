@@ -136,7 +136,10 @@ def format_value(value: object, type_name: str | None = None) -> str:
     if issubclass(t, int):
         return int.__format__(value, "#x" if type_name == "x" else "d")  # type: ignore[arg-type]
     if issubclass(t, str):
-        return _quote(str.__str__(value))
+        text = str.__str__(value)
+        # fetchargs' Opaque: the description of an object recorded without a type
+        # (`<Type at 0x...>`), printed bare as the kernel prints a pointer.
+        return text if t.__name__ == "Opaque" else _quote(text)
     if issubclass(t, float):
         return float.__repr__(value)
     if issubclass(t, bytes):
