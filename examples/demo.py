@@ -101,7 +101,40 @@ def main() -> int:
     print(f"code objects restored after unregister: {restored}")
     print("\nthe program's output:")
     print(textwrap.indent(probed, "  "))
-    return 0 if same and restored and all(p.nhit for p in probes[:3]) else 1
+    ok = same and restored and all(p.nhit for p in probes[:3])
+    return 0 if run_demo() and ok else 1
+
+
+def run_demo() -> bool:
+    """The same from the shell: `pykprobes run` traces `python -m json.tool` on a real file,
+    with events that fetch arguments and a return value, and changes nothing of its output."""
+    import json
+    import shlex
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/kernel.json"
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"kprobes": ["register", "unregister"], "optprobe": True,
+                       "early": {"slots": 16, "seed": "2015"}}, f)
+        events = ["p:demo/decode json.decoder:JSONDecoder.decode s:len",
+                  "r:demo/raw json.decoder:JSONDecoder.raw_decode $retval:type",
+                  "p:demo/dump json:dump obj:type indent"]
+        program = ["-m", "json.tool", "--indent", "2", path]
+        cmd = [sys.executable, "-m", "pykprobes", "run"]
+        for event in events:
+            cmd += ["-e", event]
+        cmd += ["--", *program]
+        plain = subprocess.run([sys.executable, *program], capture_output=True, text=True,
+                               check=False)
+        traced = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    shown = ["pykprobes", "run", *cmd[4:]]
+    print("\n$ " + shlex.join(shown).replace(tmp, "/tmp"))
+    print(textwrap.indent(traced.stderr, "  "), end="")
+    same = (traced.stdout, traced.returncode) == (plain.stdout, plain.returncode)
+    print(f"json.tool's own output and exit code identical under pykprobes run: {same}")
+    return same and traced.returncode == 0 and "demo/decode" not in traced.stderr
 
 
 if __name__ == "__main__":

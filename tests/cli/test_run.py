@@ -52,7 +52,7 @@ def test_json_tool_on_a_real_file(tmp_path: Path) -> None:
     raw = [m for m in lines if m["event"] == "raw"]
     assert len(decode) == 1 and decode[0]["args"] == f" s={len(src.read_text())}"
     assert decode[0]["probe"] == "json.decoder:JSONDecoder.decode+0"
-    assert len(raw) == 1 and raw[0]["args"] == ' retval="tuple"'
+    assert len(raw) == 1 and raw[0]["args"] == " retval=tuple"
     assert raw[0]["probe"] == "json.decoder:JSONDecoder.raw_decode <- " \
                               "json.decoder:JSONDecoder.decode"
     profile = [ln.split() for ln in traced.stderr.splitlines() if not LINE.match(ln)]
