@@ -707,7 +707,7 @@ def test_hits_inside_a_handler_are_not_seen(arch: Any) -> None:
     assert inner.npre == 0  # sys.monitoring runs no callback inside a callback
     g(3)
     assert inner.npre == 3
-    assert MonitoringArch.capabilities["hits_inside_handlers"] is False
+    assert MonitoringArch.CAPABILITIES["hits_inside_handlers"] is False
 
 
 # ---------------------------------------------------------------- threads
@@ -747,7 +747,7 @@ def spin(state):
     finally:
         state["stop"] = True
         t.join()
-    assert MonitoringArch.capabilities["running_frames_other_threads"]
+    assert MonitoringArch.CAPABILITIES["running_frames_other_threads"]
 
 
 def test_a_running_frame_of_this_thread_hits_at_once(arch: Any) -> None:
@@ -846,7 +846,7 @@ def test_arm_and_disarm_from_several_threads(arch: Any) -> None:
 
 
 def test_capabilities_table() -> None:
-    caps = MonitoringArch.capabilities
+    caps = MonitoringArch.CAPABILITIES
     for key in (
         "running_frames_this_thread",
         "running_frames_other_threads",

@@ -52,11 +52,52 @@ instruction that is not a raise leaves its record behind; records are capped at
 `PENDING_CAP`: on overflow the dead ones (frames nobody else references: not executing, not
 resumable) are swept, then the oldest are dropped (`pending_dropped` counts them).
 
+Return hooks (`arm_return`)
+---------------------------
+`on_return(frame, value)` runs from the local PY_RETURN event, which fires at every
+RETURN_VALUE/RETURN_CONST of the code, including a generator's, coroutine's or async
+generator's final return (value = StopIteration's value) and never at a yield or an await
+(those are PY_YIELD: not needed, see below). It is served by the same per-offset sites as
+the posts of return instructions, so the callback finds it without hashing the code, and
+a return offset of a code with return hooks never answers DISABLE.
+
+`on_unwind(frame, exc)` runs from PY_UNWIND, which fires when an exception leaves a frame,
+after the frame's handlers had their chance, with the very exception the caller then sees
+(a generator's StopIteration already turned into RuntimeError by its wrapper handler, PEP
+479). PY_UNWIND cannot be a local event (ValueError "invalid local event set"), so it is
+enabled globally while some code has return hooks or a raise-post is armed: one callback,
+one table lookup by `id(code)` for every frame unwound anywhere in the process. The callback
+must return None: returning DISABLE from PY_UNWIND makes CPython replace the program's
+exception by `ValueError: Cannot disable PY_UNWIND events. Callback removed.` and unregister
+the callback (3.12.1, 3.13.0; tests/arch/test_monitoring_returns.py). A generator closed by
+`close()` or by its finalizer at a yield runs its frame with GeneratorExit: PY_UNWIND
+reports GeneratorExit, or PY_RETURN reports the value if the generator catches it and
+returns (3.12.1 and 3.13.0 alike; 3.13's `close()` also returns that value, 3.12's drops it).
+
+Both events see frames that were already running when the hooks were armed, in every
+thread, and suspended generators when they end: instrumenting a code object patches the
+bytecode every frame of it executes.
+
+Not seen (`capabilities`):
+
+* 3.13.0 closes a generator suspended at a yield covered only by the implicit StopIteration
+  handler (a plain `yield`, not inside try/with/`yield from`/await) without running its
+  frame (see successors.py): `close()`, or dropping an unfinished generator (`for x in
+  gen(): break`), reports nothing (`return_at_generator_close` is False there). PY_YIELD
+  does not help: the shortcut does not look at instrumentation. A frame of such a generator
+  must not be kept to be read later either: on 3.13.0 its `f_locals` reads freed locals
+  after that shortcut (measured on 3.13.0; cf. gh-125723).
+* A generator that was never started has no frame that ran: closing it reports nothing
+  (nor did its entry fire).
+* The end of a frame that runs inside a callback (see below): a probed function called
+  from a pre/post/return hook has neither its entry nor its return seen.
+
 Limits and quirks (3.12.1, 3.13.0)
 ----------------------------------
 * sys.monitoring does not call any callback while one is running (`tstate->tracing`):
-  a probe hit inside a pre/post handler, or inside another tool's callback, is not seen
-  at all (it can not be counted as missed).
+  a probe hit inside a pre/post/return handler, or inside another tool's callback, is not
+  seen at all (it can not be counted as missed); nor is the return of a frame that ends
+  there (a probed generator resumed by a handler and finishing inside it).
 * If another tool enables INSTRUCTION events on a code object on which we already have
   them, CPython loses ours on that code (`update_instrumentation_data` allocates
   `per_instruction_tools` zeroed when a second tool appears); the reverse also holds. This
@@ -64,7 +105,8 @@ Limits and quirks (3.12.1, 3.13.0)
 * A hit that already started in another thread can still call pre/post once after
   `disarm()` returned (there is no synchronize_rcu).
 * A callback that raises never reaches the program: the address is disarmed, the failure
-  counted (`nfailures`, `failures`) and passed to `on_failure` if set.
+  counted (`nfailures`, `failures`) and passed to `on_failure` if set. For return hooks
+  the offset reported is `RETURN_HOOKS` (-1) and the code's return hooks are disarmed.
   KeyboardInterrupt is re-raised: it is the program's signal, not the handler's failure.
 """
 
@@ -79,17 +121,19 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, ClassVar, Final
 
-from pykprobes.arch.successors import Flow, analyze, prologue_end
-from pykprobes.core.arch import ArchUnavailable, PostHit, PreHit
+from pykprobes.arch.successors import Flow, analyze, generator_close_runs_frame, prologue_end
+from pykprobes.core.arch import ArchUnavailable, PostHit, PreHit, ReturnHit, UnwindHit
 from pykprobes.errors import KprobeError
 
-__all__ = ["MonitoringArch"]
+__all__ = ["RETURN_HOOKS", "MonitoringArch"]
 
 TOOL_IDS: Final = (4, 3)
 TOOL_NAME: Final = "pykprobes"
 #: At most this many pending post records (frames between an armed instruction and the
 #: next one); see the module docstring.
 PENDING_CAP: Final = 4096
+#: The offset reported to `on_failure` and in `failures` for a failed return hook.
+RETURN_HOOKS: Final = -1
 
 _getframe = sys._getframe
 
@@ -99,7 +143,18 @@ class _Site:
     failure clears `pre`/`post`; chained (`next`) with the other codes' sites at the same
     offset, and (`also`) with more entry probes of the same code."""
 
-    __slots__ = ("code", "next", "also", "pre", "post", "armed", "waits", "succ", "handler")
+    __slots__ = (
+        "code",
+        "next",
+        "also",
+        "pre",
+        "post",
+        "armed",
+        "waits",
+        "succ",
+        "handler",
+        "ret",
+    )
 
     def __init__(self, code: CodeType) -> None:
         self.code = code
@@ -116,12 +171,26 @@ class _Site:
         self.succ: frozenset[int] = frozenset()
         #: The handler catching this instruction in the frame (a raise's post runs there).
         self.handler = -1
+        #: PY_RETURN sites: the code's return hooks, if armed.
+        self.ret: _Ret | None = None
 
     def clone(self) -> _Site:
         s = _Site(self.code)
         s.also, s.pre, s.post, s.armed = self.also, self.pre, self.post, self.armed
-        s.waits, s.succ, s.handler = self.waits, self.succ, self.handler
+        s.waits, s.succ, s.handler, s.ret = self.waits, self.succ, self.handler, self.ret
         return s
+
+
+class _Ret:
+    """The return hooks of one code object. Immutable once published, except that a
+    failure clears both hooks."""
+
+    __slots__ = ("code", "on_return", "on_unwind")
+
+    def __init__(self, code: CodeType, on_return: ReturnHit, on_unwind: UnwindHit) -> None:
+        self.code = code
+        self.on_return: ReturnHit | None = on_return
+        self.on_unwind: UnwindHit | None = on_unwind
 
 
 class _Probe:
@@ -135,13 +204,15 @@ class _Probe:
 class _CodeModel:
     """The lock-guarded truth for one armed code object."""
 
-    __slots__ = ("code", "flows", "entry_end", "probes", "keys", "events", "needs_unwind")
+    __slots__ = ("code", "flows", "entry_end", "probes", "ret", "keys", "events", "needs_unwind")
 
     def __init__(self, code: CodeType, flows: dict[int, Flow], entry_end: int) -> None:
         self.code = code  # the strong reference that keeps id(code) stable
         self.flows = flows
         self.entry_end = entry_end
         self.probes: dict[int, _Probe] = {}
+        #: The return hooks, if armed.
+        self.ret: _Ret | None = None
         #: (event, offset) pairs currently published for this code.
         self.keys: set[tuple[int, int]] = set()
         self.events = 0
@@ -153,8 +224,10 @@ class MonitoringArch:
     """Breakpoints on sys.monitoring local events. See the module docstring."""
 
     name = "monitoring"
-    #: Measured on 3.12.1 and 3.13.0 (tests/arch/test_monitoring.py).
-    capabilities: ClassVar[dict[str, bool]] = {
+    #: Measured on 3.12.1 and 3.13.0 (tests/arch/test_monitoring.py and, for the return_*
+    #: and unwind_* ones, tests/arch/test_monitoring_returns.py). An instance adds
+    #: `return_at_generator_close`, measured on this interpreter (module docstring).
+    CAPABILITIES: ClassVar[dict[str, bool]] = {
         "running_frames_this_thread": True,
         "running_frames_other_threads": True,
         "threads_started_earlier": True,
@@ -163,13 +236,27 @@ class MonitoringArch:
         "entry_event": True,
         "post_handler": True,
         "hits_inside_handlers": False,
+        # Return hooks: frames already running when armed, in this thread and in others,
+        # and generators suspended when armed, report their end.
+        "return_of_running_frames_this_thread": True,
+        "return_of_running_frames_other_threads": True,
+        "return_of_suspended_generators": True,
+        # on_unwind gets the very exception the caller sees (PY_UNWIND passes it).
+        "unwind_exception_exact": True,
+        # A frame ending inside a handler is not seen (tstate->tracing).
+        "returns_inside_handlers": False,
     }
+    capabilities: dict[str, bool]
 
     def __init__(self) -> None:
         mon = getattr(sys, "monitoring", None)
         if mon is None:
             raise ArchUnavailable("sys.monitoring does not exist before 3.12 (PEP 669)")
         self._mon: Any = mon
+        self.capabilities = {
+            **self.CAPABILITIES,
+            "return_at_generator_close": generator_close_runs_frame(),
+        }
         events = mon.events
         self._E_INS: int = events.INSTRUCTION
         self._E_START: int = events.PY_START
@@ -206,6 +293,8 @@ class MonitoringArch:
         self.pending_dropped = 0
         #: Sites whose callback failed, drained under the lock (deque: atomic append/pop).
         self._failed: collections.deque[_Site] = collections.deque()
+        #: Return hooks that failed, drained under the lock.
+        self._failed_rets: collections.deque[_Ret] = collections.deque()
         self._install_callbacks()
 
     # ------------------------------------------------------------------ hot path
@@ -217,12 +306,15 @@ class MonitoringArch:
         start: dict[int, _Site] = {}
         resume: dict[int, _Site] = {}
         leave: dict[int, _Site] = {}
+        #: id(code) -> its return hooks, for the global PY_UNWIND.
+        unwind: dict[int, _Ret] = {}
         pending: dict[FrameType, _Site] = {}
         epoch = [0]
         self._ins, self._start, self._resume, self._leave = ins, start, resume, leave
-        self._pending, self._epoch = pending, epoch
+        self._unwind, self._pending, self._epoch = unwind, pending, epoch
         DISABLE = self._mon.DISABLE
         fail = self._fail
+        fail_ret = self._fail_ret
         trim = self._trim_pending
         cap = PENDING_CAP
 
@@ -321,7 +413,7 @@ class MonitoringArch:
                         trim()
             return None
 
-        def on_leave(code: CodeType, offset: int, value: object) -> Any:
+        def on_yield(code: CodeType, offset: int, value: object) -> Any:
             e = epoch[0]
             site = leave.get(offset)
             while site is not None and site.code is not code:
@@ -335,21 +427,58 @@ class MonitoringArch:
                     run_post(rec, frame)
             return None
 
+        def on_return(code: CodeType, offset: int, value: object) -> Any:
+            e = epoch[0]
+            site = leave.get(offset)
+            while site is not None and site.code is not code:
+                site = site.next
+            if site is None:
+                return DISABLE if epoch[0] == e else None
+            frame = None
+            if pending:
+                frame = _getframe(1)
+                rec = pending.pop(frame, None)
+                if rec is not None and rec.code is code and rec.armed == site.armed:
+                    run_post(rec, frame)  # the instruction's post, then the function's
+            r = site.ret
+            if r is not None:
+                hook = r.on_return
+                if hook is not None:
+                    try:
+                        hook(frame or _getframe(1), value)
+                    except BaseException as exc:  # never reaches the program
+                        if exc.__class__ is KeyboardInterrupt:
+                            raise
+                        fail_ret(r, exc)
+            return None
+
         def on_unwind(code: CodeType, offset: int, exc: BaseException) -> Any:
-            # Global event (cannot be local): be quick when nothing is pending.
+            # Global event (cannot be local): be quick for other code. Never return
+            # DISABLE here: CPython would replace the program's exception by a ValueError.
             if pending:
                 frame = _getframe(1)
                 rec = pending.pop(frame, None)
                 if rec is not None and rec.code is code and rec.succ is _UNWIND:
                     run_post(rec, frame)
+            if unwind:
+                r = unwind.get(id(code))
+                if r is not None and r.code is code:
+                    hook = r.on_unwind
+                    if hook is not None:
+                        try:
+                            hook(_getframe(1), exc)
+                        except BaseException as err:  # never reaches the program
+                            if err.__class__ is KeyboardInterrupt:
+                                raise
+                            fail_ret(r, err)
             return None
 
         mon, tool, E = self._mon, self.tool, self._mon.events
         mon.register_callback(tool, E.INSTRUCTION, on_instruction)
         mon.register_callback(tool, E.PY_START, on_start)
         mon.register_callback(tool, E.PY_RESUME, on_resume)
-        mon.register_callback(tool, E.PY_RETURN, on_leave)
-        mon.register_callback(tool, E.PY_YIELD, on_leave)
+        mon.register_callback(tool, E.PY_RETURN, on_return)
+        mon.register_callback(tool, E.PY_YIELD, on_yield)
         mon.register_callback(tool, E.PY_UNWIND, on_unwind)
 
     def _fail(self, site: _Site, exc: BaseException) -> None:
@@ -364,6 +493,21 @@ class MonitoringArch:
             hook = self.on_failure
             if hook is not None:
                 hook(site.code, site.armed, exc)
+        except BaseException:  # noqa: BLE001 - never reaches the program
+            pass
+
+    def _fail_ret(self, r: _Ret, exc: BaseException) -> None:
+        """A return hook raised: stop calling this code's hooks, count it, disarm them at
+        the next arm/disarm (no lock here, as in `_fail`)."""
+        try:
+            r.on_return = None
+            r.on_unwind = None
+            self.nfailures += 1
+            self.failures.append((r.code, RETURN_HOOKS, exc))
+            self._failed_rets.append(r)
+            hook = self.on_failure
+            if hook is not None:
+                hook(r.code, RETURN_HOOKS, exc)
         except BaseException:  # noqa: BLE001 - never reaches the program
             pass
 
@@ -440,6 +584,41 @@ class MonitoringArch:
             del model.probes[offset]
             self._publish_locked(model)
 
+    def arm_return(self, code: CodeType, on_return: ReturnHit, on_unwind: UnwindHit) -> None:
+        """See core/arch.py and "Return hooks" in the module docstring."""
+        if self._closed:
+            raise KprobeError(errno.EINVAL, "the monitoring arch is closed")
+        flows = analyze(code)  # outside the lock: dis runs Python code
+        entry_end = prologue_end(code)
+        with self._lock:
+            self._reap_locked()
+            model = self._codes.get(id(code))
+            if model is None or model.code is not code:
+                model = self._codes[id(code)] = _CodeModel(code, flows, entry_end)
+            previous = model.ret
+            model.ret = _Ret(code, on_return, on_unwind)
+            self._epoch[0] += 1
+            try:
+                self._publish_locked(model)
+            except (ValueError, SystemError) as exc:
+                model.ret = previous
+                try:
+                    self._publish_locked(model)
+                except (ValueError, SystemError):
+                    pass
+                raise KprobeError(
+                    errno.EINVAL, f"{code.co_name}%return: sys.monitoring refused: {exc}"
+                ) from exc
+
+    def disarm_return(self, code: CodeType) -> None:
+        with self._lock:
+            self._reap_locked()
+            model = self._codes.get(id(code))
+            if model is None or model.code is not code or model.ret is None:
+                return
+            model.ret = None
+            self._publish_locked(model)
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
@@ -447,6 +626,7 @@ class MonitoringArch:
             self._closed = True
             for model in list(self._codes.values()):
                 model.probes.clear()
+                model.ret = None
                 self._publish_locked(model)
             self._pending.clear()
             mon, tool = self._mon, self.tool
@@ -480,6 +660,16 @@ class MonitoringArch:
             probe = model.probes.get(site.armed)
             if probe is not None:
                 del model.probes[site.armed]
+                self._publish_locked(model)
+        rets = self._failed_rets
+        while rets:
+            try:
+                r = rets.popleft()
+            except IndexError:
+                break
+            model = self._codes.get(id(r.code))
+            if model is not None and model.ret is r:
+                model.ret = None
                 self._publish_locked(model)
 
     def _build_locked(self, model: _CodeModel) -> dict[tuple[int, int], _Site]:
@@ -533,6 +723,10 @@ class MonitoringArch:
             for w in drops:
                 if w >= 0:
                     site(E_INS, w).waits = True
+        if model.ret is not None:
+            for flow in flows.values():
+                if flow.leaves == "return":
+                    site(self._E_RETURN, flow.real_offset).ret = model.ret
         return sites
 
     def _published(self, code: CodeType, offset: int) -> list[_Site]:
@@ -566,12 +760,15 @@ class MonitoringArch:
         for event, _off in new_keys:
             events |= event
         model.needs_unwind = any(s.succ is _UNWIND for s in new.values())
+        if model.ret is not None:
+            self._unwind[id(code)] = model.ret
         mon, tool = self._mon, self.tool
         grew = force_toggle or not new_keys <= old_keys
         if events == 0:
             if model.events:
                 mon.set_local_events(tool, code, 0)
-            del self._codes[id(code)]
+            if model.ret is None:  # a code with no return instruction keeps PY_UNWIND
+                del self._codes[id(code)]
         elif grew and model.events:
             # Re-instrument this code for our tool only: see "Re-arming" above.
             list(map(mon.set_local_events, (tool, tool), (code, code), (0, events)))
@@ -579,9 +776,13 @@ class MonitoringArch:
             mon.set_local_events(tool, code, events)
         for event, off in old_keys - new_keys:
             self._relink(tables[event], off, code, None)
+        if model.ret is None:
+            self._unwind.pop(id(code), None)
         model.keys = new_keys
         model.events = events
-        self._set_unwind_locked(any(m.needs_unwind for m in self._codes.values()))
+        self._set_unwind_locked(
+            any(m.needs_unwind or m.ret is not None for m in self._codes.values())
+        )
 
     def _set_unwind_locked(self, on: bool) -> None:
         if on != self._unwind_on:
@@ -613,6 +814,11 @@ class MonitoringArch:
         """The armed addresses (for tests and `pykprobes info`)."""
         with self._lock:
             return [(m.code, off) for m in self._codes.values() for off in sorted(m.probes)]
+
+    def armed_returns(self) -> list[CodeType]:
+        """The code objects whose return hooks are armed."""
+        with self._lock:
+            return [m.code for m in self._codes.values() if m.ret is not None]
 
 
 # Markers for where a post runs when the instruction leaves the frame.

@@ -20,6 +20,23 @@ An exhausted `FOR_ITER` does not jump to its `dis` target but past it (measured,
 `_FOR_ITER_EXIT_SKIPS`). Exception-table handlers are not successors: an instruction that
 raises did not complete, so no post-handler runs for it; the handler is reported separately
 (`Flow.handler`) so that the arch can drop the pending post there.
+
+Frame ends (`exits`), for the return hooks
+------------------------------------------
+`exits(code)` tells where a frame of the code leaves: its return instructions, its yields,
+and the `f_lasti` a frame shows when it reports a yield (the YIELD_VALUE on 3.11 and 3.12,
+the RESUME after it on 3.13, measured in tests/arch/test_settrace_returns.py). It also
+lists the yields at which `close()` (and the finalizer of an unfinished generator) ends
+the frame without running it on interpreters that take that shortcut
+(`generator_close_runs_frame()`): CPython 3.13 `gen_close` marks a generator suspended at a
+yield covered only by the implicit StopIteration handler (RESUME's
+`RESUME_OPARG_DEPTH1_MASK`) completed and clears its locals in C, so no event of any kind
+(PY_UNWIND, PY_THROW, sys.settrace 'return', sys.setprofile 'return') reports that end.
+3.12's `gen_close` has the same shortcut but compares the YIELD_VALUE's opcode, not its
+oparg, with 1 (`frame->prev_instr[0].op.code`), so 3.12.1 never takes it; later 3.12
+patch releases reworked that code (gh-118272), hence a measurement, not a version check.
+3.11 has no shortcut: it even starts a never-started generator's frame to throw
+GeneratorExit into it (a 'call' event, then its end), where 3.12+ run nothing.
 """
 
 from __future__ import annotations
@@ -27,9 +44,9 @@ from __future__ import annotations
 import dis
 import sys
 from types import CodeType
-from typing import Final
+from typing import Any, Final
 
-__all__ = ["Flow", "analyze", "prologue_end"]
+__all__ = ["Exits", "Flow", "analyze", "exits", "generator_close_runs_frame", "prologue_end"]
 
 # Instructions after which the frame is left instead of continuing at a successor.
 # The value is the local event that still sees the frame (PY_UNWIND is global-only).
@@ -172,3 +189,108 @@ def analyze(code: CodeType) -> dict[int, Flow]:
         handler = handler_for(ins.offset) if addr > first_resume else None
         flows[addr] = Flow(addr, name, ins.offset, end, frozenset(succ), leaves, handler)
     return flows
+
+
+# ---------------------------------------------------------------- frame ends
+
+_RETURNS: Final = frozenset({"RETURN_VALUE", "RETURN_CONST"})
+#: The implicit handler wrapping a generator's, coroutine's or async generator's body
+#: (3.12+): `CALL_INTRINSIC_1 INTRINSIC_STOPITERATION_ERROR; RERAISE 1`.
+_WRAPPER_INTRINSIC: Final = "INTRINSIC_STOPITERATION_ERROR"
+
+
+class Exits:
+    """Where a frame of one code object can leave (every set holds addresses: the first
+    EXTENDED_ARG prefix, and also the real opcode's offset when it differs)."""
+
+    __slots__ = ("returns", "yields", "yield_lasti", "close_skips")
+
+    def __init__(
+        self,
+        returns: frozenset[int],
+        yields: frozenset[int],
+        yield_lasti: frozenset[int],
+        close_skips: frozenset[int],
+    ) -> None:
+        #: RETURN_VALUE / RETURN_CONST.
+        self.returns = returns
+        #: YIELD_VALUE (a yield, an await's or a `yield from`'s suspension).
+        self.yields = yields
+        #: The `f_lasti` of a frame reporting a yield: each YIELD_VALUE and the RESUME after
+        #: it (3.13 reports the latter).
+        self.yield_lasti = yield_lasti
+        #: The subset of `yield_lasti` whose yield is covered only by the implicit wrapper
+        #: handler: where `close()` skips the frame on interpreters that take the shortcut
+        #: (see the module docstring).
+        self.close_skips = close_skips
+
+
+def exits(code: CodeType) -> Exits:
+    """The ways out of a frame of `code` (see `Exits`)."""
+    instrs = _instructions(code)
+    entries = dis.Bytecode(code).exception_entries  # type: ignore[attr-defined]
+    target_op: dict[int, tuple[str, str]] = {
+        ins.offset: (ins.opname, ins.argrepr) for _, ins in instrs
+    }
+
+    def wrapper_only(real: int) -> bool:
+        for e in entries:
+            if e.start <= real < e.end:
+                return target_op.get(int(e.target)) == ("CALL_INTRINSIC_1", _WRAPPER_INTRINSIC)
+        return False
+
+    returns: set[int] = set()
+    yields: set[int] = set()
+    lasti: set[int] = set()
+    skips: set[int] = set()
+    for i, (addr, ins) in enumerate(instrs):
+        if ins.opname in _RETURNS:
+            returns |= {addr, ins.offset}
+        elif ins.opname == "YIELD_VALUE":
+            here = {addr, ins.offset}
+            if i + 1 < len(instrs) and instrs[i + 1][1].opname == "RESUME":
+                here |= {instrs[i + 1][0], instrs[i + 1][1].offset}
+            yields |= {addr, ins.offset}
+            lasti |= here
+            if wrapper_only(ins.offset):
+                skips |= here
+    return Exits(frozenset(returns), frozenset(yields), frozenset(lasti), frozenset(skips))
+
+
+_close_runs_frame: bool | None = None
+
+
+def _close_probe() -> Any:
+    yield
+
+
+def generator_close_runs_frame() -> bool:
+    """Does `close()` of a generator suspended at a plain yield run its frame (so that the
+    mechanisms see the GeneratorExit leave it)? Measured once, with a profile function
+    (mechanism-neutral: neither arch uses it), in a fresh generator: 3.11.7 and 3.12.1
+    yes, 3.13.0 no. If a profile function is installed we cannot measure and answer what
+    the bytecode says: no when RESUME carries the 3.13 depth-1 flag."""
+    global _close_runs_frame
+    if _close_runs_frame is not None:
+        return _close_runs_frame
+    code = _close_probe.__code__
+    if sys.getprofile() is not None:
+        resume_flag = any(
+            ins.opname == "RESUME" and (ins.arg or 0) & 4 for ins in dis.get_instructions(code)
+        )
+        return not resume_flag
+    seen: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if frame.f_code is code:
+            seen.append(event)
+
+    gen = _close_probe()
+    next(gen)
+    sys.setprofile(profile)
+    try:
+        gen.close()
+    finally:
+        sys.setprofile(None)
+    _close_runs_frame = bool(seen)
+    return _close_runs_frame
