@@ -431,3 +431,33 @@ def test_handler_fault_is_counted() -> None:
         assert rp.nfault == 1  # the entry handler failed: no return handler for that call
     finally:
         kp.unregister_kretprobe(rp)
+
+
+def plain_yields(n: int) -> Iterator[int]:
+    i = 0
+    while i < n:
+        yield i  # a plain yield: not inside try/with/yield from
+        i += 1
+    return i
+
+
+def test_generators_abandoned_at_a_plain_yield_do_not_exhaust_maxactive() -> None:
+    """`for x in gen(): break` many times over: each generator is closed at a plain yield.
+    Where the interpreter reports that end (GeneratorExit) the handler runs; where it does
+    not (CPython 3.13.0 finishes such a generator without running its frame), the call is
+    counted missed once no one holds its frame. Either way new calls are still probed."""
+    rp, log = _events(plain_yields, maxactive=3)
+    try:
+        for _ in range(10):
+            for _x in plain_yields(5):
+                break
+        gc.collect()
+        assert list(plain_yields(2)) == [0, 1]
+        assert log[-2:] == ["entry", "ret:2"], "a new call is still probed"
+        assert log.count("entry") == 11
+        ended = sum(1 for e in log if e != "entry")
+        # Every call ended with its handler, was counted missed, or is still in flight.
+        assert ended + rp.nmissed + len(rp._inflight) == 11
+        assert len(rp._inflight) <= 3
+    finally:
+        kp.unregister_kretprobe(rp)

@@ -64,7 +64,10 @@ class BreakpointArch(Protocol):
     name: str
     #: What it can reach, measured by its tests: running_frames_this_thread,
     #: running_frames_other_threads, threads_started_earlier, threads_started_later,
-    #: unprobed_code_untaxed, entry_event, post_handler, hits_inside_handlers.
+    #: unprobed_code_untaxed, entry_event, post_handler, hits_inside_handlers; for return
+    #: hooks: return_of_running_frames_this_thread, return_of_running_frames_other_threads,
+    #: return_of_suspended_generators, unwind_exception_exact, returns_inside_handlers,
+    #: return_at_generator_close (measured at start: False on CPython 3.13.0).
     capabilities: dict[str, bool]
 
     def arm(self, code: CodeType, offset: int, pre: PreHit, post: PostHit | None) -> None:

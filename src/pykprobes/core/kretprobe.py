@@ -44,6 +44,16 @@ DEFAULT_MAXACTIVE: Final = max(10, 2 * (os.cpu_count() or 1))
 
 RetHandler = Callable[[KretprobeInstance, "Regs"], Any]
 
+# CO_GENERATOR | CO_COROUTINE | CO_ASYNC_GENERATOR (Include/cpython/code.h).
+_GENERATOR_LIKE: Final = 0x20 | 0x80 | 0x200
+
+
+def _close_reports_end() -> bool:
+    """Whether the breakpoint arch measured that closing a suspended generator runs its
+    frame, so that its end is reported (capability `return_at_generator_close`)."""
+    caps = registry.mechanisms_capabilities()
+    return caps.get("return_at_generator_close", True)
+
 
 class _EntryProbe(Kprobe):
     """The kprobe a kretprobe puts at its function's entry; listed as `r`."""
@@ -104,7 +114,7 @@ class Kretprobe:
 
     def _entry(self, p: Kprobe, regs: Regs) -> None:
         """The entry kprobe's pre_handler (the kernel's pre_handler_kretprobe)."""
-        if len(self._inflight) >= self.maxactive:
+        if len(self._inflight) >= self.maxactive and not self._evict_silent_end(regs.frame):
             self._missed += 1
             return
         ri = KretprobeInstance(self, regs.frame)
@@ -121,6 +131,19 @@ class Kretprobe:
                 _report_fault(self, "entry_handler", exc)  # type: ignore[arg-type]
                 return
         self._inflight[regs.frame] = ri
+
+    def _evict_silent_end(self, frame: FrameType) -> bool:
+        """Make room by forgetting the oldest call (counted missed), for generator code on an
+        interpreter whose `close()` can end a generator without any event (CPython 3.13.0
+        finishes one closed at a plain `yield` without running its frame): such calls never
+        leave the table, and would otherwise stop the probe for good once maxactive of them
+        pile up. Elsewhere the kernel's rule holds: the new call is the one missed."""
+        if not frame.f_code.co_flags & _GENERATOR_LIKE or _close_reports_end():
+            return False
+        oldest = next(iter(self._inflight))
+        del self._inflight[oldest]
+        self._missed += 1
+        return True
 
     def _drop_inflight(self) -> None:
         self._missed += len(self._inflight)

@@ -78,6 +78,12 @@ def _m() -> Mechanisms:
     return _mech
 
 
+def mechanisms_capabilities() -> dict[str, bool]:
+    """The breakpoint arch's measured capabilities."""
+    caps: dict[str, bool] = getattr(_m().breakpoint, "capabilities", {})
+    return caps
+
+
 def mechanisms() -> tuple[str, str | None, dict[str, str]]:
     """(breakpoint arch, optimizer arch or None, {rejected arch: reason})."""
     m = _m()
