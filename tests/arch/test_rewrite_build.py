@@ -64,7 +64,7 @@ def test_several_offsets_at_once() -> None:
     hits = {}
     for off in (0, for_iter, ret):
         counts[off], hits[off] = counter()
-    fn = rebuilt(summing, ARCH.build(code, hits, {}))
+    fn = rebuilt(summing, ARCH.build(code, hits, {}).code)
     assert fn([1, -2, 3]) == 4
     assert counts[0] == [1]  # once per call
     assert counts[for_iter] == [4]  # three items, then exhaustion
@@ -78,7 +78,7 @@ def test_two_hits_on_one_instruction_keep_order() -> None:
     # The same callable at two offsets is one constant; different ones are kept apart.
     first = lambda: order.append("entry")  # noqa: E731
     second = lambda: order.append("loop")  # noqa: E731
-    new = ARCH.build(code, {0: first, 2: first, target: second}, {})
+    new = ARCH.build(code, {0: first, 2: first, target: second}, {}).code
     assert rebuilt(summing, new)([]) == 0
     # 0 and 2 are both in the prologue on 3.12+ (RESUME is at 0 on 3.11 too): the entry.
     assert order[-1] == "loop"
@@ -93,7 +93,7 @@ def test_entry_runs_once_per_call_even_when_the_body_starts_with_a_loop() -> Non
         return n
 
     box, hit = counter()
-    fn = rebuilt(spin, ARCH.build(spin.__code__, {0: hit}, {}))
+    fn = rebuilt(spin, ARCH.build(spin.__code__, {0: hit}, {}).code)
     assert fn(10) == 0
     assert box == [1]
 
@@ -104,7 +104,7 @@ def test_entry_of_a_generator_runs_at_its_first_resumption() -> None:
         yield 2
 
     box, hit = counter()
-    fn = rebuilt(gen, ARCH.build(gen.__code__, {0: hit}, {}))
+    fn = rebuilt(gen, ARCH.build(gen.__code__, {0: hit}, {}).code)
     it = fn()
     assert box == [0]  # creating it runs nothing of the body
     assert next(it) == 1
@@ -125,7 +125,7 @@ def test_hit_frame_and_traceback_lines() -> None:
         seen.append((frame.f_code.co_name, frame.f_lineno))
 
     div = [ins.start for ins in instructions(failing.__code__) if ins.opname == "BINARY_OP"][-1]
-    fn = rebuilt(failing, ARCH.build(failing.__code__, {div: hit}, {}))
+    fn = rebuilt(failing, ARCH.build(failing.__code__, {div: hit}, {}).code)
     with pytest.raises(ZeroDivisionError) as info:
         fn(1)
     line = failing.__code__.co_firstlineno + 2
@@ -158,11 +158,11 @@ def test_consts_replacement_nested_function_and_closure() -> None:
     for name in ("closure", "plain"):
         inner = code.co_consts[index[name]]
         boxes[name], hit = counter()
-        replaced[index[name]] = ARCH.build(inner, {0: hit}, {})
+        replaced[index[name]] = ARCH.build(inner, {0: hit}, {}).code
     outer_box, outer_hit = counter()
     # With a hit in the outer function too, and without (the constant-only path).
     for hits in ({0: outer_hit}, {}):
-        new_outer = ARCH.build(code, hits, replaced)
+        new_outer = ARCH.build(code, hits, replaced).code
         for i, c in enumerate(code.co_consts):
             assert new_outer.co_consts[i] is replaced.get(i, c)
         closure, plain, lam = rebuilt(outer, new_outer)(3)
@@ -185,7 +185,7 @@ def test_equal_code_constants_stay_distinct() -> None:
     assert twin == code.co_consts[i] and twin is not code.co_consts[i]
     consts = [*list(code.co_consts), twin]
     doubled = code.replace(co_consts=tuple(consts))
-    new = ARCH.build(doubled, {0: lambda: None}, {})
+    new = ARCH.build(doubled, {0: lambda: None}, {}).code
     assert new.co_consts[i] is code.co_consts[i]
     assert new.co_consts[len(consts) - 1] is twin
 
@@ -193,7 +193,7 @@ def test_equal_code_constants_stay_distinct() -> None:
 def test_code_object_keeps_its_identity_fields() -> None:
     _box, hit = counter()
     code = outer.__code__
-    new = ARCH.build(code, {ins.start: hit for ins in instructions(code)[::3]}, {})
+    new = ARCH.build(code, {ins.start: hit for ins in instructions(code)[::3]}, {}).code
     for attr in (
         "co_argcount",
         "co_posonlyargcount",
@@ -270,7 +270,7 @@ def test_build_from_code_that_sys_monitoring_instruments() -> None:
         assert summing([1, 2]) == 3 and seen
         for_iter = offsets_of(summing, "FOR_ITER")[0]
         box, hit = counter()
-        new = ARCH.build(summing.__code__, {for_iter: hit}, {})
+        new = ARCH.build(summing.__code__, {for_iter: hit}, {}).code
         assert not any(ins.opname.startswith("INSTRUMENTED") for ins in instructions(new))
         seen.clear()
         assert rebuilt(summing, new)([1, 2]) == 3

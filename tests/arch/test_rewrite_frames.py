@@ -131,7 +131,7 @@ def test_own_stack_deep_in_recursion() -> None:
 
 
 def test_rewritten_copy_is_a_different_code_object() -> None:
-    new = ARCH.build(counting_gen.__code__, {0: lambda: None}, {})
+    new = ARCH.build(counting_gen.__code__, {0: lambda: None}, {}).code
     fn = types.FunctionType(new, globals())
     gen = fn(2)
     next(gen)

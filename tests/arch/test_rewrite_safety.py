@@ -131,7 +131,7 @@ def forced(fn, opname, previous, which=0):
     found = [ins for i, ins in enumerate(instrs) if i > entry and ins.opname == opname
              and (previous is None or instrs[i - 1].opname == previous)]
     seq = assembly.call_sequence()
-    code = inject.build(fn.__code__, {{found[which].start: lambda: None}}, {{}}, seq)
+    code, _ = inject.build(fn.__code__, {{found[which].start: lambda: None}}, {{}}, seq)
     new = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     globals()[fn.__name__ + "_forced"] = new
     return new
@@ -309,4 +309,4 @@ def test_prologue_offsets_are_the_entry() -> None:
         assert entry is not None
         for ins in instrs[: entry + 1]:
             assert ARCH.check_optimizable(code, ins.start) is None
-            assert isinstance(ARCH.build(code, {ins.start: lambda: None}, {}), types.CodeType)
+            assert isinstance(ARCH.build(code, {ins.start: lambda: None}, {}).code, types.CodeType)

@@ -35,7 +35,33 @@ def make_hit(key):
         hits[key] += 1
     return hit
 
+ends = collections.defaultdict(collections.Counter)
+
+def make_ends(name):
+    counts = ends[name]
+    def entry():
+        counts["entries"] += 1
+    def on_return(value):
+        counts["returns"] += 1
+    def on_unwind(exc):
+        counts["unwinds"] += 1
+    return entry, (on_return, on_unwind)
+
+def rewrite_returns(code):
+    # Every function (nested ones too: closures, lambdas, 3.11 comprehensions) with an
+    # entry hit and return hooks, counted per code object.
+    consts = {}
+    for i, const in enumerate(code.co_consts):
+        if isinstance(const, types.CodeType):
+            consts[i] = rewrite_returns(const)
+    name = f"{code.co_qualname}:{code.co_firstlineno}"
+    entry, returns = make_ends(name)
+    stats["codes"] += 1
+    return arch.build(code, {0: entry}, consts, returns).code
+
 def rewrite(code, key):
+    if key == "returns":
+        return rewrite_returns(code)
     consts = {}
     for i, const in enumerate(code.co_consts):
         if isinstance(const, types.CodeType):
@@ -48,7 +74,7 @@ def rewrite(code, key):
             stats["refused-or-inside"] += 1
     stats["codes"] += 1
     stats["probes"] += len(probes)
-    return arch.build(code, probes, consts)
+    return arch.build(code, probes, consts).code
 
 def functions_of(module):
     for obj in list(vars(module).values()):
@@ -86,6 +112,8 @@ if swapping:
     swap(textwrap, "textwrap")
     for module in (json.decoder, json.encoder, json.scanner):
         swap(module, "json")
+if sys.argv[1] == "returns":
+    swap(textwrap, "returns")
 after = json_outputs()
 hits_json = hits["json"]
 
@@ -99,6 +127,7 @@ print(json.dumps({
     "hits_json_outputs": hits_json,
     "json_same": before == after,
     "stats": dict(stats),
+    "ends": {name: dict(c) for name, c in ends.items()},
 }))
 """
 
@@ -115,11 +144,15 @@ def run(mode: str) -> dict[str, object]:
     return result
 
 
-def test_textwrap_and_json_rewritten_everywhere() -> None:
+def needs_test_textwrap() -> None:
     if importlib.util.find_spec("test.test_textwrap") is None:
         pytest.skip(
             "CPython's own test suite (test.test_textwrap) is not installed with this interpreter"
         )
+
+
+def test_textwrap_and_json_rewritten_everywhere() -> None:
+    needs_test_textwrap()
     baseline = run("baseline")
     rewritten = run("swap")
     assert baseline["ok"] and baseline["run"] > 0
@@ -133,3 +166,27 @@ def test_textwrap_and_json_rewritten_everywhere() -> None:
     assert hits["textwrap"] > 0
     assert rewritten["json_same"] and isinstance(rewritten["hits_json_outputs"], int)
     assert rewritten["hits_json_outputs"] > 0
+
+
+def test_textwrap_with_return_probes_everywhere() -> None:
+    """Every function of textwrap (and the code nested in them) with an entry hit and
+    return hooks: CPython's test_textwrap still passes, and every frame that started ended
+    once, by a return or an exception (TextWrapper raises ValueError for bad widths, and
+    the tests check that)."""
+    needs_test_textwrap()
+    baseline = run("baseline")
+    rewritten = run("returns")
+    assert rewritten["ok"], rewritten["problems"]
+    assert rewritten["run"] == baseline["run"]
+    ends = rewritten["ends"]
+    assert isinstance(ends, dict)
+    unbalanced = {
+        name: c
+        for name, c in ends.items()
+        if c.get("entries", 0) != c.get("returns", 0) + c.get("unwinds", 0)
+    }
+    assert not unbalanced
+    called = [c for c in ends.values() if c.get("entries")]
+    assert len(called) >= 10
+    assert sum(c.get("unwinds", 0) for c in ends.values()) > 0
+    assert sum(c.get("returns", 0) for c in ends.values()) > 1000

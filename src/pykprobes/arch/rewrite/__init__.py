@@ -4,7 +4,9 @@
 
 * `check_optimizable` (safety.py) says where a call sequence may go;
 * `build` (inject.py) makes a new code object with the per-version call sequence
-  (assembly.py) before each probed instruction, using the `bytecode` library;
+  (assembly.py) before each probed instruction, and, for return probes, the return
+  sequences (retprobe.py), using the `bytecode` library; it says where each original
+  instruction went;
 * `frames_running` (frames.py) tells whether a frame still runs a replaced code object.
 
 Only this package imports `bytecode`, and only when the arch is constructed, so that
@@ -20,7 +22,11 @@ from typing import Final
 
 from pykprobes import env
 from pykprobes.arch.rewrite import assembly, frames, safety
-from pykprobes.core.arch import ArchUnavailable, OptHit
+from pykprobes.arch.rewrite.decode import instructions
+from pykprobes.core.arch import ArchUnavailable, Built, OptHit, OptReturns
+
+#: The instructions a frame returns by (3.12 added RETURN_CONST).
+RETURNS: Final = frozenset({"RETURN_VALUE", "RETURN_CONST"})
 
 #: The `bytecode` releases inject.py was tested with (a version prefix).
 TESTED_BYTECODE: Final = "0.19."
@@ -53,18 +59,36 @@ class RewriteArch:
             raise ArchUnavailable(f"unsupported version of the bytecode library: {exc}") from exc
         self._inject = inject
         self._sequence = sequence
+        # None on a Python with call sequences but no return sequences: build() then
+        # refuses `returns` (ValueError) and the core keeps return probes on breakpoints.
+        self._returns = assembly.return_sequences()
 
     def check_optimizable(self, code: CodeType, offset: int) -> str | None:
         return safety.check_optimizable(code, offset)
 
     def build(
-        self, code: CodeType, hits: Mapping[int, OptHit], consts: Mapping[int, CodeType]
-    ) -> CodeType:
+        self,
+        code: CodeType,
+        hits: Mapping[int, OptHit],
+        consts: Mapping[int, CodeType],
+        returns: OptReturns | None = None,
+    ) -> Built:
         for offset in hits:
             reason = safety.check_optimizable(code, offset)
             if reason is not None:
                 raise ValueError(f"{code.co_qualname}+{offset}: {reason}")
-        return self._inject.build(code, hits, consts, self._sequence)
+        if returns is not None:
+            # The hooks of a return probe go before each return instruction: the same
+            # rules hold there (none refuses a return on 3.11-3.13).
+            for ins in instructions(code):
+                if ins.opname in RETURNS:
+                    reason = safety.check_optimizable(code, ins.start)
+                    if reason is not None:
+                        raise ValueError(f"{code.co_qualname}+{ins.start}: {reason}")
+        new, offsets = self._inject.build(
+            code, hits, consts, self._sequence, returns, self._returns
+        )
+        return Built(new, offsets)
 
     def frames_running(self, code: CodeType) -> bool:
         return frames.frames_running(code)

@@ -1,9 +1,19 @@
-"""The call sequence injected before a probed instruction, per CPython version (data).
+"""The instruction sequences the rewrite arch injects, per CPython version (data).
 
-Each sequence calls one constant callable with no argument and drops its result, so the
-stack is the same before and after it. They are the cheapest measured way to run a handler
-at an offset (ANCHOR-COSTS.md, rows H and H1). `tests/arch/test_rewrite_assembly.py`
-assembles and runs the one for the running interpreter.
+Two kinds:
+
+* the **call sequence** put before a probed instruction: it calls one constant callable
+  with no argument and drops its result, so the stack is the same before and after it. It
+  is the cheapest measured way to run a handler at an offset (ANCHOR-COSTS.md, rows H and
+  H1);
+* the **return sequences** of a return probe (`ReturnSequences`): one before each return
+  instruction, calling a constant callable with the value being returned, and one
+  exception handler, placed after the end of the code and covering the whole body, that
+  calls a constant callable with the exception leaving the frame and re-raises it.
+
+`tests/arch/test_rewrite_assembly.py` assembles and runs the ones for the running
+interpreter. inject.py reads the pseudo-instructions below (TRY, END_TRY, LABEL) and the
+placeholders; every other entry is an opcode name and its argument.
 """
 
 from __future__ import annotations
@@ -13,20 +23,58 @@ from typing import Final, NamedTuple
 from pykprobes import env
 
 
-class _Hit:
-    """Placeholder, in a sequence, for the callable the call sequence calls."""
+class Placeholder:
+    """Stands, in a sequence, for a value known only when the sequence is assembled."""
 
-    __slots__ = ()
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def __repr__(self) -> str:
-        return "HIT"
+        return self.name
 
 
-#: Where the hit callable goes in a sequence (as the argument of its LOAD_CONST).
-HIT: Final = _Hit()
+#: The callable a call sequence calls (the argument of its LOAD_CONST).
+HIT: Final = Placeholder("HIT")
+#: The return probe's callables: on_return(value) and on_unwind(exc).
+ON_RETURN: Final = Placeholder("ON_RETURN")
+ON_UNWIND: Final = Placeholder("ON_UNWIND")
+#: The constant a RETURN_CONST returns (3.12+).
+CONST: Final = Placeholder("CONST")
+#: The index, in code units, of the prologue's RESUME (the `lasti` an exception raised in
+#: the prologue carries).
+ENTRY: Final = Placeholder("ENTRY")
+#: The callable that turns a StopIteration leaving a generator into the RuntimeError the
+#: interpreter would make of it (3.11, see `ReturnSequences.unwind_generator`).
+CONVERT: Final = Placeholder("CONVERT")
 
-#: One instruction: (opname, argument); the argument is None for opcodes that take none,
-#: HIT for the callable.
+
+class Mark:
+    """A label inside a sequence, by name: the argument of LABEL, of a jump, of TRY."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+class Handler(NamedTuple):
+    """The argument of a TRY pseudo-instruction: the instructions up to the matching
+    END_TRY are covered by an exception-table entry to `mark`, entered with the stack cut
+    to `depth` items (plus the offset of the raising instruction when `lasti`), and then
+    the exception on top."""
+
+    mark: Mark
+    depth: int
+    lasti: bool
+
+
+#: One instruction: (opname, argument); None for opcodes that take none. Pseudo-opnames:
+#: "TRY" (argument a Handler), "END_TRY" (None), "LABEL" (a Mark).
 Op = tuple[str, object]
 
 
@@ -56,6 +104,319 @@ CALL_SEQUENCES: Final[dict[tuple[int, int], CallSequence]] = {
 }
 
 
+class ArgFix(NamedTuple):
+    """A change to the argument of every `opname` instruction of generator-like code that
+    gets return sequences: (arg + add) & ~clear."""
+
+    opname: str
+    add: int = 0
+    clear: int = 0
+
+
+class ReturnSequences(NamedTuple):
+    """What a return probe adds to a code object, for one CPython version.
+
+    `value` goes right before each RETURN_VALUE (the value on top of the stack) and
+    `const` before each RETURN_CONST (3.12+): both call ON_RETURN with the value about to
+    be returned and leave the stack as they found it. Their TRY covers the call only:
+    should the callable raise an Exception, the handler (`value_tail`, `const_tail`,
+    placed after the end of the code) drops it and returns the value anyway. Any other
+    exception (KeyboardInterrupt from a signal handler that ran during the call,
+    SystemExit) goes on out of the frame, as it would have from the next instruction: a
+    lost Ctrl-C would be worse than a frame that returned and then raised.
+
+    `unwind` is the handler of the entry UNWIND_ENTRY (depth 0, lasti), which covers every
+    instruction after the prologue that no entry of the code covers, so it sees an
+    exception only once the code's own handlers let it go. It is entered with
+    [lasti, exc], calls ON_UNWIND with exc, and re-raises exc with RERAISE 1: RERAISE
+    never adds a traceback entry (it goes straight to exception_unwind in the 3.11, 3.12
+    and 3.13 ceval), and oparg 1 puts the frame's instruction pointer back at the
+    instruction the exception left from, so even the finished frame's f_lineno is the
+    original's. Should ON_UNWIND raise an Exception, it is dropped and exc re-raised;
+    another exception (KeyboardInterrupt...) goes on instead of exc.
+
+    `unwind_generator`, when not empty, replaces `unwind` for generator-like code. On
+    3.11 it first turns a StopIteration (in an async generator, also a
+    StopAsyncIteration) into the RuntimeError the caller gets: 3.11 does that in C after
+    the frame ended (genobject.c gen_send_ex2), where 3.12 does it in the frame
+    (CALL_INTRINSIC_1 INTRINSIC_STOPITERATION_ERROR, in an implicit handler that UNWIND
+    lies outside of). Doing it in the frame, as 3.12 does, lets ON_UNWIND see what the
+    caller will see.
+
+    `guard` (3.12+) goes first in the handler when an entry of the code also covers the
+    prologue (the implicit StopIteration handler of generator-like code covers the first
+    RESUME): an exception raised there (by a signal handler, say) reaches UNWIND through
+    that handler although the frame never started, and must not be reported.
+
+    `fix` changes an argument that counts the exception handlers around a yield, which
+    the outermost handler adds one to. gen.close() skips raising GeneratorExit into a
+    generator suspended outside any try block (3.13: the RESUME after the yield carries
+    RESUME_OPARG_DEPTH1_MASK = 4; 3.12: YIELD_VALUE's argument is the depth, though
+    3.12.1's gen_close reads the opcode instead, gh-111107, so the shortcut never fires
+    there), and without the fix ON_UNWIND would not see that close().
+    """
+
+    value: tuple[Op, ...]
+    value_tail: tuple[Op, ...]
+    const: tuple[Op, ...] | None
+    const_tail: tuple[Op, ...] | None
+    unwind: tuple[Op, ...]
+    unwind_generator: tuple[Op, ...]
+    guard: tuple[Op, ...] | None
+    fix: ArgFix | None
+    #: Stack slots the code needs: above the depth of a return instruction ([value, NULL,
+    #: hook, value]: 3), and in all (the unwind handler's [lasti, exc, NULL, hook, exc]).
+    depth: int
+    handler_depth: int
+
+
+#: The marks of the return sequences.
+RETURN_GUARD: Final = Mark("return-guard")
+UNWIND: Final = Mark("unwind")
+UNWIND_GUARD: Final = Mark("unwind-guard")
+RERAISE: Final = Mark("reraise")
+RETURN_RAISE: Final = Mark("return-raise")
+UNWIND_RAISE: Final = Mark("unwind-raise")
+
+#: How UNWIND is entered: the stack cut to nothing, then lasti and the exception pushed.
+UNWIND_ENTRY: Final = Handler(UNWIND, 0, True)
+
+# Each hook is called in the form the compiler gives `hook(arg)`: a NULL and the callable
+# (3.11/3.12: NULL below the callable; 3.13: above it), the argument (a COPY of the value
+# being returned or of the exception), CALL 1, and its result dropped. Putting the hook in
+# the "method" slot and the argument in the "self" slot instead (LOAD_CONST, COPY 2,
+# CALL 0) saves the PUSH_NULL, and costs the same for a plain function, but makes a bound
+# method (what the core passes) take CALL's generic path: measured per return, +41 ns
+# against +23 ns on 3.11, +44 against +25 on 3.12, +43 against +22 on 3.13.
+#
+# Each `unwind` starts right after LABEL UNWIND (and the `guard`, when there is one) with
+# [lasti, exc] on the stack.
+
+RETURN_SEQUENCES: Final[dict[tuple[int, int], ReturnSequences]] = {
+    (3, 11): ReturnSequences(
+        value=(
+            ("TRY", Handler(RETURN_GUARD, 1, False)),
+            ("PUSH_NULL", None),
+            ("LOAD_CONST", ON_RETURN),
+            ("COPY", 3),
+            ("PRECALL", 1),
+            ("CALL", 1),
+            ("POP_TOP", None),
+            ("END_TRY", None),
+        ),
+        value_tail=(
+            ("LABEL", RETURN_GUARD),  # [value, exception from ON_RETURN]
+            ("LOAD_CONST", Exception),
+            ("CHECK_EXC_MATCH", None),
+            ("POP_JUMP_FORWARD_IF_FALSE", RETURN_RAISE),
+            ("POP_TOP", None),
+            ("RETURN_VALUE", None),
+            ("LABEL", RETURN_RAISE),
+            ("RERAISE", 0),
+        ),
+        const=None,  # no RETURN_CONST before 3.12
+        const_tail=None,
+        unwind=(
+            ("TRY", Handler(UNWIND_GUARD, 2, False)),
+            ("PUSH_NULL", None),
+            ("LOAD_CONST", ON_UNWIND),
+            ("COPY", 3),
+            ("PRECALL", 1),
+            ("CALL", 1),
+            ("POP_TOP", None),
+            ("END_TRY", None),
+            ("LABEL", RERAISE),
+            ("RERAISE", 1),
+            ("LABEL", UNWIND_GUARD),  # [lasti, exc, exception from the call]
+            ("LOAD_CONST", Exception),
+            ("CHECK_EXC_MATCH", None),
+            ("POP_JUMP_FORWARD_IF_FALSE", UNWIND_RAISE),
+            ("POP_TOP", None),
+            ("RERAISE", 1),
+            ("LABEL", UNWIND_RAISE),
+            ("RERAISE", 0),
+        ),
+        unwind_generator=(
+            ("TRY", Handler(UNWIND_GUARD, 2, False)),
+            # [lasti, exc] -> [lasti, CONVERT(exc)]
+            ("PUSH_NULL", None),
+            ("LOAD_CONST", CONVERT),
+            ("COPY", 3),
+            ("PRECALL", 1),
+            ("CALL", 1),
+            ("SWAP", 2),
+            ("POP_TOP", None),
+            ("PUSH_NULL", None),
+            ("LOAD_CONST", ON_UNWIND),
+            ("COPY", 3),
+            ("PRECALL", 1),
+            ("CALL", 1),
+            ("POP_TOP", None),
+            ("END_TRY", None),
+            ("LABEL", RERAISE),
+            ("RERAISE", 1),
+            ("LABEL", UNWIND_GUARD),  # [lasti, exc, exception from the call]
+            ("LOAD_CONST", Exception),
+            ("CHECK_EXC_MATCH", None),
+            ("POP_JUMP_FORWARD_IF_FALSE", UNWIND_RAISE),
+            ("POP_TOP", None),
+            ("RERAISE", 1),
+            ("LABEL", UNWIND_RAISE),
+            ("RERAISE", 0),
+        ),
+        guard=None,  # 3.11 has no exception-table entry over the prologue
+        fix=None,  # 3.11 gen_close always raises GeneratorExit into the frame
+        depth=3,
+        handler_depth=5,
+    ),
+    (3, 12): ReturnSequences(
+        value=(
+            ("TRY", Handler(RETURN_GUARD, 1, False)),
+            ("PUSH_NULL", None),
+            ("LOAD_CONST", ON_RETURN),
+            ("COPY", 3),
+            ("CALL", 1),
+            ("POP_TOP", None),
+            ("END_TRY", None),
+        ),
+        value_tail=(
+            ("LABEL", RETURN_GUARD),  # [value, exception from ON_RETURN]
+            ("LOAD_CONST", Exception),
+            ("CHECK_EXC_MATCH", None),
+            ("POP_JUMP_IF_FALSE", RETURN_RAISE),
+            ("POP_TOP", None),
+            ("RETURN_VALUE", None),
+            ("LABEL", RETURN_RAISE),
+            ("RERAISE", 0),
+        ),
+        const=(
+            ("TRY", Handler(RETURN_GUARD, 0, False)),
+            ("PUSH_NULL", None),
+            ("LOAD_CONST", ON_RETURN),
+            ("LOAD_CONST", CONST),
+            ("CALL", 1),
+            ("POP_TOP", None),
+            ("END_TRY", None),
+        ),
+        const_tail=(
+            ("LABEL", RETURN_GUARD),  # [exception from ON_RETURN]
+            ("LOAD_CONST", Exception),
+            ("CHECK_EXC_MATCH", None),
+            ("POP_JUMP_IF_FALSE", RETURN_RAISE),
+            ("POP_TOP", None),
+            ("RETURN_CONST", CONST),
+            ("LABEL", RETURN_RAISE),
+            ("RERAISE", 0),
+        ),
+        unwind=(
+            ("TRY", Handler(UNWIND_GUARD, 2, False)),
+            ("PUSH_NULL", None),
+            ("LOAD_CONST", ON_UNWIND),
+            ("COPY", 3),
+            ("CALL", 1),
+            ("POP_TOP", None),
+            ("END_TRY", None),
+            ("LABEL", RERAISE),
+            ("RERAISE", 1),
+            ("LABEL", UNWIND_GUARD),  # [lasti, exc, exception from the call]
+            ("LOAD_CONST", Exception),
+            ("CHECK_EXC_MATCH", None),
+            ("POP_JUMP_IF_FALSE", UNWIND_RAISE),
+            ("POP_TOP", None),
+            ("RERAISE", 1),
+            ("LABEL", UNWIND_RAISE),
+            ("RERAISE", 0),
+        ),
+        unwind_generator=(),  # the same as `unwind`: the implicit handler converts
+        guard=(
+            # [lasti, exc]: on to RERAISE unless lasti is past the prologue's RESUME.
+            ("COPY", 2),
+            ("LOAD_CONST", ENTRY),
+            ("COMPARE_OP", ">"),
+            ("POP_JUMP_IF_FALSE", RERAISE),
+        ),
+        fix=ArgFix("YIELD_VALUE", add=1),
+        depth=3,
+        handler_depth=5,
+    ),
+    (3, 13): ReturnSequences(
+        value=(
+            ("TRY", Handler(RETURN_GUARD, 1, False)),
+            ("LOAD_CONST", ON_RETURN),
+            ("PUSH_NULL", None),
+            ("COPY", 3),
+            ("CALL", 1),
+            ("POP_TOP", None),
+            ("END_TRY", None),
+        ),
+        value_tail=(
+            ("LABEL", RETURN_GUARD),  # [value, exception from ON_RETURN]
+            ("LOAD_CONST", Exception),
+            ("CHECK_EXC_MATCH", None),
+            ("POP_JUMP_IF_FALSE", RETURN_RAISE),
+            ("POP_TOP", None),
+            ("RETURN_VALUE", None),
+            ("LABEL", RETURN_RAISE),
+            ("RERAISE", 0),
+        ),
+        const=(
+            ("TRY", Handler(RETURN_GUARD, 0, False)),
+            ("LOAD_CONST", ON_RETURN),
+            ("PUSH_NULL", None),
+            ("LOAD_CONST", CONST),
+            ("CALL", 1),
+            ("POP_TOP", None),
+            ("END_TRY", None),
+        ),
+        const_tail=(
+            ("LABEL", RETURN_GUARD),  # [exception from ON_RETURN]
+            ("LOAD_CONST", Exception),
+            ("CHECK_EXC_MATCH", None),
+            ("POP_JUMP_IF_FALSE", RETURN_RAISE),
+            ("POP_TOP", None),
+            ("RETURN_CONST", CONST),
+            ("LABEL", RETURN_RAISE),
+            ("RERAISE", 0),
+        ),
+        unwind=(
+            ("TRY", Handler(UNWIND_GUARD, 2, False)),
+            ("LOAD_CONST", ON_UNWIND),
+            ("PUSH_NULL", None),
+            ("COPY", 3),
+            ("CALL", 1),
+            ("POP_TOP", None),
+            ("END_TRY", None),
+            ("LABEL", RERAISE),
+            ("RERAISE", 1),
+            ("LABEL", UNWIND_GUARD),  # [lasti, exc, exception from the call]
+            ("LOAD_CONST", Exception),
+            ("CHECK_EXC_MATCH", None),
+            ("POP_JUMP_IF_FALSE", UNWIND_RAISE),
+            ("POP_TOP", None),
+            ("RERAISE", 1),
+            ("LABEL", UNWIND_RAISE),
+            ("RERAISE", 0),
+        ),
+        unwind_generator=(),  # the same as `unwind`: the implicit handler converts
+        guard=(
+            # [lasti, exc]: on to RERAISE unless lasti is past the prologue's RESUME.
+            ("COPY", 2),
+            ("LOAD_CONST", ENTRY),
+            ("COMPARE_OP", ">"),
+            ("POP_JUMP_IF_FALSE", RERAISE),
+        ),
+        fix=ArgFix("RESUME", clear=4),
+        depth=3,
+        handler_depth=5,
+    ),
+}
+
+
 def call_sequence() -> CallSequence | None:
     """The sequence for the running interpreter; None if none was written and tested for it."""
     return CALL_SEQUENCES.get(env.PYVERSION)
+
+
+def return_sequences() -> ReturnSequences | None:
+    """The return sequences for the running interpreter; None if none were written."""
+    return RETURN_SEQUENCES.get(env.PYVERSION)

@@ -1,24 +1,35 @@
-"""Build a code object with call sequences inserted before chosen instructions.
+"""Build a code object with call sequences inserted before chosen instructions, and the
+return sequences of a return probe (retprobe.py).
 
 The `bytecode` library does the assembling: it turns the code into abstract instructions
 whose jumps point at `Label`s and whose exception-table ranges are `TryBegin`/`TryEnd`
 markers, we insert our instructions, and it resolves labels (adding EXTENDED_ARG where a
 jump grows), rebuilds the exception table and the location table.
 
-Where an instruction X gets a call sequence, the sequence goes *after* the markers that
-precede X and right before X itself, so
+Where an instruction X gets a call sequence, the sequence goes right before X, so
 
 * a Label on X (X was a jump target or an exception handler) now marks the sequence's first
   instruction: every path that reached X runs the sequence first;
-* the sequence lies inside exactly the exception-table ranges X lies in;
+* the sequence is covered by the exception-table entry that covers X;
 * each injected instruction carries X's location, so `co_lines()`, `co_positions()`,
   tracebacks and `frame.f_lineno` show X's line while the hit runs.
 
 An entry hit (an offset in the prologue, up to and including the first RESUME) goes right
-after that RESUME and before any marker, so a loop whose head is the first instruction of
-the body does not run it again on each iteration; it carries the location of the first body
-instruction, as a sequence before that instruction would (the prologue's own location is the
-`def` line, which 3.12+ would otherwise report as an extra LINE event).
+after that RESUME, so a loop whose head is the first instruction of the body does not run it
+again on each iteration; it carries the location of the first body instruction, as a
+sequence before that instruction would (the prologue's own location is the `def` line,
+which 3.12+ would otherwise report as an extra LINE event).
+
+The exception table is flat: each instruction has one handler at most, the innermost
+(CPython's InternalDocs/exception_handling.md). So the original TryBegin/TryEnd markers are
+read into "the entry covering each instruction" and written again around each run of
+instructions with the same entry (`_flatten`); a return probe's own entries then simply
+take the instructions no entry covered (the outermost handler) or their own few (the calls
+of the hooks).
+
+`build` also returns where each original instruction went: `bytecode` assembles each
+abstract instruction into exactly one instruction, in order, so the n-th abstract
+instruction is the n-th decoded one; each is checked to be the same opcode.
 
 Two things `bytecode` would change on its own and we keep instead (see `_Converter`):
 the order of `co_varnames`, `co_names` and `co_consts` (it renumbers them by first use and
@@ -28,18 +39,32 @@ marshal form, which would merge two distinct but equal nested code objects).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from types import CodeType
-from typing import Any
+from typing import Any, Final
 
 import bytecode as _bc
-from bytecode import Bytecode, ConcreteBytecode, Instr
-from bytecode.instr import InstrLocation
+from bytecode import Bytecode, Compare, ConcreteBytecode, Instr, Label
+from bytecode.instr import InstrLocation, TryBegin, TryEnd
 
-from pykprobes.arch.rewrite.assembly import HIT, CallSequence
+from pykprobes.arch.rewrite.assembly import (
+    CONST,
+    CONVERT,
+    ENTRY,
+    HIT,
+    ON_RETURN,
+    ON_UNWIND,
+    UNWIND_ENTRY,
+    CallSequence,
+    Handler,
+    Mark,
+    Op,
+    Placeholder,
+    ReturnSequences,
+)
 from pykprobes.arch.rewrite.decode import Instruction, entry_index, instructions
-
-OptHit = Callable[[], None]
+from pykprobes.arch.rewrite.retprobe import GENERATOR_LIKE, refuse_returns, stop_iteration_error
+from pykprobes.core.arch import OptHit, OptReturns
 
 # `bytecode`'s abstract-to-concrete converter: a private class of bytecode 0.19 that we
 # subclass to seed its tables. If it moves, the import of this module fails and the arch
@@ -80,6 +105,62 @@ class _Converter(_BaseConverter):  # type: ignore[misc]
         self.consts_list.append(value)
         self._const_by_id[id(value)] = index
         return index
+
+
+_NO_LOCATION: Final = InstrLocation(None, None, None, None)
+
+#: Arguments that `bytecode` wants as its own types, spelled as strings in assembly.py
+#: (which must not import `bytecode`).
+_ARGS: Final[dict[str, dict[object, object]]] = {"COMPARE_OP": {">": Compare.GT}}
+
+#: An exception-table entry as inject.py tracks it: (handler label, stack depth, lasti).
+Spec = tuple[Label, int, bool]
+
+
+class _Assembler:
+    """Turns assembly.py sequences into `bytecode` instructions, each with the
+    exception-table entry that covers it (a Spec, or None)."""
+
+    def __init__(self, values: dict[object, object]) -> None:
+        #: Placeholder -> value (ON_RETURN, ON_UNWIND, CONST, ENTRY, CONVERT).
+        self.values = values
+
+    def assemble(
+        self,
+        ops: Iterable[Op],
+        location: InstrLocation,
+        outer: Spec | None,
+        marks: dict[Mark, Label],
+    ) -> list[tuple[Instr | Label, Spec | None]]:
+        out: list[tuple[Instr | Label, Spec | None]] = []
+        spec = outer
+        for opname, arg in ops:
+            if opname == "TRY":
+                assert isinstance(arg, Handler)
+                spec = (_label(marks, arg.mark), arg.depth, arg.lasti)
+            elif opname == "END_TRY":
+                spec = outer
+            elif opname == "LABEL":
+                assert isinstance(arg, Mark)
+                out.append((_label(marks, arg), None))
+            elif arg is None:
+                out.append((Instr(opname, location=location), spec))
+            else:
+                if isinstance(arg, Mark):
+                    arg = _label(marks, arg)
+                elif opname in _ARGS:
+                    arg = _ARGS[opname][arg]
+                else:
+                    arg = self.values.get(arg, arg) if isinstance(arg, Placeholder) else arg
+                out.append((Instr(opname, arg, location=location), spec))
+        return out
+
+
+def _label(marks: dict[Mark, Label], mark: Mark) -> Label:
+    label = marks.get(mark)
+    if label is None:
+        label = marks[mark] = Label()
+    return label
 
 
 def _sequence(
@@ -123,14 +204,25 @@ def build(
     hits: Mapping[int, OptHit],
     consts: Mapping[int, CodeType],
     seq: CallSequence,
-) -> CodeType:
-    """`code` with `hits[offset]()` called before each offset and `consts` swapped in."""
+    returns: OptReturns | None = None,
+    rseq: ReturnSequences | None = None,
+) -> tuple[CodeType, dict[int, int]]:
+    """`code` with `hits[offset]()` called before each offset, `consts` swapped in and, with
+    `returns`, the return sequences `rseq` (see retprobe.py); and where each instruction
+    start of `code` is in the new code."""
     new_consts = list(code.co_consts)
     for index, replacement in consts.items():
         new_consts[index] = replacement
-    if not hits:
+    if not hits and returns is None:
         # Nothing moves: no need to reassemble.
-        return code.replace(co_consts=tuple(new_consts))
+        same = code.replace(co_consts=tuple(new_consts))
+        return same, {ins.start: ins.start for ins in instructions(code)}
+    if returns is not None:
+        if rseq is None:
+            raise ValueError("no return sequences for this Python")
+        reason = refuse_returns(code)
+        if reason is not None:
+            raise ValueError(reason)
 
     instrs, entry, at_entry, before = plan(code, hits)
     abstract = Bytecode.from_code(code, conserve_exception_block_stackdepth=True)
@@ -143,38 +235,167 @@ def build(
             f"expected {len(instrs)}"
         )
 
-    out: list[Any] = []
+    generator_like = bool(code.co_flags & GENERATOR_LIKE)
+    values: dict[object, object] = {ENTRY: instrs[entry].offset // 2}
+    if returns is not None:
+        values[ON_RETURN], values[ON_UNWIND] = returns
+    asm = _Assembler(values)
+    unwind_label = Label()
+    unwind: Spec | None = None
+    if returns is not None:
+        unwind = (unwind_label, UNWIND_ENTRY.depth, UNWIND_ENTRY.lasti)
+    tails: list[tuple[Instr | Label, Spec | None]] = []
+    guarded = False  # an entry of the code covers the prologue
+
+    # The body, each instruction with the entry that covers it. The original TryBegin and
+    # TryEnd markers are dropped and made again at the end from these (`_flatten`), because
+    # the table must stay flat while entries are added inside the code's own ones.
+    body: list[tuple[Instr | Label, Spec | None]] = []
+    current: Spec | None = None
     k = 0
     for item in items:
-        if not isinstance(item, Instr):
-            # Label, TryBegin, TryEnd: they stay before a sequence that precedes the next
-            # instruction (see the module docstring).
-            out.append(item)
+        if isinstance(item, TryBegin):
+            assert isinstance(item.target, Label) and isinstance(item.stack_depth, int)
+            current = (item.target, item.stack_depth, item.push_lasti)
             continue
+        if isinstance(item, TryEnd):
+            current = None
+            continue
+        if not isinstance(item, Instr):
+            body.append((item, None))  # a Label (SetLineno does not occur: 3.11+ locations)
+            continue
+        spec = current
+        if k <= entry:
+            guarded = guarded or spec is not None
+        elif spec is None:
+            spec = unwind  # a gap: only our handler (if any) covers it
         pending = before.get(k)
         if pending:
-            out.extend(_sequence(seq, pending, item.location))
-        out.append(item)
+            body.extend((i, spec) for i in _sequence(seq, pending, item.location))
+        if returns is not None and rseq is not None:
+            if item.name in ("RETURN_VALUE", "RETURN_CONST"):
+                tails.extend(_return_hook(asm, rseq, item, spec, body))
+            elif generator_like and rseq.fix is not None and item.name == rseq.fix.opname:
+                assert isinstance(item.arg, int)
+                item.arg = (item.arg + rseq.fix.add) & ~rseq.fix.clear
+        body.append((item, spec))
         if k == entry and at_entry:
             following = originals[k + 1].location if k + 1 < len(originals) else item.location
-            out.extend(_sequence(seq, at_entry, following))
+            body.extend((i, spec or unwind) for i in _sequence(seq, at_entry, following))
         k += 1
 
+    if returns is not None and rseq is not None:
+        if guarded and rseq.guard is None:
+            raise ValueError(
+                f"{code.co_name}: an exception handler covers the prologue, "
+                "and this Python has no guard sequence for it"
+            )
+        ops = rseq.unwind_generator if generator_like and rseq.unwind_generator else rseq.unwind
+        if generator_like:
+            values[CONVERT] = stop_iteration_error(code)
+        marks: dict[Mark, Label] = {UNWIND_ENTRY.mark: unwind_label}
+        tails.append((unwind_label, None))
+        if guarded and rseq.guard is not None:
+            tails.extend(asm.assemble(rseq.guard, _NO_LOCATION, None, marks))
+        # The handler has no location: it is no line of the source, so tracers see no
+        # 'line' event for it, and a hook that asks the frame for f_lineno gets None (the
+        # line of the raise is exc.__traceback__.tb_lineno).
+        tails.extend(asm.assemble(ops, _NO_LOCATION, None, marks))
+
     abstract.clear()
-    abstract.extend(out)
+    abstract.extend(_flatten(body + tails))
     converter = _Converter(abstract, code, new_consts)
-    # The exception table keeps its original stack depths (conserved above): a call
-    # sequence is stack-neutral, so no depth at any original boundary changes, and the
-    # code's stack only needs room for the sequence on top of its old maximum. Skipping
-    # `bytecode`'s stack analysis keeps build fast and free of its opinions.
+    # The exception table keeps its original stack depths (conserved above): every
+    # injected sequence is stack-neutral, so no depth at any original boundary changes,
+    # and the code's stack only needs room for the sequences on top of its old maximum
+    # (and for the unwind handler, which starts from an empty stack). Skipping `bytecode`'s
+    # stack analysis keeps build fast and free of its opinions.
     concrete: ConcreteBytecode = converter.to_concrete_bytecode(
         compute_exception_stack_depths=False
     )
-    new: CodeType = concrete.to_code(
-        stacksize=code.co_stacksize + seq.depth, compute_exception_stack_depths=False
-    )
+    stacksize = code.co_stacksize + seq.depth if hits else code.co_stacksize
+    if returns is not None and rseq is not None:
+        stacksize = max(stacksize, code.co_stacksize + rseq.depth, rseq.handler_depth)
+    new: CodeType = concrete.to_code(stacksize=stacksize, compute_exception_stack_depths=False)
     _check_same_frame(code, new, new_consts)
-    return new
+    offsets = _offsets(code, instrs, originals, new, body)
+    resume = instrs[entry].start
+    if offsets[resume] != resume:
+        # The guard compares lasti with the RESUME's original offset (ENTRY).
+        raise ValueError(f"{code.co_name}: the prologue moved")
+    return new, offsets
+
+
+def _return_hook(
+    asm: _Assembler,
+    rseq: ReturnSequences,
+    ret: Instr,
+    spec: Spec | None,
+    body: list[tuple[Instr | Label, Spec | None]],
+) -> list[tuple[Instr | Label, Spec | None]]:
+    """Append to `body` the call of on_return before `ret`; return its out-of-line tail."""
+    location = ret.location or _NO_LOCATION
+    marks: dict[Mark, Label] = {}
+    if ret.name == "RETURN_VALUE":
+        ops, tail = rseq.value, rseq.value_tail
+    else:
+        if rseq.const is None or rseq.const_tail is None:
+            raise ValueError(f"no return sequence for {ret.name} on this Python")
+        ops, tail = rseq.const, rseq.const_tail
+        asm.values[CONST] = ret.arg
+    body.extend(asm.assemble(ops, location, spec, marks))
+    # The tail returns from the frame when on_return raised: it keeps the return's location.
+    return asm.assemble(tail, location, None, marks)
+
+
+def _flatten(
+    items: list[tuple[Instr | Label, Spec | None]],
+) -> list[Instr | Label | TryBegin | TryEnd]:
+    """The instructions with TryBegin/TryEnd markers around each run covered by one entry."""
+    out: list[Instr | Label | TryBegin | TryEnd] = []
+    open_: TryBegin | None = None
+    current: Spec | None = None
+    for item, spec in items:
+        if isinstance(item, Instr) and spec != current:
+            if open_ is not None:
+                out.append(TryEnd(open_))
+                open_ = None
+            if spec is not None:
+                open_ = TryBegin(spec[0], spec[2], spec[1])
+                out.append(open_)
+            current = spec
+        out.append(item)
+    if open_ is not None:
+        out.append(TryEnd(open_))
+    return out
+
+
+def _offsets(
+    code: CodeType,
+    instrs: list[Instruction],
+    originals: list[Instr],
+    new: CodeType,
+    body: list[tuple[Instr | Label, Spec | None]],
+) -> dict[int, int]:
+    """Original instruction start -> the start of the same instruction in `new`. `bytecode`
+    assembles each abstract instruction into one instruction (with its EXTENDED_ARG
+    prefixes and CACHE entries), in order, and the body comes first."""
+    new_instrs = instructions(new)
+    ids = {id(i) for i in originals}
+    emitted = [item for item, _ in body if isinstance(item, Instr)]
+    positions = [n for n, item in enumerate(emitted) if id(item) in ids]
+    if len(positions) != len(instrs):
+        raise ValueError(f"{code.co_name}: lost track of the original instructions")
+    out: dict[int, int] = {}
+    for ins, position in zip(instrs, positions, strict=True):
+        moved = new_instrs[position]
+        if moved.opname != ins.opname:
+            raise ValueError(
+                f"{code.co_name}: {ins.opname} at {ins.start} became {moved.opname} "
+                f"at {moved.start}"
+            )
+        out[ins.start] = moved.start
+    return out
 
 
 def _check_same_frame(code: CodeType, new: CodeType, consts: list[object]) -> None:
