@@ -20,13 +20,10 @@ module is private to the registry).
 
 from __future__ import annotations
 
-import dis
 import gc
 from collections.abc import Iterable
 from types import CodeType, FunctionType
 from typing import TYPE_CHECKING
-
-from pykprobes.core.address import entry_offset
 
 if TYPE_CHECKING:
     from pykprobes.core.arch import BreakpointArch, OptimizerArch
@@ -111,56 +108,6 @@ class Mechanisms:
         self.versions: dict[int, CodeState] = {}
 
 
-# TEMPORARY: until the rewrite arch returns Built (offsets of its own).
-def _instructions(code: CodeType) -> list[tuple[int, str, object]]:
-    """(start offset, opname, argval) per instruction, EXTENDED_ARG folded into its start."""
-    out: list[tuple[int, str, object]] = []
-    start: int | None = None
-    for ins in dis.get_instructions(code):
-        if ins.opname == "EXTENDED_ARG":
-            if start is None:
-                start = ins.offset
-            continue
-        out.append((ins.offset if start is None else start, ins.opname, ins.argval))
-        start = None
-    return out
-
-
-def align(original: CodeType, new: CodeType, hits: dict[int, object]) -> dict[int, int]:
-    """original offset -> offset in `new`, where `new` is `original` with a call sequence
-    (ending in POP_TOP, containing LOAD_CONST hits[offset]) inserted before each hit offset.
-    Raises ValueError if `new` is not such a copy."""
-    old_ins = _instructions(original)
-    new_ins = _instructions(new)
-    # An entry probe's call sequence goes after the prologue's RESUME, that is before the
-    # instruction that follows it, ahead of that instruction's own call sequence.
-    entry = entry_offset(original)
-    before: dict[int, list[object]] = {}
-    for off, hit in sorted(hits.items()):
-        if off <= entry:
-            off = next(o for o, _, _ in old_ins if o > entry)
-        before.setdefault(off, []).append(hit)
-    offmap: dict[int, int] = {}
-    j = 0
-    for off, opname, _ in old_ins:
-        for hit in before.get(off, ()):
-            seen_hit = False
-            while j < len(new_ins):
-                _, nop, narg = new_ins[j]
-                j += 1
-                if nop == "LOAD_CONST" and narg is hit:
-                    seen_hit = True
-                elif seen_hit and nop == "POP_TOP":
-                    break
-            else:
-                raise ValueError(f"no call sequence before offset {off}")
-        if j >= len(new_ins) or new_ins[j][1] != opname:
-            raise ValueError(f"instruction at {off} ({opname}) not found in the rewrite")
-        offmap[off] = new_ins[j][0]
-        j += 1
-    return offmap
-
-
 def _switch_functions(pairs: dict[int, CodeType], olds: Iterable[CodeType]) -> None:
     """Point every function whose `__code__` is an old version at its new one. One pass of
     gc.get_referrers over all of them: it walks every object once, in C."""
@@ -208,11 +155,8 @@ def _rebuild(state: CodeState, mech: Mechanisms) -> None:
         assert mech.optimizer is not None
         hits = {off: state.sites[off].opt_hit for off in opt}
         hooks = (returns.opt_return, returns.opt_unwind) if ret and returns else None
-        built = mech.optimizer.build(original, hits, consts, *([hooks] if hooks else []))
-        if isinstance(built, CodeType):  # TEMPORARY, see align()
-            version = Version(built, align(original, built, hits), opt, consts, ret)
-        else:
-            version = Version(built.code, dict(built.offsets), opt, consts, ret)
+        built = mech.optimizer.build(original, hits, consts, hooks)
+        version = Version(built.code, dict(built.offsets), opt, consts, ret)
     _install(state, version, mech)
 
 
