@@ -3,23 +3,33 @@
 One lock, `_lock` (the kernel's `kprobe_mutex`), guards the table, the code states, the
 optimizer's queue and the global switches. It is never held while a handler runs (hits
 do not take it) and never while importing (wrapt's rule: import hooks outside locks).
+
+Early probes (the seed, ../shared/seed/early-kprobes-core-logic.patch.txt): in a process whose
+boot stage ran (`core.early.start()`), `register_kprobe()` takes `_register_early_kprobe()`
+until `init_kprobes()`: the probe gets KPROBE_FLAG_EARLY and an early slot, lives in the
+early table (`_early_table`, the seed's `early_kprobe_hlist`), and is optimized at once
+(`arch_optimize_kprobes()` without the delayed optimizer), since no breakpoint arch is up:
+the mechanisms are then `_early_mech`, whose breakpoint arch is a stand-in that arms
+nothing. `init_kprobes()` converts them (`_convert_early_kprobes_locked()`).
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 import threading
 from collections.abc import Iterable
 from types import CodeType, FunctionType, MethodType, ModuleType
 from typing import Any, Final
 
-from pykprobes.core import codestate, kretprobe, resolve
+from pykprobes.core import codestate, early, kretprobe, resolve
 from pykprobes.core.address import ProbeAddress, instruction_starts, is_entry
-from pykprobes.core.arch import select_breakpoint, select_optimizer
+from pykprobes.core.arch import OptimizerArch, select_breakpoint, select_optimizer
 from pykprobes.core.blacklist import blacklist_reason
 from pykprobes.core.codestate import CodeState, Mechanisms
 from pykprobes.core.probe import (
     KPROBE_FLAG_DISABLED,
+    KPROBE_FLAG_EARLY,
     KPROBE_FLAG_FTRACE,
     KPROBE_FLAG_GONE,
     KPROBE_FLAG_OPTIMIZED,
@@ -43,39 +53,108 @@ _optimizing: set[Site] = set()
 _all_disarmed = False
 _allow_optimization = True
 _timer: threading.Timer | None = None
+#: The early table (the seed's early_kprobe_hlist): the sites of early probes, while early.
+_early_table: dict[tuple[int, int], Site] = {}
+#: The mechanisms while early: the optimizer (loaded at the first rewrite) and a breakpoint
+#: stand-in. At conversion the same object gets the real breakpoint arch and becomes `_mech`.
+_early_mech: Mechanisms | None = None
+_early_mech_lock = threading.Lock()  # never held while taking another lock
+#: Serialises init_kprobes() (taken before `_lock`, never after it).
+_init_lock = threading.Lock()
 
 
 # --------------------------------------------------------------------------- init
 
 
 def init_kprobes() -> None:
-    """Initialise the core (idempotent, thread-safe): choose the mechanisms and install
-    the module notifier. The first use of the API calls it."""
+    """Initialise the core (idempotent, thread-safe): choose the mechanisms, install the
+    module notifier, and convert the early probes into normal ones (the seed's
+    init_kprobes() calling convert_early_kprobes()). Without a boot stage, the first use of
+    the API calls it; in an early process it is called explicitly, by `pykprobes run`, or
+    at the control socket's first request."""
     global _mech, _rejected
     if _mech is not None:
         return
-    # Load the arches before taking the lock: importing under our lock could deadlock
-    # with a thread whose import runs the module notifier.
-    bp, rejected = select_breakpoint()
-    try:
-        opt, rejected_opt = select_optimizer()
-    except Exception as exc:  # noqa: BLE001 - no optimizer: breakpoints only
-        opt, rejected_opt = None, {"rewrite": str(exc)}
-    from pykprobes.core import modwatch
-
-    with _lock:
+    with _init_lock:
         if _mech is not None:
             return
-        _rejected = {**rejected, **rejected_opt}
-        _mech = Mechanisms(bp, opt)
-        modwatch.install()
+        # Load the arches before taking the lock: importing under our lock could deadlock
+        # with a thread whose import runs the module notifier.
+        bp, rejected = select_breakpoint()
+        em = _early_mech
+        if em is not None and em.optimizer is not None:
+            opt: OptimizerArch | None = em.optimizer  # rewritten code came from this one
+            rejected_opt: dict[str, str] = {}
+        else:
+            try:
+                opt, rejected_opt = select_optimizer()
+            except Exception as exc:  # noqa: BLE001 - no optimizer: breakpoints only
+                opt, rejected_opt = None, {"rewrite": str(exc)}
+        from pykprobes.core import modwatch
+
+        with _lock:
+            _rejected = {**rejected, **rejected_opt}
+            if em is None:
+                mech = Mechanisms(bp, opt)
+                reports: list[str] = []
+                notifiers = early.finish()
+            else:
+                mech = em
+                reports, notifiers = _convert_early_kprobes_locked(mech, bp, opt)
+            _mech = mech
+            modwatch.install()
+    _report_unsafe(reports)
+    for notify in notifiers:
+        try:
+            notify()
+        except Exception as exc:  # noqa: BLE001 - a notifier's failure is reported, not raised
+            _stderr(f"pykprobes: early events could not be moved into the trace: {exc!r}\n")
+
+
+def kprobes_is_early() -> bool:
+    """The seed's kprobes_is_early(): the boot stage ran and init_kprobes() has not."""
+    return early.is_early()
 
 
 def _m() -> Mechanisms:
-    if _mech is None:
-        init_kprobes()
+    m = _mech
+    if m is not None:
+        return m
+    if early.is_early():
+        return _early_mechanisms()
+    init_kprobes()
     assert _mech is not None
     return _mech
+
+
+def _early_mechanisms() -> Mechanisms:
+    global _early_mech
+    with _early_mech_lock:
+        if _early_mech is None:
+            _early_mech = Mechanisms(early.EarlyBreakpoint(), None)
+        return _early_mech
+
+
+#: Why the optimizer could not be loaded while early (the early probes then cannot be armed).
+_early_opt_error: str | None = None
+
+
+def _load_early_optimizer() -> None:
+    """Load the optimizer for the early probes, outside the lock (it imports the rewrite arch
+    and `bytecode`): done at the first early probe whose code must be rewritten, so that a
+    process whose early targets are never imported never loads it."""
+    global _early_opt_error
+    em = _early_mechanisms()
+    if em.optimizer is not None or _early_opt_error is not None:
+        return
+    try:
+        opt, _ = select_optimizer()
+    except Exception as exc:  # noqa: BLE001 - reported when an early probe needs it
+        _early_opt_error = str(exc)
+        return
+    with _lock:
+        if em.optimizer is None:
+            em.optimizer = opt
 
 
 def mechanisms_capabilities() -> dict[str, bool]:
@@ -138,7 +217,14 @@ def _check_offset(code: CodeType, offset: int, symbol: str) -> int:
 
 
 def register_kprobe(p: Kprobe) -> None:
-    """Register and arm `p` (unless it is DISABLED). Raises KprobeError."""
+    """Register and arm `p` (unless it is DISABLED). Raises KprobeError.
+
+    While early, this is the seed's register_early_kprobe() (`_register_early_kprobe`)."""
+    if early.is_early() and _register_early_kprobe(p):
+        return
+    if p.flags & KPROBE_FLAG_EARLY:
+        # The seed's WARN(p->flags & KPROBE_FLAG_EARLY, ...); registration goes on.
+        _warn("register early kprobe after kprobes initialized", stacklevel=3)
     m = _m()
     if p.registered:
         raise einval(f"probe {p.symbol} is already registered")
@@ -172,6 +258,98 @@ def register_kprobe(p: Kprobe) -> None:
         _watch(target.module)
     with _lock:
         _register_target_locked(p, target, symbol, m)
+
+
+def _register_early_kprobe(p: Kprobe) -> bool:
+    """The seed's register_early_kprobe(): refuse what the early path cannot serve, take an
+    early slot, prepare the optimized probe and optimize it at once. Returns False, having
+    done nothing, if the process stopped being early meanwhile (init_kprobes() ran in
+    another thread): the caller then registers `p` normally.
+
+    The seed resolves the address before its early branch (kprobe_addr()), so a symbol that
+    does not resolve costs no slot; then: EINVAL for a post_handler or a DISABLED probe,
+    ENOMEM "No enough early kprobe slots.", and every failure after that frees the slot.
+    A module not imported yet makes a pending probe, armed (rewritten) when it is imported,
+    before its body runs; one not found on sys.path yet may live in the directory the
+    program will add first (the boot stage runs before Python adds it): that counts too."""
+    if p.registered:
+        raise einval(f"probe {p.symbol} is already registered")
+    if (p.symbol_name is None) == (p.addr is None):
+        raise einval("give exactly one of symbol_name and addr")
+    # kprobe_addr(): where it goes, without touching `p` yet.
+    target: resolve.Target | None = None
+    module = qualname = symbol = ""
+    offset = p.offset
+    if p.symbol_name is not None:
+        module, qualname = resolve.split_symbol(p.symbol_name)
+        symbol = f"{module}:{qualname}"
+        _check_early_blacklists(module, None, symbol)
+        mod = None if module in _expected else sys.modules.get(module)
+        if mod is None:
+            if module not in _expected and not _early_module_exists(module):
+                raise enoent(f"{p.symbol_name}: no module named {module!r}")
+        else:
+            target = resolve.resolve_imported(mod, qualname)
+            target.code = _original(target.code)
+    else:
+        target = _target_from_addr(p.addr)
+        module = target.module
+        symbol = f"{target.module}:{target.code.co_qualname}"
+        if isinstance(p.addr, ProbeAddress):
+            offset = p.addr.offset + p.offset
+        _check_early_blacklists(target.module, target.code, symbol)
+    # The seed sets KPROBE_FLAG_EARLY, then refuses.
+    p.flags |= KPROBE_FLAG_EARLY
+    if p.post_handler is not None:
+        raise einval(f"{symbol}+{offset}: an early kprobe cannot have a post_handler")
+    if p.flags & KPROBE_FLAG_DISABLED:
+        raise einval(f"{symbol}+{offset}: an early kprobe cannot be registered disabled")
+    from pykprobes.core import modwatch
+
+    if target is not None:
+        _load_early_optimizer()
+    m = _early_mechanisms()
+    with _lock:
+        if not early.is_early():
+            p.flags &= ~KPROBE_FLAG_EARLY
+            return False
+        if not early.alloc_slot(p):
+            raise KprobeError(errno.ENOMEM, early.NO_SLOT_MESSAGE)
+        p.flags = KPROBE_FLAG_EARLY  # DISABLED was refused; every other flag is masked
+        p.nmissed = 0
+        try:
+            if target is None:
+                p.offset = offset
+                _pending.setdefault(module, []).append((p, qualname))
+                p._site = _PendingSite(symbol, offset)
+            else:
+                if isinstance(p.addr, ProbeAddress):
+                    p.offset = offset
+                _register_target_locked(p, target, symbol, m)
+        except BaseException:
+            early.free_slot(p)  # the seed's error paths: free_slot
+            raise
+    modwatch.watch(module, sys.modules.get(module) if target is not None else None)
+    modwatch.install()  # the module notifier: init_kprobes() installs it otherwise
+    return True
+
+
+def _check_early_blacklists(module: str, code: CodeType | None, symbol: str) -> None:
+    reason = blacklist_reason(module, code) or early.blacklist_reason(module)
+    if reason is not None:
+        raise einval(f"{symbol}: cannot probe {module} ({reason})")
+
+
+def _early_module_exists(module: str) -> bool:
+    if resolve.module_exists(module):
+        return True
+    path0 = early.main_path0
+    if not path0:
+        return False
+    import importlib.machinery
+
+    top = module.partition(".")[0]
+    return importlib.machinery.PathFinder.find_spec(top, [path0]) is not None
 
 
 def _watch(module: str) -> None:
@@ -232,13 +410,14 @@ def _register_target_locked(
         raise einval(f"{symbol}: cannot probe it ({blacklist_reason(target.module, code)})")
     offset = _check_offset(code, p.offset, symbol)
     addr = ProbeAddress(code, offset)
-    site = _table.get(addr.key)
+    table = _site_table()
+    site = table.get(addr.key)
     if site is not None and p in site.probes:
         raise einval(f"probe {symbol}+{offset} is already registered")
     state = _state_for_locked(target, m)
     if site is None:
         site = Site(addr, symbol)
-        _table[addr.key] = site
+        table[addr.key] = site
         state.sites[offset] = site
     given = (p.addr, p.offset)
     site.probes.append(p)
@@ -248,18 +427,40 @@ def _register_target_locked(
     try:
         kretprobe.attach_locked(p, state)
         _refresh_site_locked(site, state, m)
-    except BaseException:
+        if early.is_early() and site.active and not site.optimized:
+            # arch_prepare_optimized_kprobe() failed: an early probe has no other mechanism.
+            raise einval(f"{symbol}+{offset}: Failed to prepare optimized kprobe. "
+                         f"({_unoptimized_reason(site, state, m)})")
+    except BaseException as exc:
         # The mechanism refused the address (prepare failed): undo, as the kernel's error
         # paths do, and leave p as the caller gave it.
-        _unregister(p)
+        _unregister(p, keep_slot=True)
         p.addr, p.offset = given
+        if early.is_early() and isinstance(exc, Exception) and \
+                not isinstance(exc, KprobeError):
+            # The rewrite itself failed while early (no breakpoint to fall back on).
+            raise einval(f"{symbol}+{offset}: Failed to prepare optimized kprobe. "
+                         f"({exc})") from exc
         raise
+
+
+def _site_table() -> dict[tuple[int, int], Site]:
+    """The table new sites go into: the early table while early, else the main one."""
+    return _early_table if early.is_early() else _table
+
+
+def _unoptimized_reason(site: Site, state: CodeState, m: Mechanisms) -> str:
+    if m.optimizer is None:
+        return f"the optimizer is not available: {_early_opt_error or 'not loaded'}"
+    if site.posts:
+        return "it has a post_handler"
+    return _opt_check(site, state, m) or "not optimizable"
 
 
 def _refresh_site_locked(site: Site, state: CodeState, m: Mechanisms) -> None:
     """Recompute what a hit runs, re-arm, and queue or cancel optimization."""
     gone = any(p.flags & KPROBE_FLAG_GONE for p in site.probes)
-    if _all_disarmed or gone:
+    if kprobes_all_disarmed() or gone:
         site.active = ()
     else:
         site.active = tuple(p for p in site.probes if not p.is_disabled())
@@ -267,6 +468,10 @@ def _refresh_site_locked(site: Site, state: CodeState, m: Mechanisms) -> None:
     kretprobe.refresh_locked(state)
     if site.optimized and not _optimizable_locked(site, state, m):
         site.optimized = False  # unoptimize at once (the kernel's forced unoptimize)
+    if early.is_early() and not site.optimized and _optimizable_locked(site, state, m):
+        # While early the seed calls arch_optimize_kprobes() at once: no optimizer thread,
+        # and no breakpoint to serve the probe until it runs.
+        site.optimized = True
     codestate.sync(state, m)
     if not site.optimized and _optimizable_locked(site, state, m):
         _optimizing.add(site)
@@ -275,10 +480,11 @@ def _refresh_site_locked(site: Site, state: CodeState, m: Mechanisms) -> None:
 
 
 def _optimizable_locked(site: Site, state: CodeState, m: Mechanisms) -> bool:
+    # While early, the seed's optimize_kprobe() ignores kprobes_allow_optimization and
+    # kprobes_all_disarmed: early probes have no other mechanism. Both apply at conversion.
     return (
         m.optimizer is not None
-        and _allow_optimization
-        and not _all_disarmed
+        and (early.is_early() or (_allow_optimization and not _all_disarmed))
         and bool(site.active)
         and not site.posts
         and _opt_check(site, state, m) is None
@@ -425,15 +631,18 @@ def optimization_enabled() -> bool:
 
 def unregister_kprobe(p: Kprobe) -> None:
     """Disarm and remove `p`; once no probe needs it, the code is the original again.
-    When it returns, no handler of `p` runs any more (hits in flight have finished)."""
+    When it returns, no handler of `p` runs any more (hits in flight have finished).
+    An early probe's slot is returned (the seed's free_aggr_kprobe -> ek_free_early_kprobe)."""
     _unregister(p)
     synchronize_hits()
 
 
-def _unregister(p: Kprobe) -> None:
+def _unregister(p: Kprobe, keep_slot: bool = False) -> None:
     m = _m()
     with _lock:
         site = p._site
+        if site is not None and not keep_slot:
+            early.free_slot(p)
         if isinstance(site, _PendingSite):
             module = site.symbol.partition(":")[0]
             entries = _pending.get(module, [])
@@ -453,7 +662,7 @@ def _unregister(p: Kprobe) -> None:
             site.active = ()
             site.posts = ()
             site.optimized = False
-            del _table[site.addr.key]
+            del _site_table()[site.addr.key]
             del state.sites[site.addr.offset]
             _optimizing.discard(site)
             codestate.sync(state, m)
@@ -550,7 +759,7 @@ def _set_all_disarmed(value: bool) -> None:
 
 
 def kprobes_all_disarmed() -> bool:
-    return _all_disarmed
+    return _all_disarmed and not early.is_early()
 
 
 # --------------------------------------------------------------------------- lookup
@@ -567,14 +776,21 @@ def get_kprobe(addr: Any, offset: int = 0) -> Kprobe | None:
         return None
     if isinstance(addr, ProbeAddress):
         offset = addr.offset + offset
+    key = (id(target.code), offset)
     with _lock:
-        site = _table.get((id(target.code), offset))
+        if early.is_early():
+            # The seed's get_kprobe() walks early_kprobe_hlist while early.
+            for p in early.slot_probes():
+                if isinstance(p._site, Site) and p._site.addr.key == key:
+                    return p
+            return None
+        site = _table.get(key)
         return site.probes[0] if site and site.probes else None
 
 
 def all_probes() -> list[Kprobe]:
     with _lock:
-        probes = [p for site in _table.values() for p in site.probes]
+        probes = [p for t in (_table, _early_table) for site in t.values() for p in site.probes]
         probes += [p for entries in _pending.values() for p, _ in entries]
     return probes
 
@@ -634,6 +850,8 @@ def module_code_loaded(module: str, code: CodeType) -> CodeType:
     """The module notifier: `module`'s code is about to run (import). Arm its pending
     probes on the code objects it will create, and return the code to run (rewritten
     when the optimizer already handles a probe in it; early probes need that)."""
+    if early.is_early() and module in _pending:
+        _load_early_optimizer()  # before the lock: it imports
     m = _m()
     with _lock:
         _expected.discard(module)
@@ -646,7 +864,7 @@ def module_code_loaded(module: str, code: CodeType) -> CodeType:
             try:
                 target = resolve.resolve_in_code(module, code, qualname)
                 _register_target_locked(p, target, f"{module}:{qualname}", m)
-            except KprobeError as exc:
+            except Exception as exc:  # noqa: BLE001 - never break the program's import
                 # It stays registered, GONE, as a kernel probe whose text went away.
                 p._site = pending_site
                 p.flags |= KPROBE_FLAG_GONE
@@ -712,13 +930,102 @@ def check_gone() -> None:
         module_gone(module)
 
 
-def _warn(message: str) -> None:
+def _warn(message: str, stacklevel: int = 2) -> None:
     import warnings
 
     try:
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
     except Exception:  # noqa: BLE001 - warnings as errors must not break an import
         pass
+
+
+def _stderr(text: str) -> None:
+    """Write to stderr whatever its state (None under pythonw, closed at exit)."""
+    try:
+        if sys.stderr is not None:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+    except Exception:  # noqa: BLE001 - nowhere left to report it
+        pass
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _convert_early_kprobes_locked(
+    m: Mechanisms, bp: Any, opt: OptimizerArch | None
+) -> tuple[list[str], list[Any]]:
+    """The seed's convert_early_kprobes(), `_lock` held: every early probe becomes a normal
+    one. Returns the unsafe reports and the early notifiers to run once the lock is released.
+
+    Each early site is checked again as check_kprobe_address_safe() does (the blacklist may
+    have grown: @nokprobe); an unsafe one is removed, or the process panics with
+    PYKPROBES_PANIC_ON_UNSAFE=1. The others move into the main table unchanged: the same
+    Site objects and the same rewritten code, so a thread hitting one meanwhile goes on
+    hitting it (no gap). The early slots are returned, the real breakpoint arch takes over
+    from the stand-in (it arms what running versions need), and the global switches set
+    while early (set_optimization, disarm_all_kprobes) apply from now on."""
+    # Nothing was armed by the stand-in: forget what it was asked to arm.
+    for state in _states.values():
+        state.armed.clear()
+        state.ret_armed.clear()
+    m.breakpoint = bp
+    if m.optimizer is None:
+        m.optimizer = opt
+    reports: list[str] = []
+    for site in list(_early_table.values()):
+        state = _states.get(id(site.addr.code))
+        reason = _address_unsafe_locked(site, state)
+        if reason is None:
+            continue
+        message = f"Insert kprobe at {site.symbol}+{site.addr.offset} is not safe! ({reason})"
+        if early.panic_on_unsafe:
+            _panic(message)
+        for p in list(site.probes):
+            _unregister(p)  # frees its slot
+        reports.append(message)
+    _table.update(_early_table)
+    _early_table.clear()
+    notifiers = early.finish()  # not early any more; every slot is free
+    for state in list(_states.values()):
+        for site in list(state.sites.values()):
+            _refresh_site_locked(site, state, m)
+        codestate.reconcile_breakpoints(state, m)
+    if any(state.retired for state in _states.values()):
+        _kick_optimizer_locked()  # retire what no frame runs any more
+    return reports, notifiers
+
+
+def _address_unsafe_locked(site: Site, state: CodeState | None) -> str | None:
+    """check_kprobe_address_safe() for a converted early site: why it is not safe now."""
+    if state is None:
+        return "its code is not tracked"
+    versions = [state.original, state.current.code, *(v.code for v in state.retired)]
+    for code in versions:
+        reason = blacklist_reason(state.module, code)
+        if reason is not None:
+            return reason
+    try:
+        _check_offset(state.original, site.addr.offset, site.symbol)
+    except KprobeError as exc:
+        return str(exc)
+    return None
+
+
+def _panic(message: str) -> None:
+    """The kernel panics on an unsafe early probe; with PYKPROBES_PANIC_ON_UNSAFE=1 so do we."""
+    import os
+
+    text = f"pykprobes: Kernel panic - not syncing: {message}\n"
+    try:
+        os.write(2, text.encode("utf-8", "replace"))
+    finally:
+        os.abort()
+
+
+def _report_unsafe(reports: list[str]) -> None:
+    for message in reports:
+        _stderr(f"pykprobes: {message}: the early probe is removed\n")
 
 
 __all__ = [
@@ -728,6 +1035,7 @@ __all__ = [
     "enable_kprobe",
     "get_kprobe",
     "init_kprobes",
+    "kprobes_is_early",
     "list_kprobes",
     "register_kprobe",
     "register_kprobes",
