@@ -36,9 +36,16 @@ MIN_VERSION = (3, 11)
 # python3.N names looked up on PATH; 20 leaves room for releases to come.
 MINORS = range(MIN_VERSION[1], 21)
 ARCHES = ("breakpoint", "optimized")
-# The files that decide what `pip install -e .[test]` installs: a change to either means the
-# venv must be reinstalled (the version is read from _version.py into the metadata).
-INSTALL_INPUTS = (ROOT / "pyproject.toml", ROOT / "src" / "pykprobes" / "_version.py")
+# The files that decide what `pip install -e .[test]` installs: a change to any means the
+# venv must be reinstalled (the version is read from _version.py into the metadata; setup.py
+# writes the start-up hook `_pykprobes.pth` from boot/pth.py, and the editable install copies
+# that file into site-packages rather than linking it).
+INSTALL_INPUTS = (
+    ROOT / "pyproject.toml",
+    ROOT / "setup.py",
+    ROOT / "src" / "pykprobes" / "_version.py",
+    ROOT / "src" / "pykprobes" / "boot" / "pth.py",
+)
 STAMP = "pykprobes-dev.json"
 QUERY_TIMEOUT = 30.0
 

@@ -1,0 +1,47 @@
+"""The one thing pyproject.toml cannot say: install the start-up hook `_pykprobes.pth` at the top
+of site-packages (the boot stage, src/pykprobes/boot/). Everything else is in pyproject.toml.
+
+A wheel gets it at its root (build_lib); an editable install (PEP 660, `pip install -e .`,
+which dev.py uses) gets it in its wheel too: setuptools' editable_wheel runs build_py with
+`editable_mode` set and packs whatever is in the `install` command's install_lib directory.
+The file's text comes from src/pykprobes/boot/pth.py, read by path (no import of the package).
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_PTH = runpy.run_path(os.path.join(HERE, "src", "pykprobes", "boot", "pth.py"))
+PTH_NAME: str = _PTH["PTH_NAME"]
+PTH_TEXT: str = _PTH["PTH_TEXT"]
+
+
+class BuildPyWithPth(build_py):
+    """build_py, plus the .pth file at the top of the built tree."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            # The editable wheel is packed from install_lib, not build_lib.
+            target = self.get_finalized_command("install").install_lib
+        else:
+            target = self.build_lib
+        os.makedirs(target, exist_ok=True)
+        path = os.path.join(target, PTH_NAME)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(PTH_TEXT)
+        self._pth_output = path
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        outputs = list(super().get_outputs(include_bytecode))
+        if not getattr(self, "editable_mode", False):
+            outputs.append(os.path.join(self.build_lib, PTH_NAME))
+        return outputs
+
+
+setup(cmdclass={"build_py": BuildPyWithPth})

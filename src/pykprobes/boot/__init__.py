@@ -1,0 +1,84 @@
+"""The boot stage: early probes from the environment at interpreter start-up (the kernel's
+`kprobe_event=` boot parameter, feeding the seed's early kprobes).
+
+The wheel installs `_pykprobes.pth` (boot/pth.py), which calls `start_from_environ()` at
+every start of an interpreter of that environment whose `PYKPROBES_EVENTS` is set, before
+the program runs.
+
+Environment:
+
+    PYKPROBES_EVENTS            kprobe_events definitions separated by `;`, with `,` for
+                                spaces if you like (the kernel's `kprobe_event=`), e.g.
+                                'p:boot/top pkg.mod:<module>+12 v=VALUE;p:boot/f json:loads s'
+    PYKPROBES_OUTPUT            where the early events go, in the trace format, at exit if the
+                                process is still early then (appended); unset: stderr
+    PYKPROBES_EARLY_SLOTS       the number of early slots (1..64, default 16: the seed's
+                                CONFIG_NR_EARLY_KPROBES_SLOTS); out of range: a warning and 16
+    PYKPROBES_EARLY_BUFFER      the early buffer's size in events (1..1048576, default 16384);
+                                when it is full, further events are counted lost
+    PYKPROBES_PANIC_ON_UNSAFE   1: an early probe found unsafe at conversion aborts the process
+
+Each definition is parsed by the grammar of every other definition (`grammar.parse_boot`),
+registered as an early probe (`register_kprobe()` before `init_kprobes()`: an early slot, the
+optimized mechanism only) and enabled. A bad one prints one warning in the kernel's words,
+`pykprobes: Failed to add event(-ERRNO): DEFINITION: REASON`, and start-up goes on: the
+program's output and exit code are its own.
+
+Targets: `pkg.mod:Qual.name[+OFFS]` and `pkg.mod:<module>[+OFFS]` in modules not imported yet
+are armed when the module is imported, before its body runs, so that top-level and
+import-time code is probed; modules already imported are rewritten in place. `__main__:...`
+targets the program itself, before its first line, for
+
+    python script.py   python -c CODE   python -m module   python DIR_OR_ZIP
+
+(boot/mainhook.py: an audit hook sees the program's code object about to run and runs the
+rewritten one instead). Not covered: the interactive interpreter and a program read from
+stdin (their `__main__` probes stay pending), and `pykprobes run`, which hands its program's
+code to the core itself. `path/to/file.py:LINE` targets work only in modules imported at
+start-up (the others are not found yet).
+
+The process stays early until `init_kprobes()` (called by the program, `pykprobes run`, or the
+control socket); then the early events move into the trace buffer, in order, and the probes
+become normal ones. A process that stays early writes its early events at exit.
+
+When `PYKPROBES_EVENTS` is unset, the `.pth` line imports nothing. When it is set, the boot
+stage loads the core's registry and the trace's event code (tests/boot/test_import_weight.py
+lists them); the rewrite arch and `bytecode` are loaded only when a target's code has to be
+rewritten.
+"""
+
+from __future__ import annotations
+
+_started = False
+
+
+def start_from_environ() -> None:
+    """Run the boot stage once per process (site may process a `.pth` file twice); never
+    raises: a failure is one warning on stderr, and the program runs as it would have."""
+    global _started
+    if _started:
+        return
+    _started = True
+    import os
+
+    value = os.environ.get("PYKPROBES_EVENTS")
+    if not value:
+        return
+    try:
+        from pykprobes.boot import stage
+
+        stage.run(value)
+    except Exception as exc:  # noqa: BLE001 - start-up must go on
+        import sys
+
+        try:
+            if sys.stderr is not None:
+                sys.stderr.write(f"pykprobes: the boot stage failed: {exc!r}\n")
+        except Exception:  # noqa: BLE001 - nowhere to report it
+            pass
+
+
+#: The short name.
+start = start_from_environ
+
+__all__ = ["start", "start_from_environ"]

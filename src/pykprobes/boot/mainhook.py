@@ -1,0 +1,142 @@
+"""Early probes on `__main__`: the program's own code, rewritten before its first line runs.
+
+The program's code never goes through the import system: `python script.py` and
+`python -c CODE` compile it in C and run it with `PyEval_EvalCode()`, `python -m module` (and
+`python DIR_OR_ZIP`) through runpy's `_run_code()`, which calls `exec()`. Both raise the
+audit event `exec` with the code object just before running it (PEP 578), and an audit hook
+can be installed from the boot stage. So, when a boot definition targets `__main__`, the boot
+stage installs `_audit`, which waits for the first `exec` of the program's code:
+
+* from C with no Python frame on the stack (`sys._getframe(1)` fails): `python script.py`
+  and `python -c` (the `.pth` lines and `sitecustomize` are executed from Python frames);
+* or from runpy's `_run_code` with the `__main__` module's namespace: `-m`, a directory or a
+  zip file.
+
+It hands the code to the core like the module notifier does (`module_code_loaded("__main__",
+code)`), which arms the pending `__main__` probes on it, and if that gave rewritten code, it
+runs that in the `__main__` namespace, in place of the original, and then ends the original's
+run by raising SystemExit (which is how a program that calls `sys.exit()` ends too): the
+program runs once, probed from its first line, with its own namespace, argv, sys.path, stdin
+and stdout. An uncaught exception is printed as Python prints it (sys.excepthook, the
+program's frames first, then runpy's for -m; sys.last_exc set) and the exit status is 1;
+SystemExit from the program goes through untouched; KeyboardInterrupt goes on up (Python
+then exits as it does on SIGINT) with this module's one frame in its traceback.
+
+Limits: the program runs inside the audit hook's call, so it has the hook's frames below
+its own (`sys._getframe()` depth, `inspect.stack()`); the hook is marked `__cantrace__` so
+that tracers and sys.monitoring see the program. An audit hook cannot be removed: after the
+program started, `_audit` costs one Python call per audit event (it returns at once). It is
+installed only when a definition targets `__main__`. Not covered: the interactive
+interpreter and a program read from stdin, `python -i` (the inspect prompt would follow a
+program that already ended), and pykprobes' own command line (`pykprobes run` hands its
+program's code to the core itself).
+"""
+
+from __future__ import annotations
+
+import sys
+from types import CodeType, FrameType, TracebackType
+
+_mode: str | None = None
+_done = False
+_installed = False
+
+
+def install(mode: str) -> None:
+    """Watch for the program's code (mode: "script", "-c" or "-m", from the boot stage)."""
+    global _mode, _installed
+    if _installed:
+        return
+    _mode = mode
+    _audit.__cantrace__ = True  # type: ignore[attr-defined]
+    sys.addaudithook(_audit)
+    _installed = True
+
+
+def _audit(event: str, args: tuple[object, ...]) -> None:
+    global _done
+    if _done or event != "exec":
+        return
+    code = args[0] if args else None
+    if type(code) is not CodeType or code.co_name != "<module>":
+        return
+    try:
+        caller: FrameType | None = sys._getframe(1)
+    except ValueError:
+        caller = None
+    if caller is None:
+        if _mode not in ("script", "-c") or getattr(sys.flags, "inspect", 0):
+            return
+    elif not _is_runpy_main(caller):
+        return
+    _done = True
+    if _own_cli(code):
+        return
+    from pykprobes.core import registry
+
+    original = registry._original(code)  # -m: the module notifier may have rewritten it
+    run = registry.module_code_loaded("__main__", original)
+    if run is original or run is code:
+        return  # no early probe in it: the program runs as Python runs it
+    # The program runs here, in this frame (the only one of ours its traceback can show).
+    try:
+        exec(run, vars(sys.modules["__main__"]))
+    except SystemExit:
+        raise
+    except KeyboardInterrupt as exc:
+        raise exc.with_traceback(_program_traceback(exc.__traceback__, None)) from None
+    except BaseException as exc:  # noqa: BLE001 - printed as Python prints it
+        _print_uncaught(exc, caller)
+        raise SystemExit(1) from None
+    finally:
+        registry.module_executed("__main__", original)
+    raise SystemExit  # the program ran: the original code must not run
+
+
+def _is_runpy_main(frame: FrameType) -> bool:
+    """runpy's _run_code() running the `__main__` module (python -m, a directory, a zip)."""
+    if frame.f_code.co_name != "_run_code" or frame.f_globals.get("__name__") != "runpy":
+        return False
+    main = sys.modules.get("__main__")
+    return main is not None and frame.f_locals.get("run_globals") is vars(main)
+
+
+def _own_cli(code: CodeType) -> bool:
+    """pykprobes' command line (its console script, `python -m pykprobes`)."""
+    import os
+
+    import pykprobes
+
+    package = os.path.dirname(pykprobes.__file__ or "")
+    return "pykprobes.cli.main" in code.co_names or (
+        bool(package) and code.co_filename.startswith(package + os.sep))
+
+
+def _program_traceback(tb: TracebackType | None, caller: FrameType | None) -> TracebackType | None:
+    """The traceback without this module's frames, under the frames that called the program
+    (runpy's, for -m), as Python would show it."""
+    while tb is not None and tb.tb_frame.f_globals.get("__name__") == __name__:
+        tb = tb.tb_next
+    outer: list[FrameType] = []
+    frame = caller
+    while frame is not None:
+        outer.append(frame)
+        frame = frame.f_back
+    for frame in outer:  # innermost first: each one goes on top
+        tb = TracebackType(tb, frame, frame.f_lasti, frame.f_lineno)
+    return tb
+
+
+def _print_uncaught(exc: BaseException, caller: FrameType | None) -> None:
+    """What PyErr_Print() does with an uncaught exception."""
+    tb = _program_traceback(exc.__traceback__, caller)
+    exc = exc.with_traceback(tb)
+    sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, tb
+    sys.last_exc = exc  # 3.12+ reads it; harmless before
+    try:
+        sys.excepthook(type(exc), exc, tb)
+    except Exception:  # noqa: BLE001 - as PyErr_Print, fall back to the default hook
+        sys.__excepthook__(type(exc), exc, tb)
+
+
+__all__ = ["install"]

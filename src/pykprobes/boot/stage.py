@@ -1,0 +1,287 @@
+"""The boot stage's work, when `PYKPROBES_EVENTS` is set (see boot/__init__.py).
+
+The kernel's `setup_boot_kprobe_events()` + `enable_boot_kprobe_events()` over the seed's
+early kprobes: the variables are read, the definitions parsed by `grammar.parse_boot`, each
+one becomes an event whose probes are registered early (an early slot each) and enabled, and
+its hits are recorded into the early buffer. A bad definition is one warning in the
+kernel's words ("Failed to add event(%d): %s") and the next one is tried.
+
+Then the events wait for one of two ends:
+
+* conversion (`init_kprobes()`): `_handover()`, called by the core once the probes are normal
+  ones, puts the events into the process's tracefs and moves the early buffer into its trace
+  buffer, in order (`EarlyBuffer.seal`);
+* exit, if the process is still early: `_write_at_exit()` appends the early events to
+  `PYKPROBES_OUTPUT` (or writes them to stderr) in the trace format, with the lost count.
+
+This module reaches into `trace.events.Event` the way `Event.prepare()` does, except that the
+probes are registered enabled: an early probe cannot be registered DISABLED (the seed).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pykprobes.boot.buffer import EarlyBuffer
+from pykprobes.core import early
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: this runs at start-up
+if TYPE_CHECKING:
+    from typing import Any
+
+    from pykprobes.grammar import ProbeDef, RemoveDef
+    from pykprobes.trace.events import Event
+
+#: PYKPROBES_EARLY_BUFFER: the early buffer's entries.
+EARLY_BUFFER_DEFAULT = 16384
+EARLY_BUFFER_MAX = 1 << 20
+
+#: What the boot stage did, for `status()` and the tests.
+_events: dict[tuple[str, str], Event] = {}
+_buffer: EarlyBuffer | None = None
+_output: str | None = None
+_warnings: list[str] = []
+_next_id = 0
+
+
+def run(value: str) -> None:
+    global _buffer, _output
+    before = set(sys.modules)
+    env = os.environ
+    slots = _env_int("PYKPROBES_EARLY_SLOTS", early.NR_EARLY_KPROBES_SLOTS_DEFAULT,
+                     early.NR_EARLY_KPROBES_SLOTS_MIN, early.NR_EARLY_KPROBES_SLOTS_MAX)
+    entries = _env_int("PYKPROBES_EARLY_BUFFER", EARLY_BUFFER_DEFAULT, 1, EARLY_BUFFER_MAX)
+    panic = env.get("PYKPROBES_PANIC_ON_UNSAFE", "").strip() in ("1", "y", "Y")
+    _output = env.get("PYKPROBES_OUTPUT") or None
+    mode, path0 = _program()
+    if not early.start(slots, panic=panic, path0=path0):
+        return  # the core is initialised already (the stage was started by hand, late)
+    _buffer = EarlyBuffer(entries)
+
+    from pykprobes import grammar
+
+    definitions = grammar.parse_boot(value)
+    if any(isinstance(d, grammar.ProbeDef) for _, d in definitions):
+        from pykprobes.core import registry
+
+        if any(isinstance(d, grammar.ProbeDef) and d.module == "__main__"
+               for _, d in definitions) and mode is not None:
+            # The program's code reaches the core through the main hook, not the import
+            # system: its probes wait for it even though a `__main__` module exists now.
+            registry.expect_module("__main__")
+            from pykprobes.boot import mainhook
+
+            mainhook.install(mode)
+    for text, d in definitions:
+        if isinstance(d, grammar.ProbeDef):
+            _define(text, d)
+        elif isinstance(d, grammar.RemoveDef):
+            _remove(text, d)
+        else:
+            _fail(text, 22, f"{d.message} (column {d.pos})")
+    early.add_blacklist(set(sys.modules) - before, "loaded by the boot stage")
+    early.on_convert(_handover)
+    import atexit
+
+    atexit.register(_write_at_exit)
+
+
+def _env_int(name: str, default: int, low: int, high: int) -> int:
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        value = int(text.strip(), 0)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        _warn(f"{name}={text!r} is not a number in {low}..{high}: using {default}")
+        return default
+    return value
+
+
+def _program() -> tuple[str | None, str | None]:
+    """How the program will be run, from sys.argv as `site` sees it ("script", "-c", "-m",
+    or None: interactive or stdin), and the directory Python will put first on sys.path for
+    it (the boot stage runs before it does)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    safe = getattr(sys.flags, "safe_path", False)
+    if argv0 == "-c":
+        return "-c", None if safe else os.getcwd()
+    if argv0 == "-m":
+        return "-m", None if safe else os.getcwd()
+    if not argv0 or argv0 == "-":
+        return None, None
+    if safe:
+        return "script", None
+    if os.path.isdir(argv0) or (os.path.isfile(argv0) and
+                                not argv0.endswith((".py", ".pyw", ".pyc"))):
+        return "script", os.path.abspath(argv0)  # a directory or a zip with __main__.py
+    return "script", os.path.dirname(os.path.realpath(argv0))
+
+
+# ----------------------------------------------------------------------------- definitions
+
+
+def _define(text: str, d: ProbeDef) -> None:
+    """One `p`/`r` definition: an enabled event whose probes are early probes."""
+    global _next_id
+    from pykprobes import errors
+    from pykprobes.core import kretprobe
+    from pykprobes.core.address import ProbeAddress
+    from pykprobes.core.probe import Kprobe
+    from pykprobes.core.registry import register_kprobes
+    from pykprobes.trace import fetchargs
+    from pykprobes.trace.events import Event
+
+    assert _buffer is not None
+    key = (d.group, d.event)
+    if key in _events:
+        _fail(text, 17, errors.ERRORS["EVENT_EXIST"])
+        return
+    _next_id += 1
+    event = Event(d, _buffer, _next_id)  # type: ignore[arg-type]
+    try:
+        fetch = fetchargs.compile_fetchargs(d.args, is_return=event.is_return, text=d.text,
+                                            code=None)
+        specs: list[dict[str, Any]]
+        if d.target_kind == "line":
+            from pykprobes.core.lines import resolve_line
+
+            addrs = resolve_line(f"{d.path}:{d.line}")
+            event.offset = addrs[0].offset
+            event.symbol = f"{d.path}:{d.line}"
+            specs = [{"addr": a} for a in addrs]
+        else:
+            specs = [{"symbol_name": f"{d.module}:{d.qualname}", "offset": d.offset}]
+        probes: list[Any]
+        if event.is_return:
+            probes = [kretprobe.Kretprobe(handler=event._ret_hit, maxactive=d.maxactive, **s)
+                      for s in specs]
+            kretprobe.register_kretprobes(probes)
+        else:
+            probes = [Kprobe(pre_handler=event._hit, **s) for s in specs]
+            register_kprobes(probes)
+    except errors.ParseError as exc:
+        _fail(text, 22, f"{exc.message} (column {exc.pos})")
+        return
+    except errors.KprobeError as exc:
+        _fail(text, exc.errno, str(exc.args[0]) if exc.args else str(exc))
+        return
+    resolved = getattr(probes[0], "addr", None)
+    if d.target_kind != "line" and isinstance(resolved, ProbeAddress):
+        try:  # the target is imported: check names and $argN against its code, as prepare()
+            fetch = fetchargs.compile_fetchargs(d.args, is_return=event.is_return,
+                                                text=d.text, code=resolved.code)
+        except errors.ParseError as exc:
+            _release(event.is_return, probes)
+            _fail(text, 22, f"{exc.message} (column {exc.pos})")
+            return
+    event._fetch = fetch
+    event.probes = probes
+    event.enabled = True
+    _events[key] = event
+
+
+def _release(is_return: bool, probes: list[Any]) -> None:
+    from pykprobes.core import kretprobe, registry
+
+    if is_return:
+        kretprobe.unregister_kretprobes(probes)
+    else:
+        registry.unregister_kprobes(probes)
+
+
+def _remove(text: str, d: RemoveDef) -> None:
+    """`-:[GRP/]EVENT` at boot removes an event defined before it on the command line."""
+    for key, event in list(_events.items()):
+        if key[1] == d.event and (d.group is None or key[0] == d.group):
+            del _events[key]
+            _release(event.is_return, event.probes)
+            event.probes = []
+            event.enabled = False
+            return
+    _fail(text, 2, f"no event {d.event!r}")
+
+
+def _fail(text: str, err: int, reason: str) -> None:
+    # The kernel: pr_warn("Failed to add event(%d): %s\n", ret, cmd).
+    _warn(f"Failed to add event(-{abs(err)}): {text} ({reason})")
+
+
+def _warn(message: str) -> None:
+    _warnings.append(message)
+    try:
+        if sys.stderr is not None:
+            sys.stderr.write(f"pykprobes: {message}\n")
+            sys.stderr.flush()
+    except Exception:  # noqa: BLE001 - nowhere to report it
+        pass
+
+
+# ----------------------------------------------------------------------------- the two ends
+
+
+def _handover() -> None:
+    """Called by init_kprobes() once the early probes are normal ones: the events join the
+    process's tracefs, and the early buffer moves into its trace buffer."""
+    from pykprobes.trace.tracefs import tracefs
+
+    fs = tracefs()
+    for key, event in list(_events.items()):
+        if fs.events.setdefault(key, event) is not event:
+            _warn(f"event {key[0]}/{key[1]} exists in the trace already: the early one is "
+                  "kept out of it")
+    if _buffer is not None:
+        _buffer.seal(fs.buffer)
+    for event in _events.values():
+        event.buffer = fs.buffer
+
+
+def _write_at_exit() -> None:
+    """atexit: a process still early writes its early events where PYKPROBES_OUTPUT says."""
+    if not early.is_early() or _buffer is None:
+        return
+    records, lost = _buffer.snapshot()
+    if not records and not lost:
+        return
+    try:
+        from pykprobes.trace import format as fmt
+
+        text = "".join(fmt.format_line(r) + "\n" for r in records)
+        if lost:
+            text += fmt.format_lost(lost) + "\n"
+        if _output:
+            # One write with O_APPEND: the children of a process inherit PYKPROBES_EVENTS,
+            # and each appends its own block.
+            fd = os.open(_output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, text.encode("utf-8", "backslashreplace"))
+            finally:
+                os.close(fd)
+        elif sys.stderr is not None:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+    except Exception as exc:  # noqa: BLE001 - at exit: report, never raise
+        _warn(f"the early events could not be written: {exc!r}")
+
+
+def status() -> dict[str, Any]:
+    """What the boot stage did: for `pykprobes` tools and the tests."""
+    buf = _buffer
+    return {
+        "early": early.is_early(),
+        "booted": early.was_early(),
+        "slots": early.nr_slots(),
+        "free_slots": early.nr_free_slots(),
+        "events": [f"{g}/{n}" for g, n in _events],
+        "buffer_entries": buf.entries if buf is not None else 0,
+        "buffer_capacity": buf.capacity if buf is not None else 0,
+        "lost": buf.lost if buf is not None else 0,
+        "warnings": list(_warnings),
+        "output": _output,
+    }
+
+
+__all__ = ["run", "status"]
