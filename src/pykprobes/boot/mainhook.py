@@ -17,10 +17,10 @@ code)`), which arms the pending `__main__` probes on it, and if that gave rewrit
 runs that in the `__main__` namespace, in place of the original, and then ends the original's
 run by raising SystemExit (which is how a program that calls `sys.exit()` ends too): the
 program runs once, probed from its first line, with its own namespace, argv, sys.path, stdin
-and stdout. An uncaught exception is printed as Python prints it (sys.excepthook, the
-program's frames first, then runpy's for -m; sys.last_exc set) and the exit status is 1;
-SystemExit from the program goes through untouched; KeyboardInterrupt goes on up (Python
-then exits as it does on SIGINT) with this module's one frame in its traceback.
+and stdout. An uncaught exception is printed as Python prints it (sys.excepthook with
+runpy's frames then the program's for -m; sys.last_exc set) and the exit status is 1, or,
+for KeyboardInterrupt, the process kills itself with SIGINT at the end of exit as Python
+does; SystemExit from the program goes through untouched.
 
 Limits: the program runs inside the audit hook's call, so it has the hook's frames below
 its own (`sys._getframe()` depth, `inspect.stack()`); the hook is marked `__cantrace__` so
@@ -40,6 +40,8 @@ from types import CodeType, FrameType, TracebackType
 _mode: str | None = None
 _done = False
 _installed = False
+#: The program ended with an uncaught KeyboardInterrupt.
+_sigint = False
 
 
 def install(mode: str) -> None:
@@ -83,10 +85,12 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
         exec(run, vars(sys.modules["__main__"]))
     except SystemExit:
         raise
-    except KeyboardInterrupt as exc:
-        raise exc.with_traceback(_program_traceback(exc.__traceback__, None)) from None
     except BaseException as exc:  # noqa: BLE001 - printed as Python prints it
         _print_uncaught(exc, caller)
+        if isinstance(exc, KeyboardInterrupt):
+            global _sigint
+            _sigint = True  # exit_like_python() ends the process as Python would
+            raise SystemExit(130) from None
         raise SystemExit(1) from None
     finally:
         registry.module_executed("__main__", original)
@@ -110,6 +114,26 @@ def _own_cli(code: CodeType) -> bool:
     package = os.path.dirname(pykprobes.__file__ or "")
     return "pykprobes.cli.main" in code.co_names or (
         bool(package) and code.co_filename.startswith(package + os.sep))
+
+
+def exit_like_python() -> None:
+    """Called last at exit (the boot stage's atexit handler): after an uncaught
+    KeyboardInterrupt, Python ends by killing itself with SIGINT once finalized (so that its
+    parent sees a process interrupted); a SystemExit from an audit hook cannot ask for that,
+    so do it here, after flushing what Python would have flushed."""
+    if not _sigint:
+        return
+    import os
+    import signal
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:  # noqa: BLE001 - as at finalization: ignored
+            pass
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def _program_traceback(tb: TracebackType | None, caller: FrameType | None) -> TracebackType | None:

@@ -84,7 +84,7 @@ def run(value: str) -> None:
     early.on_convert(_handover)
     import atexit
 
-    atexit.register(_write_at_exit)
+    atexit.register(_at_exit)  # registered first, so it runs last
 
 
 def _env_int(name: str, default: int, low: int, high: int) -> int:
@@ -230,6 +230,9 @@ def _handover() -> None:
 
     fs = tracefs()
     for key, event in list(_events.items()):
+        if not any(p.registered for p in event.probes):
+            del _events[key]  # its probes were found unsafe and removed (reported)
+            continue
         if fs.events.setdefault(key, event) is not event:
             _warn(f"event {key[0]}/{key[1]} exists in the trace already: the early one is "
                   "kept out of it")
@@ -239,8 +242,15 @@ def _handover() -> None:
         event.buffer = fs.buffer
 
 
+def _at_exit() -> None:
+    _write_at_exit()
+    mainhook = sys.modules.get("pykprobes.boot.mainhook")
+    if mainhook is not None:
+        mainhook.exit_like_python()
+
+
 def _write_at_exit() -> None:
-    """atexit: a process still early writes its early events where PYKPROBES_OUTPUT says."""
+    """A process still early at exit writes its early events where PYKPROBES_OUTPUT says."""
     if not early.is_early() or _buffer is None:
         return
     records, lost = _buffer.snapshot()

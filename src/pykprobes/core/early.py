@@ -46,6 +46,8 @@ EARLY_NEEDED = (
     "pykprobes",
     "bytecode",
     "site",
+    "_sitebuiltins",
+    "zipimport",
     "os",
     "posixpath",
     "genericpath",
@@ -79,6 +81,9 @@ EARLY_NEEDED = (
     "linecache",
     "importlib",
     "atexit",
+    "__future__",
+    "copy",
+    "dataclasses",
 )
 
 _NEVER = 0
