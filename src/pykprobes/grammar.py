@@ -8,8 +8,9 @@
 Shaped on the kernel's parser (kernel/trace/trace_kprobe.c `__trace_kprobe_create`,
 kernel/trace/trace_probe.c `traceprobe_parse_event_name`, `traceprobe_parse_probe_arg`): the
 same checks in the same order, the same error codes (`errors.ERRORS`) and the caret at the
-column where the kernel puts it. Fetchargs are only checked for syntax here; trace.fetchargs
-compiles them. docs/events.md is the contract.
+column where the kernel puts it. This is the one parser of fetchargs: it checks their syntax and
+returns them parsed (`FetchArgDef.kind`, `root`, `chain`); trace.fetchargs compiles those records
+and checks only what needs the probed code. docs/events.md is the contract.
 
 This module is a leaf that the boot stage runs at interpreter start-up: standard library only,
 and at run time it imports neither `re` nor `dataclasses` nor `typing` (plain `__slots__`
@@ -328,25 +329,33 @@ def _tokenize(text: str) -> list[tuple[int, str]]:
             while i < n and text[i] not in _SPACES:
                 i += 1
         else:
-            quote = ""
-            depth = 0
-            while i < n:
-                c = text[i]
-                if quote:
-                    if c == quote:
-                        quote = ""
-                elif c in _SPACES:
-                    if not depth:
-                        break
-                elif c in _QUOTES:
-                    quote = c
-                elif c == "[":
-                    depth += 1
-                elif c == "]" and depth:
-                    depth -= 1
-                i += 1
+            i = _arg_end(text, i)
         words.append((start, text[start:i]))
     return words
+
+
+def _arg_end(text: str, i: int) -> int:
+    """The end of the fetcharg that starts at `i`: the next whitespace outside quotes and
+    brackets, or the end of `text`."""
+    quote = ""
+    depth = 0
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if quote:
+            if c == quote:
+                quote = ""
+        elif c in _SPACES:
+            if not depth:
+                break
+        elif c in _QUOTES:
+            quote = c
+        elif c == "[":
+            depth += 1
+        elif c == "]" and depth:
+            depth -= 1
+        i += 1
+    return i
 
 
 def _sanitize(text: str) -> str:
@@ -429,9 +438,11 @@ def _candidate_name(word: str) -> str | None:
 
 
 def _parse_chain(text: str, expr: str, i: int, bpos: int) -> tuple[tuple[str, object], ...]:
-    """The `.attr` and `[KEY]` steps of `expr` from index `i` on (KEY: an int or a quoted
-    string, spaces allowed around it). Any other character -> BAD_FETCH_ARG at it; an unclosed
-    `[` or quote -> BAD_FETCH_ARG at the opener."""
+    """The `.attr` and `[KEY]` steps of `expr` from index `i` on (KEY: an int, decimal or 0x-hex
+    and signed, or a string quoted with ' or " and taken as written; spaces allowed around it).
+    Any other character -> BAD_FETCH_ARG at it: a KEY written None, True, False, 2.5 or b'k'
+    too (docs/events.md shows `NAME[KEY]` and `NAME[0]`: an index or a key, not any literal).
+    An unclosed `[` or quote -> BAD_FETCH_ARG at the opener."""
     steps: list[tuple[str, object]] = []
     n = len(expr)
     while i < n:
@@ -652,6 +663,17 @@ def _derived_name(kind: str, root: object, index: int, candidates: dict[str, int
     return f"arg{index}"
 
 
+def parse_fetcharg(text: str, pos: int, *, is_return: bool) -> FetchArgDef:
+    """The fetcharg at column `pos` of `text` (up to the next whitespace outside quotes and
+    brackets), checked as parse() checks a definition's first fetcharg, for a return probe or
+    not; errors point into `text`. For callers that hold one fetcharg rather than a whole
+    definition (trace.fetchargs.compile_fetcharg)."""
+    word = text[pos : _arg_end(text, pos)]
+    candidate = _candidate_name(word)
+    candidates = {candidate: 1} if candidate else {}
+    return _parse_fetcharg(text, pos, word, 1, is_return, set(), candidates)
+
+
 # --------------------------------------------------------------------------------- parse
 
 
@@ -856,4 +878,5 @@ __all__ = [
     "derive_event_name",
     "parse",
     "parse_boot",
+    "parse_fetcharg",
 ]

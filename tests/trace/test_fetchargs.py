@@ -26,10 +26,10 @@ from pykprobes.trace.fetchargs import (
     compile_fetcharg,
     compile_fetchargs,
     frame_name,
-    parse_body,
     thread_name,
 )
 from pykprobes.trace.safe import Opaque
+from tests.trace.test_grammar_errors import CASES
 
 CALLS: list[str] = []
 
@@ -343,8 +343,10 @@ def test_fetcher_never_raises() -> None:
     for arg in ("x", "x.y", "$arg1", "$stack", "$stack2"):
         assert fetcher(arg)(regs) is FAULT
     assert fetcher("$comm")(regs) == threading.current_thread().name
-    assert compile_fetchargs([_Def("x", 11), _Def("y", 13)], is_return=False,
-                             text="p m:f x y")(regs) == (FAULT, FAULT)  # fmt: skip
+    definition = grammar.parse("p m:f x y")
+    assert isinstance(definition, grammar.ProbeDef)
+    fetch_all = compile_fetchargs(definition.args, is_return=False, text=definition.text)
+    assert fetch_all(regs) == (FAULT, FAULT)
 
 
 # -------------------------------------------------------------------------- validation
@@ -370,62 +372,44 @@ def test_names_checked_against_the_code() -> None:
     assert parse_error("HANDLER_CODE", code=closure.__code__) == ("BAD_VAR", 0)
 
 
-# (body, is_return, code, offset in the body)
-BAD_BODIES = [
-    ("$foo", "BAD_VAR", 0),
-    ("$arg0", "BAD_ARG_NUM", 0),
-    ("$arg-1", "BAD_ARG_NUM", 0),
-    ("$arg", "BAD_VAR", 0),
-    ("$argx", "BAD_VAR", 0),
-    ("$arg:1x", "BAD_VAR", 0),
-    ("$arg99999", "BAD_ARG_NUM", 0),
-    ("$stack-1", "BAD_STACK_NUM", 0),
-    ("$stack99999", "BAD_STACK_NUM", 0),
-    ("$stackx", "BAD_VAR", 0),
-    ("$stack.x", "BAD_FETCH_ARG", 6),
-    ("$stack1[0]", "BAD_FETCH_ARG", 7),
-    ("$comm.x", "COMM_CANT_DEREF", 0),
-    ("$comm[0]", "COMM_CANT_DEREF", 0),
-    ("x.", "BAD_FETCH_ARG", 2),
-    ("x.1bad", "BAD_FETCH_ARG", 2),
-    ("req.headers.", "BAD_FETCH_ARG", 12),
-    ("req..x", "BAD_FETCH_ARG", 4),
-    ("x[", "BAD_FETCH_ARG", 1),
-    ("x[0", "BAD_FETCH_ARG", 1),
-    ("x[]", "BAD_FETCH_ARG", 2),
-    ("x[abc]", "BAD_FETCH_ARG", 2),
-    ("x[1 2]", "BAD_FETCH_ARG", 4),
-    ("x['a]", "BAD_FETCH_ARG", 2),
-    ("x['a'b]", "BAD_FETCH_ARG", 5),
-    ("x[0]y", "BAD_FETCH_ARG", 4),
-    ("x-y", "BAD_FETCH_ARG", 1),
-    ("x:y", "BAD_FETCH_ARG", 1),
-    ("1x", "BAD_FETCH_ARG", 0),
-    ("@x", "BAD_FETCH_ARG", 0),
-    ("\\", "BAD_IMM", 1),
-    ("\\abc", "BAD_IMM", 1),
-    ("\\1.5.5", "BAD_IMM", 1),
-    ("\\nan", "BAD_IMM", 1),
-    ('\\"open', "IMMSTR_NO_CLOSE", 6),
-    ('\\"a"b"', "BAD_IMM", 1),
-    ("", "NO_ARG_BODY", 0),
+# The rows of the grammar's error table that are about one fetcharg, the first of the
+# definition (its other rows need the whole definition).
+ONE_ARG_CASES = [
+    (case, code)
+    for case, code in CASES
+    if case[:8] in ("p mod:f ", "r mod:f ")
+    and "^" in case[8:]
+    and code != "TOO_MANY_ARGS"
+    and not (code == "USED_ARG_NAME" and " " in case[8:])
 ]
 
 
-@pytest.mark.parametrize(("body", "code", "offset"), BAD_BODIES)
-def test_bad_bodies(body: str, code: str, offset: int) -> None:
-    assert parse_error(body) == (code, offset)
-
-
-@pytest.mark.parametrize(
-    ("body", "code", "offset"), [b for b in BAD_BODIES if b[0] and b[0] != "x:y"]
-)
-def test_errors_agree_with_the_grammar(body: str, code: str, offset: int) -> None:
-    """The grammar checks the same syntax first: same code, same column (but for `x:y`, where
-    the grammar sees a type)."""
+@pytest.mark.parametrize(("case", "code"), ONE_ARG_CASES)
+def test_compile_reports_the_grammars_errors(case: str, code: str) -> None:
+    """compile_fetcharg has the grammar parse the fetcharg (there is no other parser): the
+    grammar's error, at the column of the grammar's table."""
+    text, pos = case.replace("^", ""), case.index("^")
     with pytest.raises(ParseError) as info:
-        grammar.parse(f"p mod:func {body}")
-    assert (info.value.code, info.value.pos - 11) == (code, offset)
+        compile_fetcharg(text[8:], None, is_return=case[0] == "r", text=text, pos=8)
+    assert (info.value.code, info.value.pos, info.value.text) == (code, pos, text)
+
+
+def test_bad_bodies_through_the_helper() -> None:
+    """Columns are those of `text`, the body at 11 here."""
+    assert parse_error("x.1bad") == ("BAD_FETCH_ARG", 2)
+    assert parse_error("$arg0") == ("BAD_ARG_NUM", 0)
+    assert parse_error('\\"open') == ("IMMSTR_NO_CLOSE", 6)
+    assert parse_error("") == ("NO_ARG_BODY", 0)
+    # A colon in the body is the grammar's type separator, as in any definition: `y` is an
+    # unknown type (fetchargs' own parser used to call this a bad body at the colon).
+    assert parse_error("x:y") == ("BAD_TYPE", 2)
+
+
+def test_body_and_type_must_be_those_of_the_text() -> None:
+    with pytest.raises(ValueError, match="holds 'x':int"):
+        compile_fetcharg("y", None, is_return=False, text="p m:f x:int", pos=6)
+    with pytest.raises(ValueError):
+        compile_fetcharg("x", "str", is_return=False, text="p m:f x:int", pos=6)
 
 
 BAD_TYPES = [
@@ -458,48 +442,19 @@ def test_positions_with_a_name() -> None:
     assert info.value.pos == len("p m:f n=x:")
 
 
-def test_other_keys() -> None:
+def test_keys_are_ints_and_quoted_strings() -> None:
+    """The grammar's KEY (test_grammar_errors: None, True, 2.5 and b'k' are BAD_FETCH_ARG)."""
     frame = regs_of(sys._getframe())
-    table = {None: "none", True: "true", b"k": "bytes", 2.5: "float", "a b": "space"}  # noqa: F841
-    assert fetcher("table[None]")(frame) == "none"
-    assert fetcher("table[True]")(frame) == "true"
-    assert fetcher("table[b'k']")(frame) == "bytes"
-    assert fetcher("table[2.5]")(frame) == "float"
+    table = {"a b": "space", 0x10: "hex", -2: "negative", None: "none"}  # noqa: F841
+    assert fetcher("table['a b']")(frame) == "space"
+    assert fetcher('table[ "a b" ]')(frame) == "space"
+    assert fetcher("table[0x10]")(frame) == "hex"
+    assert fetcher("table[-2]")(frame) == "negative"
+    assert parse_error("table[None]") == ("BAD_FETCH_ARG", 6)
     assert parse_error("table[b'\u00e9']") == ("BAD_FETCH_ARG", 6)
 
 
 # ------------------------------------------------------------------------- consistency
-
-GOOD_ARGS = [
-    "x",
-    "$arg1",
-    "$arg:name",
-    "$retval",
-    "$comm",
-    "$COMM",
-    "$stack",
-    "$stack0",
-    "$stack12",
-    "\\0x1f",
-    "\\-3",
-    "\\1.5e3",
-    "\\'text'",
-    'req.headers["Host"]',
-    "items[0].name",
-    "a.b.c[-1]['k'][ 2 ]",
-    "$retval.x[0]",
-    "$arg2.y",
-    "d[0x10]",
-]
-
-
-@pytest.mark.parametrize("arg", GOOD_ARGS)
-def test_parse_agrees_with_the_grammar(arg: str) -> None:
-    definition = grammar.parse(f"r mod:func {arg}")
-    assert isinstance(definition, grammar.ProbeDef)
-    (d,) = definition.args
-    parsed = parse_body(d.body, is_return=True, text=definition.text, body_pos=d.body_pos)
-    assert parsed == (d.kind, d.root, d.chain)
 
 
 def test_compile_fetchargs_from_grammar_records(regs: Regs) -> None:
@@ -524,7 +479,9 @@ def test_compile_fetchargs_errors_carry_the_columns() -> None:
     assert info.value.pos == definition.text.index("nothing")
 
 
-class _Def:
+class _Spec:
+    """A FetchArgSpec that is not the grammar's record: body, type and column only."""
+
     def __init__(self, body: str, pos: int, type_name: str | None = None) -> None:
         self.body = body
         self.pos = pos
@@ -535,13 +492,19 @@ class _Def:
 def test_compile_fetchargs_any_count(regs: Regs, count: int) -> None:
     bodies = ["count", "total", "$stack0", "\\1", "flag"][:count]
     text = "p m:f " + " ".join(bodies)
-    defs, pos = [], 6
+    definition = grammar.parse(text)
+    assert isinstance(definition, grammar.ProbeDef)
+    specs, pos = [], 6
     for body in bodies:
-        defs.append(_Def(body, pos))
+        specs.append(_Spec(body, pos))
         pos += len(body) + 1
-    values = compile_fetchargs(defs, is_return=False, text=text)(regs)
     expected = (21, 42, f"{__name__}:handler_like", 1, False)[:count]
-    assert values == expected
+    assert compile_fetchargs(definition.args, is_return=False, text=text)(regs) == expected
+    # Specs are parsed by the grammar at their column, to the same fetchers.
+    assert compile_fetchargs(specs, is_return=False, text=text)(regs) == expected
+    if count:
+        with pytest.raises(ValueError):
+            compile_fetchargs([_Spec("other", 6)], is_return=False, text=text)
 
 
 def test_compile_fetchargs_reads_f_locals_once(regs: Regs) -> None:
@@ -557,14 +520,17 @@ def test_compile_fetchargs_reads_f_locals_once(regs: Regs) -> None:
             return {"count": 1, "total": 2, "flag": 3}
 
     fake = Regs(Frame(), 0)  # type: ignore[arg-type]
-    for n in (1, 2, 3):
-        defs = [_Def(b, 6) for b in ("count", "total", "flag")[:n]]
+    for text, values, expected_reads in [
+        ("p m:f count", (1,), [1]),
+        ("p m:f count total", (1, 2), [1]),
+        ("p m:f count total flag", (1, 2, 3), [1]),
+        ("p m:f \\1", (1,), []),  # nothing to read: f_locals untouched
+    ]:
+        definition = grammar.parse(text)
+        assert isinstance(definition, grammar.ProbeDef)
         reads.clear()
-        assert compile_fetchargs(defs, is_return=False, text="p m:f x")(fake) == (1, 2, 3)[:n]
-        assert reads == [1]
-    reads.clear()
-    assert compile_fetchargs([_Def("\\1", 6)], is_return=False, text="p m:f \\1")(fake) == (1,)
-    assert reads == []  # nothing to read: f_locals untouched
+        assert compile_fetchargs(definition.args, is_return=False, text=text)(fake) == values
+        assert reads == expected_reads
 
 
 # ----------------------------------------------------------------------- never evaluated

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pykprobes import grammar
 from pykprobes.core.regs import Regs
 from pykprobes.trace.fetchargs import compile_fetchargs
 
@@ -21,20 +22,10 @@ RUNS = 9
 HITS = 100_000
 
 
-class _Def:
-    def __init__(self, body: str, pos: int) -> None:
-        self.body = body
-        self.pos = pos
-        self.type: str | None = None
-
-
 def _compile(bodies: list[str], is_return: bool = False) -> Callable[[Regs], tuple[Any, ...]]:
-    text = "p m:f " + " ".join(bodies)
-    defs, pos = [], 6
-    for body in bodies:
-        defs.append(_Def(body, pos))
-        pos += len(body) + 1
-    return compile_fetchargs(defs, is_return=is_return, text=text)
+    definition = grammar.parse(("r" if is_return else "p") + " m:f " + " ".join(bodies))
+    assert isinstance(definition, grammar.ProbeDef)
+    return compile_fetchargs(definition.args, is_return=is_return, text=definition.text)
 
 
 class Request:

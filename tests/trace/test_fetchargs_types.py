@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from pykprobes import grammar
 from pykprobes.core.regs import Regs
 from pykprobes.trace.fetchargs import compile_fetcharg
 from pykprobes.trace.safe import FAULT, REPR_CAP, STR_CAP, Opaque
@@ -121,6 +122,8 @@ class Perm(IntFlag):
 
 def test_table() -> None:
     assert set(TYPES) == {"int", "float", "str", "string", "bool", "x", "repr", "type", "len"}
+    # The grammar decides which type names there are; fetchargs takes its converter by name.
+    assert set(TYPES) == grammar.FETCH_TYPES
     assert TYPES["string"] is TYPES["str"]
     assert DEFAULT("x") == "x"
 

@@ -296,6 +296,58 @@ def test_fetchargs_names_and_types() -> None:
     assert [a.root for a in definition.args] == [2, "self", "kw", "t", None]
 
 
+# One fetcharg of each form, as the word after "r mod:func ".
+GOOD_ARGS = [
+    "x",
+    "$arg1",
+    "$arg:name",
+    "$retval",
+    "$comm",
+    "$COMM:string",
+    "$stack",
+    "$stack0",
+    "$stack12:str",
+    "\\0x1f",
+    "\\-3:x",
+    "\\1.5e3",
+    "\\'text'",
+    "\\'a b'",
+    'req.headers["Host"]',
+    "items[0].name:len",
+    "a.b.c[-1]['k'][ 2 ]",
+    "$retval.x[0]",
+    "$arg2.y:repr",
+    "d[0x10]",
+    "n=$arg:x.y:int",
+    "kw[ 'k v' ]:str",
+]
+
+
+@pytest.mark.parametrize("arg", GOOD_ARGS)
+def test_parse_fetcharg_is_one_fetcharg_of_parse(arg: str) -> None:
+    """parse_fetcharg() (for trace.fetchargs.compile_fetcharg) gives the record that parse()
+    gives for the same fetcharg of a definition, followed by others or not."""
+    for text in (f"r mod:func {arg}", f"r mod:func {arg}  y"):
+        (d, *_) = probe(text).args
+        one = grammar.parse_fetcharg(text, 11, is_return=True)
+        slots = FetchArgDef.__slots__
+        assert [getattr(one, s) for s in slots] == [getattr(d, s) for s in slots]
+
+
+def test_parse_fetcharg_errors_point_into_the_text() -> None:
+    text = "p mod:f a=x b=y.1 c=$retval"
+    assert grammar.parse_fetcharg(text, 8, is_return=False).name == "a"
+    for pos, is_return, code, column in [
+        (12, False, "BAD_FETCH_ARG", 16),
+        (18, False, "RETVAL_ON_PROBE", 20),
+        (len(text), False, "NO_ARG_BODY", len(text)),
+    ]:
+        with pytest.raises(ParseError) as info:
+            grammar.parse_fetcharg(text, pos, is_return=is_return)
+        assert (info.value.code, info.value.pos, info.value.text) == (code, column, text)
+    assert grammar.parse_fetcharg(text, 18, is_return=True).kind == "retval"
+
+
 @pytest.mark.parametrize("typ", sorted(grammar.FETCH_TYPES))
 def test_every_type(typ: str) -> None:
     (arg,) = probe(f"p mod:f x:{typ}").args

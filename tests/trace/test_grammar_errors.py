@@ -120,6 +120,7 @@ CASES = [
     ("p mod:f \\^0x", "BAD_IMM"),
     ("p mod:f \\^nan", "BAD_IMM"),
     ('p mod:f \\^"a"b"', "BAD_IMM"),
+    ("p mod:f \\^1.5.5", "BAD_IMM"),
     ('p mod:f arg1=\\"abcd^', "IMMSTR_NO_CLOSE"),
     ("p mod:f \\'^", "IMMSTR_NO_CLOSE"),
     # Bodies (kernel: p vfs_read ^&1).
@@ -138,6 +139,16 @@ CASES = [
     ("p mod:f x[^1;]", "BAD_FETCH_ARG"),
     ("p mod:f x[ 1 ^2 ]", "BAD_FETCH_ARG"),
     ("p mod:f x[1]^y", "BAD_FETCH_ARG"),
+    ("p mod:f req.headers.^", "BAD_FETCH_ARG"),
+    ("p mod:f req.^.x", "BAD_FETCH_ARG"),
+    ("p mod:f x^[", "BAD_FETCH_ARG"),
+    ("p mod:f x['a'^b]", "BAD_FETCH_ARG"),
+    # A KEY is an int or a quoted string (docs/events.md: NAME[KEY], NAME[0]); no other
+    # literal, though trace.safe.get_item could look such a key up.
+    ("p mod:f x[^None]", "BAD_FETCH_ARG"),
+    ("p mod:f x[^True]", "BAD_FETCH_ARG"),
+    ("p mod:f x[ ^2.5 ]", "BAD_FETCH_ARG"),
+    ("p mod:f x[^b'k']", "BAD_FETCH_ARG"),
     ("p mod:f $stack^.x", "BAD_FETCH_ARG"),
     ("p mod:f $stack3^[0]", "BAD_FETCH_ARG"),
     ("p mod:f a=b^=c", "BAD_FETCH_ARG"),

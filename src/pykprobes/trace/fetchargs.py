@@ -1,10 +1,12 @@
 """Fetch arguments: a FETCHARG compiled once, then fetched on every hit (the kernel's
 traceprobe_parse_probe_arg() and process_fetch_insn()).
 
-Compiling parses the body, checks it against the probed code when that is known, picks the
-type's converter, and builds a closure; everything that can be wrong is a ParseError then,
-with the column of the bad part. Fetching never raises: what cannot be read is FAULT. Nothing
-is ever evaluated (no `eval`, `exec` or `compile`): the grammar is small and parsed by hand.
+Compiling takes the fetcharg as the grammar parsed it (grammar.FetchArgDef: `kind`, `root`,
+`chain`, `type` and their columns; the grammar is the one parser of the syntax), checks it
+against the probed code when that is known, picks the type's converter, and builds a closure;
+everything that can be wrong is a ParseError then, with the column of the bad part. Fetching
+never raises: what cannot be read is FAULT. Nothing is ever evaluated (no `eval`, `exec` or
+`compile`): the grammar is small and parsed by hand.
 
 | form              | fetched                                                                |
 |-------------------|------------------------------------------------------------------------|
@@ -12,9 +14,8 @@ is ever evaluated (no `eval`, `exec` or `compile`): the grammar is small and par
 |                   | `*args`, `**kwargs` (co_varnames); its value now (it may be rebound)    |
 | `$arg:NAME`, NAME | the argument or local NAME (a cell or free variable too); unbound: FAULT |
 | `.attr`, `[KEY]`  | after any of the above or `$retval`, chained freely: safe.get_attr and  |
-|                   | safe.get_item (KEY an int or a quoted string; bytes, None, True, False  |
-|                   | and floats too); a step that cannot be read without running the         |
-|                   | program's code is a FAULT                                              |
+|                   | safe.get_item (KEY an int or a quoted string); a step that cannot be    |
+|                   | read without running the program's code is a FAULT                     |
 | `$retval`         | the returned value (return probes; FAULT when an exception left)        |
 | `$comm`           | the thread's name (`threading.Thread.name`), `<...>` for a thread that  |
 |                   | threading does not know (the kernel's unknown comm)                     |
@@ -52,7 +53,7 @@ from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from pykprobes.errors import ParseError
-from pykprobes.grammar import MAX_PARAM_NUM, STRING_TYPES
+from pykprobes.grammar import FetchArgDef, parse_fetcharg
 from pykprobes.trace.safe import FAULT, Fault, Opaque, describe, get_attr, get_item
 from pykprobes.trace.types import TYPES, Converter
 
@@ -68,7 +69,6 @@ __all__ = [
     "compile_fetcharg",
     "compile_fetchargs",
     "frame_name",
-    "parse_body",
     "thread_name",
 ]
 
@@ -80,12 +80,6 @@ UNKNOWN_COMM: Final = "<...>"
 _CO_OPTIMIZED: Final = 0x01
 _CO_VARARGS: Final = 0x04
 _CO_VARKEYWORDS: Final = 0x08
-
-_WORD: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
-_DIGITS: Final = frozenset("0123456789")
-_HEXDIGITS: Final = frozenset("0123456789abcdefABCDEF")
-_QUOTES: Final = frozenset("\"'")
-_SPACES: Final = " \t\n\r\f\v"
 
 _dict_get: Final = dict.get
 
@@ -144,245 +138,6 @@ def _read_local(f_locals: Any, name: str) -> Any:
     return FAULT  # a class body under a metaclass's __prepare__ mapping: its code, not ours
 
 
-# ----------------------------------------------------------------------------- parsing
-
-
-def _scan_word(text: str, i: int) -> int:
-    """The end of the run of identifier characters at `i` (as the grammar scans them)."""
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c in _WORD or (c > "\x7f" and c.isalnum()):
-            i += 1
-        else:
-            break
-    return i
-
-
-def _parse_uint(text: str) -> int | None:
-    """Decimal or 0x-hex digits (the grammar's numbers); anything else None."""
-    if not text or len(text) > 24:
-        return None
-    if text[:2] in ("0x", "0X"):
-        digits = text[2:]
-        if digits and all(c in _HEXDIGITS for c in digits):
-            return int(digits, 16)
-        return None
-    if all(c in _DIGITS for c in text):
-        return int(text)
-    return None
-
-
-def _parse_int(text: str) -> int | None:
-    if text[:1] in ("-", "+"):
-        value = _parse_uint(text[1:])
-        return None if value is None else (-value if text[0] == "-" else value)
-    return _parse_uint(text)
-
-
-def _parse_float(text: str) -> float | None:
-    """[sign] digits [. digits] [e [sign] digits] (or a leading `.`): no nan, inf or `_`."""
-    i, n = 0, len(text)
-    if n > 64:
-        return None
-    if i < n and text[i] in "+-":
-        i += 1
-    mantissa = 0
-    while i < n and text[i] in _DIGITS:
-        i += 1
-        mantissa += 1
-    if i < n and text[i] == ".":
-        i += 1
-        while i < n and text[i] in _DIGITS:
-            i += 1
-            mantissa += 1
-    if not mantissa:
-        return None
-    if i < n and text[i] in "eE":
-        i += 1
-        if i < n and text[i] in "+-":
-            i += 1
-        exponent = i
-        while i < n and text[i] in _DIGITS:
-            i += 1
-        if i == exponent:
-            return None
-    return float(text) if i == n else None
-
-
-_Chain = tuple[tuple[str, object], ...]
-
-
-def _parse_key(token: str) -> object:
-    """An unquoted subscript key: an int, None/True/False, a float; else _BAD."""
-    number = _parse_int(token)
-    if number is not None:
-        return number
-    if token in _CONSTANTS:
-        return _CONSTANTS[token]
-    value = _parse_float(token)
-    return _BAD if value is None else value
-
-
-_BAD: Final = object()
-_CONSTANTS: Final[dict[str, object]] = {"None": None, "True": True, "False": False}
-
-
-def _parse_chain(body: str, i: int, text: str, bpos: int) -> _Chain:
-    """The `.attr` and `[KEY]` steps from index `i` of `body` (KEY: an int, a string quoted
-    with ' or " taken as written, b'...' bytes, None, True, False or a float; spaces around it
-    allowed). Errors as the grammar's: a bad name at the name, an unclosed quote at the quote,
-    an unclosed bracket at the bracket, a bad key at the key, anything else at itself."""
-    steps: list[tuple[str, object]] = []
-    n = len(body)
-    while i < n:
-        c = body[i]
-        if c == ".":
-            end = _scan_word(body, i + 1)
-            name = body[i + 1 : end]
-            if not name.isidentifier():
-                raise ParseError("BAD_FETCH_ARG", bpos + i + 1, text)
-            steps.append(("attr", sys.intern(name)))
-            i = end
-        elif c == "[":
-            opener = i
-            quote = -1
-            j = i + 1
-            while j < n and (quote >= 0 or body[j] != "]"):
-                if quote >= 0:
-                    if body[j] == body[quote]:
-                        quote = -1
-                elif body[j] in _QUOTES:
-                    quote = j
-                j += 1
-            if quote >= 0:
-                raise ParseError("BAD_FETCH_ARG", bpos + quote, text)
-            if j >= n:
-                raise ParseError("BAD_FETCH_ARG", bpos + opener, text)
-            i += 1
-            while i < n and body[i] in _SPACES:
-                i += 1
-            is_bytes = body[i] == "b" and i + 1 < n and body[i + 1] in _QUOTES
-            if body[i] in _QUOTES or is_bytes:
-                start = i
-                q = i + 1 if is_bytes else i
-                close = body.find(body[q], q + 1)
-                key: object = body[q + 1 : close]
-                if is_bytes:
-                    if not key.isascii():  # type: ignore[attr-defined]
-                        raise ParseError("BAD_FETCH_ARG", bpos + start, text)
-                    key = key.encode("ascii")  # type: ignore[attr-defined]
-                elif type(key) is str:
-                    key = sys.intern(key)
-                i = close + 1
-            else:
-                start = i
-                while i < n and body[i] != "]" and body[i] not in _SPACES:
-                    i += 1
-                key = _parse_key(body[start:i])
-                if key is _BAD:
-                    raise ParseError("BAD_FETCH_ARG", bpos + start, text)
-            while i < n and body[i] in _SPACES:
-                i += 1
-            if body[i] != "]":
-                raise ParseError("BAD_FETCH_ARG", bpos + i, text)
-            steps.append(("item", key))
-            i += 1
-        else:
-            raise ParseError("BAD_FETCH_ARG", bpos + i, text)
-    return tuple(steps)
-
-
-def _parse_var(body: str, text: str, bpos: int, is_return: bool) -> tuple[str, object, int]:
-    """`$...` -> (kind, root, end); every error points at the `$`, as the kernel's do."""
-    if body.startswith("$arg:"):
-        end = _scan_word(body, 5)
-        name = body[5:end]
-        if not name.isidentifier():
-            raise ParseError("BAD_VAR", bpos, text)
-        return "argname", sys.intern(name), end
-    # A sign belongs to the word: `$arg-1` is a bad number, not `$arg` and garbage.
-    end = 1
-    while end < len(body) and (body[end] in _WORD or body[end] in "+-"):
-        end += 1
-    var = body[1:end]
-    if var == "retval":
-        if not is_return:
-            raise ParseError("RETVAL_ON_PROBE", bpos, text)
-        return "retval", None, end
-    if var in ("comm", "COMM"):
-        return "comm", None, end
-    if var == "stack":
-        return "stack", None, end
-    if var.startswith("stack"):
-        number = _parse_int(var[5:])
-        if number is None:
-            raise ParseError("BAD_VAR", bpos, text)
-        if not 0 <= number <= MAX_PARAM_NUM:
-            raise ParseError("BAD_STACK_NUM", bpos, text)
-        return "stackn", number, end
-    if var.startswith("arg"):
-        number = _parse_int(var[3:])
-        if number is None:
-            raise ParseError("BAD_VAR", bpos, text)
-        if not 1 <= number <= MAX_PARAM_NUM:
-            raise ParseError("BAD_ARG_NUM", bpos, text)
-        return "arg", number, end
-    raise ParseError("BAD_VAR", bpos, text)
-
-
-def _parse_imm(body: str, text: str, bpos: int) -> object:
-    """`\\IMM`: a quoted string taken as written (no escapes, as the kernel's), an int or a
-    float. A bad value points after the backslash, an unclosed string at its end."""
-    value = body[1:]
-    if value[:1] in _QUOTES:
-        quote = value[0]
-        if len(value) < 2 or value[-1] != quote:
-            raise ParseError("IMMSTR_NO_CLOSE", bpos + len(body), text)
-        content = value[1:-1]
-        if quote in content:
-            raise ParseError("BAD_IMM", bpos + 1, text)
-        return content
-    number: object = _parse_int(value)
-    if number is None:
-        number = _parse_float(value)
-        if number is None:
-            raise ParseError("BAD_IMM", bpos + 1, text)
-    return number
-
-
-def parse_body(
-    body: str, *, is_return: bool, text: str, body_pos: int
-) -> tuple[str, object, _Chain]:
-    """The body of a fetcharg (no `NAME=`, no `:TYPE`) -> (kind, root, chain), the grammar's
-    FetchArgDef fields: kind "arg" (root N), "argname" (NAME), "retval", "comm", "stack",
-    "stackn" (N), "local" (NAME) or "imm" (the constant); chain ("attr", name) and ("item",
-    key) steps. Raises ParseError with columns in `text`, the body starting at `body_pos`."""
-    bpos = body_pos
-    if not body:
-        raise ParseError("NO_ARG_BODY", bpos, text)
-    first = body[0]
-    chain: _Chain = ()
-    if first == "$":
-        kind, root, end = _parse_var(body, text, bpos, is_return)
-        if end < len(body):
-            if kind == "comm":
-                raise ParseError("COMM_CANT_DEREF", bpos, text)
-            if kind in ("stack", "stackn"):
-                raise ParseError("BAD_FETCH_ARG", bpos + end, text)
-            chain = _parse_chain(body, end, text, bpos)
-        return kind, root, chain
-    if first == "\\":
-        return "imm", _parse_imm(body, text, bpos), ()
-    if first.isidentifier():
-        end = _scan_word(body, 0)
-        name = body[:end]
-        if not name.isidentifier():
-            raise ParseError("BAD_FETCH_ARG", bpos, text)
-        return "local", sys.intern(name), _parse_chain(body, end, text, bpos)
-    raise ParseError("BAD_FETCH_ARG", bpos, text)
-
-
 # ----------------------------------------------------------------------------- fetchers
 
 #: A compiled fetch: (the hit's Regs, the frame's f_locals or None) -> value or FAULT.
@@ -425,14 +180,6 @@ class Fetcher:
     def __repr__(self) -> str:
         typ = f":{self.type}" if self.type else ""
         return f"<Fetcher {self.body}{typ}>"
-
-
-def _body_pos(text: str, pos: int, body: str) -> int:
-    """The column of `body` in `text`, the fetcharg starting at `pos` (after a `NAME=`)."""
-    end = _scan_word(text, pos)
-    if end > pos and text[end : end + 1] == "=" and text.startswith(body, end + 1):
-        return end + 1
-    return pos
 
 
 def _root_fetch(kind: str, root: object) -> FetchFn:
@@ -496,10 +243,14 @@ def _root_fetch(kind: str, root: object) -> FetchFn:
     raise AssertionError(kind)
 
 
-def _chain_fetch(root_fetch: FetchFn, chain: _Chain, convert: Converter) -> FetchFn:
+def _chain_fetch(
+    root_fetch: FetchFn, chain: tuple[tuple[str, object], ...], convert: Converter
+) -> FetchFn:
     """root, then each step, then the type's conversion; any exception is a FAULT."""
     steps: tuple[tuple[Callable[[Any, Any], Any], object], ...] = tuple(
-        (get_attr if op == "attr" else get_item, arg) for op, arg in chain
+        # Names and string keys interned, as the program's own are: a hit compares identities.
+        (get_attr if op == "attr" else get_item, sys.intern(arg) if type(arg) is str else arg)
+        for op, arg in chain
     )
     if not steps:
 
@@ -585,44 +336,41 @@ def compile_fetcharg(
     text: str,
     pos: int,
     code: CodeType | None = None,
-    body_pos: int | None = None,
-    type_pos: int | None = None,
 ) -> Fetcher:
-    """Compile one fetcharg: `body` (without `NAME=` and `:TYPE`) and its type (None: the
-    default, describe()), for a return probe or not, `text` the whole definition and `pos`
-    the fetcharg's column in it (the body's and the type's columns are found from it unless
-    given), `code` the probed code object if known. Raises ParseError (see the module
-    docstring); the Fetcher never raises."""
-    bpos = _body_pos(text, pos, body) if body_pos is None else body_pos
-    if type_pos is None:
-        after = bpos + len(body)
-        type_pos = after + 1 if text[after : after + 1] == ":" else bpos
-    kind, root, chain = parse_body(body, is_return=is_return, text=text, body_pos=bpos)
+    """Compile the fetcharg at column `pos` of `text` (the whole definition), whose body
+    (without `NAME=` and `:TYPE`) and type (None: the default, describe()) are `body` and
+    `type_name`, for a return probe or not, `code` the probed code object if known. The
+    grammar parses it (grammar.parse_fetcharg). Raises ParseError (see the module docstring),
+    ValueError if `text` holds another fetcharg at `pos`; the Fetcher never raises."""
+    d = parse_fetcharg(text, pos, is_return=is_return)
+    if d.body != body or d.type != type_name:
+        raise ValueError(f"column {pos} of {text!r} holds {d.body!r}:{d.type}, not {body!r}")
+    return _compile(d, text, code)
 
+
+def _compile(d: FetchArgDef, text: str, code: CodeType | None) -> Fetcher:
+    """A Fetcher for the grammar's record `d` of a fetcharg of `text`: its syntax, type name
+    and use of $retval and $comm are the grammar's to check, and checked; what is left is
+    what needs the types' converters or the probed code."""
+    kind, root, chain, type_name = d.kind, d.root, d.chain, d.type
     if type_name is None:
         convert: Converter = describe
     else:
-        converter = TYPES.get(type_name)
-        if converter is None:
-            raise ParseError("BAD_TYPE", type_pos, text)
-        convert = converter
-        # $comm and an immediate string are strings, and only string types take them (the
-        # grammar's and the kernel's rule); a type that can never convert $stack or $stackN
-        # or an immediate number is refused too, rather than record FAULT on every hit.
-        if kind == "comm" or (kind == "imm" and type(root) is str):
-            if type_name not in STRING_TYPES:
-                raise ParseError("BAD_TYPE", type_pos, text)
-        elif kind == "imm" or kind in _SAMPLES:
+        convert = TYPES[type_name]  # the grammar took a name of FETCH_TYPES: each is in TYPES
+        # A type that can never convert $stack or $stackN or an immediate is refused, rather
+        # than record FAULT on every hit. (The grammar refused a type other than a string for
+        # $comm and an immediate string: the kernel's rule.)
+        if kind == "imm" or kind in _SAMPLES:
             sample = root if kind == "imm" else _SAMPLES[kind]
             if convert(sample) is FAULT:
-                raise ParseError("BAD_TYPE", type_pos, text)
+                raise ParseError("BAD_TYPE", d.type_pos or d.body_pos, text)
 
     if code is not None:
         if kind == "arg":
             names = _arg_names(code)
             if root > len(names):  # type: ignore[operator]
-                raise ParseError("BAD_ARG_NUM", bpos, text)
-            kind, root = "argname", sys.intern(names[root - 1])  # type: ignore[operator]
+                raise ParseError("BAD_ARG_NUM", d.body_pos, text)
+            kind, root = "argname", names[root - 1]  # type: ignore[operator]
         elif (
             (kind == "local" or kind == "argname")
             and code.co_flags & _CO_OPTIMIZED
@@ -630,24 +378,26 @@ def compile_fetcharg(
             and root not in code.co_cellvars
             and root not in code.co_freevars
         ):
-            raise ParseError("BAD_VAR", bpos, text)
+            raise ParseError("BAD_VAR", d.body_pos, text)
 
     if kind == "imm":
         value = convert(root)
-        return Fetcher(body, type_name, kind, False, lambda regs, f_locals: value, value)
+        return Fetcher(d.body, type_name, kind, False, lambda regs, f_locals: value, value)
     needs_locals = kind in ("local", "argname", "arg")
+    if kind == "local" or kind == "argname":
+        root = sys.intern(root)  # type: ignore[arg-type]  # as in _chain_fetch
     if (kind == "local" or kind == "argname") and not chain:
         fetch = _local_fetch(root, convert)  # type: ignore[arg-type]
     elif kind == "arg" and not chain:
         fetch = _arg_fetch(root, convert)  # type: ignore[arg-type]
     else:
         fetch = _chain_fetch(_root_fetch(kind, root), chain, convert)
-    return Fetcher(body, type_name, kind, needs_locals, fetch)
+    return Fetcher(d.body, type_name, kind, needs_locals, fetch)
 
 
 class FetchArgSpec(Protocol):
-    """What compile_fetchargs needs of a fetcharg (grammar.FetchArgDef has it; `body_pos` and
-    `type_pos` are used when present)."""
+    """A fetcharg for compile_fetchargs that is not the grammar's FetchArgDef: its body and
+    type as written and its column in the definition, where the grammar parses it."""
 
     @property
     def body(self) -> str: ...
@@ -658,26 +408,21 @@ class FetchArgSpec(Protocol):
 
 
 def compile_fetchargs(
-    defs: Sequence[FetchArgSpec],
+    defs: Sequence[FetchArgDef | FetchArgSpec],
     *,
     is_return: bool,
     text: str,
     code: CodeType | None = None,
 ) -> Callable[[Regs], tuple[Any, ...]]:
-    """Compile the fetchargs of one event into `fetch_all(regs) -> tuple` (one value or FAULT
-    per fetcharg, in order). It reads the frame's f_locals at most once per hit, shared by
-    all the fetchargs (see the module docstring), and never raises an Exception."""
+    """Compile the fetchargs of one event, the grammar's records of definition `text` (or
+    FetchArgSpecs, parsed from `text` by compile_fetcharg), into `fetch_all(regs) -> tuple`
+    (one value or FAULT per fetcharg, in order). It reads the frame's f_locals at most once
+    per hit, shared by all the fetchargs (see the module docstring), and never raises an
+    Exception."""
     fetchers = [
-        compile_fetcharg(
-            d.body,
-            d.type,
-            is_return=is_return,
-            text=text,
-            pos=d.pos,
-            code=code,
-            body_pos=getattr(d, "body_pos", None),
-            type_pos=getattr(d, "type_pos", None),
-        )
+        _compile(d, text, code)
+        if isinstance(d, FetchArgDef)
+        else compile_fetcharg(d.body, d.type, is_return=is_return, text=text, pos=d.pos, code=code)
         for d in defs
     ]
     fns = tuple(f.fetch for f in fetchers)
