@@ -200,3 +200,17 @@ def test_clear_all(fs: TraceFS) -> None:
     fs.write("kprobe_events", "")
     assert fs.events == {} and fs.read("kprobe_events") == ""
     assert kp.list_kprobes() == ""
+
+
+def test_full_buffer_drops_the_newest_when_overwrite_is_off(fs: TraceFS) -> None:
+    fs.write("buffer_size_kb", "1")
+    fs.write("options/overwrite", "0")
+    assert fs.read("options/overwrite") == "0\n"
+    event = fs.define("p:grp/drop tests.core.targets:kprobe_target value")
+    assert event is not None
+    event.enable()
+    for i in range(500):
+        targets.kprobe_target(i)
+    kept = _lines(fs.read("trace"))
+    assert kept[0]["args"] == " value=0"  # the oldest stay
+    assert len(kept) + fs.buffer.lost == 500

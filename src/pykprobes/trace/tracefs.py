@@ -14,6 +14,7 @@ the methods beside them are the Pythonic API over the same objects.
     error_log                      the last errors, with a caret; writing empties it
     buffer_size_kb                 the buffer's size
     tracing_on                     0 or 1
+    options/overwrite              1: a full buffer overwrites the oldest; 0: drops the newest
 
 A write that fails raises `TraceWriteError` (the kernel's -EINVAL / -EBUSY / -ENOENT) and, for
 a bad definition or filter, appends an entry to `error_log` with a caret under the column.
@@ -157,6 +158,8 @@ class TraceFS:
             return f"{self.buffer.size_kb}\n"
         if path == "tracing_on":
             return f"{int(self.buffer.tracing_on)}\n"
+        if path == "options/overwrite":
+            return f"{int(self.buffer.overwrite)}\n"
         parts = path.split("/")
         if len(parts) == 4 and parts[0] == "events":
             event = self.event(f"{parts[1]}/{parts[2]}")
@@ -202,6 +205,9 @@ class TraceFS:
             return
         if path == "tracing_on":
             self.buffer.tracing_on = _bool(text)
+            return
+        if path == "options/overwrite":
+            self.buffer.overwrite = _bool(text)
             return
         parts = path.split("/")
         if len(parts) == 4 and parts[0] == "events":
