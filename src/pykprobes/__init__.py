@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "KprobeHandlerWarning": "pykprobes.core.site",
     "nokprobe": "pykprobes.core.blacklist",
     "resolve_line": "pykprobes.core.lines",
+    "line_symbols": "pykprobes.core.lines",
     "register_kprobe": "pykprobes.core.registry",
     "unregister_kprobe": "pykprobes.core.registry",
     "register_kprobes": "pykprobes.core.registry",
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
         unregister_kretprobe,
         unregister_kretprobes,
     )
-    from pykprobes.core.lines import resolve_line
+    from pykprobes.core.lines import line_symbols, resolve_line
     from pykprobes.core.probe import (
         KPROBE_FLAG_DISABLED,
         KPROBE_FLAG_EARLY,

@@ -215,3 +215,22 @@ def test_check_and_probe_commands() -> None:
     assert vars_.returncode == 0
     assert "argument  self  ($arg1)" in vars_.stdout and "argument  text  ($arg2)" in vars_.stdout
 
+
+
+def test_line_targets_in_the_script_and_a_module_not_imported_yet(tmp_path: Path) -> None:
+    (tmp_path / "helper_mod_x.py").write_text("def double(v):\n    w = v * 2\n    return w\n")
+    script = tmp_path / "lines.py"
+    script.write_text("import helper_mod_x\n"
+                      "total = 0\n"
+                      "for i in range(3):\n"
+                      "    total += helper_mod_x.double(i)\n"
+                      "print(total)\n")
+    traced = run("-e", f"p:t/body {script}:4 i total",
+                 "-e", f"p:t/dbl {tmp_path / 'helper_mod_x.py'}:3 w",
+                 "--", str(script))
+    assert traced.returncode == 0, traced.stderr
+    assert traced.stdout == "6\n"
+    lines = trace_lines(traced.stderr)
+    assert [m["args"] for m in lines if m["event"] == "body"] == \
+        [" i=0 total=0", " i=1 total=0", " i=2 total=2"]
+    assert [m["args"] for m in lines if m["event"] == "dbl"] == [" w=0", " w=2", " w=4"]

@@ -57,10 +57,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     module_name = program[1] if program[0] == "-m" else None
 
+    # sys.path[0] is the program's from the start, as under python: a line target in a
+    # module beside the script is found by the name it will be imported under.
+    sys.path[0] = os.getcwd() if module_name else os.path.dirname(os.path.abspath(program[0]))
     registry.init_kprobes()
     if args.no_optimize:
         registry.set_optimization(False)
-    registry.expect_module("__main__")
+    registry.expect_module("__main__", path=None if module_name else program[0])
     if module_name is not None:
         registry.expect_module(module_name)
     fs = tracefs()
@@ -154,14 +157,12 @@ def _run_script(path: str, argv: list[str], registry: Any) -> int:
         return 2
     code = compile(source, path, "exec")
     sys.argv[:] = [path, *argv]
-    sys.path[0] = os.path.dirname(os.path.abspath(path))
     module = types.ModuleType("__main__")
     module.__dict__.update(__file__=path, __cached__=None, __builtins__=__builtins__)
     return _exec_main(module, code, None, registry)
 
 
 def _run_module(name: str, argv: list[str], registry: Any) -> int:
-    sys.path[0] = os.getcwd()
     try:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.submodule_search_locations is not None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import tokenize
 from types import CodeType
 
 from pykprobes.core import resolve
@@ -44,3 +47,56 @@ def resolve_line(spec: str) -> list[ProbeAddress]:
         raise enoent(f"{spec}: no function of {mod.__name__} has code on line {lineno}")
     addresses.sort(key=lambda a: (a.code.co_firstlineno, a.offset))
     return addresses
+
+
+#: realpath -> module name, for source files whose code will be handed over by
+#: `registry.module_code_loaded()` rather than imported under a name sys.path tells.
+_expected_files: dict[str, str] = {}
+
+
+def expect_file(path: str, module: str) -> None:
+    _expected_files[os.path.realpath(path)] = module
+
+
+def module_name_for_file(path: str) -> str | None:
+    """The name a source file that is not imported yet will be imported under: declared by
+    `pykprobes run` for its script (`__main__`), or the dotted path below a sys.path entry."""
+    real = os.path.realpath(path)
+    if real in _expected_files:
+        return _expected_files[real]
+    stem, ext = os.path.splitext(real)
+    if ext not in (".py", ".pyw"):
+        return None
+    for entry in sys.path:
+        base = os.path.realpath(entry or os.getcwd())
+        if stem.startswith(base + os.sep):
+            parts = stem[len(base) + 1:].split(os.sep)
+            if parts[-1] == "__init__":
+                parts.pop()
+            if parts and all(p.isidentifier() for p in parts):
+                return ".".join(parts)
+    return None
+
+
+def line_symbols(spec: str) -> list[tuple[str, str, int]]:
+    """For a line in a file that is not imported yet: (module, qualname, offset) of every
+    probe address of the line, from compiling the file the way the import will (the same
+    source and interpreter give the same code tree), so that each can wait for the import
+    as a symbol probe. Top-level lines give `<module>` addresses. Raises ENOENT."""
+    path, lineno = resolve.split_line_spec(spec)
+    module = module_name_for_file(path)
+    if module is None:
+        raise enoent(f"{spec}: {path} is neither imported nor importable from sys.path")
+    try:
+        with tokenize.open(path) as f:
+            source = f.read()
+        root = compile(source, path, "exec", dont_inherit=True)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise enoent(f"{spec}: cannot read {path}: {exc}") from exc
+    found: list[tuple[str, str, int]] = []
+    for code in _walk(root):
+        qualname = resolve.MODULE_CODE if code is root else code.co_qualname
+        found.extend((module, qualname, off) for off in line_addresses(code, lineno))
+    if not found:
+        raise enoent(f"{spec}: no code on line {lineno}")
+    return found

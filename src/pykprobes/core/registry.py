@@ -829,11 +829,16 @@ def module_object(name: str) -> ModuleType | None:
 _expected: set[str] = set()
 
 
-def expect_module(name: str) -> None:
+def expect_module(name: str, path: str | None = None) -> None:
     """Declare that `name`'s code will be handed over with `module_code_loaded()` (even if a
-    module of that name is in sys.modules now): probes on it wait for that."""
+    module of that name is in sys.modules now): probes on it wait for that. `path`, the
+    source file, lets line targets in it wait too (see core/lines.py)."""
     with _lock:
         _expected.add(name)
+        if path is not None:
+            from pykprobes.core import lines
+
+            lines.expect_file(path, name)
 
 
 def pending_modules() -> set[str]:

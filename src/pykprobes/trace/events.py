@@ -77,11 +77,22 @@ class Event:
         Raises ParseError (a bad fetcharg) or KprobeError (a bad target)."""
         d = self.definition
         if d.target_kind == "line":
-            addrs = kp.resolve_line(f"{d.path}:{d.line}")
-            code = addrs[0].code
-            self.offset = addrs[0].offset
-            self.symbol = f"{d.path}:{d.line}"
-            specs: list[dict[str, Any]] = [{"addr": a} for a in addrs]
+            spec = f"{d.path}:{d.line}"
+            self.symbol = spec
+            try:
+                addrs = kp.resolve_line(spec)
+            except KprobeError:
+                # Not imported yet: wait for the import, one symbol probe per address.
+                found = kp.line_symbols(spec)
+                code = None
+                self.offset = found[0][2]
+                specs: list[dict[str, Any]] = [
+                    {"symbol_name": f"{module}:{qualname}", "offset": off}
+                    for module, qualname, off in found]
+            else:
+                code = addrs[0].code
+                self.offset = addrs[0].offset
+                specs = [{"addr": a} for a in addrs]
         else:
             code = None
             specs = [{"symbol_name": f"{d.module}:{d.qualname}", "offset": d.offset}]
