@@ -504,7 +504,7 @@ def _opt_check(site: Site, state: CodeState, m: Mechanisms) -> str | None:
 
 def _update_flags(site: Site) -> None:
     for p in site.probes:
-        flags = p.flags & (KPROBE_FLAG_DISABLED | KPROBE_FLAG_GONE) | (p.flags & 16)
+        flags = p.flags & (KPROBE_FLAG_DISABLED | KPROBE_FLAG_GONE | KPROBE_FLAG_EARLY)
         if site.optimized and p in site.active:
             flags |= KPROBE_FLAG_OPTIMIZED
         if site.entry_event and p in site.active:
