@@ -172,7 +172,9 @@ def test_reregistering_a_registered_probe() -> None:
 def test_flags_other_than_disabled_are_masked() -> None:
     p = kp.Kprobe(addr=targets.add,
                   flags=kp.KPROBE_FLAG_GONE | kp.KPROBE_FLAG_OPTIMIZED | kp.KPROBE_FLAG_EARLY)
-    kp.register_kprobe(p)
+    # EARLY after init_kprobes() is the seed's WARN, then masked like the others.
+    with pytest.warns(RuntimeWarning, match="register early kprobe after kprobes initialized"):
+        kp.register_kprobe(p)
     try:
         assert not p.flags & (kp.KPROBE_FLAG_GONE | kp.KPROBE_FLAG_EARLY)
         assert targets.add(1, 2) == 3
