@@ -39,7 +39,9 @@ start-up (the others are not found yet).
 
 The process stays early until `init_kprobes()` (called by the program, `pykprobes run`, or the
 control socket); then the early events move into the trace buffer, in order, and the probes
-become normal ones. A process that stays early writes its early events at exit.
+become normal ones. A process that stays early writes its early events at exit (an atexit
+handler: not after os._exit() or a fatal signal). Child processes inherit the variables, so
+each Python child boots its own early probes and appends its own events to the same file.
 
 When `PYKPROBES_EVENTS` is unset, the `.pth` line imports nothing. When it is set, the boot
 stage loads the core's registry and the trace's event code (tests/boot/test_import_weight.py
