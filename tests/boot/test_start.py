@@ -189,3 +189,31 @@ def test_in_range_settings_are_taken(project: Path) -> None:
     traced = run(["-c", code], events="p:boot/f pkg.mod:f x", cwd=project,
                  env={"PYKPROBES_EARLY_SLOTS": "64", "PYKPROBES_EARLY_BUFFER": "7"})
     assert traced.stdout == "64 63 7 True\n" and traced.stderr == ""
+
+
+def test_line_targets_in_the_script_and_beside_it(tmp_path: Path) -> None:
+    """`FILE:LINE` at start-up: the script's own top-level loop (a line of `__main__`) and a
+    line of a module beside it, both not imported yet (the boot stage resolves them against
+    the sys.path the program will have)."""
+    write(tmp_path / "main.py", """
+        total = 0
+        for i in range(3):
+            total += i
+        import lib.helper
+        print(total, lib.helper.h(5))
+    """)
+    write(tmp_path / "lib" / "__init__.py", "")
+    write(tmp_path / "lib" / "helper.py", """
+        def h(a):
+            b = a * 2
+            return b
+        X = h(1)
+    """)
+    events = "p:boot/loop main.py:3 i total;p:boot/h lib/helper.py:3 b"
+    for args in (["main.py"], ["-m", "main"]):
+        traced = run(args, events=events, cwd=tmp_path)
+        assert traced.returncode == 0, traced.stderr
+        assert traced.stdout == "3 10\n" and warnings_of(traced.stderr) == []
+        assert [(m["event"], m["args"]) for m in trace_lines(traced.stderr)] == [
+            ("loop", " i=0 total=0"), ("loop", " i=1 total=0"), ("loop", " i=2 total=1"),
+            ("h", " b=2"), ("h", " b=10")]

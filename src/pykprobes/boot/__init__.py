@@ -34,8 +34,9 @@ targets the program itself, before its first line, for
 (boot/mainhook.py: an audit hook sees the program's code object about to run and runs the
 rewritten one instead). Not covered: the interactive interpreter and a program read from
 stdin (their `__main__` probes stay pending), and `pykprobes run`, which hands its program's
-code to the core itself. `path/to/file.py:LINE` targets work only in modules imported at
-start-up (the others are not found yet).
+code to the core itself. `path/to/file.py:LINE` targets in a file not imported yet wait for
+its import (as symbol probes, grammar.ProbeDef -> core.lines.line_symbols), the script's own
+lines included (they are lines of `__main__`).
 
 The process stays early until `init_kprobes()` (called by the program, `pykprobes run`, or the
 control socket); then the early events move into the trace buffer, in order, and the probes

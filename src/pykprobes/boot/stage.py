@@ -62,17 +62,16 @@ def run(value: str) -> None:
     from pykprobes import grammar
 
     definitions = grammar.parse_boot(value)
-    if any(isinstance(d, grammar.ProbeDef) for _, d in definitions):
+    probes = [d for _, d in definitions if isinstance(d, grammar.ProbeDef)]
+    if probes and mode is not None and any(
+            d.module == "__main__" or d.target_kind == "line" for d in probes):
         from pykprobes.core import registry
 
-        if any(isinstance(d, grammar.ProbeDef) and d.module == "__main__"
-               for _, d in definitions) and mode is not None:
-            # The program's code reaches the core through the main hook, not the import
-            # system: its probes wait for it even though a `__main__` module exists now.
-            registry.expect_module("__main__")
-            from pykprobes.boot import mainhook
-
-            mainhook.install(mode)
+        # The program's code reaches the core through the main hook, not the import system:
+        # its probes wait for it even though a `__main__` module exists now (and a line of
+        # the script is a line of `__main__`).
+        script = os.path.realpath(sys.argv[0]) if mode == "script" else None
+        registry.expect_module("__main__", script)
     for text, d in definitions:
         if isinstance(d, grammar.ProbeDef):
             _define(text, d)
@@ -80,6 +79,13 @@ def run(value: str) -> None:
             _remove(text, d)
         else:
             _fail(text, 22, f"{d.message} (column {d.pos})")
+    if mode is not None and "pykprobes.core.registry" in sys.modules:
+        from pykprobes.core import registry
+
+        if "__main__" in registry.pending_modules():
+            from pykprobes.boot import mainhook
+
+            mainhook.install(mode)
     early.add_blacklist(set(sys.modules) - before, "loaded by the boot stage")
     early.on_convert(_handover)
     import atexit
@@ -147,12 +153,21 @@ def _define(text: str, d: ProbeDef) -> None:
                                             code=None)
         specs: list[dict[str, Any]]
         if d.target_kind == "line":
-            from pykprobes.core.lines import resolve_line
+            from pykprobes.core import lines
 
-            addrs = resolve_line(f"{d.path}:{d.line}")
-            event.offset = addrs[0].offset
-            event.symbol = f"{d.path}:{d.line}"
-            specs = [{"addr": a} for a in addrs]
+            spec = f"{d.path}:{d.line}"
+            event.symbol = spec
+            try:
+                addrs = lines.resolve_line(spec)
+            except errors.KprobeError:
+                # Not imported yet (as Event.prepare does): one symbol probe per address,
+                # each waiting for the import.
+                found = _line_symbols(spec)
+                event.offset = found[0][2]
+                specs = [{"symbol_name": f"{m}:{q}", "offset": off} for m, q, off in found]
+            else:
+                event.offset = addrs[0].offset
+                specs = [{"addr": a} for a in addrs]
         else:
             specs = [{"symbol_name": f"{d.module}:{d.qualname}", "offset": d.offset}]
         probes: list[Any]
@@ -182,6 +197,24 @@ def _define(text: str, d: ProbeDef) -> None:
     event.probes = probes
     event.enabled = True
     _events[key] = event
+
+
+def _line_symbols(spec: str) -> list[tuple[str, str, int]]:
+    """lines.line_symbols() with the directory the program will find first on sys.path: the
+    boot stage runs before Python puts it there (nothing is imported meanwhile)."""
+    from pykprobes.core import lines
+
+    path0 = early.main_path0
+    if not path0 or path0 in sys.path:
+        return lines.line_symbols(spec)
+    sys.path.insert(0, path0)
+    try:
+        return lines.line_symbols(spec)
+    finally:
+        try:
+            sys.path.remove(path0)
+        except ValueError:
+            pass
 
 
 def _release(is_return: bool, probes: list[Any]) -> None:
