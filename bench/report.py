@@ -290,7 +290,8 @@ def goals_summary(versions: dict[str, Result]) -> list[str]:
     def big(d: Result, mode: str) -> str:
         for s in d.get("scale", []):
             if s["mode"] == mode and s.get("unprobed_armed_ns") and s.get("unprobed_ns"):
-                return f"{s['unprobed_armed_ns'] / s['unprobed_ns']:.2f}x ({s['count']:,})"
+                ratio = s["unprobed_armed_ns"] / s["unprobed_ns"]
+                return f"{ratio:.2f}x ({s['registered']:,} armed)"
         return "n/a"
 
     row("unprobed call, largest scale step armed elsewhere (optimized; unpaired)",
