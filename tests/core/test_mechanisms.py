@@ -202,3 +202,20 @@ def test_both_monitoring_tool_ids_taken_is_ebusy(run_python: RunPython) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("EBUSY"), proc.stdout
     assert "other-debugger" in proc.stdout and "other-profiler" in proc.stdout
+
+
+def test_unregistering_leaves_no_table_entry_behind() -> None:
+    """Every version and cached check of a code object goes with its last probe: nothing
+    grows with register/unregister cycles, and a later code object reusing the id of a
+    freed one gets no stale answer."""
+    m = registry._m()
+    before = (len(m.versions), len(registry._opt_reasons), len(registry._states))
+    for _ in range(3):
+        probes = [kp.Kprobe(addr=f) for f in (targets.add, targets.loop_sum, targets.outer)]
+        probes.append(kp.Kprobe(symbol_name="tests.core.targets:outer.<locals>.inner"))
+        kp.register_kprobes(probes)
+        kp.wait_for_kprobe_optimizer()
+        targets.outer(2)
+        kp.unregister_kprobes(probes)
+        kp.wait_for_kprobe_optimizer()
+    assert (len(m.versions), len(registry._opt_reasons), len(registry._states)) == before

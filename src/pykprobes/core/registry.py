@@ -663,6 +663,8 @@ def _unregister(p: Kprobe, keep_slot: bool = False) -> None:
             site.posts = ()
             site.optimized = False
             del _site_table()[site.addr.key]
+            # Keyed by id(original code): it goes with the site, before the id can be reused.
+            _opt_reasons.pop(site.addr.key, None)
             del state.sites[site.addr.offset]
             _optimizing.discard(site)
             codestate.sync(state, m)
@@ -676,7 +678,9 @@ def _drop_unused_locked(state: CodeState, m: Mechanisms) -> None:
     # sites that are inactive now, and there is no breakpoint to keep for them.
     while state.unused and state.current.code is state.original:
         del _states[id(state.original)]
-        m.versions.pop(id(state.original), None)
+        for version in (state.current, *state.retired):
+            m.versions.pop(id(version.code), None)
+        state.retired.clear()
         parent = state.parent
         if parent is None:
             return
