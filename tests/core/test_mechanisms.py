@@ -219,3 +219,45 @@ def test_unregistering_leaves_no_table_entry_behind() -> None:
         kp.unregister_kprobes(probes)
         kp.wait_for_kprobe_optimizer()
     assert (len(m.versions), len(registry._opt_reasons), len(registry._states)) == before
+
+
+def test_no_hit_lost_while_unoptimizing_under_a_running_thread() -> None:
+    """set_optimization(False) switches the function back to its original code while another
+    thread keeps calling it: the breakpoint is armed before the switch, so every call hits."""
+    import sys
+
+    if not OPTIMIZED:
+        pytest.skip("capability: this run keeps optimization off for the whole suite")
+    if not BREAKPOINT_CAPS["running_frames_other_threads"]:
+        pytest.skip("capability: the breakpoint arch (settrace) cannot reach a thread that is "
+                    "already running")
+    p = kp.Kprobe(addr=targets.kprobe_target2)
+    kp.register_kprobe(p)
+    kp.wait_for_kprobe_optimizer()
+    stop = threading.Event()
+    calls = [0]
+
+    def caller() -> None:
+        while not stop.is_set():
+            targets.kprobe_target2(1)
+            calls[0] += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    t = threading.Thread(target=caller)
+    try:
+        t.start()
+        while calls[0] < 200:
+            time.sleep(0.001)
+        for _ in range(5):
+            kp.set_optimization(False)
+            kp.set_optimization(True)
+            kp.wait_for_kprobe_optimizer()
+        stop.set()
+        t.join(10)
+    finally:
+        sys.setswitchinterval(interval)
+        stop.set()
+        kp.set_optimization(True)
+        kp.unregister_kprobe(p)
+    assert p.nhit == calls[0]

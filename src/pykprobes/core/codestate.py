@@ -162,12 +162,16 @@ def _rebuild(state: CodeState, mech: Mechanisms) -> None:
 
 def _install(state: CodeState, version: Version, mech: Mechanisms) -> None:
     old = state.current
-    _switch_functions({id(old.code): version.code}, [old.code])
     state.current = version
     mech.versions[id(version.code)] = state
     state.retired = [v for v in state.retired if v.code is not version.code]
     if old.code is not version.code:
         state.retired.append(old)
+    # Arm the new version's breakpoints before any function runs it: a thread calling the
+    # function right after the switch must find them there (unoptimizing switches back to
+    # the original code, which only breakpoints cover).
+    reconcile_breakpoints(state, mech)
+    _switch_functions({id(old.code): version.code}, [old.code])
     if state.parent is not None:
         _rebuild(state.parent, mech)
         reconcile_breakpoints(state.parent, mech)
