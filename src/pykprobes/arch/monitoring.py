@@ -121,6 +121,8 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, ClassVar, Final
 
+from pykprobes.arch import frametable
+from pykprobes.arch.frametable import PENDING_CAP
 from pykprobes.arch.successors import Flow, analyze, generator_close_runs_frame, prologue_end
 from pykprobes.core.arch import ArchUnavailable, PostHit, PreHit, ReturnHit, UnwindHit
 from pykprobes.errors import KprobeError
@@ -131,7 +133,6 @@ TOOL_IDS: Final = (4, 3)
 TOOL_NAME: Final = "pykprobes"
 #: At most this many pending post records (frames between an armed instruction and the
 #: next one); see the module docstring.
-PENDING_CAP: Final = 4096
 #: The offset reported to `on_failure` and in `failures` for a failed return hook.
 RETURN_HOOKS: Final = -1
 
@@ -512,21 +513,7 @@ class MonitoringArch:
             pass
 
     def _trim_pending(self) -> None:
-        """Over PENDING_CAP: drop the records of dead frames, then the oldest ones."""
-        pending = self._pending
-        try:
-            for frame in list(pending):
-                # Ours, the loop variable, getrefcount's argument: nobody else holds it,
-                # so the frame is neither executing nor resumable.
-                if sys.getrefcount(frame) <= 3 and pending.pop(frame, None) is not None:
-                    self.pending_dropped += 1
-            excess = len(pending) - PENDING_CAP // 2
-            if excess > 0:
-                for frame in list(pending)[:excess]:
-                    if pending.pop(frame, None) is not None:
-                        self.pending_dropped += 1
-        except BaseException:  # noqa: BLE001 - never reaches the program
-            pass
+        self.pending_dropped += frametable.trim(self._pending)
 
     # ------------------------------------------------------------------ arm/disarm
 

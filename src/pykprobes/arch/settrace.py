@@ -120,6 +120,8 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, ClassVar, Final
 
+from pykprobes.arch import frametable
+from pykprobes.arch.frametable import PENDING_CAP
 from pykprobes.arch.successors import Exits, exits, generator_close_runs_frame, prologue_end
 from pykprobes.core.arch import ReturnHit, UnwindHit
 from pykprobes.errors import KprobeError
@@ -138,7 +140,6 @@ _KEEP_ON_EXCEPTION: Final = frozenset({"FOR_ITER", "SEND", "RAISE_VARARGS", "RER
 
 #: At most this many pending posts (frames between an armed instruction and the next one),
 #: and as many frames with a recorded exception.
-PENDING_CAP: Final = 4096
 #: The offset reported to `on_failure` and in `failures` for a failed return hook.
 RETURN_HOOKS: Final = -1
 
@@ -322,7 +323,7 @@ class SettraceArch:
         unknown = self._unwind_unknown
         cap = PENDING_CAP
         trim = self._trim_pending
-        trim_frames = self._trim_frames
+        trim_frames = frametable.trim
         settrace = sys.settrace
         per_code = _OPCODE_TRACE_PER_CODE
 
@@ -502,33 +503,8 @@ class SettraceArch:
     def _unwind_unknown(self) -> None:
         self.unwinds_unknown += 1
 
-    @staticmethod
-    def _trim_frames(table: dict[FrameType, Any]) -> None:
-        """Over PENDING_CAP: drop the records of dead frames, then the oldest ones."""
-        try:
-            for frame in list(table):
-                if sys.getrefcount(frame) <= 3:
-                    table.pop(frame, None)
-            excess = len(table) - PENDING_CAP // 2
-            if excess > 0:
-                for frame in list(table)[:excess]:
-                    table.pop(frame, None)
-        except BaseException:  # noqa: BLE001 - never reaches the program
-            pass
-
     def _trim_pending(self) -> None:
-        pending = self._pending
-        try:
-            for frame in list(pending):
-                if sys.getrefcount(frame) <= 3 and pending.pop(frame, None) is not None:
-                    self.pending_dropped += 1
-            excess = len(pending) - PENDING_CAP // 2
-            if excess > 0:
-                for frame in list(pending)[:excess]:
-                    if pending.pop(frame, None) is not None:
-                        self.pending_dropped += 1
-        except BaseException:  # noqa: BLE001 - never reaches the program
-            pass
+        self.pending_dropped += frametable.trim(self._pending)
 
     # ------------------------------------------------------------------ arm/disarm
 
