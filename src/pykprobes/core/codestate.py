@@ -153,7 +153,7 @@ def _rebuild(state: CodeState, mech: Mechanisms) -> None:
         version = Version(original.replace(co_consts=tuple(patched)), None, opt, consts)
     else:
         assert mech.optimizer is not None
-        hits = {off: state.sites[off].opt_hit for off in opt}
+        hits = {off: state.sites[off].hit for off in opt}
         hooks = (returns.opt_return, returns.opt_unwind) if ret and returns else None
         built = mech.optimizer.build(original, hits, consts, hooks)
         version = Version(built.code, dict(built.offsets), opt, consts, ret)

@@ -114,10 +114,11 @@ class Kretprobe:
 
     def _entry(self, p: Kprobe, regs: Regs) -> None:
         """The entry kprobe's pre_handler (the kernel's pre_handler_kretprobe)."""
-        if len(self._inflight) >= self.maxactive and not self._evict_silent_end(regs.frame):
+        frame = regs.frame  # found on demand (SiteRegs): read it once
+        if len(self._inflight) >= self.maxactive and not self._evict_silent_end(frame):
             self._missed += 1
             return
-        ri = KretprobeInstance(self, regs.frame)
+        ri = KretprobeInstance(self, frame)
         entry = self.entry_handler
         if entry is not None:
             try:
@@ -130,7 +131,7 @@ class Kretprobe:
 
                 _report_fault(self, "entry_handler", exc)  # type: ignore[arg-type]
                 return
-        self._inflight[regs.frame] = ri
+        self._inflight[frame] = ri
 
     def _evict_silent_end(self, frame: FrameType) -> bool:
         """Make room by forgetting the oldest call (counted missed), for generator code on an

@@ -461,10 +461,9 @@ def _refresh_site_locked(site: Site, state: CodeState, m: Mechanisms) -> None:
     """Recompute what a hit runs, re-arm, and queue or cancel optimization."""
     gone = any(p.flags & KPROBE_FLAG_GONE for p in site.probes)
     if kprobes_all_disarmed() or gone:
-        site.active = ()
+        site.set_active(())
     else:
-        site.active = tuple(p for p in site.probes if not p.is_disabled())
-    site.posts = tuple(p for p in site.active if p.post_handler is not None)
+        site.set_active(tuple(p for p in site.probes if not p.is_disabled()))
     kretprobe.refresh_locked(state)
     if site.optimized and not _optimizable_locked(site, state, m):
         site.optimized = False  # unoptimize at once (the kernel's forced unoptimize)
@@ -659,8 +658,7 @@ def _unregister(p: Kprobe, keep_slot: bool = False) -> None:
         state = _states[id(site.addr.code)]
         kretprobe.detach_locked(p, state)
         if not site.probes:
-            site.active = ()
-            site.posts = ()
+            site.set_active(())
             site.optimized = False
             del _site_table()[site.addr.key]
             # Keyed by id(original code): it goes with the site, before the id can be reused.

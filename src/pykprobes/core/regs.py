@@ -1,11 +1,14 @@
 """`Regs`: what a handler sees of the probed frame (the kernel's `struct pt_regs`).
 
-Built on every hit, so it is a slots record whose expensive views (`args`, `locals`) are
-computed only when a handler asks for them.
+A slots record whose expensive views (`args`, `locals`) are computed only when a handler
+asks for them. The careful path builds one per hit; the fast path hands each site's own
+`SiteRegs` to its handler, which finds the probed frame only when asked. Either is valid
+while the handler runs, as the kernel's pt_regs are (they live on the stack of the hit).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from types import CodeType, FrameType
 from typing import Any, Final
@@ -55,3 +58,43 @@ class Regs:
 
     def __repr__(self) -> str:
         return f"<Regs {self.frame.f_code.co_qualname}+{self.offset} line {self.lineno}>"
+
+
+def probed_frame(hit_frame: FrameType) -> FrameType:
+    """The probed frame of the hit whose trampoline runs in `hit_frame`: its caller (only
+    rewritten code calls a trampoline; the breakpoint mechanisms pass their frame)."""
+    frame = hit_frame.f_back
+    if frame is None:
+        raise RuntimeError("pykprobes: no probed frame above the hit")
+    return frame
+
+
+class SiteRegs(Regs):
+    """A site's reusable Regs. Getting a frame object costs as much as calling the handler
+    (3.11+ creates it on demand), so `frame` is found when asked: the one given by a
+    breakpoint hit, or the caller of the trampoline frame (`hit_code`) up the stack."""
+
+    __slots__ = ("_frame", "_hit_code")
+
+    def __init__(self, offset: int, hit_code: CodeType) -> None:
+        self.offset = offset
+        self.retval = None
+        self.exception = None
+        self._frame: FrameType | None = None
+        self._hit_code = hit_code
+
+    @property  # type: ignore[override]
+    def frame(self) -> FrameType:
+        if self._frame is not None:
+            return self._frame
+        f: FrameType | None = sys._getframe(1)
+        while f is not None and f.f_code is not self._hit_code:
+            f = f.f_back
+        if f is None:
+            raise RuntimeError(
+                "pykprobes: these regs are valid only while their handler runs (as pt_regs)"
+            )
+        return probed_frame(f)
+
+    def __repr__(self) -> str:
+        return f"<SiteRegs +{self.offset}>"

@@ -17,7 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from pykprobes.core.regs import Regs
-from pykprobes.core.site import _busy, _report_fault
+from pykprobes.core.site import _busy, _report_fault, _thread_busy
 
 if TYPE_CHECKING:
     from pykprobes.core.kretprobe import Kretprobe
@@ -74,7 +74,7 @@ class ReturnSite:
         if not rps:
             return
         tid = get_ident()
-        if tid in _busy:
+        if _busy and _thread_busy(tid, _getframe(1)):
             # A return inside a handler: the handler does not run (kernel: nmissed).
             for rp in rps:
                 if rp._inflight.pop(frame, None) is not None:

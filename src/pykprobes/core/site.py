@@ -1,13 +1,26 @@
 """A probe site and the hit path (the kernel's aggregate probe and `aggr_pre_handler`).
 
 Every registered address has one `Site`; with more than one probe there it is the
-*aggregate probe*: each probe keeps its own handlers and counters. The mechanisms call
-`Site.pre`/`Site.post` (breakpoint) or `Site.opt_hit` (from rewritten code).
+*aggregate probe*: each probe keeps its own handlers and counters. Rewritten code calls
+`Site.hit` (no argument: the probed frame is the caller's); the breakpoint mechanisms call
+`Site.pre`/`Site.post` with the frame they were given.
 
-The hot path never raises into the program, never imports, never logs, and allocates only
-the `Regs` record: a handler's exception is counted on its probe and reported once; a hit
-while any handler runs on the same thread (a probe in code a handler calls) skips the
-handlers and counts `nmissed`, as the kernel's per-CPU `current_kprobe` does.
+The hot path never raises into the program, never imports, never logs: a handler's
+exception is counted on its probe and reported once; a hit while any handler runs on the
+same thread (a probe in code a handler calls) skips the handlers and counts `nmissed`, as
+the kernel's per-CPU `current_kprobe` does.
+
+Two paths serve a hit:
+
+* the **fast path**, when no thread is running a handler and the site has one active probe
+  with a pre-handler: mark `_busy[_FAST]`, count the hit, call the handler with the site's
+  own `Regs`, unmark. No thread ident, no allocation, no frame object unless the handler
+  asks for `regs.frame`. Only one thread can be on it at a time (any other sees `_busy`
+  non-empty), which is what lets it use a per-site Regs and a key that names no thread.
+* the **careful path** otherwise: `_busy` is keyed by thread ident, and a thread that finds
+  `_FAST` set tells whether it is itself inside that fast-path handler by looking for a
+  trampoline frame on its own stack (`_fast_hit_on_stack`) — the only per-thread fact the
+  fast path leaves behind. That walk is paid only when hits meet a handler in flight.
 """
 
 from __future__ import annotations
@@ -16,19 +29,25 @@ import sys
 import time
 import warnings
 from _thread import get_ident
-from types import FrameType
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from types import CodeType, FrameType
+from typing import TYPE_CHECKING, Any, Final
 
-from pykprobes.core.regs import Regs
+from pykprobes.core.regs import Regs, SiteRegs, probed_frame
 
 if TYPE_CHECKING:
     from pykprobes.core.address import ProbeAddress
     from pykprobes.core.probe import Kprobe
 
 #: Threads now running a handler (the per-CPU `current_kprobe`), each with the Regs of the
-#: hit it runs: a dict keyed by thread ident is cheaper than a threading.local attribute on
-#: every hit, and the Regs object tells one hit from the next (see synchronize_hits).
+#: hit it runs, and `_FAST` while the fast path runs one: a dict keyed by thread ident is
+#: cheaper than a threading.local attribute on every careful hit, its emptiness is the fast
+#: path's one test, and the Regs object tells one careful hit from the next
+#: (synchronize_hits).
 _busy: Final[dict[int, Regs]] = {}
+
+#: The fast path's key in `_busy`. No thread ident is 0 (pthread_self() is an address).
+_FAST: Final = 0
 
 _getframe = sys._getframe
 
@@ -53,9 +72,85 @@ def _report_fault(p: Kprobe, where: str, exc: BaseException) -> None:
         pass
 
 
+def _call(p: Kprobe, handler: Any, regs: Regs, where: str) -> None:
+    """The careful path's handler call (the fast paths inline the same lines: a call more
+    would cost them as much as the handler's own)."""
+    try:
+        handler(p, regs)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - never reaches the program
+        _report_fault(p, where, exc)
+
+
+def _make_trampoline(site: Site) -> Callable[[], None]:
+    """The site's hit: what rewritten code calls. A closure, so that the call is a plain
+    Python-to-Python call (inlined by the 3.11+ eval loop) and every name it reads is a
+    cell or a global-free constant; `fast` is rebound by `Site.set_active`."""
+    fast: tuple[Kprobe, Any, SiteRegs] | None = None
+    busy = _busy
+    fault = _report_fault
+
+    def hit() -> None:
+        if busy or fast is None:
+            site.careful()
+            return
+        # From the test of `busy` to the mark there is no call and no backward jump, the
+        # only places where 3.11-3.13 switch threads: an unregister that published a new
+        # `fast` either came before the test or finds the mark (synchronize_hits).
+        p, handler, regs = fast
+        busy[0] = regs  # _FAST
+        try:
+            p.nhit += 1
+            handler(p, regs)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - never reaches the program
+            fault(p, "pre_handler", exc)
+        finally:
+            del busy[0]
+
+    return hit
+
+
+#: The code of every site's trampoline (they are closures of one function): a frame running
+#: it is a hit in progress.
+_HIT_CODE: Final[CodeType] = _make_trampoline(None).__code__  # type: ignore[arg-type]
+_FAST_CELL: Final = _HIT_CODE.co_freevars.index("fast")
+
+
+def _fast_hit_on_stack(frame: FrameType | None) -> bool:
+    """True if `frame` or a caller of it runs a hit (a trampoline or `Site.pre`): this thread
+    is inside a handler (a fast-path one, or a careful one, which also marks its ident)."""
+    while frame is not None:
+        if frame.f_code in _HIT_CODES:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _thread_busy(tid: int, frame: FrameType | None) -> bool:
+    """Is this thread (`tid`, whose stack `frame` is in) running a handler?"""
+    if tid in _busy:
+        return True
+    return _FAST in _busy and _fast_hit_on_stack(frame)
+
+
 def in_handler() -> bool:
     """True while this thread runs a probe handler."""
-    return get_ident() in _busy
+    return _thread_busy(get_ident(), _getframe(1))
+
+
+def _fast_frames() -> dict[int, FrameType]:
+    """Threads now inside a fast-path hit, with its trampoline frame."""
+    found: dict[int, FrameType] = {}
+    for tid, frame in sys._current_frames().items():
+        f: FrameType | None = frame
+        while f is not None:
+            if f.f_code in _HIT_CODES:
+                found[tid] = f
+            f = f.f_back
+    return found
 
 
 def synchronize_hits(timeout: float = 10.0) -> None:
@@ -63,11 +158,26 @@ def synchronize_hits(timeout: float = 10.0) -> None:
     synchronize_rcu() after unregistering). Hits that start later read the new tables. Call
     it without holding the registry lock: a handler may register probes."""
     me = get_ident()
-    inflight = {tid: regs for tid, regs in list(_busy.items()) if tid != me}
+    inflight = {tid: regs for tid, regs in list(_busy.items()) if tid not in (me, _FAST)}
+    # A fast-path hit names no thread: find the trampoline frames on the other threads'
+    # stacks, and wait for those very frames to leave them. Holding the frame objects keeps
+    # their identity from being reused meanwhile.
+    fast = {t: f for t, f in _fast_frames().items() if t != me} if _FAST in _busy else {}
     deadline = time.monotonic() + timeout
-    while inflight and time.monotonic() < deadline:
+    while (inflight or fast) and time.monotonic() < deadline:
         time.sleep(0.0002)
         inflight = {tid: r for tid, r in inflight.items() if _busy.get(tid) is r}
+        if fast:
+            now = sys._current_frames()
+            fast = {t: f for t, f in fast.items() if _on_stack(f, now.get(t))}
+
+
+def _on_stack(target: FrameType, frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame is target:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class Site:
@@ -78,9 +188,12 @@ class Site:
         "active",
         "addr",
         "entry_event",
+        "fast",
+        "hit",
         "optimized",
         "posts",
         "probes",
+        "regs",
         "symbol",
     )
 
@@ -90,24 +203,75 @@ class Site:
         self.symbol = symbol
         self.probes: list[Kprobe] = []
         #: The enabled, armed probes, in registration order: what a hit runs. Replaced
-        #: (never mutated) under the registry lock, so a hit reads a consistent tuple.
+        #: (never mutated) under the registry lock by `set_active`, so that a hit reads a
+        #: consistent tuple.
         self.active: tuple[Kprobe, ...] = ()
         #: The active probes that have a post_handler.
         self.posts: tuple[Kprobe, ...] = ()
         self.optimized = False
         self.entry_event = False
+        #: The fast path's Regs: one per site, valid while its handler runs (the kernel's
+        #: pt_regs live on the stack of the hit, too).
+        self.regs = SiteRegs(addr.offset, _HIT_CODE)
+        #: (probe, pre_handler, regs) when a hit can take the fast path (one active probe
+        #: with a pre-handler and no post-handler), else None; the trampoline's cell holds
+        #: the same.
+        self.fast: tuple[Kprobe, Any, SiteRegs] | None = None
+        #: The no-argument hit that rewritten code calls.
+        self.hit: Callable[[], None] = _make_trampoline(self)
 
     @property
     def is_aggregate(self) -> bool:
         return len(self.probes) > 1
 
+    def set_active(self, active: tuple[Kprobe, ...]) -> None:
+        """Publish what a hit runs (under the registry lock)."""
+        self.active = active
+        self.posts = tuple(p for p in active if p.post_handler is not None)
+        fast = None
+        if len(active) == 1 and not self.posts and active[0].pre_handler is not None:
+            fast = (active[0], active[0].pre_handler, self.regs)
+        self.fast = fast
+        cell = self.hit.__closure__[_FAST_CELL]  # type: ignore[index]
+        cell.cell_contents = fast
+
+    def careful(self) -> None:
+        """The trampoline's slow path: a handler runs somewhere, or the site is an aggregate
+        (or has no pre-handler). The probed frame is above our caller, the trampoline."""
+        if self.active:
+            hit_frame = _getframe(1)
+            self._run(probed_frame(hit_frame), hit_frame.f_back)
+
     def pre(self, frame: FrameType, offset: int = 0) -> None:
-        """Before the instruction runs: the aggregate pre-handler."""
-        active = self.active
-        if not active:
+        """Before the instruction runs: the aggregate pre-handler (breakpoint mechanisms).
+        The same two paths as the trampoline's, the frame given."""
+        if _busy:
+            if self.active:
+                self._run(frame, _getframe(1))
             return
+        fast = self.fast
+        if fast is None:
+            if self.active:
+                self._run(frame, None)
+            return
+        p, handler, regs = fast
+        _busy[_FAST] = regs
+        regs._frame = frame
+        try:
+            p.nhit += 1
+            handler(p, regs)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - never reaches the program
+            _report_fault(p, "pre_handler", exc)
+        finally:
+            regs._frame = None
+            del _busy[_FAST]
+
+    def _run(self, frame: FrameType, stack: FrameType | None) -> None:
+        active = self.active
         tid = get_ident()
-        if tid in _busy:
+        if _busy and _thread_busy(tid, stack):
             for p in active:
                 p.nmissed += 1
             return
@@ -117,14 +281,8 @@ class Site:
             # did not see it has already published the new tuple.
             for p in self.active:
                 p.nhit += 1
-                handler = p.pre_handler
-                if handler is not None:
-                    try:
-                        handler(p, regs)
-                    except KeyboardInterrupt:
-                        raise
-                    except BaseException as exc:  # noqa: BLE001 - never reaches the program
-                        _report_fault(p, "pre_handler", exc)
+                if p.pre_handler is not None:
+                    _call(p, p.pre_handler, regs, "pre_handler")
         finally:
             del _busy[tid]
 
@@ -134,26 +292,19 @@ class Site:
         if not posts:
             return
         tid = get_ident()
-        if tid in _busy:
+        if _busy and _thread_busy(tid, _getframe(1)):
             return  # the pre-hit was counted missed already
         regs = _busy[tid] = Regs(frame, self.addr.offset)
         try:
             for p in self.posts:
-                handler = p.post_handler
-                if handler is not None:
-                    try:
-                        handler(p, regs)
-                    except KeyboardInterrupt:
-                        raise
-                    except BaseException as exc:  # noqa: BLE001 - never reaches the program
-                        _report_fault(p, "post_handler", exc)
+                if p.post_handler is not None:
+                    _call(p, p.post_handler, regs, "post_handler")
         finally:
             del _busy[tid]
 
-    def opt_hit(self) -> None:
-        """Called by the call sequence in rewritten code; the probed frame is our caller."""
-        if self.active:
-            self.pre(_getframe(1))
-
     def __repr__(self) -> str:
         return f"<Site {self.symbol}+{self.addr.offset} probes={len(self.probes)}>"
+
+
+#: The code of the frames that run a hit's handlers (`_fast_hit_on_stack`).
+_HIT_CODES: Final = frozenset({_HIT_CODE, Site.pre.__code__})
