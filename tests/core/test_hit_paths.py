@@ -135,3 +135,38 @@ def test_unregister_waits_for_a_fast_path_handler_in_another_thread() -> None:
     remover.join(10)
     hitter.join(10)
     assert done == ["handler", "unregistered"]
+
+
+def test_return_fast_path_keeps_nothing_of_the_call_alive() -> None:
+    """The return side reuses one Regs per code object on its fast path: after the handler
+    it must hold neither the frame nor the value returned (the program decides when that
+    object dies, not the probe)."""
+    import gc
+    import weakref
+
+    class Value:
+        pass
+
+    def make() -> Value:
+        return Value()
+
+    kept: list[kp.Regs] = []
+    seen: list[bool] = []
+
+    def handler(ri: kp.KretprobeInstance, regs: kp.Regs) -> None:
+        seen.append(isinstance(regs.retval, Value) and regs.frame.f_code is ri.frame.f_code)
+        kept.append(regs)
+
+    rp = kp.Kretprobe(addr=make, handler=handler)
+    kp.register_kretprobe(rp)
+    try:
+        kp.wait_for_kprobe_optimizer()
+        value = make()
+        ref = weakref.ref(value)
+        del value
+        gc.collect()
+        assert ref() is None
+        assert seen == [True] and rp.nhit == 1
+        assert kept[0].retval is None and kept[0].exception is None
+    finally:
+        kp.unregister_kretprobe(rp)

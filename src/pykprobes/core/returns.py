@@ -16,8 +16,8 @@ from _thread import get_ident
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from pykprobes.core.regs import Regs
-from pykprobes.core.site import _busy, _report_fault, _thread_busy
+from pykprobes.core.regs import Regs, SiteRegs
+from pykprobes.core.site import _FAST, HIT_CODE, HIT_CODES, _busy, _report_fault, _thread_busy
 
 if TYPE_CHECKING:
     from pykprobes.core.kretprobe import Kretprobe
@@ -49,13 +49,15 @@ class KretprobeInstance:
 class ReturnSite:
     """The kretprobes on one code object and its return hooks."""
 
-    __slots__ = ("armed", "rps")
+    __slots__ = ("armed", "regs", "rps")
 
     def __init__(self) -> None:
         #: The kretprobes whose returns are watched (registered, not gone), in order.
         self.rps: tuple[Kretprobe, ...] = ()
         #: Whether the mechanism must report returns (False while all are disarmed).
         self.armed = False
+        #: The fast path's Regs (frame given), as a Site's.
+        self.regs = SiteRegs(0, HIT_CODE)
 
     def bp_return(self, frame: FrameType, value: object) -> None:
         self._end(frame, value, None)
@@ -73,14 +75,22 @@ class ReturnSite:
         rps = self.rps
         if not rps:
             return
-        tid = get_ident()
-        if _busy and _thread_busy(tid, _getframe(1)):
-            # A return inside a handler: the handler does not run (kernel: nmissed).
-            for rp in rps:
-                if rp._inflight.pop(frame, None) is not None:
-                    rp._missed += 1
-            return
-        regs = _busy[tid] = Regs(frame, 0)
+        if _busy:
+            tid = get_ident()
+            if _thread_busy(tid, _getframe(1)):
+                # A return inside a handler: the handler does not run (kernel: nmissed).
+                for rp in rps:
+                    if rp._inflight.pop(frame, None) is not None:
+                        rp._missed += 1
+                return
+            regs: Regs = Regs(frame, 0)
+        else:
+            # No handler runs anywhere: the fast path's mark and the site's own Regs (see
+            # core/site.py), emptied after the handlers so that it keeps nothing alive.
+            tid = _FAST
+            regs = self.regs
+            regs._frame = frame
+        _busy[tid] = regs
         regs.retval = value
         regs.exception = exc
         try:
@@ -101,4 +111,11 @@ class ReturnSite:
                     except BaseException as err:  # noqa: BLE001 - never reaches the program
                         _report_fault(rp, "handler", err)
         finally:
+            regs.retval = regs.exception = None
+            if tid == _FAST:
+                self.regs._frame = None
             del _busy[tid]
+
+
+# A frame of `_end` on a thread's stack means a return handler runs there.
+HIT_CODES.add(ReturnSite._end.__code__)

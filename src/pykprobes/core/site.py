@@ -115,15 +115,15 @@ def _make_trampoline(site: Site) -> Callable[[], None]:
 
 #: The code of every site's trampoline (they are closures of one function): a frame running
 #: it is a hit in progress.
-_HIT_CODE: Final[CodeType] = _make_trampoline(None).__code__  # type: ignore[arg-type]
-_FAST_CELL: Final = _HIT_CODE.co_freevars.index("fast")
+HIT_CODE: Final[CodeType] = _make_trampoline(None).__code__  # type: ignore[arg-type]
+_FAST_CELL: Final = HIT_CODE.co_freevars.index("fast")
 
 
 def _fast_hit_on_stack(frame: FrameType | None) -> bool:
     """True if `frame` or a caller of it runs a hit (a trampoline or `Site.pre`): this thread
     is inside a handler (a fast-path one, or a careful one, which also marks its ident)."""
     while frame is not None:
-        if frame.f_code in _HIT_CODES:
+        if frame.f_code in HIT_CODES:
             return True
         frame = frame.f_back
     return False
@@ -147,7 +147,7 @@ def _fast_frames() -> dict[int, FrameType]:
     for tid, frame in sys._current_frames().items():
         f: FrameType | None = frame
         while f is not None:
-            if f.f_code in _HIT_CODES:
+            if f.f_code in HIT_CODES:
                 found[tid] = f
             f = f.f_back
     return found
@@ -212,7 +212,7 @@ class Site:
         self.entry_event = False
         #: The fast path's Regs: one per site, valid while its handler runs (the kernel's
         #: pt_regs live on the stack of the hit, too).
-        self.regs = SiteRegs(addr.offset, _HIT_CODE)
+        self.regs = SiteRegs(addr.offset, HIT_CODE)
         #: (probe, pre_handler, regs) when a hit can take the fast path (one active probe
         #: with a pre-handler and no post-handler), else None; the trampoline's cell holds
         #: the same.
@@ -306,5 +306,6 @@ class Site:
         return f"<Site {self.symbol}+{self.addr.offset} probes={len(self.probes)}>"
 
 
-#: The code of the frames that run a hit's handlers (`_fast_hit_on_stack`).
-_HIT_CODES: Final = frozenset({_HIT_CODE, Site.pre.__code__})
+#: The code of the frames that run a hit's handlers (`_fast_hit_on_stack`): the trampoline,
+#: `Site.pre`, and the return side's (core/returns.py adds it).
+HIT_CODES: Final[set[CodeType]] = {HIT_CODE, Site.pre.__code__}
