@@ -30,6 +30,9 @@ BOOT_PYKPROBES = {
     # the events the definitions become, and their fetchargs
     "pykprobes.trace", "pykprobes.trace.buffer", "pykprobes.trace.events",
     "pykprobes.trace.fetchargs", "pykprobes.trace.safe", "pykprobes.trace.types",
+    # the buffer's storage, thread keys and recorders, and the choice of their backend
+    "pykprobes.env", "pykprobes.trace.backend", "pykprobes.trace.cmdlines",
+    "pykprobes.trace.recorder", "pykprobes.trace.ring",
 }
 #: The standard library modules the above may add (the core's imports: typing, threading,
 #: dis, warnings, ...; `re` comes with typing before 3.13). A superset over 3.11-3.13.

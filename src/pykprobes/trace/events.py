@@ -10,44 +10,19 @@ raising), applies the filter, and writes one record into the trace buffer.
 from __future__ import annotations
 
 import time
-from _thread import get_native_id
 from collections.abc import Callable
 from typing import Any
 
 import pykprobes as kp
 from pykprobes import grammar
 from pykprobes.errors import KprobeError, ParseError
-from pykprobes.trace import fetchargs
-from pykprobes.trace.buffer import TraceBuffer
+from pykprobes.trace import backend, fetchargs
+from pykprobes.trace.buffer import TraceBuffer, fixed_size, values_size
+from pykprobes.trace.cmdlines import resolve
 
 # ftrace's clock counts from boot: CLOCK_MONOTONIC is the same on Linux.
 _time_ns = time.monotonic_ns
-
-
-def _thread_names() -> dict[int, str]:
-    import threading
-
-    return {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
-
-
-class _Comm:
-    """Thread ident -> name, refreshed when an unknown thread shows up (the hit path must
-    not call threading.current_thread(), which is Python code that could be probed)."""
-
-    __slots__ = ("names",)
-
-    def __init__(self) -> None:
-        self.names: dict[int, str] = {}
-
-    def __call__(self, tid: int) -> str:
-        name = self.names.get(tid)
-        if name is None:
-            self.names = _thread_names()
-            name = self.names.get(tid, "python")
-        return name
-
-
-comm_of = _Comm()
+_thread_key = backend.thread_key
 
 
 class Event:
@@ -68,6 +43,8 @@ class Event:
         self.symbol: str = definition.target.partition("+")[0]
         self.offset: int = definition.offset
         self.nhit = 0
+        #: The size estimate of every record (buffer.fixed_size), or None: per record.
+        self.size: int | None = fixed_size((a.type for a in definition.args), self.is_return)
         self._fetch: Callable[[Any], tuple[Any, ...]] = lambda regs: ()
 
     # ------------------------------------------------------------------ setup
@@ -177,16 +154,21 @@ class Event:
 
     def _record(self, regs: Any, caller: str | None) -> None:
         values = self._fetch(regs)
-        tid = get_native_id()  # the kernel's pid column is the thread's id
+        # The thread's key: its id and name are looked up when the buffer is read.
+        key = _thread_key()
         flt = self.filter
         if flt is not None:
+            tid, comm = resolve(key)
             fields = dict(zip(self.fields, values, strict=False))
-            fields["common_pid"] = tid
-            fields["common_comm"] = comm_of(tid)
+            fields["common_pid"] = tid  # the kernel's pid column is the thread's id
+            fields["common_comm"] = comm
             if not flt(fields):
                 return
         self.nhit += 1
-        self.buffer.write((_time_ns(), tid, comm_of(tid), self, values, caller))
+        size = self.size
+        if size is None:
+            size = values_size(values, caller)
+        self.buffer.append(_time_ns(), key, self, values, caller, size)
 
     def _hit(self, p: Any, regs: Any) -> None:
         self._record(regs, None)
@@ -204,4 +186,4 @@ class Event:
         return f"<Event {self.group}/{self.name} {state} {self.definition.text!r}>"
 
 
-__all__ = ["Event", "KprobeError", "ParseError", "comm_of"]
+__all__ = ["Event", "KprobeError", "ParseError"]
