@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import re
 import threading
-from collections.abc import Iterator
 from typing import ClassVar
 
 import pytest
@@ -18,15 +17,6 @@ from tests.core import targets
 
 LINE = re.compile(r"^\s*(?P<comm>.+)-(?P<tid>\d+)\s+\[000\]\s+(?P<ts>[\d.]+): "
                   r"(?P<event>\w+): \((?P<probe>[^)]*)\)(?P<args>.*)$")
-
-
-@pytest.fixture
-def fs() -> Iterator[TraceFS]:
-    fs = TraceFS()
-    yield fs
-    for event in list(fs.events.values()):
-        event.disable()
-    fs.clear()
 
 
 def _lines(text: str) -> list[re.Match[str]]:
