@@ -4,8 +4,10 @@
     python3 dev.py demo [ARGS...]     venv for the default python3, then run examples/demo.py
     python3 dev.py test [--python 3.12] [--arch optimized] [PYTEST ARGS...]
 
-`test` lints once, then runs the whole suite twice per Python version, once per mechanism
-(PYKPROBES_ARCH=breakpoint, then optimized), and ends with a table and a `summary:` line.
+`test` lints once, then runs the whole suite three times per Python version: once per mechanism
+(PYKPROBES_ARCH=breakpoint, then optimized), then once more optimized with the trace hot path's
+pure-Python fallback forced (PYKPROBES_CORE=python, arch "optimized-pycore": the C accelerator
+and its fallback must behave the same), and ends with a table and a `summary:` line.
 
 Standard library only, and it must run on whatever python3 a fresh machine has, which may be
 older than the interpreters it finds: no syntax or library newer than Python 3.8 here.
@@ -35,7 +37,13 @@ DEMO = ROOT / "examples" / "demo.py"
 MIN_VERSION = (3, 11)
 # python3.N names looked up on PATH; 20 leaves room for releases to come.
 MINORS = range(MIN_VERSION[1], 21)
-ARCHES = ("breakpoint", "optimized")
+ARCHES = ("breakpoint", "optimized", "optimized-pycore")
+# A run name -> (PYKPROBES_ARCH, PYKPROBES_CORE or None: the backend's own choice).
+RUN_ENV = {
+    "breakpoint": ("breakpoint", None),
+    "optimized": ("optimized", None),
+    "optimized-pycore": ("optimized", "python"),
+}
 # The files that decide what `pip install -e .[test]` installs: a change to any means the
 # venv must be reinstalled (the version is read from _version.py into the metadata; setup.py
 # writes the start-up hook `_pykprobes.pth` from boot/pth.py, and the editable install copies
@@ -65,6 +73,7 @@ STRIPPED_ENV = (
     "PIP_PREFIX",  # ... nor another prefix
     "PYKPROBES_EVENTS",  # would arm early probes in every interpreter the suite starts
     "PYKPROBES_ARCH",  # set per run by `test`
+    "PYKPROBES_CORE",  # likewise
 )
 # Deliberately kept: PYTHONDONTWRITEBYTECODE (set on some machines) only stops .pyc files
 # being written next to the sources, which keeps the checkout clean; pip byte-compiles what it
@@ -394,7 +403,9 @@ def run_suite(
     junit = junit_dir / f"py{interp.tag}-{arch}.xml"
     cmd = [str(venv_python(venv)), "-m", "pytest", f"--junitxml={junit}", *pytest_args]
     env = venv_env(venv)
-    env["PYKPROBES_ARCH"] = arch
+    env["PYKPROBES_ARCH"], core = RUN_ENV[arch]
+    if core is not None:
+        env["PYKPROBES_CORE"] = core
     say(f"=== Python {interp.tag} ({interp.full_version}), PYKPROBES_ARCH={arch} ===")
     start = time.monotonic()
     # No stdin: a test that waits for input (or a stray breakpoint()) fails instead of

@@ -1,5 +1,11 @@
-"""The one thing pyproject.toml cannot say: install the start-up hook `_pykprobes.pth` at the top
-of site-packages (the boot stage, src/pykprobes/boot/). Everything else is in pyproject.toml.
+"""What pyproject.toml cannot say: install the start-up hook `_pykprobes.pth` at the top of
+site-packages (the boot stage, src/pykprobes/boot/), and build the C accelerator of the trace
+hot path (src/pykprobes/trace/_speedups.c) as an *optional* extension: a build that fails (no
+compiler, no Python headers) leaves the pure-Python fallback, which trace/backend.py then
+chooses and `pykprobes info` names. Everything else is in pyproject.toml.
+
+An editable install (`pip install -e .`) builds the extension into the source tree
+(src/pykprobes/trace/_speedups.*.so, ignored by git).
 
 A wheel gets it at its root (build_lib); an editable install (PEP 660, `pip install -e .`,
 which dev.py uses) gets it in its wheel too: setuptools' editable_wheel runs build_py with
@@ -12,7 +18,7 @@ from __future__ import annotations
 import os
 import runpy
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,4 +50,10 @@ class BuildPyWithPth(build_py):
         return outputs
 
 
-setup(cmdclass={"build_py": BuildPyWithPth})
+SPEEDUPS = Extension(
+    "pykprobes.trace._speedups",
+    sources=["src/pykprobes/trace/_speedups.c"],
+    optional=True,
+)
+
+setup(cmdclass={"build_py": BuildPyWithPth}, ext_modules=[SPEEDUPS])

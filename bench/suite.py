@@ -1239,7 +1239,7 @@ def run_steps(cfg: Config, log: Callable[[str], None]) -> list[dict]:
     from _thread import get_native_id
 
     from pykprobes.core.regs import Regs
-    from pykprobes.trace import events as events_mod
+    from pykprobes.trace.backend import thread_key
     from pykprobes.trace.buffer import TraceBuffer
     from pykprobes.trace.fetchargs import compile_fetchargs
 
@@ -1256,9 +1256,7 @@ def run_steps(cfg: Config, log: Callable[[str], None]) -> list[dict]:
     regs = Regs(frame, 0)
     buf = TraceBuffer(1 << 20)
     record = (1, 2, "x", None, (1, 2), None)
-    comm = events_mod.comm_of
     tid = get_native_id()
-    comm(tid)
 
     def live_locals(a: int, b: int) -> Any:
         return sys._getframe().f_locals
@@ -1274,15 +1272,17 @@ def run_steps(cfg: Config, log: Callable[[str], None]) -> list[dict]:
         ("fetch_two(regs): both fetchargs", "fetch(regs)"),
         ("get_native_id()", "get_native_id()"),
         ("time.monotonic_ns()", "monotonic_ns()"),
-        ("comm_of(tid)", "comm(tid)"),
+        ("thread_key() (resolved to tid and comm when read)", "thread_key()"),
         ("record tuple (6 fields)", "(1, tid, 'x', None, (1, 2), None)"),
         ("TraceBuffer.write(record)", "write(record)"),
+        ("TraceBuffer.append(ts, key, event, values, caller, size)",
+         "append(1, 2, None, (1, 2), None, 40)"),
     ]
     ns = {
         "Regs": Regs, "frame": frame, "getframe": sys._getframe,
         "get_ident": threading.get_ident, "fetch": fetch, "regs": regs,
-        "get_native_id": get_native_id, "monotonic_ns": time.monotonic_ns, "comm": comm,
-        "tid": tid, "write": buf.write, "record": record, "live_locals": live_locals,
+        "get_native_id": get_native_id, "monotonic_ns": time.monotonic_ns,
+        "thread_key": thread_key, "tid": tid, "write": buf.write, "append": buf.append, "record": record, "live_locals": live_locals,
         "probed": probed,
     }
     n = 20_000 if cfg.quick else 200_000
@@ -1359,6 +1359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--rounds", type=int, help="rounds of the hit-cost table")
     parser.add_argument("--n", type=int, help="timed calls per run")
+    parser.add_argument("--rows", metavar="KEY,KEY", help="with --part hits: only these rows "
+                        "of the hit-cost table (e.g. A,E1o,E1b,B1,H,X2)")
     parser.add_argument("--part", default="all",
                         choices=["all", "hits", "ladder", "elsewhere", "steps",
                                  "scale-optimized", "scale-breakpoint", "memory", "early"])
@@ -1395,8 +1397,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.part == "all" and part in isolated:
             failed += _run_child(part, args, result, log)
         elif part == "hits":
-            rows = run_rounds(hit_cases(cfg.warm + cfg.n), targets, cfg, cfg.rounds,
-                              Plain("A", ""), log)
+            cases = hit_cases(cfg.warm + cfg.n)
+            if args.rows:
+                keys = set(args.rows.split(","))
+                cases = [c for c in cases if c.key in keys]
+            rows = run_rounds(cases, targets, cfg, cfg.rounds, Plain("A", ""), log)
             result["rows"] = [r.as_json(cfg) for r in rows]
             result["comparisons"] = comparisons(rows)
             result["event_goal"] = event_vs_peers(rows)

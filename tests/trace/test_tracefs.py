@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import re
 import threading
-from collections.abc import Iterator
 from typing import ClassVar
 
 import pytest
@@ -18,15 +17,6 @@ from tests.core import targets
 
 LINE = re.compile(r"^\s*(?P<comm>.+)-(?P<tid>\d+)\s+\[000\]\s+(?P<ts>[\d.]+): "
                   r"(?P<event>\w+): \((?P<probe>[^)]*)\)(?P<args>.*)$")
-
-
-@pytest.fixture
-def fs() -> Iterator[TraceFS]:
-    fs = TraceFS()
-    yield fs
-    for event in list(fs.events.values()):
-        event.disable()
-    fs.clear()
 
 
 def _lines(text: str) -> list[re.Match[str]]:
@@ -214,3 +204,60 @@ def test_full_buffer_drops_the_newest_when_overwrite_is_off(fs: TraceFS) -> None
     kept = _lines(fs.read("trace"))
     assert kept[0]["args"] == " value=0"  # the oldest stay
     assert len(kept) + fs.buffer.lost == 500
+
+
+# -- what a hit writes: the thread as a key, the size estimate ------------------------
+
+
+def test_fixed_size_types_give_a_constant_size(fs: TraceFS) -> None:
+    event = fs.define("p:grp/fixed tests.core.targets:add a:int b:x")
+    assert event is not None and event.size == 24 + 2 * 8
+    free = fs.define("p:grp/free tests.core.targets:add a b:str")
+    assert free is not None and free.size is None
+    event.enable()
+    kp.wait_for_kprobe_optimizer()
+    for n in range(5):
+        targets.add(n, 1)
+    assert fs.buffer.bytes_used == 5 * 40
+
+
+def test_variable_size_per_record(fs: TraceFS) -> None:
+    event = fs.define("p:grp/var tests.core.targets:add a b")
+    assert event is not None
+    event.enable()
+    kp.wait_for_kprobe_optimizer()
+    targets.add("xyz", "ab")
+    targets.add(1, 2)
+    # 24 + (4 + 3) + (4 + 2), then 24 + 8 + 8
+    assert fs.buffer.bytes_used == 37 + 40
+
+
+def test_records_of_threads_that_ended_keep_their_id_and_name(fs: TraceFS) -> None:
+    event = fs.define("p:grp/t tests.core.targets:add a")
+    assert event is not None
+    event.enable()
+    kp.wait_for_kprobe_optimizer()
+    tids = []
+    for n in range(3):
+        def work(n: int = n) -> None:
+            tids.append(threading.get_native_id())
+            targets.add(n, 0)
+
+        t = threading.Thread(target=work, name=f"ended-{n}")
+        t.start()
+        t.join()
+    got = [(m["comm"].strip(), int(m["tid"]), m["args"]) for m in _lines(fs.read("trace"))]
+    assert got == [(f"ended-{n}", tids[n], f" a={n}") for n in range(3)]
+
+
+def test_the_filter_sees_the_thread(fs: TraceFS) -> None:
+    event = fs.define("p:grp/f tests.core.targets:add a")
+    assert event is not None
+    fs.write("events/grp/f/filter", f'common_comm == "{threading.current_thread().name}"')
+    event.enable()
+    kp.wait_for_kprobe_optimizer()
+    targets.add(1, 1)
+    t = threading.Thread(target=targets.add, args=(2, 2), name="not-me")
+    t.start()
+    t.join()
+    assert [m["args"] for m in _lines(fs.read("trace"))] == [" a=1"]

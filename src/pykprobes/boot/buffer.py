@@ -10,7 +10,9 @@ count there at its place, and from then on forwards every write to it: a thread 
 early probe during conversion writes either before the seal (its event is moved) or after it
 (forwarded), never in between, so no event is lost and the order holds.
 
-It has the one method of `TraceBuffer` that `trace.events.Event` writes with: `write(record)`.
+It has the one method of `TraceBuffer` that `trace.events.Event` writes with:
+`append(ts, key, event, values, caller, size)` (the thread as a key, resolved when read:
+trace/cmdlines.py), and `write(record)` for a whole record.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from _thread import allocate_lock
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: this runs at start-up
 if TYPE_CHECKING:
+    from typing import Any
+
     from pykprobes.trace.buffer import Record, TraceBuffer
+
+    #: What the early buffer keeps: the arguments of TraceBuffer.append.
+    Entry = tuple[int, Any, Any, tuple[Any, ...], str | None, int]
 
 
 class EarlyBuffer:
@@ -29,15 +36,18 @@ class EarlyBuffer:
         if type(capacity) is not int or capacity < 1:
             raise ValueError(f"capacity must be a positive int, not {capacity!r}")
         self.capacity = capacity
-        self._records: list[Record | None] = [None] * capacity
+        self._records: list[Entry | None] = [None] * capacity
         self._count = 0
         #: Events dropped because the buffer was full.
         self.lost = 0
         self._forward: TraceBuffer | None = None
         self._lock = allocate_lock()
 
-    def write(self, record: Record) -> bool:
-        """Keep `record`; False if it was dropped (full: counted in `lost`)."""
+    def append(
+        self, ts: int, key: Any, event: Any, values: tuple[Any, ...], caller: str | None,
+        size: int,
+    ) -> bool:
+        """Keep an event; False if it was dropped (full: counted in `lost`)."""
         lock = self._lock
         lock.acquire()
         try:
@@ -45,19 +55,34 @@ class EarlyBuffer:
             if forward is None:
                 n = self._count
                 if n < self.capacity:
-                    self._records[n] = record
+                    self._records[n] = (ts, key, event, values, caller, size)
                     self._count = n + 1
                     return True
                 self.lost += 1
                 return False
         finally:
             lock.release()
-        return forward.write(record)
+        return forward.append(ts, key, event, values, caller, size)
+
+    def write(self, record: Record) -> bool:
+        """Keep a whole record (its tid and comm as given)."""
+        ts, tid, comm, event, values, caller = record
+        from pykprobes.trace.buffer import values_size
+
+        return self.append(ts, (tid, comm), event, values, caller, values_size(values, caller))
 
     def snapshot(self) -> tuple[list[Record], int]:
-        """(the events kept, in order; the number lost), consuming nothing."""
+        """(the events kept, in order, as records; the number lost), consuming nothing."""
+        from pykprobes.trace.cmdlines import resolve
+
         with self._lock:
-            return [r for r in self._records[: self._count] if r is not None], self.lost
+            kept = [e for e in self._records[: self._count] if e is not None]
+            lost = self.lost
+        out: list[Record] = []
+        for ts, key, event, values, caller, _size in kept:
+            tid, comm = resolve(key)
+            out.append((ts, tid, comm, event, values, caller))
+        return out, lost
 
     @property
     def entries(self) -> int:
@@ -74,9 +99,9 @@ class EarlyBuffer:
             if self._forward is not None:
                 return 0, 0
             records = self._records[: self._count]
-            for record in records:
-                if record is not None:
-                    target.write(record)
+            for entry in records:
+                if entry is not None:
+                    target.append(*entry)
             lost = self.lost
             if lost:
                 add_lost(target, lost)
@@ -87,18 +112,6 @@ class EarlyBuffer:
 
 
 def add_lost(buffer: TraceBuffer, n: int) -> None:
-    """Count `n` events lost at the tail of `buffer` (where trace_pipe will report them).
-
-    TraceBuffer has no public way to add losses that happened elsewhere; this uses its drop
-    path once and adds the rest to the same gap (see trace/buffer.py `_drop_locked`)."""
-    if n <= 0:
-        return
-    note = getattr(buffer, "add_lost", None)
-    if note is not None:
-        note(n)
-        return
-    with buffer._lock:
-        buffer._drop_locked()
-        if n > 1:
-            buffer._dropped += n - 1
-            buffer._gaps[-1][1] += n - 1
+    """Count `n` events lost at the tail of `buffer` (where trace_pipe will report them)."""
+    if n > 0:
+        buffer.add_lost(n)

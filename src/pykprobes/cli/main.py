@@ -57,6 +57,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         close = getattr(arch, "close", None)
         if close is not None:
             close()
+    from pykprobes.trace import backend
+
+    # The trace hot path's implementation, with its reason (coverage's CTracer/PyTracer).
+    print(f"trace core: {backend.NAME} ({backend.REASON})")
     return 0
 
 

@@ -22,7 +22,7 @@ import importlib
 import os
 from collections.abc import Callable, Mapping
 from types import CodeType, FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 #: pre(frame, offset): called before the instruction at `offset` executes, in the probed
 #: frame's thread, with that frame. It never raises.
@@ -33,6 +33,67 @@ PostHit = Callable[[FrameType, int], None]
 #: Optimized hit: called with no argument from the injected call sequence; it finds the
 #: probed frame with sys._getframe(1). Never raises.
 OptHit = Callable[[], None]
+
+
+class CompiledCall:
+    """An optimized hit that hands the probe some variables of the probed frame, loaded by
+    the call sequence itself: `if record(*values of variables): hit()`.
+
+    Offered by a probe (`Kprobe.compile_call`) when it alone is active at a site, so that
+    what it does on a hit can run without a frame object (a probe event records the values
+    of its argument fetchargs: trace/recorder.py). `record` returns True when it did not do
+    the probe's work and the careful path `hit` (the site's optimized hit) must run; it
+    never raises. `variables` are names of the code's arguments: an optimizer places the
+    call at the function's entry only, where every argument is bound, and anywhere else (or
+    for a name that is no argument) calls `hit()` as for any probe.
+
+    Two compiled calls are equal when they would be assembled the same: the registry
+    rebuilds a code object when its sites' calls change (a second probe, a disable).
+    """
+
+    __slots__ = ("record", "variables", "hit")
+
+    def __init__(
+        self, record: Callable[..., bool], variables: tuple[str, ...], hit: OptHit
+    ) -> None:
+        self.record = record
+        self.variables = variables
+        self.hit = hit
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            type(other) is CompiledCall
+            and other.record is self.record
+            and other.variables == self.variables
+            and other.hit == self.hit
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.record), self.variables))
+
+    def __repr__(self) -> str:
+        return f"<CompiledCall {self.record!r}({', '.join(self.variables)}) else {self.hit!r}>"
+
+
+def opt_call(
+    probes: tuple[Any, ...], hit: OptHit, code: CodeType, offset: int
+) -> OptHit | CompiledCall:
+    """What the optimizer should call at a site whose active probes are `probes`: the
+    compiled call its one probe offers (`compile_call(code, offset)` -> `(record,
+    variables)` or None), or else the site's `hit`. An offer that raises is no offer."""
+    if len(probes) == 1:
+        offer = getattr(probes[0], "compile_call", None)
+        if offer is not None:
+            try:
+                got = offer(code, offset)
+            except Exception:  # noqa: BLE001 - a bad offer leaves the probe a plain one
+                got = None
+            if got is not None:
+                record, variables = got
+                return CompiledCall(record, tuple(variables), hit)
+    return hit
+
+
 #: Return hooks of the breakpoint arch: on_return(frame, value) when a frame of the code
 #: returns, on_unwind(frame, exc) when an exception leaves it. Never raise.
 ReturnHit = Callable[[FrameType, object], None]
@@ -111,12 +172,13 @@ class OptimizerArch(Protocol):
     def build(
         self,
         code: CodeType,
-        hits: Mapping[int, OptHit],
+        hits: Mapping[int, OptHit | CompiledCall],
         consts: Mapping[int, CodeType],
         returns: OptReturns | None = None,
     ) -> Built:
         """A new code object: `code` with, before the instruction at each offset in `hits`,
-        a call of `hits[offset]()` whose line number is the instruction's; and with each
+        a call of `hits[offset]()` whose line number is the instruction's (for a
+        CompiledCall: its call at the entry, its `hit` anywhere else); and with each
         code constant at index `i` of `code.co_consts` replaced by `consts[i]` (the nested
         functions' own rewritten code). With `returns`, the frame also calls
         `returns[0](value)` as it returns `value`, and `returns[1](exc)` as an exception

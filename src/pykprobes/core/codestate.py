@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from types import CodeType, FunctionType
 from typing import TYPE_CHECKING
 
+from pykprobes.core.arch import opt_call
+
 if TYPE_CHECKING:
     from pykprobes.core.arch import BreakpointArch, OptimizerArch
     from pykprobes.core.returns import ReturnSite
@@ -35,7 +37,7 @@ class Version:
     """One runnable version of a code state: the code, where each original instruction
     sits in it, and which sites have a call sequence in it."""
 
-    __slots__ = ("code", "consts", "map", "opt", "ret")
+    __slots__ = ("code", "consts", "hits", "map", "opt", "ret")
 
     def __init__(
         self,
@@ -44,8 +46,11 @@ class Version:
         opt: frozenset[int],
         consts: dict[int, CodeType],
         ret: bool = False,
+        hits: dict[int, object] | None = None,
     ) -> None:
         self.code = code
+        #: What the call sequence at each optimized offset calls (core/arch.py opt_call).
+        self.hits = hits or {}
         #: original offset -> offset in `code`; None means the identity.
         self.map = offmap
         self.opt = opt
@@ -138,10 +143,16 @@ def _rebuild(state: CodeState, mech: Mechanisms) -> None:
     # kretprobe is a site at offset 0, so an optimized kretprobe rewrites its code).
     returns = state.returns
     ret = bool(opt) and returns is not None and returns.armed
+    # A site's one probe may offer a compiled call: a change of its probes changes the call.
+    hits = {
+        off: opt_call(state.sites[off].active, state.sites[off].hit, state.original, off)
+        for off in opt
+    }
     cur = state.current
-    if opt == cur.opt and ret == cur.ret and consts.keys() == cur.consts.keys() and all(
+    same_consts = consts.keys() == cur.consts.keys() and all(
         cur.consts[i] is c for i, c in consts.items()
-    ):
+    )
+    if opt == cur.opt and ret == cur.ret and hits == cur.hits and same_consts:
         return
     original = state.original
     if not opt and not consts:
@@ -153,10 +164,9 @@ def _rebuild(state: CodeState, mech: Mechanisms) -> None:
         version = Version(original.replace(co_consts=tuple(patched)), None, opt, consts)
     else:
         assert mech.optimizer is not None
-        hits = {off: state.sites[off].hit for off in opt}
         hooks = (returns.opt_return, returns.opt_unwind) if ret and returns else None
         built = mech.optimizer.build(original, hits, consts, hooks)
-        version = Version(built.code, dict(built.offsets), opt, consts, ret)
+        version = Version(built.code, dict(built.offsets), opt, consts, ret, hits)
     _install(state, version, mech)
 
 

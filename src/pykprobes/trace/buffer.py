@@ -1,12 +1,18 @@
 """The trace ring buffer: ftrace's ring buffer for probe-event records.
 
-A record is the tuple `(ts_ns, tid, comm, event, values, caller)` of docs/events.md. The buffer
-stores records, bounded by `size_kb` (the `buffer_size_kb` file) through a per-record size
-estimate, and serves the two ways ftrace reads its buffer:
+A record is the tuple `(ts_ns, tid, comm, event, values, caller)` of docs/events.md, as the
+readers get it. The buffer stores records, bounded by `size_kb` (the `buffer_size_kb` file)
+through a per-record size estimate, and serves the two ways ftrace reads its buffer:
 
 - `snapshot()` is the `trace` file: a copy of what is in the buffer, nothing consumed.
 - `read()` is the `trace_pipe` file: it consumes what it returns, blocks until something is
   written, and tells the reader where events were lost (ftrace's "CPU:0 [LOST n EVENTS]").
+
+What is stored is not the record but an entry of the ring (ring.py, or the C ring of
+`_speedups.c`, chosen by backend.py): `(seq, ts, key, event, values, caller, size)`. The
+thread is a key resolved to its id and name when the buffer is read (cmdlines.py, ftrace's
+saved_cmdlines): a hit does no system call for it. The sequence number makes the lost
+counts exact at read time (see ring.py).
 
 Size estimate (`record_size`), in the spirit of what the kernel stores per kprobe event:
 
@@ -17,8 +23,10 @@ Size estimate (`record_size`), in the spirit of what the kernel stores per kprob
                        characters, counted in code points for str); anything else (int,
                        float, bool, None, FAULT, ...): 8
 
-The buffer holds references, not copies: the estimate stands for the memory a record keeps
-alive (fetchargs cap the strings they record; ints are counted as 8 whatever their size).
+An event whose fetch types all have a fixed size (int, float, bool, x, len) computes its
+records' size once, at definition (`fixed_size`); the others per record (`values_size`).
+The buffer holds references, not copies, and only to values that keep nothing else alive
+(fetchargs convert every other object to text): the estimate stands for that memory.
 
 When a record does not fit, the buffer either overwrites the oldest records (`overwrite`, the
 default, ftrace's `options/overwrite`) or drops the new one. Either way the lost events are
@@ -26,29 +34,32 @@ counted: `overrun` (overwritten, and evicted by a shrinking `resize`), `dropped`
 `lost` (both). A record bigger than the whole buffer is always dropped. Each loss is also
 handed, exactly once, to the next consuming `read()`, at its place in the stream
 (`ReadBatch.lost_at`), so that every record written is either read once or reported lost.
-While `tracing_on` is false, `write()` drops records without counting them (tracing is off:
+While `tracing_on` is false, writes are dropped without counting them (tracing is off:
 nothing is lost).
 
-Concurrency: one lock guards the ring (STYLE rule 8: it guards the table, never a callback).
-`write()` computes the size estimate before taking it, then holds it for two deque appends
-(plus, when full, one eviction per record overwritten: a big record may overwrite several
-small ones). It never waits for a reader and never raises. A reader blocked in `read()`
-waits on a condition of the same lock; a writer notifies only when a reader is waiting.
+Concurrency: the ring makes each of its operations atomic (a lock in Python, the GIL in C);
+a write never waits for a reader and never raises. A reader blocked in `read()` waits on a
+condition; it tells the ring it waits (`waiting`), and the next write calls `_wake()`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections.abc import Iterable, Sequence
 from typing import Any, Final, TypeAlias
+
+from pykprobes.trace import backend
+from pykprobes.trace.cmdlines import resolve
 
 __all__ = [
     "DEFAULT_SIZE_KB",
     "ReadBatch",
     "Record",
     "TraceBuffer",
+    "fixed_size",
     "record_size",
+    "values_size",
 ]
 
 #: A trace record: (ts_ns, tid, comm, event, values, caller) (docs/events.md).
@@ -69,16 +80,33 @@ DATA_LOC_SIZE: Final = 4
 _VARLEN: Final = frozenset((str, bytes))
 
 
-def record_size(record: Record) -> int:
-    """The size estimate of `record`, in bytes (see the module docstring)."""
-    values = record[4]
+def values_size(values: Sequence[Any], caller: str | None) -> int:
+    """The size estimate of a record of these values (see the module docstring)."""
     size = RECORD_OVERHEAD + SCALAR_SIZE * len(values)
     for v in values:
         if type(v) in _VARLEN:
             size += DATA_LOC_SIZE - SCALAR_SIZE + len(v)
-    if record[5] is not None:
+    if caller is not None:
         size += RETURN_OVERHEAD
     return size
+
+
+def record_size(record: Record) -> int:
+    """The size estimate of `record`, in bytes (see the module docstring)."""
+    return values_size(record[4], record[5])
+
+
+#: The fetch types whose value is never a str or bytes (or FAULT): 8 bytes each.
+FIXED_TYPES: Final = frozenset(("int", "float", "bool", "x", "len"))
+
+
+def fixed_size(types: Iterable[str | None], is_return: bool) -> int | None:
+    """The size of every record of an event with fetchargs of these types (None: the
+    default type), or None when it depends on the values."""
+    types = list(types)
+    if not all(t in FIXED_TYPES for t in types):
+        return None
+    return RECORD_OVERHEAD + SCALAR_SIZE * len(types) + (RETURN_OVERHEAD if is_return else 0)
 
 
 class ReadBatch(list[Record]):
@@ -109,175 +137,71 @@ class TraceBuffer:
     `size_kb` bounds the sum of the records' size estimates (`record_size`) to
     `size_kb * 1024` bytes. `overwrite` chooses what happens when a record does not fit:
     the oldest records are overwritten (True, the default) or the new one is dropped.
+
+    `append(ts, key, event, values, caller, size)` is the write path of events (the ring's
+    own method: no Python call in between); `write(record)` stores a whole record.
     """
 
-    __slots__ = (
-        # The write path's attributes first (STYLE: the fields read together sit together).
-        "tracing_on",
-        "_lock",
-        "_ring",
-        "_sizes",
-        "_bytes",
-        "_limit",
-        "_nwaiting",
-        "overwrite",
-        "_cond",
-        "_head_seq",
-        "_gaps",
-        "_overrun",
-        "_dropped",
-        "_interrupts",
-    )
+    __slots__ = ("append", "ring", "_cond", "_interrupts", "_nwaiting")
 
     def __init__(self, size_kb: int = DEFAULT_SIZE_KB, overwrite: bool = True) -> None:
         _check_size_kb(size_kb)
-        #: The `tracing_on` switch: while False, `write()` drops records, uncounted.
-        self.tracing_on: bool = True
-        #: ftrace's `options/overwrite`: overwrite the oldest (True) or drop the newest.
-        self.overwrite: bool = overwrite
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        # The records, oldest first, and their size estimates, in step.
-        self._ring: deque[Record] = deque()
-        self._sizes: deque[int] = deque()
-        self._bytes = 0
-        self._limit = size_kb * 1024
-        # Every record that entered the ring has a sequence number: the oldest in the ring
-        # has _head_seq, the next to enter will have _head_seq + len(_ring).
-        self._head_seq = 0
-        # Losses not yet handed to a reader: [seq, count] pairs by increasing seq, `count`
-        # events lost just before the record numbered `seq`. Overwrites add to a gap at the
-        # head and drops to a gap at the tail, so there is at most one gap per record in the
-        # ring, plus one: the list is bounded by the ring.
-        self._gaps: deque[list[int]] = deque()
-        self._overrun = 0
-        self._dropped = 0
-        self._nwaiting = 0
+        #: The storage (backend.Ring): the compiled recorders write into it directly.
+        self.ring: Any = backend.Ring(size_kb * 1024, overwrite)
+        self.ring.wake = self._wake
+        self.append = self.ring.append
+        self._cond = threading.Condition(threading.Lock())
         self._interrupts = 0
+        #: Readers blocked in read() (tests look at it).
+        self._nwaiting = 0
+
+    @property
+    def tracing_on(self) -> bool:
+        """The `tracing_on` switch: while False, writes are dropped, uncounted."""
+        return bool(self.ring.tracing_on)
+
+    @tracing_on.setter
+    def tracing_on(self, value: bool) -> None:
+        self.ring.tracing_on = bool(value)
+
+    @property
+    def overwrite(self) -> bool:
+        """ftrace's `options/overwrite`: overwrite the oldest (True) or drop the newest."""
+        return bool(self.ring.overwrite)
+
+    @overwrite.setter
+    def overwrite(self, value: bool) -> None:
+        self.ring.overwrite = bool(value)
 
     # -- the write path ------------------------------------------------------------------
 
     def write(self, record: Record) -> bool:
-        """Store `record`; True if it was stored, False if it was dropped.
-
-        Never blocks beyond the short hold of the buffer's lock, never raises. A dropped
-        record is counted lost (`dropped`), except while `tracing_on` is False.
-        """
-        if not self.tracing_on:
-            return False
+        """Store a whole record (its tid and comm as given); True if it was stored, False if
+        it was dropped. Never blocks beyond the ring's operation, never raises. A dropped
+        record is counted lost (`dropped`), except while `tracing_on` is False."""
         try:
-            # record_size(), inlined: a call costs as much as the rest of the estimate.
-            values = record[4]
-            size = RECORD_OVERHEAD + SCALAR_SIZE * len(values)
-            for v in values:
-                if type(v) in _VARLEN:
-                    size += DATA_LOC_SIZE - SCALAR_SIZE + len(v)
-            if record[5] is not None:
-                size += RETURN_OVERHEAD
+            ts, tid, comm, event, values, caller = record
+            size = values_size(values, caller)
         except Exception:  # noqa: BLE001 - not a record: the hot path never raises
             return False
-        lock = self._lock
-        lock.acquire()
-        try:
-            used = self._bytes + size
-            limit = self._limit
-            if used <= limit:
-                self._ring.append(record)
-                self._sizes.append(size)
-                self._bytes = used
-                if self._nwaiting:
-                    self._wake_locked()
-                return True
-            if not self.overwrite or size > limit:
-                return self._drop_locked()
-            # Overwrite: the steady state of a full buffer nobody reads, so _evict_locked()
-            # is inlined here (a call costs as much as the evictions).
-            ring = self._ring
-            sizes = self._sizes
-            n = 0
-            while used > limit:
-                ring.popleft()
-                used -= sizes.popleft()
-                n += 1
-            ring.append(record)
-            sizes.append(size)
-            self._bytes = used
-            self._overrun += n
-            head = self._head_seq = self._head_seq + n
-            gaps = self._gaps
-            if gaps and gaps[0][0] <= head:
-                first = gaps[0]
-                first[0] = head
-                first[1] += n
-                if len(gaps) > 1 and gaps[1][0] <= head:
-                    self._merge_head_gaps_locked()
-            else:
-                gaps.appendleft([head, n])
-            if self._nwaiting:
-                self._wake_locked()
-            return True
-        finally:
-            lock.release()
+        return bool(self.ring.append(ts, (tid, comm), event, values, caller, size))
 
-    def _drop_locked(self) -> bool:
-        """Refuse a record: count it dropped, as a gap after the newest record."""
-        self._dropped += 1
-        tail = self._head_seq + len(self._ring)
-        gaps = self._gaps
-        if gaps and gaps[-1][0] == tail:
-            gaps[-1][1] += 1
-        else:
-            gaps.append([tail, 1])
-        if self._nwaiting:
-            self._wake_locked()
-        return False
+    def add_lost(self, n: int) -> None:
+        """Count `n` events lost before they reached the buffer (the early buffer's), after
+        the newest record."""
+        self.ring.add_lost(n)
 
-    def _evict_locked(self, limit: int) -> None:
-        """Drop the oldest records until at most `limit` bytes are used; count them
-        overwritten (ftrace's overrun) and as one gap before the new oldest record."""
-        ring = self._ring
-        sizes = self._sizes
-        used = self._bytes
-        n = 0
-        while used > limit:
-            ring.popleft()
-            used -= sizes.popleft()
-            n += 1
-        if not n:
-            return
-        self._bytes = used
-        self._overrun += n
-        head = self._head_seq = self._head_seq + n
-        gaps = self._gaps
-        if gaps and gaps[0][0] <= head:
-            first = gaps[0]
-            first[0] = head
-            first[1] += n
-            self._merge_head_gaps_locked()
-        else:
-            gaps.appendleft([head, n])
-
-    def _merge_head_gaps_locked(self) -> None:
-        """After an eviction moved the first gap up to the new head: fold into it every gap
-        that sat among the evicted records (they are all before the new head now)."""
-        gaps = self._gaps
-        first = gaps[0]
-        head = first[0]
-        while len(gaps) > 1 and gaps[1][0] <= head:
-            first[1] += gaps[1][1]
-            del gaps[1]
-
-    def _wake_locked(self) -> None:
-        self._nwaiting = 0
-        self._cond.notify_all()
+    def _wake(self) -> None:
+        # Called by the ring after a write or loss, when a reader said it waits.
+        with self._cond:
+            self._cond.notify_all()
 
     # -- the read side ---------------------------------------------------------------------
 
     def snapshot(self) -> list[Record]:
         """The `trace` file: a copy of the records in the buffer, oldest first; consumes
-        nothing. Holds the lock for the copy (a C-level copy of the deque)."""
-        with self._lock:
-            return list(self._ring)
+        nothing."""
+        return _records(self.ring.snapshot())
 
     def read(self, block: bool = True, timeout: float | None = None) -> ReadBatch:
         """The `trace_pipe` file: take every record in the buffer, and the losses since the
@@ -289,9 +213,10 @@ class TraceBuffer:
         record going to exactly one of them (as with ftrace's trace_pipe).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
+        ring = self.ring
+        with self._cond:
             interrupts = self._interrupts
-            while not self._ring and not self._gaps:
+            while not ring.pending():
                 if not block or self._interrupts != interrupts:
                     return ReadBatch()
                 if deadline is None:
@@ -300,25 +225,33 @@ class TraceBuffer:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return ReadBatch()
+                # Say we wait, then look again: a write in between either saw the flag (and
+                # waits for our lock to notify) or is in the ring already.
+                ring.waiting = True
+                if ring.pending():
+                    break
                 self._nwaiting += 1
-                self._cond.wait(remaining)
-            return self._take_locked()
-
-    def _take_locked(self) -> ReadBatch:
-        head = self._head_seq
-        records = list(self._ring)
-        self._ring.clear()
-        self._sizes.clear()
-        self._bytes = 0
-        self._head_seq = head + len(records)
-        lost_at = [(seq - head, count) for seq, count in self._gaps]
-        self._gaps.clear()
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._nwaiting -= 1
+            entries, start, end = ring.take()
+        records = _records(entries)
+        lost_at: list[tuple[int, int]] = []
+        expected = start
+        for i, entry in enumerate(entries):
+            seq = entry[0]
+            if seq != expected:
+                lost_at.append((i, seq - expected))
+            expected = seq + 1
+        if end != expected:
+            lost_at.append((len(entries), end - expected))
         return ReadBatch(records, lost_at)
 
     def interrupt(self) -> None:
         """Wake every reader blocked in `read()`; each returns what there is (maybe nothing).
         For a server shutting down a trace_pipe."""
-        with self._lock:
+        with self._cond:
             self._interrupts += 1
             self._cond.notify_all()
 
@@ -327,69 +260,68 @@ class TraceBuffer:
     def clear(self) -> None:
         """Empty the buffer and reset its counters (writing to the `trace` file). Pending
         losses are forgotten with the records: clearing is not losing."""
-        with self._lock:
-            self._head_seq += len(self._ring)
-            self._ring.clear()
-            self._sizes.clear()
-            self._bytes = 0
-            self._gaps.clear()
-            self._overrun = 0
-            self._dropped = 0
+        self.ring.clear()
 
     def resize(self, size_kb: int) -> None:
         """The `buffer_size_kb` file. Shrinking below what is stored evicts the oldest
         records, counted as overrun (as the kernel counts the entries of removed pages)."""
         _check_size_kb(size_kb)
-        with self._lock:
-            self._limit = size_kb * 1024
-            # No reader to wake: one waits only while the buffer is empty.
-            self._evict_locked(self._limit)
+        self.ring.resize(size_kb * 1024)
 
     @property
     def size_kb(self) -> int:
-        return self._limit // 1024
+        return int(self.ring.limit) // 1024
 
     @property
     def bytes_used(self) -> int:
         """The sum of the size estimates of the records in the buffer."""
-        return self._bytes
+        return int(self.ring.bytes_used)
 
     @property
     def entries(self) -> int:
         """The number of records in the buffer (ftrace's entries-in-buffer)."""
-        return len(self._ring)
+        return int(self.ring.entries)
 
     @property
     def overrun(self) -> int:
         """Records overwritten (or evicted by `resize`) since the last `clear()`."""
-        return self._overrun
+        return int(self.ring.overrun)
 
     @property
     def dropped(self) -> int:
         """Records refused (full buffer without overwrite, or too big) since `clear()`."""
-        return self._dropped
+        return int(self.ring.dropped)
 
     @property
     def lost(self) -> int:
         """Events lost since the last `clear()`: overrun + dropped."""
-        with self._lock:
-            return self._overrun + self._dropped
+        ring = self.ring
+        return int(ring.overrun + ring.dropped)
 
     def counts(self) -> tuple[int, int]:
         """`(entries-in-buffer, entries-written)` as ftrace's `trace` header prints them,
         read together: entries written counts what is in the buffer plus what was
         overwritten (records consumed by trace_pipe count in neither)."""
-        with self._lock:
-            entries = len(self._ring)
-            return entries, entries + self._overrun
+        entries, written = self.ring.counts()
+        return int(entries), int(written)
 
     def __repr__(self) -> str:
         return (
             f"<TraceBuffer {self.size_kb} KB, {self.entries} entries, "
-            f"{self._bytes} bytes used, lost {self._overrun + self._dropped}, "
+            f"{self.bytes_used} bytes used, lost {self.overrun + self.dropped}, "
             f"{'overwrite' if self.overwrite else 'drop newest'}"
             f"{'' if self.tracing_on else ', tracing off'}>"
         )
+
+
+def _records(entries: list[Any]) -> list[Record]:
+    """The ring's entries as records, each thread key resolved (cmdlines.py)."""
+    out: list[Record] = []
+    for _seq, ts, key, event, values, caller, _size in entries:
+        tid, comm = resolve(key)
+        out.append((ts, tid, comm, event, values, caller))
+    return out
+
 
 
 def _check_size_kb(size_kb: int) -> None:

@@ -66,6 +66,7 @@ __all__ = [
     "Fault",
     "FetchArgSpec",
     "Fetcher",
+    "argument_fetch",
     "compile_fetcharg",
     "compile_fetchargs",
     "frame_name",
@@ -393,6 +394,34 @@ def _compile(d: FetchArgDef, text: str, code: CodeType | None) -> Fetcher:
     else:
         fetch = _chain_fetch(_root_fetch(kind, root), chain, convert)
     return Fetcher(d.body, type_name, kind, needs_locals, fetch)
+
+
+def argument_fetch(
+    d: FetchArgDef, code: CodeType
+) -> tuple[str, Converter, bool] | None:
+    """For a fetcharg rooted at an argument of `code` (`$argN`, `$arg:NAME` or a bare NAME
+    that is an argument, with or without a chain): `(the argument's name, convert, chained)`
+    where `convert(value)` turns the argument's value into what to record (the chain's
+    steps, then the type's conversion; never raises) and `chained` says whether there are
+    steps. None for any other fetcharg. For the compiled recorder (events.py): the value
+    is loaded by the injected code, not read from f_locals."""
+    if not code.co_flags & _CO_OPTIMIZED:
+        return None
+    names = _arg_names(code)
+    if d.kind == "arg":
+        if not 1 <= d.root <= len(names):  # type: ignore[operator]
+            return None
+        name: str = names[d.root - 1]  # type: ignore[operator]
+    elif d.kind in ("local", "argname") and d.root in names:
+        name = d.root  # type: ignore[assignment]
+    else:
+        return None
+    convert: Converter = describe if d.type is None else TYPES[d.type]
+    if not d.chain:
+        return name, convert, False
+    # _chain_fetch's root is the value itself here (passed where it expects the Regs).
+    fetch = _chain_fetch(lambda value, f_locals: value, d.chain, convert)
+    return name, lambda value: fetch(value, None), True
 
 
 class FetchArgSpec(Protocol):

@@ -23,7 +23,7 @@ from typing import Final
 from pykprobes import env
 from pykprobes.arch.rewrite import assembly, frames, safety
 from pykprobes.arch.rewrite.decode import instructions
-from pykprobes.core.arch import ArchUnavailable, Built, OptHit, OptReturns
+from pykprobes.core.arch import ArchUnavailable, Built, CompiledCall, OptHit, OptReturns
 
 #: The instructions a frame returns by (3.12 added RETURN_CONST).
 RETURNS: Final = frozenset({"RETURN_VALUE", "RETURN_CONST"})
@@ -62,6 +62,8 @@ class RewriteArch:
         # None on a Python with call sequences but no return sequences: build() then
         # refuses `returns` (ValueError) and the core keeps return probes on breakpoints.
         self._returns = assembly.return_sequences()
+        # None on a Python without one: compiled calls are then served as plain hits.
+        self._compiled = assembly.compiled_call_sequence()
 
     def check_optimizable(self, code: CodeType, offset: int) -> str | None:
         return safety.check_optimizable(code, offset)
@@ -69,7 +71,7 @@ class RewriteArch:
     def build(
         self,
         code: CodeType,
-        hits: Mapping[int, OptHit],
+        hits: Mapping[int, OptHit | CompiledCall],
         consts: Mapping[int, CodeType],
         returns: OptReturns | None = None,
     ) -> Built:
@@ -86,7 +88,7 @@ class RewriteArch:
                     if reason is not None:
                         raise ValueError(f"{code.co_qualname}+{ins.start}: {reason}")
         new, offsets = self._inject.build(
-            code, hits, consts, self._sequence, returns, self._returns
+            code, hits, consts, self._sequence, returns, self._returns, self._compiled
         )
         return Built(new, offsets)
 

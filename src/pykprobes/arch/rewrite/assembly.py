@@ -37,6 +37,10 @@ class Placeholder:
 
 #: The callable a call sequence calls (the argument of its LOAD_CONST).
 HIT: Final = Placeholder("HIT")
+#: A compiled call's callables (core/arch.py CompiledCall): `record(*variables)`, and the
+#: site's hit when it returns True; and the number of variables (the argument of CALL).
+RECORD: Final = Placeholder("RECORD")
+NARGS: Final = Placeholder("NARGS")
 #: The return probe's callables: on_return(value) and on_unwind(exc).
 ON_RETURN: Final = Placeholder("ON_RETURN")
 ON_UNWIND: Final = Placeholder("ON_UNWIND")
@@ -99,6 +103,66 @@ CALL_SEQUENCES: Final[dict[tuple[int, int], CallSequence]] = {
     # 3.13: CALL takes callable, self-or-NULL, args: the NULL moved above the callable.
     (3, 13): CallSequence(
         (("LOAD_CONST", HIT), ("PUSH_NULL", None), ("CALL", 0), ("POP_TOP", None)),
+        depth=2,
+    ),
+}
+
+
+#: Where a compiled call sequence goes on when `record` returned False.
+DONE: Final = Mark("done")
+
+# A compiled call: `if record(v1, ..., vn): hit()`, at the entry only. "VARS" is a
+# pseudo-instruction: inject.py puts there one load per variable (LOAD_FAST, or LOAD_DEREF
+# for an argument that is a cell: the prologue's MAKE_CELL, which runs before the entry,
+# has put the argument into its cell). `record` returns an exact bool, because from 3.13
+# POP_JUMP_IF_FALSE expects one (the compiler puts TO_BOOL before it otherwise; we need
+# not). `depth` is what it needs without the variables: one slot more per variable.
+COMPILED_CALL_SEQUENCES: Final[dict[tuple[int, int], CallSequence]] = {
+    (3, 11): CallSequence(
+        (
+            ("PUSH_NULL", None),
+            ("LOAD_CONST", RECORD),
+            ("VARS", None),
+            ("PRECALL", NARGS),
+            ("CALL", NARGS),
+            ("POP_JUMP_FORWARD_IF_FALSE", DONE),
+            ("PUSH_NULL", None),
+            ("LOAD_CONST", HIT),
+            ("PRECALL", 0),
+            ("CALL", 0),
+            ("POP_TOP", None),
+            ("LABEL", DONE),
+        ),
+        depth=2,
+    ),
+    (3, 12): CallSequence(
+        (
+            ("PUSH_NULL", None),
+            ("LOAD_CONST", RECORD),
+            ("VARS", None),
+            ("CALL", NARGS),
+            ("POP_JUMP_IF_FALSE", DONE),
+            ("PUSH_NULL", None),
+            ("LOAD_CONST", HIT),
+            ("CALL", 0),
+            ("POP_TOP", None),
+            ("LABEL", DONE),
+        ),
+        depth=2,
+    ),
+    (3, 13): CallSequence(
+        (
+            ("LOAD_CONST", RECORD),
+            ("PUSH_NULL", None),
+            ("VARS", None),
+            ("CALL", NARGS),
+            ("POP_JUMP_IF_FALSE", DONE),
+            ("LOAD_CONST", HIT),
+            ("PUSH_NULL", None),
+            ("CALL", 0),
+            ("POP_TOP", None),
+            ("LABEL", DONE),
+        ),
         depth=2,
     ),
 }
@@ -415,6 +479,12 @@ RETURN_SEQUENCES: Final[dict[tuple[int, int], ReturnSequences]] = {
 def call_sequence() -> CallSequence | None:
     """The sequence for the running interpreter; None if none was written and tested for it."""
     return CALL_SEQUENCES.get(env.PYVERSION)
+
+
+def compiled_call_sequence() -> CallSequence | None:
+    """The compiled call sequence for the running interpreter, or None (then compiled calls
+    are served as plain hits)."""
+    return COMPILED_CALL_SEQUENCES.get(env.PYVERSION)
 
 
 def return_sequences() -> ReturnSequences | None:

@@ -44,7 +44,7 @@ from types import CodeType
 from typing import Any, Final
 
 import bytecode as _bc
-from bytecode import Bytecode, Compare, ConcreteBytecode, Instr, Label
+from bytecode import Bytecode, CellVar, Compare, ConcreteBytecode, Instr, Label
 from bytecode.instr import InstrLocation, TryBegin, TryEnd
 
 from pykprobes.arch.rewrite.assembly import (
@@ -52,8 +52,10 @@ from pykprobes.arch.rewrite.assembly import (
     CONVERT,
     ENTRY,
     HIT,
+    NARGS,
     ON_RETURN,
     ON_UNWIND,
+    RECORD,
     UNWIND_ENTRY,
     CallSequence,
     Handler,
@@ -64,7 +66,10 @@ from pykprobes.arch.rewrite.assembly import (
 )
 from pykprobes.arch.rewrite.decode import Instruction, entry_index, instructions
 from pykprobes.arch.rewrite.retprobe import GENERATOR_LIKE, refuse_returns, stop_iteration_error
-from pykprobes.core.arch import OptHit, OptReturns
+from pykprobes.core.arch import CompiledCall, OptHit, OptReturns
+
+#: What a call sequence calls: a plain hit, or a compiled call (at the entry only).
+Hit = OptHit | CompiledCall
 
 # `bytecode`'s abstract-to-concrete converter: a private class of bytecode 0.19 that we
 # subclass to seed its tables. If it moves, the import of this module fails and the arch
@@ -164,10 +169,20 @@ def _label(marks: dict[Mark, Label], mark: Mark) -> Label:
 
 
 def _sequence(
-    seq: CallSequence, hits: Iterable[OptHit], location: InstrLocation | None
-) -> list[Instr]:
-    out: list[Instr] = []
+    seq: CallSequence,
+    hits: Iterable[Hit],
+    location: InstrLocation | None,
+    code: CodeType,
+    cseq: CallSequence | None,
+) -> list[Instr | Label]:
+    """The call sequences of `hits`, in order (a CompiledCall only ever comes here when
+    `_compilable` said yes)."""
+    out: list[Instr | Label] = []
     for hit in hits:
+        if isinstance(hit, CompiledCall):
+            assert cseq is not None
+            out.extend(_compiled(cseq, hit, location, code))
+            continue
         for opname, arg in seq.ops:
             if arg is None:
                 out.append(Instr(opname, location=location))
@@ -176,40 +191,94 @@ def _sequence(
     return out
 
 
+def _compiled(
+    cseq: CallSequence, call: CompiledCall, location: InstrLocation | None, code: CodeType
+) -> list[Instr | Label]:
+    """`if record(*variables): hit()`: the sequence with its VARS expanded."""
+    asm = _Assembler({RECORD: call.record, HIT: call.hit, NARGS: len(call.variables)})
+    loc = location or _NO_LOCATION
+    marks: dict[Mark, Label] = {}
+    cut = [opname for opname, _ in cseq.ops].index("VARS")
+    out: list[Instr | Label] = [i for i, _ in asm.assemble(cseq.ops[:cut], loc, None, marks)]
+    for name in call.variables:
+        if name in code.co_cellvars:
+            out.append(Instr("LOAD_DEREF", CellVar(name), location=loc))
+        else:
+            out.append(Instr("LOAD_FAST", name, location=loc))
+    out.extend(i for i, _ in asm.assemble(cseq.ops[cut + 1 :], loc, None, marks))
+    return out
+
+
+# Code flags (Include/cpython/code.h), as fetchargs spells them.
+_CO_OPTIMIZED: Final = 0x01
+_CO_VARARGS: Final = 0x04
+_CO_VARKEYWORDS: Final = 0x08
+
+
+def _compilable(code: CodeType, call: CompiledCall, cseq: CallSequence | None) -> bool:
+    """A compiled call can load its variables at the entry of `code`: each is an argument
+    (bound there, whatever the body does later) of a function's code."""
+    if cseq is None or not code.co_flags & _CO_OPTIMIZED:
+        return False
+    flags = code.co_flags
+    count = code.co_argcount + code.co_kwonlyargcount
+    count += bool(flags & _CO_VARARGS) + bool(flags & _CO_VARKEYWORDS)
+    arguments = code.co_varnames[:count]
+    return all(type(name) is str and name in arguments for name in call.variables)
+
+
+def _depth(seq: CallSequence, cseq: CallSequence | None, hits: Iterable[Hit]) -> int:
+    """The stack slots the deepest of these call sequences needs."""
+    deepest = 0
+    for hit in hits:
+        if isinstance(hit, CompiledCall) and cseq is not None:
+            deepest = max(deepest, cseq.depth + len(hit.variables))
+        else:
+            deepest = max(deepest, seq.depth)
+    return deepest
+
+
 def plan(
-    code: CodeType, hits: Mapping[int, OptHit]
-) -> tuple[list[Instruction], int, list[OptHit], dict[int, list[OptHit]]]:
+    code: CodeType, hits: Mapping[int, Hit], cseq: CallSequence | None = None
+) -> tuple[list[Instruction], int, list[Hit], dict[int, list[Hit]]]:
     """Where each hit goes: (instructions, index of the first RESUME, entry hits, {instruction
-    index: hits before it}). Raises ValueError for an offset that is no instruction start."""
+    index: hits before it}). A compiled call stays one at the entry when `_compilable`, and
+    is its plain `hit` anywhere else. Raises ValueError for an offset that is no instruction
+    start."""
     instrs = instructions(code)
     entry = entry_index(instrs)
     if entry is None:
         raise ValueError(f"{code.co_name}: no RESUME, not a CPython 3.11+ code object")
     index_of = {ins.start: i for i, ins in enumerate(instrs)}
-    at_entry: list[OptHit] = []
-    before: dict[int, list[OptHit]] = {}
+    at_entry: list[Hit] = []
+    before: dict[int, list[Hit]] = {}
     for offset in sorted(hits):
         i = index_of.get(offset)
         if i is None:
             raise ValueError(f"{code.co_name}: offset {offset} is not an instruction start")
+        hit = hits[offset]
+        if isinstance(hit, CompiledCall) and not (i <= entry and _compilable(code, hit, cseq)):
+            hit = hit.hit
         if i <= entry:
-            at_entry.append(hits[offset])
+            at_entry.append(hit)
         else:
-            before.setdefault(i, []).append(hits[offset])
+            before.setdefault(i, []).append(hit)
     return instrs, entry, at_entry, before
 
 
 def build(
     code: CodeType,
-    hits: Mapping[int, OptHit],
+    hits: Mapping[int, Hit],
     consts: Mapping[int, CodeType],
     seq: CallSequence,
     returns: OptReturns | None = None,
     rseq: ReturnSequences | None = None,
+    cseq: CallSequence | None = None,
 ) -> tuple[CodeType, dict[int, int]]:
-    """`code` with `hits[offset]()` called before each offset, `consts` swapped in and, with
-    `returns`, the return sequences `rseq` (see retprobe.py); and where each instruction
-    start of `code` is in the new code."""
+    """`code` with `hits[offset]()` called before each offset (a CompiledCall at the entry
+    with the compiled call sequence `cseq`), `consts` swapped in and, with `returns`, the
+    return sequences `rseq` (see retprobe.py); and where each instruction start of `code`
+    is in the new code."""
     new_consts = list(code.co_consts)
     for index, replacement in consts.items():
         new_consts[index] = replacement
@@ -224,7 +293,7 @@ def build(
         if reason is not None:
             raise ValueError(reason)
 
-    instrs, entry, at_entry, before = plan(code, hits)
+    instrs, entry, at_entry, before = plan(code, hits, cseq)
     abstract = Bytecode.from_code(code, conserve_exception_block_stackdepth=True)
     items: list[Any] = list(abstract)
     originals = [item for item in items if isinstance(item, Instr)]
@@ -271,7 +340,9 @@ def build(
             spec = unwind  # a gap: only our handler (if any) covers it
         pending = before.get(k)
         if pending:
-            body.extend((i, spec) for i in _sequence(seq, pending, item.location))
+            body.extend(
+                (i, spec) for i in _sequence(seq, pending, item.location, code, cseq)
+            )
         if returns is not None and rseq is not None:
             if item.name in ("RETURN_VALUE", "RETURN_CONST"):
                 tails.extend(_return_hook(asm, rseq, item, spec, body))
@@ -281,7 +352,9 @@ def build(
         body.append((item, spec))
         if k == entry and at_entry:
             following = originals[k + 1].location if k + 1 < len(originals) else item.location
-            body.extend((i, spec or unwind) for i in _sequence(seq, at_entry, following))
+            body.extend(
+                (i, spec or unwind) for i in _sequence(seq, at_entry, following, code, cseq)
+            )
         k += 1
 
     if returns is not None and rseq is not None:
@@ -313,7 +386,8 @@ def build(
     concrete: ConcreteBytecode = converter.to_concrete_bytecode(
         compute_exception_stack_depths=False
     )
-    stacksize = code.co_stacksize + seq.depth if hits else code.co_stacksize
+    placed = [*at_entry, *(h for hs in before.values() for h in hs)]
+    stacksize = code.co_stacksize + _depth(seq, cseq, placed)
     if returns is not None and rseq is not None:
         stacksize = max(stacksize, code.co_stacksize + rseq.depth, rseq.handler_depth)
     new: CodeType = concrete.to_code(stacksize=stacksize, compute_exception_stack_depths=False)
