@@ -53,6 +53,8 @@ INSTALL_INPUTS = (
     ROOT / "setup.py",
     ROOT / "src" / "pykprobes" / "_version.py",
     ROOT / "src" / "pykprobes" / "boot" / "pth.py",
+    # The C accelerators: the editable install compiles them into the source tree.
+    *sorted((ROOT / "src" / "pykprobes").rglob("*.c")),
 )
 STAMP = "pykprobes-dev.json"
 QUERY_TIMEOUT = 30.0
@@ -287,6 +289,18 @@ def find_interpreters() -> list[Interpreter]:
 # --- virtual environments --------------------------------------------------------------
 
 
+def _extensions_missing(interp: Interpreter) -> list[str]:
+    """The C accelerators with no build for this interpreter in the source tree (where the
+    editable install puts them): deleted by hand or by `git clean`, or never built. A
+    reinstall tries again; on a machine that cannot build them it leaves the fallback."""
+    abi = f"cpython-{interp.version[0]}{interp.version[1]}"
+    return [
+        str(src.relative_to(ROOT))
+        for src in sorted((ROOT / "src" / "pykprobes").rglob("*.c"))
+        if not any(src.parent.glob(f"{src.stem}.{abi}*"))
+    ]
+
+
 def _inputs_digest() -> str:
     digest = hashlib.sha256()
     for path in INSTALL_INPUTS:
@@ -329,7 +343,10 @@ def ensure_venv(interp: Interpreter) -> Path:
     except (OSError, ValueError):
         stamp = {}
     rel = venv.relative_to(ROOT)
-    if stamp == wanted and python.exists():
+    # "built": whether the last install left the C accelerators built; if it did and they are
+    # gone now, install again (a machine that cannot build them is not asked every time).
+    current = {k: stamp.get(k) for k in wanted} == wanted and python.exists()
+    if current and not (stamp.get("built") and _extensions_missing(interp)):
         say(f"py{interp.tag}: {rel} is up to date")
         return venv
 
@@ -365,7 +382,10 @@ def ensure_venv(interp: Interpreter) -> Path:
         f"installing into {rel}",
         venv_env(venv),
     )
-    stamp_path.write_text(json.dumps(wanted, indent=1) + "\n")
+    missing = _extensions_missing(interp)
+    if missing:
+        say(f"py{interp.tag}: not built, the pure-Python fallback will run: {', '.join(missing)}")
+    stamp_path.write_text(json.dumps({**wanted, "built": not missing}, indent=1) + "\n")
     return venv
 
 
@@ -473,9 +493,9 @@ def cmd_test(args: argparse.Namespace, pytest_args: list[str]) -> int:
     say()
 
     first_interp, first_venv = venvs[0]
-    say(f"=== ruff check src tests dev.py (Python {first_interp.tag}) ===")
+    say(f"=== ruff check src tests bench dev.py (Python {first_interp.tag}) ===")
     lint_code = subprocess.call(
-        [str(venv_python(first_venv)), "-m", "ruff", "check", "src", "tests", "dev.py"],
+        [str(venv_python(first_venv)), "-m", "ruff", "check", "src", "tests", "bench", "dev.py"],
         cwd=str(ROOT),
         env=venv_env(first_venv),
         stdin=subprocess.DEVNULL,
