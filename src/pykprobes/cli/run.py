@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import types
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from pykprobes.cli.errors import print_write_error
@@ -90,8 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Threads the program leaves running finish before atexit handlers run: drain then.
     atexit.register(writer.finish)
     if module_name is not None:
-        return _run_module(module_name, program[2:], registry)
-    return _run_script(program[0], program[1:], registry)
+        return _run_module(module_name, program[2:], registry, writer.hold)
+    return _run_script(program[0], program[1:], registry, writer.hold)
 
 
 class _Writer:
@@ -132,20 +133,26 @@ class _Writer:
         while not self.stop.is_set():
             self._drain(0.05)
 
+    def hold(self) -> None:
+        """Stop writing as records come, after writing those already there: the program is
+        about to print its traceback, which must not have trace lines written into it (the
+        interpreter writes a traceback line in several pieces). `finish` writes the rest."""
+        self.stop.set()
+        self.thread.join(2)
+        self._drain(0)
+
     def finish(self) -> None:
         if self.done:
             return
         self.done = True
-        self.stop.set()
-        self.thread.join(2)
-        self._drain(0)
+        self.hold()
         self.out.write(self.fs.read("kprobe_profile"))
         self.out.flush()
         if self.out is not sys.stderr:
             self.out.close()
 
 
-def _run_script(path: str, argv: list[str], registry: Any) -> int:
+def _run_script(path: str, argv: list[str], registry: Any, hold: Callable[[], None]) -> int:
     import tokenize
 
     try:
@@ -159,10 +166,10 @@ def _run_script(path: str, argv: list[str], registry: Any) -> int:
     sys.argv[:] = [path, *argv]
     module = types.ModuleType("__main__")
     module.__dict__.update(__file__=path, __cached__=None, __builtins__=__builtins__)
-    return _exec_main(module, code, None, registry)
+    return _exec_main(module, code, None, registry, hold)
 
 
-def _run_module(name: str, argv: list[str], registry: Any) -> int:
+def _run_module(name: str, argv: list[str], registry: Any, hold: Callable[[], None]) -> int:
     try:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.submodule_search_locations is not None:
@@ -181,11 +188,11 @@ def _run_module(name: str, argv: list[str], registry: Any) -> int:
     module.__dict__.update(__file__=spec.origin, __cached__=spec.cached, __spec__=spec,
                            __loader__=spec.loader, __package__=spec.parent,
                            __builtins__=__builtins__)
-    return _exec_main(module, code, name, registry)
+    return _exec_main(module, code, name, registry, hold)
 
 
 def _exec_main(module: types.ModuleType, code: types.CodeType, real_name: str | None,
-               registry: Any) -> int:
+               registry: Any, hold: Callable[[], None]) -> int:
     sys.modules["__main__"] = module
     if real_name is not None:
         registry.module_code_loaded(real_name, code)
@@ -199,6 +206,7 @@ def _exec_main(module: types.ModuleType, code: types.CodeType, real_name: str | 
         # Drop our own frame: the traceback starts at the program's code, as under python.
         if tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
+        hold()
         sys.excepthook(type(exc), exc.with_traceback(tb), tb)
         return 130 if isinstance(exc, KeyboardInterrupt) else 1
     finally:
