@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -215,26 +214,7 @@ def test_code_object_keeps_its_identity_fields() -> None:
     assert types.FunctionType(new, {}).__doc__ == "The outer docstring."
 
 
-# --------------------------------------------------------------------------- speed and errors
-
-
-def test_build_is_fast_enough() -> None:
-    import textwrap
-
-    code = textwrap.TextWrapper._wrap_chunks.__code__
-    offsets = [
-        ins.start for ins in instructions(code) if ARCH.check_optimizable(code, ins.start) is None
-    ]
-    best = min(_timed(lambda: ARCH.build(code, {offsets[5]: lambda: None}, {})) for _ in range(5))
-    # About 5 ms here (~300 instructions, ~15 us each, nearly all inside bytecode); the
-    # bound only catches an accidental quadratic.
-    assert best < 0.1, best
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+# --------------------------------------------------------------------------- errors
 
 
 def test_unavailable_without_bytecode() -> None:

@@ -4,7 +4,6 @@ cost of one write, for the record."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from typing import Any
@@ -168,49 +167,3 @@ def test_snapshot_while_writing() -> None:
     finally:
         stop.set()
         writer.join(10)
-
-
-def _ns_per_write(buf: TraceBuffer, n: int = 20_000) -> float:
-    record: Record = (0, 1, "MainThread", EV, (1, "hello", 2.5), None)
-    write = buf.write
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter_ns()
-        for _ in range(n):
-            write(record)
-        best = min(best, (time.perf_counter_ns() - t0) / n)
-    return best
-
-
-def test_write_is_cheap_and_does_not_grow_with_the_buffer(
-    record_property: Any, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """One lock hold and a deque append: constant cost, whether the buffer has room,
-    overwrites or drops. The bound is loose (a slow, loaded machine must pass); the numbers
-    are printed for the record (`pytest -s`)."""
-    fits = _ns_per_write(TraceBuffer(size_kb=1 << 20))
-    small = TraceBuffer(size_kb=4)
-    overwrite = _ns_per_write(small)
-    big = TraceBuffer(size_kb=16 * 1024)  # 16 MB: ~342,000 of these 49-byte records
-    _ns_per_write(big, n=80_000)  # 400,000 writes: full, and overwriting
-    assert big.overrun > 0
-    overwrite_big = _ns_per_write(big)
-    drop = _ns_per_write(TraceBuffer(size_kb=4, overwrite=False))
-    off = TraceBuffer()
-    off.tracing_on = False
-    tracing_off = _ns_per_write(off)
-    costs = {
-        "fits": fits,
-        "overwrite": overwrite,
-        "overwrite-16MB": overwrite_big,
-        "drop": drop,
-        "tracing-off": tracing_off,
-    }
-    for key, value in costs.items():
-        record_property(f"ns_per_write_{key}", round(value))
-    with capsys.disabled():
-        version = ".".join(map(str, sys.version_info[:2]))
-        print(f"\n[{version}] ns per write: " + ", ".join(f"{k} {v:.0f}" for k, v in costs.items()))
-    assert max(costs.values()) < 20_000
-    # No O(n) step: overwriting in a buffer of 16 MB costs about what it costs in 4 KB.
-    assert overwrite_big < 5 * overwrite

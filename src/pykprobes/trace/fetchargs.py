@@ -39,8 +39,9 @@ into the frame's locals dict, the very dict `locals()` returns in that function,
 that keeps a `locals()` dict and reads it later sees it refreshed, as under any debugger
 (nothing is ever written back to the variables). That copy grows with the frame: two locals
 of a 4-variable frame cost ~0.4-0.5 us a hit, of a 32-variable frame ~0.8-1 us before 3.13
-and ~0.4 us from it (tests/trace/test_fetchargs_cost.py). From Python there is no other way to
-read one fast local before 3.13 (PyFrame_GetVar is C API, from 3.12).
+and ~0.4 us from it (bench/, steps). From Python there is no other way to read one fast local
+before 3.13 (PyFrame_GetVar is C API, from 3.12). Events on arguments at a function's entry
+avoid it: the rewrite arch passes them to a compiled recorder (trace/recorder.py).
 """
 
 from __future__ import annotations
