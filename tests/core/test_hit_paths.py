@@ -1,5 +1,5 @@
 """The two hit paths of core/site.py: the fast path (no handler running anywhere, one probe
-at the site: a per-site Regs, `_busy[_FAST]`) and the careful path (keyed by thread), and
+at the site: a per-site Regs, the mark `_held[0]`) and the careful path (keyed by thread), and
 how each tells a nested hit in its own thread from a hit in another thread."""
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ def test_regs_frame_is_the_probed_frame_and_valid_only_in_the_handler() -> None:
     assert kept[0] is kept[1]
     with pytest.raises(RuntimeError, match="only while their handler runs"):
         _ = kept[0].frame
-    assert not site_mod._busy
+    assert not site_mod._busy and site_mod._held[0] is None
 
 
 def test_fast_path_handler_in_one_thread_does_not_make_other_threads_miss() -> None:
-    """Thread 1 sits in a fast-path handler; thread 2 hits a probe meanwhile: it sees
-    `_busy` set, takes the careful path, finds no hit on its own stack, runs its handler;
+    """Thread 1 sits in a fast-path handler; thread 2 hits a probe meanwhile: it finds the
+    mark set, takes the careful path, finds no hit on its own stack, runs its handler;
     a hit nested in thread 2's handler is missed; thread 1 is not disturbed."""
     inside1 = threading.Event()
     release1 = threading.Event()
@@ -68,7 +68,7 @@ def test_fast_path_handler_in_one_thread_does_not_make_other_threads_miss() -> N
         t1 = threading.Thread(target=targets.kprobe_target, args=(1,))
         t1.start()
         assert inside1.wait(10)
-        assert site_mod._busy  # thread 1 is in its handler
+        assert site_mod._held[0] is not None  # thread 1 is in its fast-path handler
         t2 = threading.Thread(target=targets.kprobe_target2, args=(2,))
         t2.start()
         t2.join(10)
@@ -83,7 +83,7 @@ def test_fast_path_handler_in_one_thread_does_not_make_other_threads_miss() -> N
     finally:
         release1.set()
         kp.unregister_kprobes([slow, outer, inner])
-    assert not site_mod._busy
+    assert not site_mod._busy and site_mod._held[0] is None
 
 
 def test_nested_hit_in_a_fast_path_handler_is_missed_in_the_same_thread() -> None:

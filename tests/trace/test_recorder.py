@@ -25,9 +25,11 @@ def make(request: pytest.FixtureRequest) -> Any:
     Ring, Recorder, _ = request.param
 
     def build(kinds: tuple[int, ...], converters: tuple[Any, ...], size: int = -1,
-              busy: dict[int, Any] | None = None) -> tuple[Any, Any]:
+              busy: dict[int, Any] | None = None,
+              held: list[Any] | None = None) -> tuple[Any, Any]:
         ring = Ring(1 << 20)
-        rec = Recorder("EV", ring, {} if busy is None else busy, kinds, converters, size)
+        rec = Recorder("EV", ring, {} if busy is None else busy,
+                       [None] if held is None else held, kinds, converters, size)
         rec.fast = True
         return rec, ring
 
@@ -44,7 +46,8 @@ def test_records_values_with_time_and_thread(make: Any) -> None:
 
 def test_hands_back_what_the_careful_path_must_do(make: Any) -> None:
     busy: dict[int, Any] = {}
-    rec, ring = make((KIND_DESCRIBE,), (describe,), busy=busy)
+    held: list[Any] = [None]
+    rec, ring = make((KIND_DESCRIBE,), (describe,), busy=busy, held=held)
     rec.fast = False
     assert rec(1) is True
     rec.fast = True
@@ -54,6 +57,9 @@ def test_hands_back_what_the_careful_path_must_do(make: Any) -> None:
     busy[1] = object()
     assert rec(1) is True
     busy.clear()
+    held[0] = object()  # a fast-path hit runs its handler somewhere
+    assert rec(1) is True
+    held[0] = None
     assert rec(1, 2) is True  # not the arity it was made for
     assert rec() is True
     assert (ring.entries, rec.nhit) == (0, 0)
@@ -88,6 +94,8 @@ def test_no_reference_to_program_objects(make: Any) -> None:
     dict(kinds=("x",), converters=(describe,)),
     dict(kinds=(1,), converters=(5,)),
     dict(kinds=(1,), converters=(describe,), busy=[]),
+    dict(kinds=(1,), converters=(describe,), held=[]),
+    dict(kinds=(1,), converters=(describe,), held=(None,)),
 ])
 def test_bad_input(make: Any, bad: dict[str, Any]) -> None:
     with pytest.raises((TypeError, ValueError)):

@@ -17,7 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from pykprobes.core.regs import Regs, SiteRegs
-from pykprobes.core.site import _FAST, HIT_CODE, HIT_CODES, _busy, _report_fault, _thread_busy
+from pykprobes.core.site import HIT_CODE, HIT_CODES, _busy, _held, _report_fault, _thread_busy
 
 if TYPE_CHECKING:
     from pykprobes.core.kretprobe import Kretprobe
@@ -75,7 +75,8 @@ class ReturnSite:
         rps = self.rps
         if not rps:
             return
-        if _busy:
+        fast = not _busy and _held[0] is None
+        if not fast:
             tid = get_ident()
             if _thread_busy(tid, _getframe(1)):
                 # A return inside a handler: the handler does not run (kernel: nmissed).
@@ -84,13 +85,13 @@ class ReturnSite:
                         rp._missed += 1
                 return
             regs: Regs = Regs(frame, 0)
+            _busy[tid] = regs
         else:
-            # No handler runs anywhere: the fast path's mark and the site's own Regs (see
+            # No handler runs anywhere: the fast path's mark and the code's own Regs (see
             # core/site.py), emptied after the handlers so that it keeps nothing alive.
-            tid = _FAST
             regs = self.regs
             regs._frame = frame
-        _busy[tid] = regs
+            _held[0] = regs
         regs.retval = value
         regs.exception = exc
         try:
@@ -112,9 +113,11 @@ class ReturnSite:
                         _report_fault(rp, "handler", err)
         finally:
             regs.retval = regs.exception = None
-            if tid == _FAST:
+            if fast:
                 self.regs._frame = None
-            del _busy[tid]
+                _held[0] = None
+            else:
+                del _busy[tid]
 
 
 # A frame of `_end` on a thread's stack means a return handler runs there.

@@ -13,14 +13,16 @@ the kernel's per-CPU `current_kprobe` does.
 Two paths serve a hit:
 
 * the **fast path**, when no thread is running a handler and the site has one active probe
-  with a pre-handler: mark `_busy[_FAST]`, count the hit, call the handler with the site's
-  own `Regs`, unmark. No thread ident, no allocation, no frame object unless the handler
-  asks for `regs.frame`. Only one thread can be on it at a time (any other sees `_busy`
-  non-empty), which is what lets it use a per-site Regs and a key that names no thread.
+  with a pre-handler: mark `_held[0]`, count the hit, call the handler with the site's own
+  `Regs`, unmark. No thread ident, no allocation, no frame object unless the handler asks
+  for `regs.frame`. Only one thread can be on it at a time (any other finds the mark),
+  which is what lets it use a per-site Regs and a mark that names no thread. The mark is a
+  list slot, not a dict key: storing into a list costs a few ns where a dict insert and
+  delete cost ~50 (bench ladder).
 * the **careful path** otherwise: `_busy` is keyed by thread ident, and a thread that finds
-  `_FAST` set tells whether it is itself inside that fast-path handler by looking for a
-  trampoline frame on its own stack (`_fast_hit_on_stack`) — the only per-thread fact the
-  fast path leaves behind. That walk is paid only when hits meet a handler in flight.
+  `_held[0]` set tells whether it is itself inside that fast-path handler by looking for a
+  hit frame on its own stack (`_fast_hit_on_stack`) — the only per-thread fact the fast
+  path leaves behind. That walk is paid only when hits meet a handler in flight.
 """
 
 from __future__ import annotations
@@ -39,15 +41,15 @@ if TYPE_CHECKING:
     from pykprobes.core.address import ProbeAddress
     from pykprobes.core.probe import Kprobe
 
-#: Threads now running a handler (the per-CPU `current_kprobe`), each with the Regs of the
-#: hit it runs, and `_FAST` while the fast path runs one: a dict keyed by thread ident is
-#: cheaper than a threading.local attribute on every careful hit, its emptiness is the fast
-#: path's one test, and the Regs object tells one careful hit from the next
+#: Threads now running a handler on the careful path (the per-CPU `current_kprobe`), each
+#: with the Regs of the hit it runs: a dict keyed by thread ident is cheaper than a
+#: threading.local attribute, and the Regs object tells one careful hit from the next
 #: (synchronize_hits).
 _busy: Final[dict[int, Regs]] = {}
 
-#: The fast path's key in `_busy`. No thread ident is 0 (pthread_self() is an address).
-_FAST: Final = 0
+#: The fast path's mark: the Regs of the hit whose handler runs, or None. Never resized
+#: (the C recorder of trace/ reads item 0 unchecked).
+_held: Final[list[Regs | None]] = [None]
 
 _getframe = sys._getframe
 
@@ -89,17 +91,18 @@ def _make_trampoline(site: Site) -> Callable[[], None]:
     cell or a global-free constant; `fast` is rebound by `Site.set_active`."""
     fast: tuple[Kprobe, Any, SiteRegs] | None = None
     busy = _busy
+    held = _held
     fault = _report_fault
 
     def hit() -> None:
-        if busy or fast is None:
+        if fast is None or held[0] is not None or busy:
             site.careful()
             return
-        # From the test of `busy` to the mark there is no call and no backward jump, the
-        # only places where 3.11-3.13 switch threads: an unregister that published a new
-        # `fast` either came before the test or finds the mark (synchronize_hits).
+        # From the tests to the mark there is no call and no backward jump, the only places
+        # where 3.11-3.13 switch threads: an unregister that published a new `fast` either
+        # came before the test or finds the mark (synchronize_hits).
         p, handler, regs = fast
-        busy[0] = regs  # _FAST
+        held[0] = regs
         try:
             p.nhit += 1
             handler(p, regs)
@@ -108,7 +111,7 @@ def _make_trampoline(site: Site) -> Callable[[], None]:
         except BaseException as exc:  # noqa: BLE001 - never reaches the program
             fault(p, "pre_handler", exc)
         finally:
-            del busy[0]
+            held[0] = None
 
     return hit
 
@@ -133,7 +136,7 @@ def _thread_busy(tid: int, frame: FrameType | None) -> bool:
     """Is this thread (`tid`, whose stack `frame` is in) running a handler?"""
     if tid in _busy:
         return True
-    return _FAST in _busy and _fast_hit_on_stack(frame)
+    return _held[0] is not None and _fast_hit_on_stack(frame)
 
 
 def in_handler() -> bool:
@@ -158,11 +161,11 @@ def synchronize_hits(timeout: float = 10.0) -> None:
     synchronize_rcu() after unregistering). Hits that start later read the new tables. Call
     it without holding the registry lock: a handler may register probes."""
     me = get_ident()
-    inflight = {tid: regs for tid, regs in list(_busy.items()) if tid not in (me, _FAST)}
+    inflight = {tid: regs for tid, regs in list(_busy.items()) if tid != me}
     # A fast-path hit names no thread: find the trampoline frames on the other threads'
     # stacks, and wait for those very frames to leave them. Holding the frame objects keeps
     # their identity from being reused meanwhile.
-    fast = {t: f for t, f in _fast_frames().items() if t != me} if _FAST in _busy else {}
+    fast = {t: f for t, f in _fast_frames().items() if t != me} if _held[0] is not None else {}
     deadline = time.monotonic() + timeout
     while (inflight or fast) and time.monotonic() < deadline:
         time.sleep(0.0002)
@@ -245,7 +248,7 @@ class Site:
     def pre(self, frame: FrameType, offset: int = 0) -> None:
         """Before the instruction runs: the aggregate pre-handler (breakpoint mechanisms).
         The same two paths as the trampoline's, the frame given."""
-        if _busy:
+        if _busy or _held[0] is not None:
             if self.active:
                 self._run(frame, _getframe(1))
             return
@@ -255,7 +258,7 @@ class Site:
                 self._run(frame, None)
             return
         p, handler, regs = fast
-        _busy[_FAST] = regs
+        _held[0] = regs
         regs._frame = frame
         try:
             p.nhit += 1
@@ -266,12 +269,12 @@ class Site:
             _report_fault(p, "pre_handler", exc)
         finally:
             regs._frame = None
-            del _busy[_FAST]
+            _held[0] = None
 
     def _run(self, frame: FrameType, stack: FrameType | None) -> None:
         active = self.active
         tid = get_ident()
-        if _busy and _thread_busy(tid, stack):
+        if (_busy or _held[0] is not None) and _thread_busy(tid, stack):
             for p in active:
                 p.nmissed += 1
             return
@@ -292,7 +295,7 @@ class Site:
         if not posts:
             return
         tid = get_ident()
-        if _busy and _thread_busy(tid, _getframe(1)):
+        if (_busy or _held[0] is not None) and _thread_busy(tid, _getframe(1)):
             return  # the pre-hit was counted missed already
         regs = _busy[tid] = Regs(frame, self.addr.offset)
         try:

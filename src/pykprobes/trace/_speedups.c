@@ -477,7 +477,8 @@ typedef struct {
     long long nhit;
     PyObject *event;
     Ring *ring;
-    PyObject *busy;
+    PyObject *busy;       /* core.site._busy: careful-path hits in flight, by thread */
+    PyObject *held;       /* core.site._held: [the fast-path hit's Regs, or None] */
     PyObject *kinds;      /* tuple of int */
     PyObject *converters; /* tuple of callables */
     unsigned char *kind;  /* the kinds, as bytes */
@@ -490,8 +491,8 @@ Recorder_call(Recorder *self, PyObject *const *args, size_t nargsf, PyObject *kw
 {
     Py_ssize_t n = PyVectorcall_NARGS(nargsf);
     Ring *ring = self->ring;
-    if (!self->fast || !ring->tracing_on || PyDict_GET_SIZE(self->busy) || kwnames != NULL
-        || n != self->n) {
+    if (!self->fast || !ring->tracing_on || PyDict_GET_SIZE(self->busy)
+        || PyList_GET_ITEM(self->held, 0) != Py_None || kwnames != NULL || n != self->n) {
         Py_RETURN_TRUE;
     }
     PyObject *values = PyTuple_New(n);
@@ -560,12 +561,13 @@ Recorder_call(Recorder *self, PyObject *const *args, size_t nargsf, PyObject *kw
 static PyObject *
 Recorder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"event", "ring", "busy", "kinds", "converters", "size", NULL};
-    PyObject *event, *ring, *busy, *kinds, *converters;
+    static char *kwlist[] = {"event", "ring", "busy", "held", "kinds", "converters", "size",
+                             NULL};
+    PyObject *event, *ring, *busy, *held, *kinds, *converters;
     Py_ssize_t size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!O!n:Recorder", kwlist, &event, &ring,
-                                     &busy, &PyTuple_Type, &kinds, &PyTuple_Type, &converters,
-                                     &size)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO!O!n:Recorder", kwlist, &event, &ring,
+                                     &busy, &held, &PyTuple_Type, &kinds, &PyTuple_Type,
+                                     &converters, &size)) {
         return NULL;
     }
     if (!PyObject_TypeCheck(ring, &Ring_Type)) {
@@ -574,6 +576,11 @@ Recorder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     if (!PyDict_CheckExact(busy)) {
         PyErr_SetString(PyExc_TypeError, "busy must be a dict");
+        return NULL;
+    }
+    /* Never resized by its owner (core/site.py): item 0 is read without a check. */
+    if (!PyList_CheckExact(held) || PyList_GET_SIZE(held) != 1) {
+        PyErr_SetString(PyExc_TypeError, "held must be a list of one item");
         return NULL;
     }
     Py_ssize_t n = PyTuple_GET_SIZE(kinds);
@@ -610,6 +617,7 @@ Recorder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->event = Py_NewRef(event);
     self->ring = (Ring *)Py_NewRef(ring);
     self->busy = Py_NewRef(busy);
+    self->held = Py_NewRef(held);
     self->kinds = Py_NewRef(kinds);
     self->converters = Py_NewRef(converters);
     self->kind = kind;
@@ -624,6 +632,7 @@ Recorder_traverse(Recorder *self, visitproc visit, void *arg)
     Py_VISIT(self->event);
     Py_VISIT(self->ring);
     Py_VISIT(self->busy);
+    Py_VISIT(self->held);
     Py_VISIT(self->kinds);
     Py_VISIT(self->converters);
     return 0;
@@ -635,6 +644,7 @@ Recorder_clear_refs(Recorder *self)
     Py_CLEAR(self->event);
     Py_CLEAR(self->ring);
     Py_CLEAR(self->busy);
+    Py_CLEAR(self->held);
     Py_CLEAR(self->kinds);
     Py_CLEAR(self->converters);
     self->n = 0; /* a cleared recorder hands every hit to the careful path */
@@ -704,6 +714,7 @@ static PyMemberDef Recorder_members[] = {
     {"event", T_OBJECT, offsetof(Recorder, event), READONLY, NULL},
     {"ring", T_OBJECT, offsetof(Recorder, ring), READONLY, NULL},
     {"busy", T_OBJECT, offsetof(Recorder, busy), READONLY, NULL},
+    {"held", T_OBJECT, offsetof(Recorder, held), READONLY, NULL},
     {"kinds", T_OBJECT, offsetof(Recorder, kinds), READONLY, NULL},
     {"converters", T_OBJECT, offsetof(Recorder, converters), READONLY, NULL},
     {"size", T_PYSSIZET, offsetof(Recorder, size), READONLY, NULL},

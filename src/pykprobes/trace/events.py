@@ -12,7 +12,8 @@ CompiledCall): the rewritten code loads the arguments itself and calls the event
 recorder (backend.Recorder: C, or its Python fallback) with them, which records without a
 frame object, a Regs or f_locals. The recorder hands the hit back to the careful path
 (the probe's handler, `_hit`) whenever that path has something to do: a filter, tracing
-off, a probe handler running in some thread (the reentrancy rule: `core.site._busy`).
+off, a probe handler running in some thread (the reentrancy rule: `core.site._busy` and
+`_held`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 import pykprobes as kp
 from pykprobes import grammar
-from pykprobes.core.site import _busy
+from pykprobes.core.site import _busy, _held
 from pykprobes.errors import KprobeError, ParseError
 from pykprobes.trace import backend, fetchargs
 from pykprobes.trace.buffer import TraceBuffer, fixed_size, values_size
@@ -195,7 +196,7 @@ class Event:
             kinds.append(KIND_CONVERT if chained else _KINDS.get(d.type, KIND_CONVERT))
             converters.append(convert)
         size = -1 if self.size is None else self.size
-        recorder = backend.Recorder(self, ring, _busy, tuple(kinds), tuple(converters), size)
+        recorder = backend.Recorder(self, ring, _busy, _held, tuple(kinds), tuple(converters), size)
         recorder.fast = self.enabled and self.filter is None
         variables = tuple(names)
         self._compiled[id(code)] = (code, recorder, variables)

@@ -7,8 +7,8 @@ f_locals): `if rec(v1, v2, ...): hit()` (core/arch.py `CompiledCall`). `rec` ret
 
 - True when it did not record and the site's careful hit path must run instead: the event is
   off or has a filter (`fast` false), tracing is off, or some thread runs a probe handler
-  (`busy` non-empty: the reentrancy rule of core/site.py is then the careful path's to
-  apply, nmissed and all);
+  (`busy` non-empty or `held[0]` set: the reentrancy rule of core/site.py is then the
+  careful path's to apply, nmissed and all);
 - False when it recorded: the values, each converted as the fetcharg's type says, with the
   time (CLOCK_MONOTONIC, the buffer's clock), the thread key (cmdlines.py) and the event,
   into the ring, and counted the hit (`nhit`, added to the event's hits).
@@ -61,13 +61,14 @@ _OVERHEAD: Final = 24
 class Recorder:
     """`rec(*values) -> bool`: see the module docstring."""
 
-    __slots__ = ("fast", "nhit", "event", "ring", "busy", "kinds", "converters", "size")
+    __slots__ = ("fast", "nhit", "event", "ring", "busy", "held", "kinds", "converters", "size")
 
     def __init__(
         self,
         event: Any,
         ring: Any,
         busy: dict[int, Any],
+        held: list[Any],
         kinds: tuple[int, ...],
         converters: tuple[Callable[[Any], Any], ...],
         size: int,
@@ -81,6 +82,8 @@ class Recorder:
             raise TypeError("converters must be callable")
         if type(busy) is not dict:
             raise TypeError("busy must be a dict")
+        if type(held) is not list or len(held) != 1:
+            raise TypeError("held must be a list of one item")
         #: Record here (the event is enabled and has no filter); else the careful path.
         self.fast: bool = False
         #: Hits recorded here.
@@ -88,13 +91,14 @@ class Recorder:
         self.event = event
         self.ring = ring
         self.busy = busy
+        self.held = held
         self.kinds = kinds
         self.converters = converters
         #: The size estimate of every record (buffer.fixed_size), or -1: per record.
         self.size = size
 
     def __call__(self, *values: Any) -> bool:
-        if not self.fast or not self.ring.tracing_on or self.busy:
+        if not self.fast or not self.ring.tracing_on or self.busy or self.held[0] is not None:
             return True
         kinds = self.kinds
         if len(values) != len(kinds):
