@@ -147,7 +147,7 @@ def memory_table(items: list[Result]) -> list[str]:
 
 def ladder_table(rows: list[Result]) -> list[str]:
     lines = [
-        "| key | step added (injected in place of Site.opt_hit) | ns/call median "
+        "| key | step added (injected in place of Site.hit) | ns/call median "
         "| +ns over unprobed | step's own ns |",
         "|---|---|---:|---:|---:|",
     ]

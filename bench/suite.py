@@ -397,52 +397,72 @@ class EventCase(Case):
 # --------------------------------------------------------------------------- prototypes
 
 
-class ProtoCompiledEvent(Case):
-    """Bench-only prototype of the compiled event (not pykprobes code): the call sequence
-    appends `(seq, monotonic_ns(), get_ident(), a, b)` to a bounded deque with C calls only,
-    no Python frame (see ANALYSIS.md). The thread's native id and name are looked up from
-    its ident when the buffer is read (get_native_id() is a system call: ~200 ns)."""
+class ProtoInlineHit(Case):
+    """Bench-only prototype (not pykprobes code): the fast path of core/site.py's trampoline
+    written into the injected code itself, so that the handler is the only Python call
+    left: read the site's (probe, handler, regs) from a box, test the marks (`_held`,
+    `_busy`), mark, count, call, unmark. No fault isolation (an exception-table entry,
+    free when nothing raises) and no careful path: what it measures is the floor of the
+    kernel's bookkeeping in bytecode (ANALYSIS.md)."""
 
-    key, group, kind, checks_handler = "X2", "proto", "event", False
-    label = "PROTOTYPE compiled event: (seq, ts, thread, a, b) appended by injected C calls"
+    key, group, kind = "X1", "proto", "entry"
+    label = "PROTOTYPE fast path inlined into the injected code (no trampoline call)"
 
     def unavailable(self) -> str | None:
         return Peer("", "", "", peers.install_closure, "bytecode").unavailable()
 
     def setup(self, f: FunctionType, targets: Targets) -> Armed:
-        import collections
-        import itertools
-        from _thread import get_ident
+        from bytecode import Instr, Label
 
-        from bytecode import Instr
+        class P:
+            __slots__ = ("nhit",)
 
-        # A ring that overwrites its oldest records: the steady state of a trace buffer,
-        # whose memory is reused (a ring that only grows pays for fresh pages instead).
-        ring: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=4096)
-        seq = itertools.count()
-        ops_args = [
-            *peers.call_ops(seq.__next__, [], 0),
-            *peers.call_ops(time.monotonic_ns, [], 0),
-            *peers.call_ops(get_ident, [], 0),
-            Instr("LOAD_FAST", "a"),
-            Instr("LOAD_FAST", "b"),
-            Instr("BUILD_TUPLE", 5),
-        ]
+        p = P()
+        p.nhit = 0
+        busy: dict[int, Any] = {}
+        held: list[Any] = [None]
+        regs = object()
+        box = [(peers.handler, p, regs)]  # (handler, p, regs), as the trampoline's cell
+        version = sys.version_info[:2]
+        to_bool = [Instr("TO_BOOL")] if version >= (3, 13) else []
+        if_true, if_none, if_not_none = (
+            ("POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_FORWARD_IF_NONE",
+             "POP_JUMP_FORWARD_IF_NOT_NONE") if version == (3, 11)
+            else ("POP_JUMP_IF_TRUE", "POP_JUMP_IF_NONE", "POP_JUMP_IF_NOT_NONE"))
+        nhit = "nhit" if version == (3, 11) else (False, "nhit")
+        call = [Instr("PRECALL", 1), Instr("CALL", 1)] if version == (3, 11) else \
+            [Instr("CALL", 1)]
 
         def make(location: Any) -> list[Any]:
-            ops = [*peers.call_ops(ring.append, ops_args, 1), Instr("POP_TOP")]
+            skip_pop, done = Label(), Label()
+            ops = [
+                Instr("LOAD_CONST", box), Instr("LOAD_CONST", 0), Instr("BINARY_SUBSCR"),
+                Instr("COPY", 1), Instr(if_none, skip_pop),
+                Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0), Instr("BINARY_SUBSCR"),
+                Instr(if_not_none, skip_pop),
+                Instr("LOAD_CONST", busy), *to_bool, Instr(if_true, skip_pop),
+                Instr("UNPACK_SEQUENCE", 3),  # regs, p, handler (top)
+                Instr("COPY", 3), Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0),
+                Instr("STORE_SUBSCR"),  # held[0] = regs
+                Instr("COPY", 2), Instr("COPY", 1), Instr("LOAD_ATTR", nhit),
+                Instr("LOAD_CONST", 1), Instr("BINARY_OP", 13), Instr("SWAP", 2),
+                Instr("STORE_ATTR", "nhit"),  # p.nhit += 1
+                Instr("SWAP", 3), *call, Instr("POP_TOP"),  # handler(p, regs), method-style
+                Instr("LOAD_CONST", None), Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0),
+                Instr("STORE_SUBSCR"),  # held[0] = None
+                Instr("JUMP_FORWARD", done),
+                skip_pop, Instr("POP_TOP"), done,
+            ]
             for op in ops:
-                op.location = location
+                if isinstance(op, Instr):
+                    op.location = location
             return ops
 
         original = f.__code__
         f.__code__ = peers.inject(f, "entry", make)
 
         def check(calls: int) -> list[str]:
-            errors = _counter_check("records written", next(seq), calls)
-            if ring and ring[-1][3:] != (1, 2):
-                errors.append(f"last record {ring[-1]!r}")
-            return errors
+            return _counter_check("nhit", p.nhit, calls) + (["left marked"] if held[0] else [])
 
         def teardown() -> None:
             f.__code__ = original
@@ -450,81 +470,13 @@ class ProtoCompiledEvent(Case):
         return Armed(f, teardown, check)
 
 
-class ProtoLeanHit(Case):
-    """Bench-only prototype of a leaner optimized hit with the same semantics for one probe
-    (reentrancy -> nmissed, nhit, handler fault isolation): one specialised closure per
-    site, no opt_hit -> pre hop, no loop over the aggregate, and one Regs per thread reused
-    (valid during the handler only, as the kernel's pt_regs)."""
-
-    key, group, kind = "X1", "proto", "entry"
-    label = "PROTOTYPE lean optimized hit: one closure per site, Regs reused"
-
-    def unavailable(self) -> str | None:
-        return Peer("", "", "", peers.install_closure, "bytecode").unavailable()
-
-    def setup(self, f: FunctionType, targets: Targets) -> Armed:
-        hit, counters = make_lean_hit(peers.handler)
-        fn, teardown = peers.install_inject("entry", hit)(f)
-
-        def check(calls: int) -> list[str]:
-            return (_counter_check("nhit", counters.nhit, calls)
-                    + _counter_check("nmissed", counters.nmissed, 0)
-                    + _counter_check("nfault", counters.nfault, 0))
-
-        return Armed(fn, teardown, check)
-
-
-class LeanCounters:
-    __slots__ = ("nfault", "nhit", "nmissed")
-
-    def __init__(self) -> None:
-        self.nhit = self.nmissed = self.nfault = 0
-
-
-def make_lean_hit(handler: Callable[..., Any]) -> tuple[Callable[[], None], LeanCounters]:
-    from _thread import get_ident
-
-    from pykprobes.core.regs import Regs
-
-    getframe = sys._getframe
-    busy: dict[int, Any] = {}
-    spare: dict[int, Any] = {}
-    p = LeanCounters()  # stands for the Kprobe: its counters, passed to the handler
-
-    def hit() -> None:
-        tid = get_ident()
-        if tid in busy:
-            p.nmissed += 1
-            return
-        regs = spare.get(tid)
-        if regs is None:
-            regs = spare[tid] = Regs(None, 0)  # type: ignore[arg-type]
-        regs.frame = getframe(1)
-        busy[tid] = regs
-        p.nhit += 1
-        try:
-            handler(p, regs)
-        except Exception:  # noqa: BLE001 - counted, as the real hit path does
-            p.nfault += 1
-        finally:
-            del busy[tid]
-            regs.frame = None
-
-    return hit, p
-
-
 # --------------------------------------------------------------------------- ladder
 
 
 def ladder_cases() -> list[Case]:
-    """Where the optimized hit's nanoseconds go: the hit path of core/site.py rebuilt one
-    step at a time, each rung injected as raw bytecode in place of Site.opt_hit (the
-    difference between two rungs is the cost of the step added)."""
-    from _thread import get_ident
-
-    from pykprobes.core.regs import Regs
-
-    getframe = sys._getframe
+    """Where the optimized hit's nanoseconds go: core/site.py's trampoline (its fast path)
+    rebuilt one step at a time, each rung injected as raw bytecode in place of Site.hit
+    (the difference between two rungs is the cost of the step added)."""
 
     class P:
         __slots__ = ("nhit", "pre_handler")
@@ -533,110 +485,71 @@ def ladder_cases() -> list[Case]:
     p.nhit = 0
     p.pre_handler = peers.handler
     busy: dict[int, Any] = {}
+    held: list[Any] = [None]
+    regs = object()
 
-    class S1:
-        __slots__ = ("active",)
+    def rung(step: int) -> Callable[[], None]:
+        fast: tuple[Any, Any, Any] | None = (p, peers.handler, regs)
 
-        def opt_hit(self) -> None:
-            if self.active:
+        def l2() -> None:
+            if busy or fast is None:
+                return
+            _q, _handler, _r = fast  # the unpacking is what is measured
+
+        def l3() -> None:
+            if fast is None or held[0] is not None or busy:
+                return
+            _q, _handler, r = fast
+            held[0] = r
+            try:
                 pass
-
-    class S2:
-        __slots__ = ("active",)
-
-        def opt_hit(self) -> None:
-            if self.active:
-                self.pre(getframe(1))
-
-        def pre(self, frame: Any, offset: int = 0) -> None:
-            active = self.active
-            if not active:
-                return
-
-    class S3(S2):
-        __slots__ = ()
-
-        def pre(self, frame: Any, offset: int = 0) -> None:
-            active = self.active
-            if not active:
-                return
-            tid = get_ident()
-            if tid in busy:
-                return
-
-    class S4(S2):
-        __slots__ = ()
-
-        def pre(self, frame: Any, offset: int = 0) -> None:
-            active = self.active
-            if not active:
-                return
-            tid = get_ident()
-            if tid in busy:
-                return
-            regs = Regs(frame, 0)  # noqa: F841 - the allocation is what is measured
-
-    class S5(S2):
-        __slots__ = ()
-
-        def pre(self, frame: Any, offset: int = 0) -> None:
-            active = self.active
-            if not active:
-                return
-            tid = get_ident()
-            if tid in busy:
-                return
-            busy[tid] = Regs(frame, 0)
-            try:
-                for q in self.active:
-                    q.nhit += 1
             finally:
-                del busy[tid]
+                held[0] = None
 
-    class S6(S2):
-        __slots__ = ()
-
-        def pre(self, frame: Any, offset: int = 0) -> None:
-            active = self.active
-            if not active:
+        def l4() -> None:
+            if fast is None or held[0] is not None or busy:
                 return
-            tid = get_ident()
-            if tid in busy:
-                return
-            regs = busy[tid] = Regs(frame, 0)
+            q, _handler, r = fast
+            held[0] = r
             try:
-                for q in self.active:
-                    q.nhit += 1
-                    handler = q.pre_handler
-                    if handler is not None:
-                        try:
-                            handler(q, regs)
-                        except KeyboardInterrupt:
-                            raise
-                        except BaseException:  # noqa: BLE001
-                            pass
+                q.nhit += 1
             finally:
-                del busy[tid]
+                held[0] = None
+
+        def l5() -> None:
+            if fast is None or held[0] is not None or busy:
+                return
+            q, handler, r = fast
+            held[0] = r
+            try:
+                q.nhit += 1
+                handler(q, r)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # noqa: BLE001
+                pass
+            finally:
+                held[0] = None
+
+        return (l2, l3, l4, l5)[step - 2]
 
     def nop() -> None:
         pass
 
     rungs: list[tuple[str, str, Callable[[], None]]] = [
         ("L1", "inject: call an empty Python function", nop),
-        ("L2", "+ bound method, `if self.active` (Site.opt_hit's shape)", _site(S1, p).opt_hit),
-        ("L3", "+ sys._getframe(1) and the call of pre()", _site(S2, p).opt_hit),
-        ("L4", "+ get_ident(), `tid in _busy`", _site(S3, p).opt_hit),
-        ("L5", "+ Regs(frame, offset) allocated", _site(S4, p).opt_hit),
-        ("L6", "+ _busy[tid] = regs, try/finally del, loop, nhit += 1", _site(S5, p).opt_hit),
-        ("L7", "+ handler(p, regs) in try/except = the whole Site.pre", _site(S6, p).opt_hit),
+        ("L2", "+ the trampoline's test of `_busy` and its (probe, handler, regs) cell",
+         rung(2)),
+        ("L3", "+ `_held[0] = regs`, try/finally `_held[0] = None`", rung(3)),
+        ("L4", "+ `p.nhit += 1`", rung(4)),
+        ("L5", "+ `handler(p, regs)` in try/except = the whole fast path", rung(5)),
     ]
     cases: list[Case] = []
     for key, label, func in rungs:
         case = Peer(key, label, "entry", peers.install_inject("entry", func), "bytecode",
                     group="ladder")
-        # L1..L6 run no handler: their check is the injected call itself (see Rung).
-        cases.append(case if key == "L7" else Rung(case, func))
-    p.nhit = 0
+        # L1..L4 run no handler: their check is the injected call itself (see Rung).
+        cases.append(case if key == "L5" else Rung(case, func))
     return cases
 
 
@@ -672,12 +585,6 @@ class Rung(Case):
             return [] if len(seen) == 1 else [f"the injected call ran {len(seen)} times, not 1"]
 
         return Armed(fn, teardown, check)
-
-
-def _site(cls: type, p: Any) -> Any:
-    s = cls()
-    s.active = (p,)
-    return s
 
 
 # --------------------------------------------------------------------------- the rows
@@ -720,8 +627,7 @@ def hit_cases(calls: int) -> list[Case]:
              inject("offset"), "bytecode"),
         Peer("I1", "raw injected bytecode: handler(rv) before RETURN_VALUE", "return",
              inject("return"), "bytecode"),
-        ProtoLeanHit(),
-        ProtoCompiledEvent(),
+        ProtoInlineHit(),
     ]
 
 
@@ -1282,7 +1188,8 @@ def run_steps(cfg: Config, log: Callable[[str], None]) -> list[dict]:
         "Regs": Regs, "frame": frame, "getframe": sys._getframe,
         "get_ident": threading.get_ident, "fetch": fetch, "regs": regs,
         "get_native_id": get_native_id, "monotonic_ns": time.monotonic_ns,
-        "thread_key": thread_key, "tid": tid, "write": buf.write, "append": buf.append, "record": record, "live_locals": live_locals,
+        "thread_key": thread_key, "tid": tid, "write": buf.write, "append": buf.append,
+        "record": record, "live_locals": live_locals,
         "probed": probed,
     }
     n = 20_000 if cfg.quick else 200_000
@@ -1360,7 +1267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds of the hit-cost table")
     parser.add_argument("--n", type=int, help="timed calls per run")
     parser.add_argument("--rows", metavar="KEY,KEY", help="with --part hits: only these rows "
-                        "of the hit-cost table (e.g. A,E1o,E1b,B1,H,X2)")
+                        "of the hit-cost table (e.g. A,E1o,E1b,B1,H,X1)")
     parser.add_argument("--part", default="all",
                         choices=["all", "hits", "ladder", "elsewhere", "steps",
                                  "scale-optimized", "scale-breakpoint", "memory", "early"])
@@ -1407,7 +1314,7 @@ def main(argv: list[str] | None = None) -> int:
             result["event_goal"] = event_vs_peers(rows)
         elif part == "ladder":
             cases = [Plain("A", "baseline: unprobed call"), *ladder_cases(),
-                     KprobeCase("K1o", "entry", True), ProtoLeanHit()]
+                     KprobeCase("K1o", "entry", True), ProtoInlineHit()]
             rows = run_rounds(cases, targets, cfg, cfg.ladder_rounds, Plain("A", ""), log)
             result["ladder"] = [r.as_json(cfg) for r in rows]
         elif part == "elsewhere":
