@@ -25,8 +25,11 @@ from types import CodeType, FrameType
 from typing import Any, Protocol
 
 #: pre(frame, offset): called before the instruction at `offset` executes, in the probed
-#: frame's thread, with that frame. It never raises.
-PreHit = Callable[[FrameType, int], None]
+#: frame's thread, with that frame. It never raises. A mechanism whose callback CPython
+#: calls for the probed frame may pass None instead, having added the callback's code to
+#: core/regs.py CALLBACK_CODES: the frame is then found only if a handler asks for it (a
+#: frame object costs as much as the handler call).
+PreHit = Callable[[FrameType | None, int], None]
 #: post(frame, offset): called after the instruction at `offset` executed (the next
 #: instruction executed in that frame); never raises.
 PostHit = Callable[[FrameType, int], None]

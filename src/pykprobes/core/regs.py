@@ -60,10 +60,19 @@ class Regs:
         return f"<Regs {self.frame.f_code.co_qualname}+{self.offset} line {self.lineno}>"
 
 
+#: The code of mechanism callbacks that CPython calls on behalf of the probed frame and that
+#: call a hit without its frame (arch/monitoring.py adds its own): the way up from a hit's
+#: frame to the probed frame steps over them.
+CALLBACK_CODES: Final[set[CodeType]] = set()
+
+
 def probed_frame(hit_frame: FrameType) -> FrameType:
-    """The probed frame of the hit whose trampoline runs in `hit_frame`: its caller (only
-    rewritten code calls a trampoline; the breakpoint mechanisms pass their frame)."""
+    """The probed frame of the hit that runs in `hit_frame` (a trampoline, which rewritten
+    code calls, or `Site.pre`, which a mechanism's callback calls): its caller, past the
+    callback."""
     frame = hit_frame.f_back
+    while frame is not None and frame.f_code in CALLBACK_CODES:
+        frame = frame.f_back
     if frame is None:
         raise RuntimeError("pykprobes: no probed frame above the hit")
     return frame
@@ -72,23 +81,25 @@ def probed_frame(hit_frame: FrameType) -> FrameType:
 class SiteRegs(Regs):
     """A site's reusable Regs. Getting a frame object costs as much as calling the handler
     (3.11+ creates it on demand), so `frame` is found when asked: the one given by a
-    breakpoint hit, or the caller of the trampoline frame (`hit_code`) up the stack."""
+    breakpoint hit, or else the probed frame above the nearest hit frame (one whose code is
+    in `hit_codes`) up the stack."""
 
-    __slots__ = ("_frame", "_hit_code")
+    __slots__ = ("_frame", "_hit_codes")
 
-    def __init__(self, offset: int, hit_code: CodeType) -> None:
+    def __init__(self, offset: int, hit_codes: set[CodeType]) -> None:
         self.offset = offset
         self.retval = None
         self.exception = None
         self._frame: FrameType | None = None
-        self._hit_code = hit_code
+        self._hit_codes = hit_codes
 
     @property  # type: ignore[override]
     def frame(self) -> FrameType:
         if self._frame is not None:
             return self._frame
+        codes = self._hit_codes
         f: FrameType | None = sys._getframe(1)
-        while f is not None and f.f_code is not self._hit_code:
+        while f is not None and f.f_code not in codes:
             f = f.f_back
         if f is None:
             raise RuntimeError(

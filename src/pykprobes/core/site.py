@@ -215,7 +215,7 @@ class Site:
         self.entry_event = False
         #: The fast path's Regs: one per site, valid while its handler runs (the kernel's
         #: pt_regs live on the stack of the hit, too).
-        self.regs = SiteRegs(addr.offset, HIT_CODE)
+        self.regs = SiteRegs(addr.offset, HIT_CODES)
         #: (probe, pre_handler, regs) when a hit can take the fast path (one active probe
         #: with a pre-handler and no post-handler), else None; the trampoline's cell holds
         #: the same.
@@ -245,17 +245,19 @@ class Site:
             hit_frame = _getframe(1)
             self._run(probed_frame(hit_frame), hit_frame.f_back)
 
-    def pre(self, frame: FrameType, offset: int = 0) -> None:
+    def pre(self, frame: FrameType | None, offset: int = 0) -> None:
         """Before the instruction runs: the aggregate pre-handler (breakpoint mechanisms).
-        The same two paths as the trampoline's, the frame given."""
+        The same two paths as the trampoline's. `frame` None: the caller is a mechanism's
+        callback called for the probed frame (regs.CALLBACK_CODES), and the frame is found
+        when needed."""
         if _busy or _held[0] is not None:
             if self.active:
-                self._run(frame, _getframe(1))
+                self._run(frame or probed_frame(_getframe(0)), _getframe(1))
             return
         fast = self.fast
         if fast is None:
             if self.active:
-                self._run(frame, None)
+                self._run(frame or probed_frame(_getframe(0)), None)
             return
         p, handler, regs = fast
         _held[0] = regs
@@ -309,6 +311,6 @@ class Site:
         return f"<Site {self.symbol}+{self.addr.offset} probes={len(self.probes)}>"
 
 
-#: The code of the frames that run a hit's handlers (`_fast_hit_on_stack`): the trampoline,
-#: `Site.pre`, and the return side's (core/returns.py adds it).
+#: The code of the frames that run a hit's handlers (`_fast_hit_on_stack`, SiteRegs): the
+#: trampoline, `Site.pre`, and the return side's (core/returns.py adds it).
 HIT_CODES: Final[set[CodeType]] = {HIT_CODE, Site.pre.__code__}
