@@ -975,8 +975,13 @@ def _detach_executed_locked(state: CodeState, m: Mechanisms) -> None:
         child.const_index = None
         del state.children[index]
         codestate.adopt_holders(child, m)
-    if not state.sites and not state.children:
-        _states.pop(id(state.original), None)
+    # Without sites or children, nothing maps its versions back any more, nor waits for
+    # them to retire.
+    if not state.sites and not state.children and \
+            _states.pop(id(state.original), None) is state:
+        for version in (state.current, *state.retired):
+            m.versions.pop(id(version.code), None)
+        codestate.set_retired(state, [], m)
 
 
 def _runs_once(code: CodeType) -> bool:
