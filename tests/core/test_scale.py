@@ -219,6 +219,13 @@ def test_register_unregister_cycles_leave_no_table_entry_behind() -> None:
             kp.unregister_kprobe(p)
         kp.wait_for_kprobe_optimizer()
     assert sizes() == before
+    # An emptied table gives back the size it grew to (a dict keeps it until cleared).
+    tables = {"_table": registry._table, "_states": registry._states,
+              "_opt_reasons": registry._opt_reasons, "versions": m.versions}
+    tables["breakpoint"] = m.breakpoint._codes  # type: ignore[attr-defined]
+    empty = sys.getsizeof({})
+    assert {name: sys.getsizeof(t) for name, t in tables.items() if not t} == {
+        name: empty for name, t in tables.items() if not t}
 
 
 @needs_optimizer

@@ -778,6 +778,8 @@ class MonitoringArch:
                 mon.set_local_events(tool, code, 0)
             if model.ret is None:  # a code with no return instruction keeps PY_UNWIND
                 del self._codes[id(code)]
+                if not self._codes:
+                    self._codes.clear()  # give back the size it grew to
         elif grew and model.events:
             # Re-instrument this code for our tool only: see "Re-arming" above.
             list(map(mon.set_local_events, (tool, tool), (code, code), (0, events)))
