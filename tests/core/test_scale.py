@@ -309,3 +309,13 @@ def test_the_optimizer_thread_runs_untraced() -> None:
         kp.unregister_kprobe(p)
     assert "_optimizer_work" in called  # the timer thread was traced up to there
     assert "_optimize_locked" not in called
+
+
+def test_register_kprobes_with_a_probe_listed_twice_registers_none() -> None:
+    _, fns = generated(2)
+    probes = _probes(fns)
+    with pytest.raises(kp.KprobeError, match="already registered"):
+        kp.register_kprobes([probes[0], probes[1], probes[0]])
+    assert not any(p.registered for p in probes)
+    assert registry.all_probes() == []
+    assert [p.addr for p in probes] == fns

@@ -749,6 +749,8 @@ def register_kprobes(probes: Iterable[Kprobe]) -> None:
         with _lock, codestate.switching(m):
             try:
                 for p, target, symbol, _ in resolved:
+                    if p.registered:  # listed twice
+                        raise einval(f"probe {p.symbol} is already registered")
                     _register_target_locked(p, target, symbol, m)
                     done.append(p)
             except BaseException:
