@@ -17,8 +17,10 @@ for as long as frames run it (the analogue of waiting for `synchronize_rcu_tasks
 Holders switch in batches (`switching()`, see holders.py): one heap walk at most per
 batch, none when the holders of the version being left are known for sure. Breakpoints are
 still armed before any function switches to a version: a batch's switches happen when it
-ends, after every arm of the batch (commit 1282e8d), and before anything forgets a retired
-version (the versions being left are retired, hence covered, until then).
+ends, after every arm of the batch (commit 1282e8d). Until then the versions being left
+are retired, hence covered where they lack a call sequence, and the optimizer forgets
+retired versions only after its batch ended; the one exception is the last probe of a code
+being unregistered, whose versions are forgotten at once: they have nothing left to cover.
 
 Every function here expects the registry lock to be held (hence `_locked`-free names: this
 module is private to the registry).
@@ -156,6 +158,7 @@ def _switch(state: CodeState, old: Version, mech: Mechanisms) -> None:
 
 
 def set_retired(state: CodeState, retired: list[Version], mech: Mechanisms) -> None:
+    """Set the state's retired versions, keeping `mech.retiring` in step."""
     state.retired = retired
     if retired:
         mech.retiring[id(state)] = state
