@@ -1035,13 +1035,18 @@ def _timed_steps(items: list[Any], step: Callable[[Any], None], budget: float,
     return done, elapsed, checkpoints
 
 
-def _heap_walks() -> int:
-    """How many times the core walked the heap for the holders of code objects so far
-    (registering and optimizing; unregistering), or -1 if this pykprobes does not say."""
+def _heap_walks() -> int | None:
+    """How many times the core walked the heap for the holders of code objects so far, or
+    None if this pykprobes does not count them (--src of an older commit)."""
     from pykprobes.core import registry
 
-    walks = getattr(registry._m(), "walks", -1)
-    return walks if isinstance(walks, int) else -1
+    walks = getattr(registry._m(), "walks", None)
+    return walks if isinstance(walks, int) else None
+
+
+def _since(before: int | None) -> int | None:
+    now = _heap_walks()
+    return None if now is None or before is None else now - before
 
 
 def run_scale(targets: Targets, cfg: Config, log: Callable[[str], None],
@@ -1073,7 +1078,7 @@ def run_scale(targets: Targets, cfg: Config, log: Callable[[str], None],
             t0 = time.perf_counter()
             kp.wait_for_kprobe_optimizer()
             item["optimize_s"] = time.perf_counter() - t0
-        item["heap_walks_registering"] = _heap_walks() - walks
+        item["heap_walks_registering"] = _since(walks)
         nopt = sum(p.is_optimized() for p in probes[:done])
         errors = []
         if nopt != (done if optimized else 0):
@@ -1096,7 +1101,7 @@ def run_scale(targets: Targets, cfg: Config, log: Callable[[str], None],
         done_u, un_s, un_cp = _timed_steps(registered, kp.unregister_kprobe, cfg.scale_budget,
                                            every)
         item.update(unregistered=done_u, unregister_s=un_s, unregister_checkpoints=un_cp,
-                    heap_walks_unregistering=_heap_walks() - walks)
+                    heap_walks_unregistering=_since(walks))
         if done_u < len(registered):
             item["unregister_projected_s"] = _project(un_cp, len(registered))
         kp.set_optimization(True)
