@@ -6,6 +6,9 @@
     python3 bench/run.py --python 3.12 [--python 3.13]
     python3 bench/run.py --here       only the interpreter running this script, as it is
                                       (no venv set-up: wrapt is n/a unless installed)
+    python3 bench/run.py --only scale only the scale steps (1, 100, 10,000 probes, both
+                                      mechanisms) and the memory per probe; written to a
+                                      temporary folder unless --out is given
 
 For each Python it creates or reuses `.venv/py3.N` (dev.py's logic: the project installed in
 editable mode with its test extras), installs `wrapt` there if it is missing (a peer of the
@@ -80,10 +83,12 @@ def ensure_bench_packages(venv: Path) -> None:
 
 
 def run_worker(tag: str, python: str, env: dict[str, str], quick: bool,
-               out: Path) -> tuple[dict[str, Any] | None, float, str]:
+               out: Path, only: str | None = None) -> tuple[dict[str, Any] | None, float, str]:
     cmd = [python, str(SUITE), "--json", str(out)]
     if quick:
         cmd.append("--quick")
+    if only:
+        cmd += ["--part", only]
     say(f"=== Python {tag}: {' '.join(cmd)} ===")
     start = time.monotonic()
     # Progress goes to stderr, straight through to ours.
@@ -152,10 +157,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure the pykprobes package in DIR (a `src` folder of another "
                         "checkout or of `git archive`) instead of the venv's editable install")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results, "
-                        "a temporary folder for --quick)")
+                        "a temporary folder for --quick and --only)")
+    parser.add_argument("--only", choices=["scale"],
+                        help="only this part of the suite (scale: the scale steps and the "
+                        "memory per probe)")
     args = parser.parse_args(argv)
     start = time.monotonic()
-    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="pykprobes-bench-")) if args.quick
+    partial = args.quick or args.only
+    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="pykprobes-bench-")) if partial
                            else RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -198,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pykprobes-bench-json-") as tmp:
         for tag, python, env in targets:
             data, wall, failure = run_worker(tag, python, env, args.quick,
-                                             Path(tmp) / f"py{tag}.json")
+                                             Path(tmp) / f"py{tag}.json", args.only)
             walls[tag] = wall
             if data is None:
                 problems.append(f"Python {tag}: {failure}")
@@ -207,14 +216,18 @@ def main(argv: list[str] | None = None) -> int:
             problems += [f"Python {tag}: {e}" for e in count_errors(data)]
             say(f"=== Python {tag}: {wall:.0f} s ===")
 
-    startup_text, startup_ok = run_startup(args.quick)
+    if args.only:
+        startup_text, startup_ok = f"bench/startup.py: not run (--only {args.only}).", True
+    else:
+        startup_text, startup_ok = run_startup(args.quick)
     if not startup_ok:
         problems.append(startup_text)
     total = time.monotonic() - start
     results = {
         "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-        "command": "python3 bench/run.py" + (" --quick" if args.quick else ""),
+        "command": "python3 bench/run.py" + (" --quick" if args.quick else "")
+        + (f" --only {args.only}" if args.only else ""),
         "wall_s": {**walls, "total": total},
         "measured": f"{src}: {measured}",
         "versions": versions,

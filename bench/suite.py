@@ -1,9 +1,12 @@
 """The benchmark worker: runs in one interpreter (CPython >= 3.11) and writes one JSON file.
 
     python bench/suite.py --json OUT.json [--quick]            everything, for this Python
-    python bench/suite.py --part scale --json OUT.json ...     one part (run.py starts the
+    python bench/suite.py --part memory --json OUT.json ...    one part (run.py starts the
                                                                scale, memory and early parts
                                                                in fresh processes)
+    python bench/suite.py --part scale --json OUT.json ...     the scale steps of both modes
+                                                               and the memory part, each in a
+                                                               fresh process
 
 Method (../shared/docs/ANCHOR-COSTS.md): the target is `def f(a, b): return a + b`, called as
 `fn(1, 2)` in `for _ in range(n)` inside a function. Every technique calls the same handler,
@@ -942,6 +945,20 @@ def _timed_steps(items: list[Any], step: Callable[[Any], None], budget: float,
     return done, elapsed, checkpoints
 
 
+def _heap_walks() -> int | None:
+    """How many times the core walked the heap for the holders of code objects so far, or
+    None if this pykprobes does not count them (--src of an older commit)."""
+    from pykprobes.core import registry
+
+    walks = getattr(registry._m(), "walks", None)
+    return walks if isinstance(walks, int) else None
+
+
+def _since(before: int | None) -> int | None:
+    now = _heap_walks()
+    return None if now is None or before is None else now - before
+
+
 def run_scale(targets: Targets, cfg: Config, log: Callable[[str], None],
               optimized: bool) -> list[dict]:
     """Register + arm, optimize (wait_for_kprobe_optimizer) and unregister N probes on N
@@ -961,6 +978,7 @@ def run_scale(targets: Targets, cfg: Config, log: Callable[[str], None],
         probes = [kp.Kprobe(addr=fn, pre_handler=peers.handler) for fn in fns]
         every = max(1, count // 20)
         gc.collect()
+        walks = _heap_walks()
         done, reg_s, reg_cp = _timed_steps(probes, kp.register_kprobe, cfg.scale_budget, every)
         item.update(registered=done, register_s=reg_s, register_checkpoints=reg_cp,
                     optimized_while_registering=sum(p.is_optimized() for p in probes[:done]))
@@ -970,6 +988,7 @@ def run_scale(targets: Targets, cfg: Config, log: Callable[[str], None],
             t0 = time.perf_counter()
             kp.wait_for_kprobe_optimizer()
             item["optimize_s"] = time.perf_counter() - t0
+        item["heap_walks_registering"] = _since(walks)
         nopt = sum(p.is_optimized() for p in probes[:done])
         errors = []
         if nopt != (done if optimized else 0):
@@ -988,15 +1007,19 @@ def run_scale(targets: Targets, cfg: Config, log: Callable[[str], None],
         item["hits"] = f"ok {done}/{done}" if not errors else "error"
         item["errors"] = errors
         registered = probes[:done]
+        walks = _heap_walks()
         done_u, un_s, un_cp = _timed_steps(registered, kp.unregister_kprobe, cfg.scale_budget,
                                            every)
-        item.update(unregistered=done_u, unregister_s=un_s, unregister_checkpoints=un_cp)
+        item.update(unregistered=done_u, unregister_s=un_s, unregister_checkpoints=un_cp,
+                    heap_walks_unregistering=_since(walks))
         if done_u < len(registered):
             item["unregister_projected_s"] = _project(un_cp, len(registered))
         kp.set_optimization(True)
         out.append(item)
         log(f"  scale {count} {how}: register {reg_s:.2f}s ({done}/{count}), "
-            f"unregister {un_s:.2f}s ({done_u}/{done})")
+            f"optimize {item.get('optimize_s', 0):.2f}s, unregister {un_s:.2f}s "
+            f"({done_u}/{done}); heap walks {item['heap_walks_registering']} + "
+            f"{item['heap_walks_unregistering']}")
         if done < count or done_u < len(registered):
             break  # what is left registered would distort any further step
     return out
@@ -1273,7 +1296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", metavar="KEY,KEY", help="with --part hits: only these rows "
                         "of the hit-cost table (e.g. A,E1o,E1b,B1,H,X1)")
     parser.add_argument("--part", default="all",
-                        choices=["all", "hits", "ladder", "elsewhere", "steps",
+                        choices=["all", "scale", "hits", "ladder", "elsewhere", "steps",
                                  "scale-optimized", "scale-breakpoint", "memory", "early"])
     args = parser.parse_args(argv)
     cfg = Config(args.quick)
@@ -1300,12 +1323,14 @@ def main(argv: list[str] | None = None) -> int:
     # The parts that register many probes run each in a fresh process: what one leaves
     # behind (a budget-stopped scale step, a fuller heap) must not weigh on another.
     isolated = ["elsewhere", "scale-optimized", "scale-breakpoint", "memory", "early"]
-    parts = ([args.part] if args.part != "all" else ["hits", "ladder", "steps", *isolated])
+    groups = {"all": ["hits", "ladder", "steps", *isolated],
+              "scale": ["scale-optimized", "scale-breakpoint", "memory"]}
+    parts = groups.get(args.part, [args.part])
     failed = 0
     for part in parts:
         log(f"{part} ...")
         t0 = time.monotonic()
-        if args.part == "all" and part in isolated:
+        if args.part in groups and part in isolated:
             failed += _run_child(part, args, result, log)
         elif part == "hits":
             cases = hit_cases()

@@ -612,6 +612,40 @@ def test_equal_but_distinct_code_objects_are_different_addresses(arch: Any) -> N
     assert (r1.npre, r2.npre) == (4, 7)
 
 
+def test_many_codes_at_one_offset_each_hit_only_their_own(arch: Any) -> None:
+    """Codes armed at the same offset share a table entry (a hub, by id of the code):
+    arming or disarming one leaves the others' sites as they were, and the entry goes
+    when the last one is disarmed."""
+    fs = [fresh(LOOP_SRC, "f") for _ in range(5)]
+    off = offset_of(fs[0], "BINARY_OP")
+    entry = prologue_end(fs[0].__code__)
+    recs = [Recorder(False) for _ in fs]
+    entries = [Recorder(False) for _ in fs]
+    for f, r, e in zip(fs, recs, entries, strict=True):
+        arch.arm(f.__code__, off, r.pre, None)
+        arch.arm(f.__code__, 0, e.pre, None)
+    for i, f in enumerate(fs):
+        f(i)
+    assert [r.npre for r in recs] == [0, 1, 2, 3, 4]
+    assert [e.npre for e in entries] == [1] * 5
+    for i in (1, 3):
+        arch.disarm(fs[i].__code__, off)
+        arch.disarm(fs[i].__code__, 0)
+    arch.arm(fs[2].__code__, off, recs[0].pre, None)  # replaces f2's callback only
+    for f in fs:
+        f(2)
+    assert [r.npre for r in recs] == [0 + 2 + 2, 1, 2, 3, 4 + 2]
+    assert [e.npre for e in entries] == [2, 1, 2, 1, 2]
+    for f in fs:
+        arch.disarm(f.__code__, off)
+        arch.disarm(f.__code__, 0)
+    assert arch.armed_addresses() == []
+    assert off not in arch._ins and entry not in arch._start
+    for f in fs:
+        f(2)
+    assert [r.npre for r in recs] == [4, 1, 2, 3, 6]
+
+
 def test_armed_code_is_kept_alive(arch: Any) -> None:
     import gc
     import weakref

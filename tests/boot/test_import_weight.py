@@ -27,11 +27,13 @@ BOOT_PYKPROBES = {
     "pykprobes.core.kretprobe", "pykprobes.core.modwatch", "pykprobes.core.probe",
     "pykprobes.core.registry", "pykprobes.core.regs", "pykprobes.core.resolve",
     "pykprobes.core.returns", "pykprobes.core.site",
+    # who holds a code object (codestate's), and the interpreter facts it asks
+    "pykprobes.core.holders", "pykprobes.env",
     # the events the definitions become, and their fetchargs
     "pykprobes.trace", "pykprobes.trace.buffer", "pykprobes.trace.events",
     "pykprobes.trace.fetchargs", "pykprobes.trace.safe", "pykprobes.trace.types",
     # the buffer's storage, thread keys and recorders, and the choice of their backend
-    "pykprobes.env", "pykprobes.trace.backend", "pykprobes.trace.cmdlines",
+    "pykprobes.trace.backend", "pykprobes.trace.cmdlines",
     "pykprobes.trace.recorder", "pykprobes.trace.ring",
 }
 #: Loaded with the above when the trace hot path's C accelerator is built and chosen.
@@ -45,7 +47,7 @@ BOOT_STDLIB = {
     "importlib._bootstrap", "importlib._bootstrap_external", "importlib.machinery",
     "itertools", "keyword", "opcode", "operator", "re", "re._casefix", "re._compiler",
     "re._constants", "re._parser", "reprlib", "threading", "types", "typing", "typing.io",
-    "typing.re", "warnings",
+    "typing.re", "warnings", "weakref",
 }
 #: Loaded at the first import of a target (the rewrite arch), never at start-up.
 REWRITE = {"pykprobes.arch.rewrite", "pykprobes.arch.rewrite.inject", "bytecode", "inspect",

@@ -145,3 +145,29 @@ def test_optimizer_running_while_the_module_body_runs(tmp_path: Path,
         kp.unregister_kprobe(p)
         sys.modules.pop(name, None)
     assert mod.work.__code__ is p.addr.code
+
+
+def test_an_imported_module_leaves_no_table_entry_behind(fresh_module: str) -> None:
+    """The module body's own code state (the parent of its functions' states while it runs)
+    goes when the body has run, and with it its versions."""
+    from pykprobes.core import registry
+
+    m = registry._m()
+
+    def entries() -> list[object]:
+        states = [*registry._states.values(), *m.versions.values(), *m.retiring.values()]
+        return [s for s in states if s.module == fresh_module]
+
+    work = kp.Kprobe(symbol_name=f"{fresh_module}:work")
+    method = kp.Kprobe(symbol_name=f"{fresh_module}:Thing.method")
+    kp.register_kprobes([work, method])
+    try:
+        mod = importlib.import_module(fresh_module)
+        assert work.nhit == 1
+        kp.wait_for_kprobe_optimizer()
+        assert mod.work(1) == 3 and work.nhit == 2
+        assert entries()
+    finally:
+        kp.unregister_kprobes([work, method])
+    kp.wait_for_kprobe_optimizer()
+    assert entries() == []

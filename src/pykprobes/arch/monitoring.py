@@ -114,11 +114,10 @@ from __future__ import annotations
 
 import collections
 import errno
-import itertools
 import sys
 import threading
-from collections.abc import Callable
-from types import CodeType, FrameType
+from collections.abc import Callable, Mapping
+from types import CodeType, FrameType, MappingProxyType
 from typing import Any, ClassVar, Final
 
 from pykprobes.arch import frametable
@@ -141,12 +140,14 @@ _getframe = sys._getframe
 
 class _Site:
     """What one event at one (code, offset) does. Immutable once published, except that a
-    failure clears `pre`/`post`; chained (`next`) with the other codes' sites at the same
-    offset, and (`also`) with more entry probes of the same code."""
+    failure clears `pre`/`post`; chained (`also`) with more entry probes of the same code.
+    When several codes have a site at one offset, the table holds a `_Hub` there."""
+
+    #: The sites of the other codes at this offset, by id(code): a `_Hub`'s only.
+    peers: Mapping[int, _Site] = MappingProxyType({})
 
     __slots__ = (
         "code",
-        "next",
         "also",
         "pre",
         "post",
@@ -159,7 +160,6 @@ class _Site:
 
     def __init__(self, code: CodeType) -> None:
         self.code = code
-        self.next: _Site | None = None
         self.also: _Site | None = None
         self.pre: PreHit | None = None
         self.post: PostHit | None = None
@@ -175,11 +175,27 @@ class _Site:
         #: PY_RETURN sites: the code's return hooks, if armed.
         self.ret: _Ret | None = None
 
-    def clone(self) -> _Site:
-        s = _Site(self.code)
-        s.also, s.pre, s.post, s.armed = self.also, self.pre, self.post, self.armed
-        s.waits, s.succ, s.handler, s.ret = self.waits, self.succ, self.handler, self.ret
-        return s
+
+
+class _Hub(_Site):
+    """The table entry at an offset where several codes have a site: `peers` maps each
+    one's id(code) to its site. A callback reads `peers` with one `get`, and the arch
+    changes it one key at a time (each store or pop is atomic): a site is complete before
+    it is stored, so a callback finds a code's old site or its new one, never a half-made
+    one. Publishing a code's sites thus touches only that code's entries, where the chains
+    that this replaced had to be cloned whole at every arm (38,512 clones to register 1,000
+    probes; bench/results/ANALYSIS.md, "Scale")."""
+
+    __slots__ = ("peers",)  # type: ignore[misc]  # shadows the class-level empty mapping
+
+    def __init__(self, peers: dict[int, _Site]) -> None:
+        super().__init__(_HUB_CODE)
+        self.peers: dict[int, _Site] = peers  # type: ignore[misc]
+
+
+#: A hub's `code`: a code object no callback is ever called for, so that `site.code is
+#: code` is False for a hub without a separate test on the hit path.
+_HUB_CODE: Final = compile("", "<pykprobes hub>", "exec")
 
 
 class _Ret:
@@ -281,6 +297,8 @@ class MonitoringArch:
         self.tool: int = tool
         self._lock = threading.Lock()
         self._codes: dict[int, _CodeModel] = {}
+        #: id(code) of the models that need the global PY_UNWIND event.
+        self._unwinders: set[int] = set()
         self._unwind_on = False
         self._closed = False
         #: Failures of pre/post callbacks (each disarmed its address).
@@ -339,10 +357,8 @@ class MonitoringArch:
                 return DISABLE
             if site.code is not code:
                 e = epoch[0]  # read before any switch point can happen
-                site = site.next  # type: ignore[assignment]
-                while site is not None and site.code is not code:
-                    site = site.next  # type: ignore[assignment]
-                if site is None:
+                site = site.peers.get(id(code))  # type: ignore[assignment]
+                if site is None or site.code is not code:
                     return DISABLE if epoch[0] == e else None
             frame = _getframe(1)
             if site.waits and pending:
@@ -368,8 +384,10 @@ class MonitoringArch:
 
         def on_start(code: CodeType, offset: int) -> Any:
             site = start.get(offset)
-            while site is not None and site.code is not code:
-                site = site.next
+            if site is not None and site.code is not code:
+                site = site.peers.get(id(code))
+                if site is not None and site.code is not code:
+                    site = None
             if site is None:
                 return None
             frame = _getframe(1)
@@ -394,9 +412,9 @@ class MonitoringArch:
         def on_resume(code: CodeType, offset: int) -> Any:
             e = epoch[0]
             site = resume.get(offset)
-            while site is not None and site.code is not code:
-                site = site.next
-            if site is None:
+            if site is not None and site.code is not code:
+                site = site.peers.get(id(code))
+            if site is None or site.code is not code:
                 return DISABLE if epoch[0] == e else None
             pre = site.pre
             if pre is not None:
@@ -417,9 +435,9 @@ class MonitoringArch:
         def on_yield(code: CodeType, offset: int, value: object) -> Any:
             e = epoch[0]
             site = leave.get(offset)
-            while site is not None and site.code is not code:
-                site = site.next
-            if site is None:
+            if site is not None and site.code is not code:
+                site = site.peers.get(id(code))
+            if site is None or site.code is not code:
                 return DISABLE if epoch[0] == e else None
             if pending:
                 frame = _getframe(1)
@@ -431,9 +449,9 @@ class MonitoringArch:
         def on_return(code: CodeType, offset: int, value: object) -> Any:
             e = epoch[0]
             site = leave.get(offset)
-            while site is not None and site.code is not code:
-                site = site.next
-            if site is None:
+            if site is not None and site.code is not code:
+                site = site.peers.get(id(code))
+            if site is None or site.code is not code:
                 return DISABLE if epoch[0] == e else None
             frame = None
             if pending:
@@ -721,10 +739,10 @@ class MonitoringArch:
         out = []
         for table in (self._ins, self._resume):
             s = table.get(offset)
-            while s is not None:
-                if s.code is code:
-                    out.append(s)
-                s = s.next
+            if s is not None and s.code is not code:
+                s = s.peers.get(id(code))
+            if s is not None and s.code is code:
+                out.append(s)
         return out
 
     def _publish_locked(self, model: _CodeModel, force_toggle: bool = False) -> None:
@@ -747,6 +765,10 @@ class MonitoringArch:
         for event, _off in new_keys:
             events |= event
         model.needs_unwind = any(s.succ is _UNWIND for s in new.values())
+        if model.needs_unwind or model.ret is not None:
+            self._unwinders.add(id(code))
+        else:
+            self._unwinders.discard(id(code))
         if model.ret is not None:
             self._unwind[id(code)] = model.ret
         mon, tool = self._mon, self.tool
@@ -756,6 +778,8 @@ class MonitoringArch:
                 mon.set_local_events(tool, code, 0)
             if model.ret is None:  # a code with no return instruction keeps PY_UNWIND
                 del self._codes[id(code)]
+                if not self._codes:
+                    self._codes.clear()  # give back the size it grew to
         elif grew and model.events:
             # Re-instrument this code for our tool only: see "Re-arming" above.
             list(map(mon.set_local_events, (tool, tool), (code, code), (0, events)))
@@ -767,9 +791,7 @@ class MonitoringArch:
             self._unwind.pop(id(code), None)
         model.keys = new_keys
         model.events = events
-        self._set_unwind_locked(
-            any(m.needs_unwind or m.ret is not None for m in self._codes.values())
-        )
+        self._set_unwind_locked(bool(self._unwinders))
 
     def _set_unwind_locked(self, on: bool) -> None:
         if on != self._unwind_on:
@@ -778,22 +800,26 @@ class MonitoringArch:
 
     @staticmethod
     def _relink(table: dict[int, _Site], off: int, code: CodeType, new: _Site | None) -> None:
-        """Replace `code`'s site in the chain at `off` by `new` (None: remove it). Sites
-        are cloned so that a callback walking the old chain never sees a half-made one."""
-        others: list[_Site] = []
-        s = table.get(off)
-        while s is not None:
-            if s.code is not code:
-                others.append(s)
-            s = s.next
-        chain = ([new] if new is not None else []) + [o.clone() for o in others]
-        for a, b in itertools.pairwise(chain):
-            a.next = b
-        if chain:
-            chain[-1].next = None
-            table[off] = chain[0]
-        else:
-            table.pop(off, None)
+        """Replace `code`'s site at `off` by `new` (None: remove it), touching no other
+        code's site (see `_Hub`)."""
+        cur = table.get(off)
+        if type(cur) is _Hub:
+            peers = cur.peers
+            if new is not None:
+                peers[id(code)] = new
+            else:
+                peers.pop(id(code), None)
+            if len(peers) == 1:
+                table[off] = next(iter(peers.values()))  # the last one needs no hub
+            elif not peers:
+                table.pop(off, None)
+        elif cur is None or cur.code is code:
+            if new is not None:
+                table[off] = new
+            elif cur is not None:
+                table.pop(off, None)
+        elif new is not None:
+            table[off] = _Hub({id(cur.code): cur, id(code): new})
 
     # ------------------------------------------------------------------ introspection
 

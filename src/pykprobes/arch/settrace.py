@@ -583,7 +583,7 @@ class SettraceArch:
             return
         model.ret = None
         if model.empty():
-            del self._codes[id(code)]
+            self._forget_locked(code)
         for table in (self._lastexc, self._windows):
             for frame in [f for f in list(table) if f.f_code is code]:
                 table.pop(frame, None)
@@ -597,6 +597,11 @@ class SettraceArch:
             self._windows.clear()
             self._uninstall_locked()
 
+    def _forget_locked(self, code: CodeType) -> None:
+        del self._codes[id(code)]
+        if not self._codes:
+            self._codes.clear()  # give back the size it grew to
+
     def _disarm_locked(self, code: CodeType, offset: int) -> None:
         model = self._codes.get(id(code))
         if model is None or model.code is not code:
@@ -607,7 +612,7 @@ class SettraceArch:
             model.sites = {o: s for o, s in model.sites.items() if o != offset}
         model.update()
         if model.empty():
-            del self._codes[id(code)]
+            self._forget_locked(code)
         for frame, rec in list(self._pending.items()):
             if rec.code is code and rec.offset == offset:
                 self._pending.pop(frame, None)

@@ -14,18 +14,28 @@ at non-optimized sites of the current version (offsets translated when the versi
 rewritten), and at every site of a retired version that lacks that site's call sequence,
 for as long as frames run it (the analogue of waiting for `synchronize_rcu_tasks()`).
 
+Holders switch in batches (`switching()`, see holders.py): one heap walk at most per
+batch, none when the holders of the version being left are known for sure. Breakpoints are
+still armed before any function switches to a version: a batch's switches happen when it
+ends, after every arm of the batch (commit 1282e8d). Until then the versions being left
+are retired, hence covered where they lack a call sequence, and the optimizer forgets
+retired versions only after its batch ended; the one exception is the last probe of a code
+being unregistered, whose versions are forgotten at once: they have nothing left to cover.
+
 Every function here expects the registry lock to be held (hence `_locked`-free names: this
 module is private to the registry).
 """
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import CodeType, FunctionType
 from typing import TYPE_CHECKING
 
 from pykprobes.core.arch import opt_call
+from pykprobes.core.holders import Switches
 
 if TYPE_CHECKING:
     from pykprobes.core.arch import BreakpointArch, OptimizerArch
@@ -68,6 +78,7 @@ class CodeState:
         "children",
         "const_index",
         "current",
+        "holders",
         "module",
         "original",
         "parent",
@@ -92,6 +103,8 @@ class CodeState:
         self.returns: ReturnSite | None = None
         #: id(version code) -> version code whose return hooks the breakpoint arch serves.
         self.ret_armed: dict[int, CodeType] = {}
+        #: id(function) -> the functions last seen holding a version (holders.py).
+        self.holders: dict[int, weakref.ref[FunctionType]] = {}
 
     @property
     def unused(self) -> bool:
@@ -104,26 +117,57 @@ class CodeState:
 class Mechanisms:
     """The two arches the states are synced with (the optimizer may be missing)."""
 
-    __slots__ = ("breakpoint", "optimizer", "versions")
+    __slots__ = ("breakpoint", "optimizer", "retiring", "switches", "versions", "walks")
 
     def __init__(self, breakpoint: BreakpointArch, optimizer: OptimizerArch | None) -> None:
         self.breakpoint = breakpoint
         self.optimizer = optimizer
         #: id(any version's code) -> its state, to map a function's current code back.
         self.versions: dict[int, CodeState] = {}
+        #: id(state) -> the states with retired versions (the optimizer looks only at these).
+        self.retiring: dict[int, CodeState] = {}
+        #: The batch of holder switches open now, if any (`switching`).
+        self.switches: Switches | None = None
+        #: Heap walks done so far (holders.py), for tests and the bench.
+        self.walks = 0
 
 
-def _switch_functions(pairs: dict[int, CodeType], olds: Iterable[CodeType]) -> None:
-    """Point every function whose `__code__` is an old version at its new one. One pass of
-    gc.get_referrers over all of them: it walks every object once, in C."""
-    olds = list(olds)
-    if not olds:
+@contextmanager
+def switching(mech: Mechanisms) -> Iterator[None]:
+    """Batch the holder switches made inside: functions switch when the outermost block
+    ends (one heap walk at most). The registry lock must be held for the whole block."""
+    if mech.switches is not None:
+        yield
         return
-    for obj in gc.get_referrers(*olds):
-        if type(obj) is FunctionType:
-            new = pairs.get(id(obj.__code__))
-            if new is not None:
-                obj.__code__ = new
+    batch = mech.switches = Switches()
+    try:
+        yield
+    finally:
+        mech.switches = None
+        try:
+            batch.flush()
+        finally:
+            mech.walks += batch.walks
+
+
+def _switch(state: CodeState, old: Version, mech: Mechanisms) -> None:
+    """Switch the holders of `old` to the state's current version, now or at the end of
+    the open batch."""
+    if mech.switches is not None:
+        mech.switches.add(state, old)
+        return
+    with switching(mech):
+        assert mech.switches is not None
+        mech.switches.add(state, old)
+
+
+def set_retired(state: CodeState, retired: list[Version], mech: Mechanisms) -> None:
+    """Set the state's retired versions, keeping `mech.retiring` in step."""
+    state.retired = retired
+    if retired:
+        mech.retiring[id(state)] = state
+    else:
+        mech.retiring.pop(id(state), None)
 
 
 def sync(state: CodeState, mech: Mechanisms) -> None:
@@ -174,29 +218,28 @@ def _install(state: CodeState, version: Version, mech: Mechanisms) -> None:
     old = state.current
     state.current = version
     mech.versions[id(version.code)] = state
-    state.retired = [v for v in state.retired if v.code is not version.code]
+    retired = [v for v in state.retired if v.code is not version.code]
     if old.code is not version.code:
-        state.retired.append(old)
+        retired.append(old)
+    set_retired(state, retired, mech)
     # Arm the new version's breakpoints before any function runs it: a thread calling the
     # function right after the switch must find them there (unoptimizing switches back to
     # the original code, which only breakpoints cover).
     reconcile_breakpoints(state, mech)
-    _switch_functions({id(old.code): version.code}, [old.code])
+    _switch(state, old, mech)
     if state.parent is not None:
         _rebuild(state.parent, mech)
         reconcile_breakpoints(state.parent, mech)
 
 
-def adopt_holders(state: CodeState) -> None:
+def adopt_holders(state: CodeState, mech: Mechanisms) -> None:
     """Point every function that holds the original or a retired version at the current one.
 
     Needed when the holders were made from a parent's constants that changed under a
     running frame: a module body that the optimizer rewrote while it ran still creates its
     functions from the code it started with."""
-    current = state.current.code
-    olds = [v.code for v in (Version(state.original, None, frozenset(), {}), *state.retired)
-            if v.code is not current]
-    _switch_functions({id(code): current for code in olds}, olds)
+    for v in (Version(state.original, None, frozenset(), {}), *state.retired):
+        _switch(state, v, mech)
 
 
 def prune_retired(state: CodeState, mech: Mechanisms) -> bool:
@@ -209,7 +252,7 @@ def prune_retired(state: CodeState, mech: Mechanisms) -> bool:
         for v in state.retired:
             if v not in keep and v.code is not state.original:
                 mech.versions.pop(id(v.code), None)
-        state.retired = keep
+        set_retired(state, keep, mech)
         reconcile_breakpoints(state, mech)
     return bool(keep)
 
