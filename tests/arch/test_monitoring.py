@@ -14,6 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not hasattr(sys, "monitoring"), reason="sys.monitoring needs 3.12+")
 
+from pykprobes.core.regs import probed_frame  # noqa: E402
 from pykprobes.errors import KprobeError  # noqa: E402
 
 if hasattr(sys, "monitoring"):
@@ -50,7 +51,8 @@ class Recorder:
         self.npre = 0
         self.npost = 0
 
-    def pre(self, frame: FrameType, offset: int) -> None:
+    def pre(self, frame: FrameType | None, offset: int) -> None:
+        frame = frame or probed_frame(sys._getframe(0))
         with self.lock:
             self.npre += 1
             if self.with_locals:
@@ -150,16 +152,36 @@ def test_hit_count_equals_executions(arch: Any) -> None:
 
 
 def test_pre_gets_the_probed_frame_and_the_armed_offset(arch: Any) -> None:
+    """Without a post-handler the arch passes no frame (a frame object costs as much as the
+    handler call): the probed frame is the one above the arch's callback, which the core
+    steps over (core/regs.py CALLBACK_CODES)."""
     f = fresh(LOOP_SRC, "f")
     off = offset_of(f, "STORE_FAST", "t", nth=1)
     seen: list[tuple[bool, int, int]] = []
 
-    def pre(frame: FrameType, offset: int) -> None:
+    def pre(frame: FrameType | None, offset: int) -> None:
+        assert frame is None
+        frame = probed_frame(sys._getframe(0))
         seen.append((frame.f_code is f.__code__, offset, frame.f_lasti))
 
     arch.arm(f.__code__, off, pre, None)
     f(2)
     assert seen == [(True, off, off), (True, off, off)]
+    assert arch.nfailures == 0
+
+
+def test_pre_gets_the_frame_when_a_post_handler_needs_it(arch: Any) -> None:
+    f = fresh(LOOP_SRC, "f")
+    off = offset_of(f, "STORE_FAST", "t", nth=1)
+    seen: list[str] = []
+
+    def pre(frame: FrameType | None, offset: int) -> None:
+        assert frame is not None
+        seen.append(f"pre {frame.f_code is f.__code__}")
+
+    arch.arm(f.__code__, off, pre, lambda fr, o: seen.append(f"post {fr.f_code is f.__code__}"))
+    f(1)
+    assert seen == ["pre True", "post True"] and arch.nfailures == 0
 
 
 def test_several_offsets_in_one_code_fire_in_order(arch: Any) -> None:

@@ -25,6 +25,7 @@ import pytest
 
 from pykprobes.arch.settrace import RETURN_HOOKS, SettraceArch
 from pykprobes.arch.successors import exits
+from pykprobes.core.regs import probed_frame
 
 
 def fresh(src: str, name: str, filename: str = "<returns>") -> Any:
@@ -553,7 +554,9 @@ def f(x):
         add = next(i.offset for i in dis.get_instructions(code) if i.opname == "BINARY_OP")
         ret = next(i.offset for i in dis.get_instructions(code) if i.opname == "RETURN_VALUE")
         order: list[tuple[str, object]] = []
-        arch.arm(code, 0, lambda fr, o: order.append(("entry", fr.f_locals["x"])), None)
+        # Without a post-handler a mechanism may pass no frame (core/arch.py PreHit).
+        arch.arm(code, 0, lambda fr, o: order.append(
+            ("entry", (fr or probed_frame(sys._getframe(0))).f_locals["x"])), None)
         arch.arm(
             code,
             add,

@@ -124,6 +124,7 @@ from pykprobes.arch import frametable
 from pykprobes.arch.frametable import PENDING_CAP
 from pykprobes.arch.successors import Flow, analyze, generator_close_runs_frame, prologue_end
 from pykprobes.core.arch import ArchUnavailable, PostHit, PreHit, ReturnHit, UnwindHit
+from pykprobes.core.regs import CALLBACK_CODES
 from pykprobes.errors import KprobeError
 
 __all__ = ["RETURN_HOOKS", "MonitoringArch"]
@@ -360,13 +361,18 @@ class MonitoringArch:
                 site = site.peers.get(id(code))  # type: ignore[assignment]
                 if site is None or site.code is not code:
                     return DISABLE if epoch[0] == e else None
-            frame = _getframe(1)
+            # A frame object costs as much as a handler call: made only for a post-handler;
+            # pre() finds it itself if a handler asks (core/arch.py PreHit).
+            frame = None
             if site.waits and pending:
+                frame = _getframe(1)
                 rec = pending.pop(frame, None)
                 if rec is not None and (offset in rec.succ):
                     run_post(rec, frame)
-            pre = site.pre
+            pre, post = site.pre, site.post
             if pre is not None:
+                if post is not None and frame is None:
+                    frame = _getframe(1)
                 try:
                     pre(frame, offset)
                 except BaseException as exc:  # never reaches the program
@@ -374,11 +380,11 @@ class MonitoringArch:
                         raise
                     fail(site, exc)
                     return None
-                if site.post is not None:
+                if frame is not None and post is not None:
                     pending[frame] = site
                     if len(pending) > cap:
                         trim()
-            elif not site.waits and site.post is None:
+            elif not site.waits and post is None:
                 return DISABLE
             return None
 
@@ -390,10 +396,12 @@ class MonitoringArch:
                     site = None
             if site is None:
                 return None
-            frame = _getframe(1)
+            frame = None
             while site is not None:
-                pre = site.pre
+                pre, post = site.pre, site.post
                 if pre is not None:
+                    if post is not None and frame is None:
+                        frame = _getframe(1)
                     try:
                         pre(frame, site.armed)
                     except BaseException as exc:
@@ -402,7 +410,7 @@ class MonitoringArch:
                         fail(site, exc)
                         site = site.also
                         continue
-                    if site.post is not None:
+                    if frame is not None and post is not None:
                         pending[frame] = site
                         if len(pending) > cap:
                             trim()
@@ -416,9 +424,9 @@ class MonitoringArch:
                 site = site.peers.get(id(code))
             if site is None or site.code is not code:
                 return DISABLE if epoch[0] == e else None
-            pre = site.pre
+            pre, post = site.pre, site.post
             if pre is not None:
-                frame = _getframe(1)
+                frame = None if post is None else _getframe(1)
                 try:
                     pre(frame, offset)
                 except BaseException as exc:
@@ -426,7 +434,7 @@ class MonitoringArch:
                         raise
                     fail(site, exc)
                     return None
-                if site.post is not None:
+                if frame is not None:
                     pending[frame] = site
                     if len(pending) > cap:
                         trim()
@@ -493,6 +501,8 @@ class MonitoringArch:
             return None
 
         mon, tool, E = self._mon, self.tool, self._mon.events
+        # They call pre() without the frame: the core steps over them to find it.
+        CALLBACK_CODES.update(cb.__code__ for cb in (on_instruction, on_start, on_resume))
         mon.register_callback(tool, E.INSTRUCTION, on_instruction)
         mon.register_callback(tool, E.PY_START, on_start)
         mon.register_callback(tool, E.PY_RESUME, on_resume)
