@@ -3,7 +3,8 @@
 Every registered address has one `Site`; with more than one probe there it is the
 *aggregate probe*: each probe keeps its own handlers and counters. Rewritten code calls
 `Site.hit` (no argument: the probed frame is the caller's); the breakpoint mechanisms call
-`Site.pre`/`Site.post` with the frame they were given.
+`Site.pre`/`Site.post` with the frame they were given (or None for a pre-handler: see
+core/arch.py PreHit).
 
 The hot path never raises into the program, never imports, never logs: a handler's
 exception is counted on its probe and reported once; a hit while any handler runs on the
