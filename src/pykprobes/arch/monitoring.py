@@ -502,7 +502,8 @@ class MonitoringArch:
 
         mon, tool, E = self._mon, self.tool, self._mon.events
         # They call pre() without the frame: the core steps over them to find it.
-        CALLBACK_CODES.update(cb.__code__ for cb in (on_instruction, on_start, on_resume))
+        for cb in (on_instruction, on_start, on_resume):
+            CALLBACK_CODES.add(cb.__code__)
         mon.register_callback(tool, E.INSTRUCTION, on_instruction)
         mon.register_callback(tool, E.PY_START, on_start)
         mon.register_callback(tool, E.PY_RESUME, on_resume)

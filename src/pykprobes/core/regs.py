@@ -60,10 +60,30 @@ class Regs:
         return f"<Regs {self.frame.f_code.co_qualname}+{self.offset} line {self.lineno}>"
 
 
+class CodeIds:
+    """Code objects, tested by identity: `id(code) in codes.ids`. A code object's hash is
+    computed from its contents at every call (3.11-3.13 cache none): a set of code objects
+    costs ~1 us per test on the hit path, a set of ids a few ns. The objects are kept, so
+    that no other object can take their ids."""
+
+    __slots__ = ("_keep", "ids")
+
+    def __init__(self, *codes: CodeType) -> None:
+        self.ids: set[int] = set()
+        self._keep: list[CodeType] = []
+        for code in codes:
+            self.add(code)
+
+    def add(self, code: CodeType) -> None:
+        if id(code) not in self.ids:
+            self._keep.append(code)
+            self.ids.add(id(code))
+
+
 #: The code of mechanism callbacks that CPython calls on behalf of the probed frame and that
 #: call a hit without its frame (arch/monitoring.py adds its own): the way up from a hit's
 #: frame to the probed frame steps over them.
-CALLBACK_CODES: Final[set[CodeType]] = set()
+CALLBACK_CODES: Final = CodeIds()
 
 
 def probed_frame(hit_frame: FrameType) -> FrameType:
@@ -71,7 +91,8 @@ def probed_frame(hit_frame: FrameType) -> FrameType:
     code calls, or `Site.pre`, which a mechanism's callback calls): its caller, past the
     callback."""
     frame = hit_frame.f_back
-    while frame is not None and frame.f_code in CALLBACK_CODES:
+    callbacks = CALLBACK_CODES.ids
+    while frame is not None and id(frame.f_code) in callbacks:
         frame = frame.f_back
     if frame is None:
         raise RuntimeError("pykprobes: no probed frame above the hit")
@@ -84,28 +105,36 @@ class SiteRegs(Regs):
     breakpoint hit, or else the probed frame above the nearest hit frame (one whose code is
     in `hit_codes`) up the stack."""
 
-    __slots__ = ("_frame", "_hit_codes")
+    __slots__ = ("_frame", "_hit_codes", "_trampoline")
 
-    def __init__(self, offset: int, hit_codes: set[CodeType]) -> None:
+    def __init__(self, offset: int, trampoline: CodeType, hit_codes: CodeIds) -> None:
         self.offset = offset
         self.retval = None
         self.exception = None
         self._frame: FrameType | None = None
+        #: The trampoline's code, tested first: rewritten code calls it directly, so the
+        #: probed frame is its caller (the common case, and the hot one: kretprobes read
+        #: the frame at every entry).
+        self._trampoline = trampoline
         self._hit_codes = hit_codes
 
     @property  # type: ignore[override]
     def frame(self) -> FrameType:
         if self._frame is not None:
             return self._frame
-        codes = self._hit_codes
+        trampoline = self._trampoline
+        hits = self._hit_codes.ids
         f: FrameType | None = sys._getframe(1)
-        while f is not None and f.f_code not in codes:
+        while f is not None:
+            code = f.f_code
+            if code is trampoline and f.f_back is not None:
+                return f.f_back
+            if id(code) in hits:
+                return probed_frame(f)
             f = f.f_back
-        if f is None:
-            raise RuntimeError(
-                "pykprobes: these regs are valid only while their handler runs (as pt_regs)"
-            )
-        return probed_frame(f)
+        raise RuntimeError(
+            "pykprobes: these regs are valid only while their handler runs (as pt_regs)"
+        )
 
     def __repr__(self) -> str:
         return f"<SiteRegs +{self.offset}>"

@@ -17,7 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from pykprobes.core.regs import Regs, SiteRegs
-from pykprobes.core.site import HIT_CODES, _busy, _held, _report_fault, _thread_busy
+from pykprobes.core.site import HIT_CODE, HIT_CODES, _busy, _held, _report_fault, _thread_busy
 
 if TYPE_CHECKING:
     from pykprobes.core.kretprobe import Kretprobe
@@ -57,7 +57,7 @@ class ReturnSite:
         #: Whether the mechanism must report returns (False while all are disarmed).
         self.armed = False
         #: The fast path's Regs (frame given), as a Site's.
-        self.regs = SiteRegs(0, HIT_CODES)
+        self.regs = SiteRegs(0, HIT_CODE, HIT_CODES)
 
     def bp_return(self, frame: FrameType, value: object) -> None:
         self._end(frame, value, None)

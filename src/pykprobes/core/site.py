@@ -36,7 +36,7 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, Final
 
-from pykprobes.core.regs import Regs, SiteRegs, probed_frame
+from pykprobes.core.regs import CodeIds, Regs, SiteRegs, probed_frame
 
 if TYPE_CHECKING:
     from pykprobes.core.address import ProbeAddress
@@ -126,8 +126,9 @@ _FAST_CELL: Final = HIT_CODE.co_freevars.index("fast")
 def _fast_hit_on_stack(frame: FrameType | None) -> bool:
     """True if `frame` or a caller of it runs a hit (a trampoline or `Site.pre`): this thread
     is inside a handler (a fast-path one, or a careful one, which also marks its ident)."""
+    hits = HIT_CODES.ids
     while frame is not None:
-        if frame.f_code in HIT_CODES:
+        if id(frame.f_code) in hits:
             return True
         frame = frame.f_back
     return False
@@ -151,7 +152,7 @@ def _fast_frames() -> dict[int, FrameType]:
     for tid, frame in sys._current_frames().items():
         f: FrameType | None = frame
         while f is not None:
-            if f.f_code in HIT_CODES:
+            if id(f.f_code) in HIT_CODES.ids:
                 found[tid] = f
             f = f.f_back
     return found
@@ -216,7 +217,7 @@ class Site:
         self.entry_event = False
         #: The fast path's Regs: one per site, valid while its handler runs (the kernel's
         #: pt_regs live on the stack of the hit, too).
-        self.regs = SiteRegs(addr.offset, HIT_CODES)
+        self.regs = SiteRegs(addr.offset, HIT_CODE, HIT_CODES)
         #: (probe, pre_handler, regs) when a hit can take the fast path (one active probe
         #: with a pre-handler and no post-handler), else None; the trampoline's cell holds
         #: the same.
@@ -314,4 +315,4 @@ class Site:
 
 #: The code of the frames that run a hit's handlers (`_fast_hit_on_stack`, SiteRegs): the
 #: trampoline, `Site.pre`, and the return side's (core/returns.py adds it).
-HIT_CODES: Final[set[CodeType]] = {HIT_CODE, Site.pre.__code__}
+HIT_CODES: Final = CodeIds(HIT_CODE, Site.pre.__code__)
