@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run pykprobes' benchmark suite on every CPython >= 3.11 this machine has.
 
-    python3 bench/run.py              the whole suite (about 3-4 minutes per Python)
+    python3 bench/run.py              the whole suite (about 1-2 minutes per Python)
     python3 bench/run.py --quick      a short smoke run (numbers are not meaningful)
     python3 bench/run.py --python 3.12 [--python 3.13]
     python3 bench/run.py --here       only the interpreter running this script, as it is
