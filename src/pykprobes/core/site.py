@@ -32,7 +32,7 @@ import sys
 import time
 import warnings
 from _thread import get_ident
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -123,15 +123,18 @@ HIT_CODE: Final[CodeType] = _make_trampoline(None).__code__  # type: ignore[arg-
 _FAST_CELL: Final = HIT_CODE.co_freevars.index("fast")
 
 
+def _stack(frame: FrameType | None) -> Iterator[FrameType]:
+    """`frame` and its callers, innermost first."""
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
 def _fast_hit_on_stack(frame: FrameType | None) -> bool:
     """True if `frame` or a caller of it runs a hit (a trampoline or `Site.pre`): this thread
     is inside a handler (a fast-path one, or a careful one, which also marks its ident)."""
     hits = HIT_CODES.ids
-    while frame is not None:
-        if id(frame.f_code) in hits:
-            return True
-        frame = frame.f_back
-    return False
+    return any(id(f.f_code) in hits for f in _stack(frame))
 
 
 def _thread_busy(tid: int, frame: FrameType | None) -> bool:
@@ -147,14 +150,13 @@ def in_handler() -> bool:
 
 
 def _fast_frames() -> dict[int, FrameType]:
-    """Threads now inside a fast-path hit, with its trampoline frame."""
+    """Threads now inside a hit, with the outermost frame running one."""
+    hits = HIT_CODES.ids
     found: dict[int, FrameType] = {}
     for tid, frame in sys._current_frames().items():
-        f: FrameType | None = frame
-        while f is not None:
-            if id(f.f_code) in HIT_CODES.ids:
+        for f in _stack(frame):
+            if id(f.f_code) in hits:
                 found[tid] = f
-            f = f.f_back
     return found
 
 
@@ -178,11 +180,7 @@ def synchronize_hits(timeout: float = 10.0) -> None:
 
 
 def _on_stack(target: FrameType, frame: FrameType | None) -> bool:
-    while frame is not None:
-        if frame is target:
-            return True
-        frame = frame.f_back
-    return False
+    return any(f is target for f in _stack(frame))
 
 
 class Site:
