@@ -100,7 +100,7 @@ def test_claims_tool_4_then_3_and_close_frees_it() -> None:
     # first free one of (4, 3).
     wanted = [t for t in (4, 3) if M.get_tool(t) is None]
     if not wanted:
-        pytest.skip("tools 4 and 3 are both held by someone else")
+        pytest.skip("capability: sys.monitoring tools 4 and 3 are both held by another tool")
     a = MonitoringArch()
     try:
         assert a.tool == wanted[0]

@@ -147,7 +147,8 @@ def run(mode: str) -> dict[str, object]:
 def needs_test_textwrap() -> None:
     if importlib.util.find_spec("test.test_textwrap") is None:
         pytest.skip(
-            "CPython's own test suite (test.test_textwrap) is not installed with this interpreter"
+            "capability: CPython's own test suite (test.test_textwrap) is not installed with "
+            "this interpreter"
         )
 
 

@@ -35,7 +35,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if proc.returncode != 0 and "setuptools" in proc.stdout + proc.stderr and \
             ("No matching distribution" in proc.stdout + proc.stderr
              or "Could not find a version" in proc.stdout + proc.stderr):
-        pytest.skip("no package index to get setuptools from for the isolated build")
+        pytest.skip("capability: no package index to get setuptools from for the isolated build")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (built,) = out.glob("pykprobes-*.whl")
     return built
