@@ -99,6 +99,7 @@ ERRORS: dict[str, str] = {
     "FILTER_TOO_MANY_PREDS": "Too many terms in predicate expression",
     "FILTER_MISSING_OPERAND": "Missing operand",
     # Hist triggers (kernel/trace/trace_events_hist.c ERRORS, there HIST_ERR_*), then ours.
+    "HIST_MALFORMED_ASSIGNMENT": "Malformed assignment",
     "HIST_NAMED_MISMATCH": "Named hist trigger doesn't match existing named trigger "
                            "(includes variables)",
     "HIST_TRIGGER_EEXIST": "Hist trigger already exists",

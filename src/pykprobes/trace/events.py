@@ -86,9 +86,9 @@ class Event:
         self.offset: int = definition.offset
         #: Records written by the careful path (`nhit` adds the recorders').
         self._nwritten = 0
-        #: id(code) -> (code, recorder, its call, variables): the compiled call offered
-        #: for a code (recorder: a backend.Recorder, or a hist.HistRecorder).
-        self._compiled: dict[int, tuple[Any, Any, Any, tuple[str, ...]]] = {}
+        #: id(code) -> (code, recorder, variables): the compiled call offered for a code
+        #: (a backend.Recorder, or a hist.HistRecorder whose `call` is offered).
+        self._compiled: dict[int, tuple[Any, Any, tuple[str, ...]]] = {}
         #: The size estimate of every record (buffer.fixed_size), or None: per record.
         self.size: int | None = fixed_size((a.type for a in definition.args), self.is_return)
         self._fetch: Callable[[Any], tuple[Any, ...]] = lambda regs: ()
@@ -239,7 +239,8 @@ class Event:
         the registry lock: takes no lock."""
         cached = self._compiled.get(id(code))
         if cached is not None and cached[0] is code:
-            return cached[2], cached[3]
+            counter = cached[1]
+            return getattr(counter, "call", counter), cached[2]
         ring = getattr(self.buffer, "ring", None)
         if self.is_return or not self.definition.args:
             return None
@@ -260,12 +261,12 @@ class Event:
         variables = tuple(names)
         if trigger is not None:
             counter = hist.HistRecorder(trigger, converters, _busy, _held)
-            self._compiled[id(code)] = (code, counter, counter.call, variables)
+            self._compiled[id(code)] = (code, counter, variables)
             self._refresh()
             return counter.call, variables
         size = -1 if self.size is None else self.size
         recorder = backend.Recorder(self, ring, _busy, _held, tuple(kinds), tuple(converters), size)
-        self._compiled[id(code)] = (code, recorder, recorder, variables)
+        self._compiled[id(code)] = (code, recorder, variables)
         self._refresh()
         return recorder, variables
 
@@ -283,7 +284,7 @@ class Event:
         one and the event is not enabled."""
         record = self._armed and self.enabled and self.filter is None and not self.triggers
         count = self._hist_only() if self._armed else None
-        for _, recorder, _, _ in list(self._compiled.values()):
+        for _, recorder, _ in list(self._compiled.values()):
             if isinstance(recorder, hist.HistRecorder):
                 recorder.fast = recorder.trigger is count
             else:
@@ -306,7 +307,7 @@ class Event:
         return self._nwritten + self._recorded()
 
     def _recorded(self) -> int:
-        return sum(int(r.nhit) for _, r, _, _ in list(self._compiled.values()))
+        return sum(int(r.nhit) for _, r, _ in list(self._compiled.values()))
 
     # ------------------------------------------------------------------ hit path
 

@@ -52,12 +52,12 @@ from pykprobes.trace.safe import FAULT
 
 __all__ = [
     "HIST_STACKTRACE_DEPTH",
-    "HistRecorder",
-    "NamedTables",
-    "TriggerError",
     "HistField",
+    "HistRecorder",
     "HistSpec",
     "HistTrigger",
+    "NamedTables",
+    "TriggerError",
     "format_hist",
     "format_trigger_file",
     "parse_trigger",
@@ -274,6 +274,8 @@ def parse_trigger(text: str, fields: Mapping[str, str | None]) -> HistSpec:
                     raise ParseError("HIST_SET_CLOCK_FAIL", rpos, text)
             elif lhs == "size":
                 spec.size = _map_size(rhs, rpos, text)
+            elif not lhs:
+                raise ParseError("HIST_MALFORMED_ASSIGNMENT", pos, text)
             else:
                 # A variable (`ts0=common_timestamp`): inter-event histograms.
                 raise ParseError("HIST_VARS_UNSUPPORTED", pos, text)
@@ -744,8 +746,11 @@ class HistRecorder:
         get = hist_map.entries.get
         insert = hist_map.insert
         nargs = len(converters)
-        if (len(spec.keys) == 1 and not spec.vals and spec.keys[0].index == 0
-                and nargs == 1 and spec.keys[0].modifier in (None, "hex")):
+        simple = (len(spec.keys) == 1 and not spec.vals
+                  and spec.keys[0].modifier in (None, "hex"))
+        index = spec.keys[0].index
+        self.call: Callable[..., bool]
+        if simple and nargs == 1 and index == 0:
             (convert,) = converters
 
             def call_one(a: Any) -> bool:
@@ -763,7 +768,28 @@ class HistRecorder:
                 state[1] += 1
                 return False
 
-            self.call: Callable[..., bool] = call_one
+            self.call = call_one
+        elif simple and nargs == 2:
+            convert = converters[index]
+            first = index == 0
+
+            def call_two(a: Any, b: Any) -> bool:
+                if not state[0] or busy or held[0] is not None:
+                    return True
+                v = a if first else b
+                if type(v) is not int:
+                    v = convert(v)
+                entry = get(v)
+                if entry is None:
+                    entry = insert(v)
+                    if entry is None:
+                        state[1] += 1
+                        return False
+                entry[0] += 1
+                state[1] += 1
+                return False
+
+            self.call = call_two
         else:
             keys = tuple((k.index, k.transform()) for k in spec.keys)
             vals = tuple(v.index for v in spec.vals)
