@@ -1,6 +1,7 @@
 """`pykprobes run`: run a program as `python` would, with probe events enabled.
 
-    pykprobes run -e DEF [-e DEF ...] [--filter EVENT=EXPR] [-o FILE] [--format text|json]
+    pykprobes run -e DEF [-e DEF ...] [--filter EVENT=EXPR] [--trigger EVENT=CMD]
+                  [--summary] [-o FILE] [--format text|json|perfetto] [--otlp URL]
                   -- script.py ARGS | -- -m module ARGS
 
 The events are defined before the program's code runs: those on `__main__:...` (or, with
@@ -8,6 +9,12 @@ The events are defined before the program's code runs: those on `__main__:...` (
 before its first line runs. The program gets its own `sys.argv`, `sys.path[0]`,
 `__main__` module, stdin and stdout; the trace goes to stderr or FILE as it happens, then
 the profile. The exit code and an uncaught exception's traceback are the program's.
+
+`--trigger EVENT=CMD` writes CMD to the event's trigger file (`hist:keys=...`, see
+trace/hist.py): the event counts into its table and is not enabled, so it writes no trace
+lines (hist-only). Every hist is printed at exit.
+`--summary` enables no event: it prints, at exit, every event's count and, for a return
+event, a log2 histogram of its calls' durations (trace/summary.py).
 """
 
 from __future__ import annotations
@@ -35,6 +42,13 @@ def add_parser(commands: Any) -> None:
                      help="a kprobe_events definition (repeatable)")
     run.add_argument("--filter", action="append", default=[], metavar="EVENT=EXPR",
                      help="an ftrace filter for one event (repeatable)")
+    run.add_argument("--trigger", action="append", default=[], metavar="EVENT=CMD",
+                     help="a hist trigger for one event, e.g. 'lat=hist:keys=d.log2' "
+                          "(repeatable); an event with a trigger writes no trace lines "
+                          "(hist-only); every hist is printed at exit")
+    run.add_argument("--summary", action="store_true",
+                     help="write no trace: print each event's count and, for return events, "
+                          "a log2 latency histogram at exit")
     run.add_argument("-o", "--output", metavar="FILE", help="write the trace here, not stderr")
     run.add_argument("--format", choices=("text", "json"), default="text")
     run.add_argument("--buffer-size-kb", type=int, default=None, metavar="KB")
@@ -79,14 +93,27 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"pykprobes run: --filter wants EVENT=EXPR, not {item!r}", file=sys.stderr)
                 return 2
             fs.set_filter(fs.event(name), expr)
+        triggered = set()
+        for item in args.trigger:
+            name, sep, command = item.partition("=")
+            if not sep:
+                print(f"pykprobes run: --trigger wants EVENT=CMD, not {item!r}",
+                      file=sys.stderr)
+                return 2
+            event = fs.event(name)
+            fs.write_trigger(event, command)
+            triggered.add(event)
         for event in list(fs.events.values()):
-            event.enable()
+            if args.summary:
+                event.summarize()
+            elif event not in triggered:
+                event.enable()
     except TraceWriteError as exc:
         print_write_error(exc)
         return 1
 
     out: TextIO = open(args.output, "w", encoding="utf-8") if args.output else sys.stderr  # noqa: SIM115 - closed at exit
-    writer = _Writer(fs, out, args.format)
+    writer = _Writer(fs, out, args.format, args.summary)
     writer.start()
     # Threads the program leaves running finish before atexit handlers run: drain then.
     atexit.register(writer.finish)
@@ -98,10 +125,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 class _Writer:
     """Moves records from the trace buffer to the output as they come (the trace_pipe)."""
 
-    def __init__(self, fs: Any, out: TextIO, form: str) -> None:
+    def __init__(self, fs: Any, out: TextIO, form: str, summary: bool = False) -> None:
         from pykprobes.trace import format as fmt
 
         self.fs = fs
+        self.summary = summary
         self.out = out
         self.json = form == "json"
         self.fmt = fmt
@@ -146,7 +174,11 @@ class _Writer:
             return
         self.done = True
         self.hold()
-        self.out.write(self.fs.read("kprobe_profile"))
+        from pykprobes.trace.summary import format_exit_report
+
+        if not self.summary:
+            self.out.write(self.fs.read("kprobe_profile"))
+        self.out.write(format_exit_report(list(self.fs.events.values()), self.summary))
         self.out.flush()
         if self.out is not sys.stderr:
             self.out.close()

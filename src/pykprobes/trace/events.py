@@ -81,6 +81,11 @@ class Event:
         self._duration_at: tuple[tuple[int, Callable[[Any], Any]], ...] = tuple(
             (i, describe if a.type is None else TYPES[a.type])
             for i, a in enumerate(definition.args) if a.kind == "duration")
+        #: Counted for the summary (trace/summary.py): the event is armed, its hits counted.
+        self.summarized = False
+        #: A log2 histogram of the calls' durations (return events), counted at every
+        #: return while set (the summary).
+        self.latency: list[int] | None = None
         self.probes: list[Any] = []
         self.symbol: str = definition.target.partition("+")[0]
         self.offset: int = definition.offset
@@ -173,7 +178,7 @@ class Event:
     def _update(self) -> None:
         """Arm the probes while the event is enabled or has a trigger, and tell the
         recorders what they may do now."""
-        armed = self.enabled or bool(self.triggers)
+        armed = self.enabled or bool(self.triggers) or self.summarized
         if armed and not self._armed:
             for p in self.probes:
                 if self.is_return:
@@ -192,6 +197,22 @@ class Event:
                     kp.disable_kprobe(p)
         self._armed = armed
         self._refresh()
+
+    def stamp_entries(self) -> None:
+        """Stamp every call's entry time, as $duration does (for a duration without the
+        field: the latency summary, Perfetto slices, OpenTelemetry spans)."""
+        for p in self.probes:
+            if self.is_return:
+                p.entry_handler = self._ret_entry
+
+    def summarize(self) -> None:
+        """Count the event's hits and, for a return event, a log2 histogram of the calls'
+        durations into `latency`, without writing records unless the event is enabled."""
+        self.summarized = True
+        if self.is_return:
+            self.latency = [0] * 65
+            self.stamp_entries()
+        self._update()
 
     def write_trigger(self, text: str, named: hist.NamedTables, append: bool = True) -> None:
         """A command written to the event's trigger file (trace/hist.py); writing without
@@ -321,8 +342,8 @@ class Event:
         if triggers:
             for trigger in triggers:
                 trigger.hit(values, key, ts, regs)
-            if not self.enabled:
-                return
+        if not self.enabled and (triggers or self.summarized):
+            return
         flt = self.filter
         if flt is not None:
             tid, comm = resolve(key)
@@ -349,7 +370,8 @@ class Event:
         return tuple(out)
 
     def _hit(self, p: Any, regs: Any) -> None:
-        self._record(regs, None, _time_ns())
+        if self.enabled or self.triggers:  # else only counted (the summary): nothing to fetch
+            self._record(regs, None, _time_ns())
 
     def _ret_entry(self, ri: Any, regs: Any) -> None:
         """The kretprobes' entry handler of an event with $duration: the call's entry time
@@ -358,6 +380,14 @@ class Event:
 
     def _ret_hit(self, ri: Any, regs: Any) -> None:
         ts = _time_ns()
+        latency = self.latency
+        if latency is not None:
+            start = ri.data.get(ENTRY_NS)
+            if start is not None and ts >= start:
+                # bpftrace's hist(): bucket N holds [2^(N-1), 2^N) ns (bucket 0: 0 ns).
+                latency[min((ts - start).bit_length(), 64)] += 1
+            if not self.enabled and not self.triggers:
+                return
         back = regs.frame.f_back
         caller = None
         if back is not None:
