@@ -4,6 +4,7 @@ message and caret."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import textwrap
 from pathlib import Path
@@ -46,7 +47,7 @@ def test_a_latency_histogram_in_two_lines(tmp_path: Path) -> None:
     exponents = [int(e) for e, _ in rows]
     assert exponents == sorted(exponents) and exponents[0] >= 8  # at least 256 ns a call
     assert sum(int(n) for _, n in rows) == 300
-    assert "Totals:\n    Hits: 300\n    Entries: %d\n    Dropped: 0\n" % len(rows) in err
+    assert f"Totals:\n    Hits: 300\n    Entries: {len(rows)}\n    Dropped: 0\n" in err
 
 
 def test_triggers_with_keys_and_values_and_an_enabled_event(tmp_path: Path) -> None:
@@ -81,7 +82,7 @@ def test_summary_counts_and_latency_without_a_trigger(tmp_path: Path) -> None:
     lows = [int(lo[:-1]) * units[lo[-1]] if lo[-1] in units else int(lo) for lo, _, _ in rows]
     assert lows[0] >= 64 << 10 and int(rows[0][2]) >= 1
     assert lows[-1] >= 2 << 20 and int(rows[-1][2]) >= 1
-    assert all(b == 2 * a for a, b in zip(lows, lows[1:], strict=False))
+    assert all(b == 2 * a for a, b in itertools.pairwise(lows))
 
 
 def test_a_bad_trigger_is_one_line_and_a_caret(tmp_path: Path) -> None:
