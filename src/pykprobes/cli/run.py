@@ -50,7 +50,9 @@ def add_parser(commands: Any) -> None:
                      help="write no trace: print each event's count and, for return events, "
                           "a log2 latency histogram at exit")
     run.add_argument("-o", "--output", metavar="FILE", help="write the trace here, not stderr")
-    run.add_argument("--format", choices=("text", "json"), default="text")
+    run.add_argument("--format", choices=("text", "json", "perfetto"), default="text",
+                     help="trace lines as ftrace's text, JSON lines, or a Trace Event "
+                          "Format file that ui.perfetto.dev opens (with -o FILE)")
     run.add_argument("--buffer-size-kb", type=int, default=None, metavar="KB")
     run.add_argument("--no-optimize", action="store_true",
                      help="keep every probe a breakpoint (debug.kprobes-optimization=0)")
@@ -132,17 +134,27 @@ class _Writer:
         self.summary = summary
         self.out = out
         self.json = form == "json"
+        self.perfetto: Any = None
+        if form == "perfetto":
+            from pykprobes.trace.perfetto import PerfettoWriter
+
+            self.perfetto = PerfettoWriter(out)
         self.fmt = fmt
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="pykprobes-trace", daemon=True)
         self.done = False
 
     def start(self) -> None:
+        if self.perfetto is not None:
+            self.perfetto.start()
         self.thread.start()
 
     def _drain(self, timeout: float) -> None:
         batch = self.fs.buffer.read(block=timeout > 0, timeout=timeout)
         if not batch and not batch.lost_at:
+            return
+        if self.perfetto is not None:
+            self.perfetto.write(batch)
             return
         if self.json:
             lost = dict(batch.lost_at)
@@ -176,10 +188,13 @@ class _Writer:
         self.hold()
         from pykprobes.trace.summary import format_exit_report
 
+        report = sys.stderr if self.perfetto is not None else self.out
+        if self.perfetto is not None:
+            self.perfetto.close()  # the profile and hists are not trace events: stderr
         if not self.summary:
-            self.out.write(self.fs.read("kprobe_profile"))
-        self.out.write(format_exit_report(list(self.fs.events.values()), self.summary))
-        self.out.flush()
+            report.write(self.fs.read("kprobe_profile"))
+        report.write(format_exit_report(list(self.fs.events.values()), self.summary))
+        report.flush()
         if self.out is not sys.stderr:
             self.out.close()
 

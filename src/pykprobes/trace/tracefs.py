@@ -12,6 +12,7 @@ the methods beside them are the Pythonic API over the same objects.
     events/GRP/EVENT/hist          the event's histograms, in the kernel's format
     trace                          the buffer (a snapshot); writing empties it
     trace_pipe                     the buffer, consumed as read (blocking)
+    trace.json                     the buffer (a snapshot) as Perfetto's JSON (trace/perfetto.py)
     kprobe_profile                 EVENT  HITS  MISSES
     error_log                      the last errors, with a caret; writing empties it
     buffer_size_kb                 the buffer's size
@@ -173,6 +174,10 @@ class TraceFS:
                 fmt.format_line(r) + "\n" for r in records)
         if path == "trace_pipe":
             return self.read_pipe(timeout)
+        if path == "trace.json":
+            from pykprobes.trace.perfetto import format_trace_json
+
+            return format_trace_json(self.buffer.snapshot())
         if path == "kprobe_profile":
             return fmt.format_profile([(e.name, e.hits, e.nmissed) for e in self._events()])
         if path == "error_log":
