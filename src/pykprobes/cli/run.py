@@ -13,6 +13,8 @@ the profile. The exit code and an uncaught exception's traceback are the program
 `--trigger EVENT=CMD` writes CMD to the event's trigger file (`hist:keys=...`, see
 trace/hist.py): the event counts into its table and is not enabled, so it writes no trace
 lines (hist-only). Every hist is printed at exit.
+`--otlp URL` also sends every record as OpenTelemetry spans to an OTLP/HTTP collector
+(trace/otel.py; the `pykprobes[otel]` extra), from the trace writer's thread.
 `--summary` enables no event: it prints, at exit, every event's count and, for a return
 event, a log2 histogram of its calls' durations (trace/summary.py).
 """
@@ -49,6 +51,9 @@ def add_parser(commands: Any) -> None:
     run.add_argument("--summary", action="store_true",
                      help="write no trace: print each event's count and, for return events, "
                           "a log2 latency histogram at exit")
+    run.add_argument("--otlp", metavar="URL",
+                     help="also send the events as OpenTelemetry spans to this OTLP/HTTP "
+                          "collector (e.g. http://localhost:4318); needs pykprobes[otel]")
     run.add_argument("-o", "--output", metavar="FILE", help="write the trace here, not stderr")
     run.add_argument("--format", choices=("text", "json", "perfetto"), default="text",
                      help="trace lines as ftrace's text, JSON lines, or a Trace Event "
@@ -114,8 +119,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_write_error(exc)
         return 1
 
+    otel = None
+    if args.otlp:
+        from pykprobes.trace import otel as otel_export
+
+        missing = otel_export.available()
+        if missing is not None:
+            print(f"pykprobes: error: --otlp: {missing}", file=sys.stderr)
+            return 1
+        otel = otel_export.OtlpExport(args.otlp)
+        for event in list(fs.events.values()):
+            event.set_span_mode()
     out: TextIO = open(args.output, "w", encoding="utf-8") if args.output else sys.stderr  # noqa: SIM115 - closed at exit
     writer = _Writer(fs, out, args.format, args.summary)
+    writer.otel = otel
     writer.start()
     # Threads the program leaves running finish before atexit handlers run: drain then.
     atexit.register(writer.finish)
@@ -134,6 +151,8 @@ class _Writer:
         self.summary = summary
         self.out = out
         self.json = form == "json"
+        #: trace/otel.py's OtlpExport, when --otlp is given: it gets every batch too.
+        self.otel: Any = None
         self.perfetto: Any = None
         if form == "perfetto":
             from pykprobes.trace.perfetto import PerfettoWriter
@@ -153,6 +172,8 @@ class _Writer:
         batch = self.fs.buffer.read(block=timeout > 0, timeout=timeout)
         if not batch and not batch.lost_at:
             return
+        if self.otel is not None:
+            self.otel.write(batch)
         if self.perfetto is not None:
             self.perfetto.write(batch)
             return
@@ -189,6 +210,9 @@ class _Writer:
         from pykprobes.trace.summary import format_exit_report
 
         report = sys.stderr if self.perfetto is not None else self.out
+        if self.otel is not None:
+            self.otel.close()
+            sys.stderr.write(self.otel.report())
         if self.perfetto is not None:
             self.perfetto.close()  # the profile and hists are not trace events: stderr
         if not self.summary:

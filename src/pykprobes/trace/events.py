@@ -31,6 +31,7 @@ supplied by the hit path, not fetched from the frame, so that a compiled return 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +52,19 @@ _time_ns = time.monotonic_ns
 _thread_key = backend.thread_key
 #: The key of a call's entry time in its KretprobeInstance.data.
 ENTRY_NS = "pykprobes.entry_ns"
+#: The key of a call's span ids (trace/otel.py) in its KretprobeInstance.data.
+SPAN = "pykprobes.span"
+#: The calls of span-mode events in flight: id(frame) -> (span number, root span number,
+#: the frame's code): a call's parent is the nearest frame above it found here (any event,
+#: any thread: a frame is one call). Filled at entry, emptied at return. Keyed by id, not
+#: by frame, so that a call that never returns (unregistered in flight) keeps no frame
+#: alive; its code is checked so that a later frame at the same address is not taken for
+#: it. Bounded: past SPAN_OPEN_MAX the older half is forgotten.
+_open_spans: dict[int, tuple[int, int, Any]] = {}
+SPAN_OPEN_MAX = 1 << 16
+_span_numbers = itertools.count(1)  # next() is atomic under the GIL
+#: Frames walked up to find a parent span.
+SPAN_WALK_MAX = 64
 
 #: The fetch types whose exact builtin values the recorder stores as they are.
 _KINDS: dict[str | None, int] = {
@@ -83,6 +97,9 @@ class Event:
             for i, a in enumerate(definition.args) if a.kind == "duration")
         #: Counted for the summary (trace/summary.py): the event is armed, its hits counted.
         self.summarized = False
+        #: Span mode (trace/otel.py): each record carries SPAN_VALUES more values after
+        #: its fields, which the text formats do not show.
+        self.span_mode = False
         #: A log2 histogram of the calls' durations (return events), counted at every
         #: return while set (the summary).
         self.latency: list[int] | None = None
@@ -214,6 +231,31 @@ class Event:
             self.stamp_entries()
         self._update()
 
+    def set_span_mode(self) -> None:
+        """Make every record carry what a span needs (trace/otel.py): a return event's
+        records end with (entry ns, span number, parent span number, root span number,
+        exception type name, exception message), an entry event's with (parent span
+        number, root span number); 0 for none. The parent is the nearest enclosing call of
+        a span-mode return event: found at entry by walking up the frames, so that a
+        suspended generator or coroutine is no one's parent."""
+        self.span_mode = True
+        for p in self.probes:
+            if self.is_return:
+                p.entry_handler = self._span_entry
+        self._refresh()
+
+    def _span_entry(self, ri: Any, regs: Any) -> None:
+        frame = regs.frame
+        ri.data[ENTRY_NS] = _time_ns()
+        parent, root = _enclosing_span(frame.f_back)
+        number = next(_span_numbers)
+        span = (number, parent, root or number)
+        ri.data[SPAN] = span
+        if len(_open_spans) >= SPAN_OPEN_MAX:
+            for key in list(_open_spans)[: SPAN_OPEN_MAX // 2]:
+                _open_spans.pop(key, None)
+        _open_spans[id(frame)] = (number, span[2], frame.f_code)
+
     def write_trigger(self, text: str, named: hist.NamedTables, append: bool = True) -> None:
         """A command written to the event's trigger file (trace/hist.py); writing without
         `append` first removes every trigger (the kernel's O_TRUNC). Raises
@@ -303,7 +345,8 @@ class Event:
         """Which recorders may act alone: a ring recorder while the event is enabled with
         no filter and no trigger; a hist recorder while its trigger is the event's only
         one and the event is not enabled."""
-        record = self._armed and self.enabled and self.filter is None and not self.triggers
+        record = (self._armed and self.enabled and self.filter is None and not self.triggers
+                  and not self.span_mode)
         count = self._hist_only() if self._armed else None
         for _, recorder, _ in list(self._compiled.values()):
             if isinstance(recorder, hist.HistRecorder):
@@ -356,6 +399,8 @@ class Event:
         size = self.size
         if size is None:
             size = values_size(values, caller)
+        if self.span_mode:
+            values = values + _span_values(self.is_return, regs, ri)
         self.buffer.append(ts, key, self, values, caller, size)
 
     def _with_duration(self, values: tuple[Any, ...], ts: int, ri: Any) -> tuple[Any, ...]:
@@ -380,6 +425,8 @@ class Event:
 
     def _ret_hit(self, ri: Any, regs: Any) -> None:
         ts = _time_ns()
+        if self.span_mode:
+            _open_spans.pop(id(regs.frame), None)
         latency = self.latency
         if latency is not None:
             start = ri.data.get(ENTRY_NS)
@@ -401,3 +448,44 @@ class Event:
 
 
 __all__ = ["Event", "KprobeError", "ParseError"]
+
+
+def _enclosing_span(frame: Any) -> tuple[int, int]:
+    """(span number, root) of the nearest call in flight at or above `frame`, or (0, 0)."""
+    depth = 0
+    while frame is not None and depth < SPAN_WALK_MAX:
+        found = _open_spans.get(id(frame))
+        if found is not None and found[2] is frame.f_code:
+            return found[0], found[1]
+        frame = frame.f_back
+        depth += 1
+    return 0, 0
+
+
+def _exception_text(exc: BaseException | None) -> tuple[str, str]:
+    """The exception's type `module.qualname` and its first argument when that is a str,
+    read without running the program's code (BaseException.args is a C slot)."""
+    if exc is None:
+        return "", ""
+    tp = type(exc)
+    module = tp.__module__ if type(tp.__module__) is str else "?"
+    name = tp.__qualname__ if module == "builtins" else f"{module}.{tp.__qualname__}"
+    try:
+        args = BaseException.args.__get__(exc)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001
+        args = ()
+    message = args[0] if args and type(args[0]) is str else ""
+    return name, message[:1024]
+
+
+def _span_values(is_return: bool, regs: Any, ri: Any) -> tuple[Any, ...]:
+    """The values a span-mode record carries after its fields (Event.set_span_mode)."""
+    try:
+        if not is_return:
+            return _enclosing_span(regs.frame)
+        data = ri.data if ri is not None else {}
+        number, parent, root = data.get(SPAN, (0, 0, 0))
+        kind, message = _exception_text(regs.exception)
+        return (data.get(ENTRY_NS, 0), number, parent, root, kind, message)
+    except Exception:  # noqa: BLE001 - the hot path never raises
+        return (0, 0) if not is_return else (0, 0, 0, 0, "", "")
