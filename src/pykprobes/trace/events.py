@@ -34,13 +34,13 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pykprobes as kp
 from pykprobes import grammar
 from pykprobes.core.site import _busy, _held
 from pykprobes.errors import KprobeError, ParseError
-from pykprobes.trace import backend, fetchargs, hist
+from pykprobes.trace import backend, fetchargs
 from pykprobes.trace.buffer import TraceBuffer, fixed_size, values_size
 from pykprobes.trace.cmdlines import resolve
 from pykprobes.trace.recorder import KIND_CONVERT, KIND_DESCRIBE, KIND_FLOAT, KIND_INT, KIND_STR
@@ -48,6 +48,11 @@ from pykprobes.trace.safe import FAULT, describe
 from pykprobes.trace.types import TYPES
 
 # ftrace's clock counts from boot: CLOCK_MONOTONIC is the same on Linux.
+if TYPE_CHECKING:
+    # trace/hist.py is imported when a trigger is written: the boot stage's early events
+    # load this module and must not pay for hists (tests/boot/test_import_weight.py).
+    from pykprobes.trace import hist
+
 _time_ns = time.monotonic_ns
 _thread_key = backend.thread_key
 #: The key of a call's entry time in its KretprobeInstance.data.
@@ -88,7 +93,7 @@ class Event:
         self.filter_text = "none"
         self.filter: Callable[[dict[str, Any]], bool] | None = None
         #: The event's hist triggers (trace/hist.py), in the order written.
-        self.triggers: list[hist.HistTrigger] = []
+        self.triggers: list[Any] = []
         #: Whether the probes are enabled (the event is enabled or has a trigger).
         self._armed = False
         #: (field index, converter) of each $duration field.
@@ -260,6 +265,7 @@ class Event:
         """A command written to the event's trigger file (trace/hist.py); writing without
         `append` first removes every trigger (the kernel's O_TRUNC). Raises
         hist.TriggerError."""
+        from pykprobes.trace import hist
         from pykprobes.trace.filter import compile_filter
 
         if not append:
@@ -323,7 +329,9 @@ class Event:
             converters.append(convert)
         variables = tuple(names)
         if trigger is not None:
-            counter = hist.HistRecorder(trigger, converters, _busy, _held)
+            from pykprobes.trace.hist import HistRecorder
+
+            counter = HistRecorder(trigger, converters, _busy, _held)
             self._compiled[id(code)] = (code, counter, variables)
             self._refresh()
             return counter.call, variables
@@ -333,7 +341,7 @@ class Event:
         self._refresh()
         return recorder, variables
 
-    def _hist_only(self) -> hist.HistTrigger | None:
+    def _hist_only(self) -> Any:
         """The trigger of a hist-only event that the rewritten code may count itself: the
         event is not enabled and has that one compilable trigger."""
         triggers = self.triggers
@@ -349,8 +357,9 @@ class Event:
                   and not self.span_mode)
         count = self._hist_only() if self._armed else None
         for _, recorder, _ in list(self._compiled.values()):
-            if isinstance(recorder, hist.HistRecorder):
-                recorder.fast = recorder.trigger is count
+            trigger = getattr(recorder, "trigger", None)  # a hist.HistRecorder's
+            if trigger is not None:
+                recorder.fast = trigger is count
             else:
                 recorder.fast = record
 

@@ -731,9 +731,13 @@ class HistRecorder:
     instead) when `fast` is off (the event was enabled, or got another trigger, a filter,
     a pause), or a probe handler runs in some thread (core.site's `_busy` and `_held`),
     and False when it counted. A value that is not an exact int goes through its
-    fetcharg's converter first, so that no object of the program is kept as a key."""
+    fetcharg's converter first, so that no object of the program is kept as a key.
 
-    __slots__ = ("call", "_state", "trigger")
+    One key with no modifier but `.hex` and no values (the common case, `hist:keys=a`) is
+    counted by `_histcount.HistCounter`, the C twin, when the trace core is C (backend.py);
+    the rest, and that case with the Python core, by closures made here."""
+
+    __slots__ = ("call", "_state", "_counter", "trigger")
 
     def __init__(self, trigger: HistTrigger, converters: Sequence[Callable[[Any], Any]],
                  busy: dict[int, Any], held: list[Any]) -> None:
@@ -750,7 +754,14 @@ class HistRecorder:
                   and spec.keys[0].modifier in (None, "hex"))
         index = spec.keys[0].index
         self.call: Callable[..., bool]
-        if simple and nargs == 1 and index == 0:
+        self._counter: Any = None
+        counter_type = _counter_type() if simple else None
+        if counter_type is not None:
+            # The C twin (_histcount.c): one C call from the rewritten code.
+            self._counter = counter_type(busy, held, hist_map.entries, insert,
+                                         converters[index], nargs, index)
+            self.call = self._counter
+        elif simple and nargs == 1 and index == 0:
             (convert,) = converters
 
             def call_one(a: Any) -> bool:
@@ -817,18 +828,38 @@ class HistRecorder:
                 return False
 
             self.call = call_many
-        if LOCKED:
+        if LOCKED and self._counter is None:
             self.call = locked(self.call, hist_map.lock)
 
     @property
     def fast(self) -> bool:
+        if self._counter is not None:
+            return bool(self._counter.fast)
         return bool(self._state[0])
 
     @fast.setter
     def fast(self, value: bool) -> None:
+        if self._counter is not None:
+            self._counter.fast = bool(value)
         self._state[0] = bool(value)
 
     @property
     def nhit(self) -> int:
         """Hits counted here (the event adds them to its hits)."""
+        if self._counter is not None:
+            return int(self._counter.nhit)
         return int(self._state[1])
+
+
+def _counter_type() -> Any:
+    """`_histcount.HistCounter` when the trace core is C (backend.py's choice: not forced to
+    Python, not a free-threaded build) and the extension was built; else None."""
+    from pykprobes.trace import backend
+
+    if backend.NAME != "c":
+        return None
+    try:
+        from pykprobes.trace import _histcount  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _histcount.HistCounter
