@@ -444,11 +444,12 @@ class Event:
                 latency[min((ts - start).bit_length(), 64)] += 1
             if not self.enabled and not self.triggers:
                 return
-        back = regs.frame.f_back
         caller = None
-        if back is not None:
-            code = back.f_code
-            caller = f"{back.f_globals.get('__name__', '?')}:{code.co_qualname}"
+        if self.enabled:  # a record names its caller; a hist-only hit does not need it
+            back = regs.frame.f_back
+            if back is not None:
+                code = back.f_code
+                caller = f"{back.f_globals.get('__name__', '?')}:{code.co_qualname}"
         self._record(regs, caller, ts, ri)
 
     def __repr__(self) -> str:
