@@ -56,4 +56,11 @@ SPEEDUPS = Extension(
     optional=True,
 )
 
-setup(cmdclass={"build_py": BuildPyWithPth}, ext_modules=[SPEEDUPS])
+# The C twin of trace/hist.py's compiled hit: optional as well (hist.py falls back).
+HISTCOUNT = Extension(
+    "pykprobes.trace._histcount",
+    sources=["src/pykprobes/trace/_histcount.c"],
+    optional=True,
+)
+
+setup(cmdclass={"build_py": BuildPyWithPth}, ext_modules=[SPEEDUPS, HISTCOUNT])
