@@ -37,6 +37,34 @@ def test_discovery_finds_this_python_and_only_supported_ones() -> None:
     assert len(versions) == len(set(versions)), found
 
 
+def test_discovery_says_which_python_has_a_jit() -> None:
+    dev = _load_dev()
+    found, _ = dev.discover_interpreters()
+    this = next(i for i in found if i.version == sys.version_info[:2])
+    jit = getattr(sys, "_jit", None)
+    assert this.jit is bool(jit is not None and jit.is_available())
+
+
+def test_jit_runs_only_where_the_build_has_a_jit() -> None:
+    dev = _load_dev()
+    plain = dev.Interpreter((3, 11), "3.11.7", "/x/python3.11", "test", False, False)
+    jitted = dev.Interpreter((3, 15), "3.15.2", "/x/python3.15", "test", False, True)
+    runs = dev.plan_runs([plain, jitted], list(dev.ARCHES))
+    assert [(i.tag, a) for i, a in runs] == [
+        ("3.11", "breakpoint"),
+        ("3.11", "optimized"),
+        ("3.11", "optimized-pycore"),
+        ("3.15", "breakpoint"),
+        ("3.15", "optimized"),
+        ("3.15", "optimized-pycore"),
+        ("3.15", "breakpoint-jit"),
+        ("3.15", "optimized-jit"),
+    ]
+    # Asking for a JIT run where no Python has a JIT is an error, not an empty success.
+    with pytest.raises(dev.DevError, match=r"no JIT in 3\.11"):
+        dev.plan_runs([plain], ["optimized-jit"])
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["info"]])
 def test_python_m_pykprobes_runs(argv: list[str]) -> None:
     proc = subprocess.run(
