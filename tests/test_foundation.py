@@ -85,6 +85,52 @@ def test_python_m_pykprobes_runs(argv: list[str]) -> None:
         assert "usage: pykprobes" in proc.stdout
 
 
+def test_info_says_whether_the_jit_is_on() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pykprobes", "info"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    jit = getattr(sys, "_jit", None)
+    if jit is not None and jit.is_enabled():
+        expected = "jit: on"
+    elif jit is not None and jit.is_available():
+        expected = "jit: off (built in: PYTHON_JIT=1 turns it on)"
+    else:
+        expected = "jit: not built in"
+    assert expected in proc.stdout.splitlines(), proc.stdout
+
+
+#: A free-threaded build, as env.py recognizes one ("t" in sys.abiflags), without having one.
+_AS_FREE_THREADED = "import sys; sys.abiflags += 't'; "
+
+
+def test_a_free_threaded_build_is_refused_in_one_line(run_python: testenv.RunPython) -> None:
+    from pykprobes.env import FREE_THREADED_REFUSAL
+
+    info = run_python(
+        _AS_FREE_THREADED + "from pykprobes.cli.main import main; sys.exit(main(['info']))"
+    )
+    assert info.returncode == 1 and info.stdout == ""
+    assert info.stderr == f"pykprobes: {FREE_THREADED_REFUSAL}\n"
+    # The core, whoever imports it: the message is the exception's one line.
+    core = run_python(
+        _AS_FREE_THREADED + "import pykprobes\n"
+        "try:\n    pykprobes.register_kprobe\nexcept ImportError as e:\n    print(e)"
+    )
+    assert core.returncode == 0 and core.stdout == f"{FREE_THREADED_REFUSAL}\n", core.stderr
+    # The boot stage warns once and the program runs.
+    boot = run_python(
+        _AS_FREE_THREADED + "import os; os.environ['PYKPROBES_EVENTS'] = 'p:a/b json:loads'\n"
+        "import pykprobes.boot; pykprobes.boot.start_from_environ(); print('ran')"
+    )
+    assert boot.stdout == "ran\n"
+    assert boot.stderr.count("\n") == 1 and FREE_THREADED_REFUSAL in boot.stderr
+
+
 def test_run_python_fixture_reports_output_and_exit(run_python: testenv.RunPython) -> None:
     proc = run_python(
         """
