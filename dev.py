@@ -75,6 +75,7 @@ STRIPPED_ENV = (
     "PYTHONHOME",  # points the venv's interpreter at another standard library
     "PYTHONINSPECT",  # goes interactive after the script, which replaces its exit code
     "PYTHONOPTIMIZE",  # -O strips assert: pytest's assertions and the debug checks need it
+    "PYTHON_LAZY_IMPORTS",  # =all makes every import lazy (PEP 810), pytest's own included
     "PYTHONSTARTUP",  # only ever meant for an interactive session
     "PYTHONEXECUTABLE",  # macOS: makes sys.executable name another interpreter
     "__PYVENV_LAUNCHER__",  # macOS framework builds: same
