@@ -490,7 +490,9 @@ class ProtoInlineHit(Case):
         return Peer("", "", "", peers.install_closure, "bytecode").unavailable()
 
     def setup(self, f: FunctionType, targets: Targets) -> Armed:
-        from bytecode import Instr, Label
+        import opcode
+
+        from bytecode import BinaryOp, Instr, Label
 
         class P:
             __slots__ = ("nhit",)
@@ -510,13 +512,18 @@ class ProtoInlineHit(Case):
         nhit = "nhit" if version == (3, 11) else (False, "nhit")
         call = [Instr("PRECALL", 1), Instr("CALL", 1)] if version == (3, 11) else \
             [Instr("CALL", 1)]
+        # 3.14 folded BINARY_SUBSCR into BINARY_OP (its NB_SUBSCR operator).
+        old_subscr = "BINARY_SUBSCR" in opcode.opmap
+
+        def subscr() -> Any:
+            return Instr("BINARY_SUBSCR") if old_subscr else Instr("BINARY_OP", BinaryOp.SUBSCR)
 
         def make(location: Any) -> list[Any]:
             skip_pop, done = Label(), Label()
             ops = [
-                Instr("LOAD_CONST", box), Instr("LOAD_CONST", 0), Instr("BINARY_SUBSCR"),
+                Instr("LOAD_CONST", box), Instr("LOAD_CONST", 0), subscr(),
                 Instr("COPY", 1), Instr(if_none, skip_pop),
-                Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0), Instr("BINARY_SUBSCR"),
+                Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0), subscr(),
                 Instr(if_not_none, skip_pop),
                 Instr("LOAD_CONST", busy), *to_bool, Instr(if_true, skip_pop),
                 Instr("UNPACK_SEQUENCE", 3),  # regs, p, handler (top)

@@ -1,9 +1,9 @@
 """The boot stage: early probes from the environment at interpreter start-up (the kernel's
 `kprobe_event=` boot parameter, feeding the seed's early kprobes).
 
-The wheel installs `_pykprobes.pth` (boot/pth.py), which calls `start_from_environ()` at
-every start of an interpreter of that environment whose `PYKPROBES_EVENTS` is set, before
-the program runs.
+The wheel installs `_pykprobes.pth` and, for Python 3.15+ (PEP 829), `_pykprobes.start`
+(boot/pth.py): one of the two calls `start_from_environ()` at every start of an interpreter of
+that environment, before the program runs; it does its work when `PYKPROBES_EVENTS` is set.
 
 Environment:
 
@@ -44,10 +44,11 @@ become normal ones. A process that stays early writes its early events at exit (
 handler: not after os._exit() or a fatal signal). Child processes inherit the variables, so
 each Python child boots its own early probes and appends its own events to the same file.
 
-When `PYKPROBES_EVENTS` is unset, the `.pth` line imports nothing. When it is set, the boot
-stage loads the core's registry and the trace's event code (tests/boot/test_import_weight.py
-lists them); the rewrite arch and `bytecode` are loaded only when a target's code has to be
-rewritten.
+When `PYKPROBES_EVENTS` is unset, the `.pth` line imports nothing; the `.start` entry point
+of 3.15+ costs `site` the import of `pkgutil` and of this package (boot/pth.py). When it is
+set, the boot stage loads the core's registry and the trace's event code
+(tests/boot/test_import_weight.py lists them); the rewrite arch and `bytecode` are loaded only
+when a target's code has to be rewritten.
 """
 
 from __future__ import annotations
@@ -57,16 +58,18 @@ _started = False
 
 def start_from_environ() -> None:
     """Run the boot stage once per process (site may process a `.pth` file twice); never
-    raises: a failure is one warning on stderr, and the program runs as it would have."""
+    raises: a failure is one warning on stderr, and the program runs as it would have.
+
+    A call while `PYKPROBES_EVENTS` is unset does nothing and counts for nothing: on 3.15+
+    `site` calls this at every start (the `.start` entry point, boot/pth.py), and a program
+    that sets the variable later may still start the stage by hand."""
     global _started
-    if _started:
-        return
-    _started = True
     import os
 
     value = os.environ.get("PYKPROBES_EVENTS")
-    if not value:
+    if _started or not value:
         return
+    _started = True
     try:
         from pykprobes.boot import stage
 
