@@ -47,6 +47,7 @@ from __future__ import annotations
 import gc
 import reprlib
 from collections import Counter, OrderedDict, defaultdict, deque
+from itertools import islice
 from types import (
     BuiltinFunctionType,
     ClassMethodDescriptorType,
@@ -72,6 +73,7 @@ __all__ = [
     "describe",
     "get_attr",
     "get_item",
+    "int_text",
     "type_qualname",
 ]
 
@@ -452,6 +454,33 @@ def _cap_bytes(data: bytes, cap: int = STR_CAP) -> bytes:
     return data if len(data) <= cap else data[:cap] + b"..."
 
 
+#: Ints of at most this many bits are shown in decimal: 2**14284 < 10**4300, CPython's
+#: default `sys.int_max_str_digits` (3.11+, gh-95778), a bound on the quadratic cost of a
+#: decimal conversion that holds whatever limit the program set (0: none).
+DECIMAL_BITS: Final = 14284
+#: An int too long for decimal is shown in hex, cut after this many digits ("...").
+HEX_DIGITS_CAP: Final = 1024
+
+
+def int_text(value: int, base16: bool = False) -> str:
+    """An exact int as text, never raising and in bounded time: decimal (`base16`: `0x1f`,
+    `-0x1f`); an int too long for decimal (over DECIMAL_BITS bits, or over the program's own
+    `sys.set_int_max_str_digits()` limit) in hex, which has no limit, cut after HEX_DIGITS_CAP
+    digits with "..."."""
+    bits = int.bit_length(value)
+    if not base16 and bits <= DECIMAL_BITS:
+        try:
+            return int.__repr__(value)
+        except ValueError:  # the program lowered the int-to-str limit below this
+            pass
+    digits = (bits + 3) // 4
+    if digits <= HEX_DIGITS_CAP:
+        return int.__format__(value, "#x")
+    sign = "-" if value < 0 else ""
+    head = abs(value) >> (4 * (digits - HEX_DIGITS_CAP))
+    return f"{sign}0x{int.__format__(head, 'x')}..."
+
+
 def type_qualname(tp: type) -> str:
     """The `__qualname__` of a class as the interpreter stores it, whatever its metaclass says."""
     return _type_qualname(tp)  # type: ignore[no-any-return]
@@ -519,6 +548,40 @@ class _CappedRepr(reprlib.Repr):
     def repr_instance(self, x: Any, level: int) -> str:
         text = repr(x)  # the program's __repr__: what the :repr type asks for
         return _cap_str(text, self.maxother) if type(text) is str else _cap_str(str.__str__(text))
+
+    def repr_int(self, x: int, level: int) -> str:
+        # repr() raises beyond the int-to-str limit, and costs quadratic time below it.
+        return _cap_str(int_text(x), self.maxlong)
+
+    # reprlib sorts a whole set or dict to show its first items (`_possibly_sorted`): time
+    # in the size of the container, and the program's `__lt__` on every key. Shown here in
+    # iteration order, reading no more items than are shown.
+    def _shown(self, pieces: Any, n: int, level: int, maxitems: int) -> str:
+        if level <= 0:
+            return "..."
+        shown = list(islice(pieces, maxitems))
+        if n > maxitems:
+            shown.append("...")
+        return ", ".join(shown)
+
+    def repr_set(self, x: Any, level: int) -> str:
+        if not x:
+            return "set()"
+        items = (self.repr1(item, level - 1) for item in x)
+        return "{" + self._shown(items, len(x), level, self.maxset) + "}"
+
+    def repr_frozenset(self, x: Any, level: int) -> str:
+        if not x:
+            return "frozenset()"
+        items = (self.repr1(item, level - 1) for item in x)
+        return "frozenset({" + self._shown(items, len(x), level, self.maxfrozenset) + "})"
+
+    def repr_dict(self, x: Any, level: int) -> str:
+        if not x:
+            return "{}"
+        items = (f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}"
+                 for k, v in dict.items(x))
+        return "{" + self._shown(items, len(x), level, self.maxdict) + "}"
 
 
 _REPR_METHODS: Final = {
