@@ -86,10 +86,9 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - printed as Python prints it
-        _print_uncaught(exc, caller)
+        print_uncaught(exc, _program_traceback(exc.__traceback__, caller))
         if isinstance(exc, KeyboardInterrupt):
-            global _sigint
-            _sigint = True  # exit_like_python() ends the process as Python would
+            end_by_sigint()
             raise SystemExit(130) from None
         raise SystemExit(1) from None
     finally:
@@ -114,6 +113,13 @@ def _own_cli(code: CodeType) -> bool:
     package = os.path.dirname(pykprobes.__file__ or "")
     return "pykprobes.cli.main" in code.co_names or (
         bool(package) and code.co_filename.startswith(package + os.sep))
+
+
+def end_by_sigint() -> None:
+    """The program ended with an uncaught KeyboardInterrupt: `exit_like_python()` ends the
+    process by SIGINT, as Python does, once the other exit handlers ran."""
+    global _sigint
+    _sigint = True
 
 
 def exit_like_python() -> None:
@@ -151,9 +157,9 @@ def _program_traceback(tb: TracebackType | None, caller: FrameType | None) -> Tr
     return tb
 
 
-def _print_uncaught(exc: BaseException, caller: FrameType | None) -> None:
-    """What PyErr_Print() does with an uncaught exception."""
-    tb = _program_traceback(exc.__traceback__, caller)
+def print_uncaught(exc: BaseException, tb: TracebackType | None) -> None:
+    """What PyErr_Print() does with an uncaught exception whose traceback is `tb` (None: a
+    SyntaxError of the program's source, printed without a traceback)."""
     exc = exc.with_traceback(tb)
     sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, tb
     sys.last_exc = exc  # 3.12+ reads it; harmless before
@@ -163,4 +169,4 @@ def _print_uncaught(exc: BaseException, caller: FrameType | None) -> None:
         sys.__excepthook__(type(exc), exc, tb)
 
 
-__all__ = ["install"]
+__all__ = ["end_by_sigint", "exit_like_python", "install", "print_uncaught"]

@@ -35,7 +35,7 @@ from pykprobes.core.probe import (
     KPROBE_FLAG_OPTIMIZED,
     Kprobe,
 )
-from pykprobes.core.site import Site, synchronize_hits
+from pykprobes.core.site import Site, kprobe_busy, synchronize_hits
 from pykprobes.errors import KprobeError, einval, enoent
 
 #: The kernel's OPTIMIZE_DELAY (5 jiffies): how long the optimizer waits to batch probes.
@@ -571,8 +571,10 @@ def _optimize_locked() -> bool:
             site.optimized = True
             touched[id(state)] = state
     # One heap walk at most for the whole pass (holders.py), done when the block ends:
-    # before any retired version is forgotten below.
-    with codestate.switching(m):
+    # before any retired version is forgotten below. Rewriting runs library code a program
+    # may probe (enum and contextlib, under `bytecode`): pykprobes' own work, in which a hit
+    # records nothing (kprobe_busy: it counts nmissed), only while there is code to rewrite.
+    with kprobe_busy(bool(touched)), codestate.switching(m):
         for state in touched.values():
             try:
                 codestate.sync(state, m)

@@ -165,7 +165,9 @@ def synchronize_hits(timeout: float = 10.0) -> None:
     synchronize_rcu() after unregistering). Hits that start later read the new tables. Call
     it without holding the registry lock: a handler may register probes."""
     me = get_ident()
-    inflight = {tid: regs for tid, regs in list(_busy.items()) if tid != me}
+    # A thread in kprobe_busy runs no handler: nothing of it to wait for.
+    inflight = {tid: regs for tid, regs in list(_busy.items())
+                if tid != me and regs is not KPROBE_BUSY}
     # A fast-path hit names no thread: find the trampoline frames on the other threads'
     # stacks, and wait for those very frames to leave them. Holding the frame objects keeps
     # their identity from being reused meanwhile.
@@ -181,6 +183,41 @@ def synchronize_hits(timeout: float = 10.0) -> None:
 
 def _on_stack(target: FrameType, frame: FrameType | None) -> bool:
     return any(f is target for f in _stack(frame))
+
+
+#: What `_busy` holds for a thread doing pykprobes' own work (the kernel's `kprobe_busy`, the
+#: dummy probe that `kprobe_busy_begin()` makes current): see `kprobe_busy`.
+KPROBE_BUSY: Final = Regs(None, 0)  # type: ignore[arg-type]
+
+
+class kprobe_busy:
+    """`with kprobe_busy():` runs pykprobes' own work on this thread (a trace writer, a
+    command's set-up) as the kernel's kprobe_busy_begin()/kprobe_busy_end() bracket theirs:
+    a probe hit meanwhile on this thread runs no handler and is counted in `nmissed`, as
+    any hit inside a handler is (the careful path's `_thread_busy`). Nothing of the program
+    is recorded on behalf of pykprobes, and the hit paths pay nothing for it: other
+    threads' hits take the careful path while the bracket is open, as while a handler runs.
+    Nests; restores what the thread had (a handler's Regs) on exit. `kprobe_busy(False)`
+    brackets nothing (for work that is only sometimes done)."""
+
+    __slots__ = ("_on", "_prev", "_tid")
+
+    def __init__(self, on: bool = True) -> None:
+        self._on = on
+
+    def __enter__(self) -> None:
+        if self._on:
+            tid = self._tid = get_ident()
+            self._prev = _busy.get(tid)
+            _busy[tid] = KPROBE_BUSY
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._on:
+            return
+        if self._prev is None:
+            _busy.pop(self._tid, None)
+        else:
+            _busy[self._tid] = self._prev
 
 
 class Site:
