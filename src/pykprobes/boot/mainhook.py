@@ -56,8 +56,12 @@ def install(mode: str) -> None:
 
 
 def _audit(event: str, args: tuple[object, ...]) -> None:
-    global _done
-    if _done or event != "exec":
+    global _done, _mp_child
+    if _done:
+        if _mp_main is not None:
+            _mp_main_ran()
+        return
+    if event != "exec":
         return
     code = args[0] if args else None
     if type(code) is not CodeType or code.co_name != "<module>":
@@ -69,15 +73,24 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
     if caller is None:
         if _mode not in ("script", "-c") or getattr(sys.flags, "inspect", 0):
             return
+        if _mode == "-c" and _is_multiprocessing_stub(code):
+            _mp_child = True  # the program is the parent's `__main__`, run as `__mp_main__`
+            return
+    elif _mp_child and _is_runpy_code(caller, "__mp_main__"):
+        _done = True
+        _mp_main_loaded(code)
+        return
     elif not _is_runpy_main(caller):
         return
     _done = True
     if _own_cli(code):
         return
     from pykprobes.core import registry
+    from pykprobes.core.site import kprobe_busy
 
-    original = registry._original(code)  # -m: the module notifier may have rewritten it
-    run = registry.module_code_loaded("__main__", original)
+    with kprobe_busy():  # arming is pykprobes' work; the program's code runs outside
+        original = registry._original(code)  # -m: the module notifier may have rewritten it
+        run = registry.module_code_loaded("__main__", original)
     if run is original or run is code:
         return  # no early probe in it: the program runs as Python runs it
     # The program runs here, in this frame (the only one of ours its traceback can show).
@@ -92,8 +105,59 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
             raise SystemExit(130) from None
         raise SystemExit(1) from None
     finally:
-        registry.module_executed("__main__", original)
+        with kprobe_busy():
+            registry.module_executed("__main__", original)
     raise SystemExit  # the program ran: the original code must not run
+
+
+def _is_multiprocessing_stub(code: CodeType) -> bool:
+    """The `-c` code multiprocessing starts its children with (spawn's spawn_main, the
+    forkserver's and the resource tracker's main): not the program."""
+    return code.co_filename == "<string>" and any(
+        name.startswith("multiprocessing.") for name in code.co_names)
+
+
+def _is_runpy_code(frame: FrameType, mod_name: str) -> bool:
+    return (frame.f_code.co_name == "_run_code" and frame.f_globals.get("__name__") == "runpy"
+            and frame.f_locals.get("mod_name") == mod_name)
+
+
+#: In a multiprocessing child: the code of the parent's `__main__`, run as `__mp_main__`,
+#: until it has run.
+_mp_child = False
+_mp_main: CodeType | None = None
+
+
+def _mp_main_loaded(code: CodeType) -> None:
+    """multiprocessing runs the parent's `__main__` in its spawned child as `__mp_main__`
+    (runpy.run_path or run_module, multiprocessing/spawn.py): that is the program's
+    `__main__`, and its probes are armed on its code. Its body runs from the original code
+    (an audit hook cannot replace what `exec` runs): the functions it creates are switched
+    to the probed code once it has run (`_mp_main_ran`), before the child calls them."""
+    global _mp_main
+    from pykprobes.core import registry
+    from pykprobes.core.site import kprobe_busy
+
+    with kprobe_busy():
+        original = registry._original(code)
+        registry.module_code_loaded("__main__", original)
+    _mp_main = original
+
+
+def _mp_main_ran() -> None:
+    """At each audit event after `_mp_main_loaded`: once multiprocessing has made the module
+    the child's `__main__` (spawn.py `_fixup_main_from_path`), its body has run."""
+    global _mp_main
+    main = sys.modules.get("__main__")
+    if main is None or main is not sys.modules.get("__mp_main__") or _mp_main is None:
+        return
+    code, _mp_main = _mp_main, None
+    from pykprobes.core import registry
+    from pykprobes.core.site import kprobe_busy
+
+    with kprobe_busy():
+        registry.module_executed("__main__", code)
+        registry.wait_for_kprobe_optimizer()
 
 
 def _is_runpy_main(frame: FrameType) -> bool:

@@ -39,7 +39,7 @@ import os
 import sys
 import threading
 import types
-from _thread import allocate_lock
+from _thread import allocate_lock, get_ident, start_new_thread
 from collections.abc import Callable
 from typing import Any
 
@@ -360,7 +360,12 @@ class _Writer:
     runs in `kprobe_busy` (core/site.py): a probe it hits records nothing. It never raises
     and never stops the program: a record that cannot be formatted is written as lost, and
     when the output fails (a full disk, a closed pipe), the records are counted and the
-    count is reported at exit."""
+    count is reported at exit.
+
+    The thread is a `_thread` one, not a `threading.Thread`: the program does not see it in
+    `threading.enumerate()` or `active_count()`, and `os.fork()` does not warn that the
+    process is multi-threaded because of it (3.12-3.14 count threading's threads; 3.15
+    counts the process's)."""
 
     def __init__(self, fs: Any, out: _Output, form: str) -> None:
         from pykprobes.trace import format as fmt
@@ -385,22 +390,28 @@ class _Writer:
             register(self.flush)
 
     def _new_thread(self) -> None:
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="pykprobes-trace", daemon=True)
+        self.stop = False
+        #: Held while the thread runs.
+        self.running = allocate_lock()
+        self.ident: int | None = None
 
     def start(self) -> None:
-        self.thread.start()
+        self.running.acquire()
+        self.ident = start_new_thread(self._loop, ())
 
     def _after_fork_in_child(self) -> None:
-        # The child's own writer: the thread did not survive the fork, the lock may have.
+        # The child's own writer: the thread did not survive the fork, its locks may have.
         self.lock = allocate_lock()
         self._new_thread()
         if not self.done:
-            self.thread.start()
+            self.start()
 
     def _loop(self) -> None:
-        while not self.stop.is_set():
-            self._drain(0.05)
+        try:
+            while not self.stop:
+                self._drain(0.05)
+        finally:
+            self.running.release()
 
     def _drain(self, timeout: float) -> None:
         from pykprobes.core.site import kprobe_busy
@@ -450,9 +461,11 @@ class _Writer:
         """Stop writing as records come, after writing those already there: the program is
         about to print its traceback, which must not have trace lines written into it (the
         interpreter writes a traceback line in several pieces). `finish` writes the rest."""
-        self.stop.set()
-        if self.thread.is_alive() and self.thread is not threading.current_thread():
-            self.thread.join(2)
+        self.stop = True
+        if self.running.locked() and self.ident != get_ident():
+            self.fs.buffer.interrupt()  # out of its wait at once
+            if self.running.acquire(timeout=2):
+                self.running.release()
         self._drain(0)
 
     def flush(self) -> None:

@@ -28,6 +28,7 @@ Two paths serve a hit:
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -218,6 +219,20 @@ class kprobe_busy:
             _busy.pop(self._tid, None)
         else:
             _busy[self._tid] = self._prev
+
+
+def _after_fork_in_child() -> None:
+    # Only the thread that forked goes on in the child: the hits and kprobe_busy brackets
+    # other threads had open are not the child's, and left in `_busy` / `_held` they would
+    # send every hit of the child down the careful path for good.
+    me = get_ident()
+    for tid in [t for t in _busy if t != me]:
+        del _busy[tid]
+    if _held[0] is not None and not _fast_hit_on_stack(_getframe(0)):
+        _held[0] = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Site:
