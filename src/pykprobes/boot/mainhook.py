@@ -10,7 +10,15 @@ stage installs `_audit`, which waits for the first `exec` of the program's code:
 * from C with no Python frame on the stack (`sys._getframe(1)` fails): `python script.py`
   and `python -c` (the `.pth` lines and `sitecustomize` are executed from Python frames);
 * or from runpy's `_run_code` with the `__main__` module's namespace: `-m`, a directory or a
-  zip file.
+  zip file;
+* in a multiprocessing child started by `spawn` (or the forkserver), whose `-c` program is
+  multiprocessing's own: from runpy's `_run_code` running the parent's main module as
+  `__mp_main__` (multiprocessing/spawn.py), which becomes the child's `__main__`. That body
+  runs from its original code (the hook cannot replace what runpy's `exec` runs): the
+  probes are armed on its code objects, and the functions it created are switched to the
+  probed code at the first audit event after multiprocessing made it `__main__`, before the
+  child calls them. multiprocessing's `-c` program itself is not the program: `__main__`
+  probes are not armed on it (and do not warn that they could not be).
 
 It hands the code to the core like the module notifier does (`module_code_loaded("__main__",
 code)`), which arms the pending `__main__` probes on it, and if that gave rewritten code, it
