@@ -227,3 +227,23 @@ def test_a_closed_pipe_ends_quietly(command: list[str]) -> None:
         os.close(write_end)
     assert res.returncode == 1
     assert res.stderr == ""
+
+
+def test_m_imports_its_parent_packages_with_the_events_enabled(tmp_path: Path) -> None:
+    """`python -m pkg.sub` imports pkg (the program's code) to find pkg.sub: under run, with
+    the events enabled, as the rest of the program."""
+    pkg = tmp_path / "pkg_par"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("def init_work(x):\n    return x\n\ninit_work(7)\n")
+    (pkg / "sub.py").write_text("import pkg_par\nprint(pkg_par.init_work(8))\n")
+    plain = _python(["-m", "pkg_par.sub"], tmp_path)
+    traced = run("-e", "p:t/i pkg_par:init_work x", "--", "-m", "pkg_par.sub", cwd=tmp_path)
+    _same(plain, traced)
+    assert [m["args"] for m in trace_lines(traced.stderr)] == [" x=7", " x=8"]
+    (pkg / "boom.py").write_text("")
+    (pkg / "__init__.py").write_text("raise RuntimeError('in the package')\n")
+    plain = _python(["-m", "pkg_par.boom"], tmp_path)
+    traced = run("--", "-m", "pkg_par.boom", cwd=tmp_path)
+    assert traced.returncode == plain.returncode == 1
+    assert "pykprobes" not in traced.stderr
+    assert traced.stderr.splitlines()[-3:] == plain.stderr.splitlines()[-3:]

@@ -85,20 +85,24 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{exc.strerror or exc}", file=sys.stderr)
         return 1
 
-    if program[0] == "-m":
-        target: _Program | int = _Program.module(program[1], program[2:])
-    else:
+    # A script is read and compiled before anything runs, as python does. A module is found
+    # once the events are enabled: finding it imports its parent packages, the program's
+    # code, which python runs before the module too.
+    module_name = program[1] if program[0] == "-m" else None
+    target: _Program | int | None = None
+    if module_name is None:
         target = _Program.path(program[0], program[1:])
-    if isinstance(target, int):
-        return target  # python's own message is printed: the file or module is not there
-
-    target.enter()
+        if isinstance(target, int):
+            return target  # python's own message is printed: the file is not there
+        target.enter()
+    elif not getattr(sys.flags, "safe_path", False):
+        sys.path[0] = os.getcwd()
     registry.init_kprobes()
     if args.no_optimize:
         registry.set_optimization(False)
-    registry.expect_module("__main__", path=target.script)
-    if target.real_name is not None:
-        registry.expect_module(target.real_name)
+    registry.expect_module("__main__", path=target.script if target is not None else None)
+    if module_name is not None:
+        registry.expect_module(module_name)
     fs = tracefs()
     try:
         if args.buffer_size_kb is not None:
@@ -126,6 +130,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     writer.start()
     for event in list(fs.events.values()):
         event.enable()
+    if target is None:
+        assert module_name is not None
+        target = _Program.module(module_name, program[2:], writer.hold)
+        if isinstance(target, int):
+            return target
+        target.enter()
     return _exec_main(target, registry, writer.hold)
 
 
@@ -192,8 +202,10 @@ class _Program:
         return program
 
     @classmethod
-    def module(cls, name: str, argv: list[str]) -> _Program | int:
-        """`python -m NAME` (a package runs its `__main__`)."""
+    def module(cls, name: str, argv: list[str], hold: Callable[[], None]) -> _Program | int:
+        """`python -m NAME` (a package runs its `__main__`). Finding it imports its parent
+        packages: an exception they raise is the program's, printed as python prints it
+        (after `hold`, which keeps trace lines out of the traceback)."""
         import importlib.util
 
         try:
@@ -202,22 +214,35 @@ class _Program:
                 name = f"{name}.__main__"
                 spec = importlib.util.find_spec(name)
         except (ImportError, ValueError) as exc:
+            hold()
             print(f"{sys.executable}: Error while finding module specification for {name!r} "
                   f"({type(exc).__name__}: {exc})", file=sys.stderr)
             return 1
+        except BaseException as exc:  # noqa: BLE001 - the program's package raised
+            hold()
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_frame.f_globals.get("__name__") in (
+                    __name__, "importlib.util"):
+                tb = tb.tb_next  # from the program's frames on (the import system's follow)
+            _print_uncaught(exc, tb)
+            return 130 if isinstance(exc, KeyboardInterrupt) else 1
         if spec is None or spec.loader is None or not hasattr(spec.loader, "get_code"):
+            hold()
             print(f"{sys.executable}: No module named {name}", file=sys.stderr)
             return 1
-        program = cls._from_spec(spec, [spec.origin or name, *argv], os.getcwd())
+        program = cls._from_spec(spec, [spec.origin or name, *argv], os.getcwd(), hold)
         if isinstance(program, _Program):
             program.real_name = name
         return program
 
     @classmethod
-    def _from_spec(cls, spec: Any, argv: list[str], path0: str) -> _Program | int:
+    def _from_spec(cls, spec: Any, argv: list[str], path0: str,
+                   hold: Callable[[], None] | None = None) -> _Program | int:
         try:
             code = spec.loader.get_code(spec.name)
         except (SyntaxError, ValueError) as exc:
+            if hold is not None:
+                hold()
             _print_uncaught(exc, None)
             return 1
         module = _main_module()

@@ -602,19 +602,21 @@ def _optimize_locked() -> bool:
             site.optimized = True
             touched[id(state)] = state
     # One heap walk at most for the whole pass (holders.py), done when the block ends:
-    # before any retired version is forgotten below. Rewriting runs library code a program
-    # may probe (enum and contextlib, under `bytecode`): pykprobes' own work, in which a hit
-    # records nothing (kprobe_busy: it counts nmissed), only while there is code to rewrite.
-    with kprobe_busy(bool(touched)), codestate.switching(m):
+    # before any retired version is forgotten below.
+    with codestate.switching(m):
         for state in touched.values():
-            try:
-                codestate.sync(state, m)
-            except Exception as exc:  # noqa: BLE001 - a rewrite that fails stays a breakpoint
-                for site in state.sites.values():
-                    if site.optimized:
-                        site.optimized = False
-                        _opt_reasons[site.addr.key] = f"rewrite failed: {exc}"
-                codestate.sync(state, m)
+            # Rewriting runs library code a program may probe (enum and contextlib, under
+            # `bytecode`): pykprobes' own work, in which a hit records nothing (kprobe_busy:
+            # it counts nmissed; hits in other threads take the careful path meanwhile).
+            with kprobe_busy():
+                try:
+                    codestate.sync(state, m)
+                except Exception as exc:  # noqa: BLE001 - a failed rewrite stays a breakpoint
+                    for site in state.sites.values():
+                        if site.optimized:
+                            site.optimized = False
+                            _opt_reasons[site.addr.key] = f"rewrite failed: {exc}"
+                    codestate.sync(state, m)
             for site in state.sites.values():
                 _update_flags(site)
     global _rechecks

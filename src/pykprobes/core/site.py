@@ -198,23 +198,16 @@ class kprobe_busy:
     any hit inside a handler is (the careful path's `_thread_busy`). Nothing of the program
     is recorded on behalf of pykprobes, and the hit paths pay nothing for it: other
     threads' hits take the careful path while the bracket is open, as while a handler runs.
-    Nests; restores what the thread had (a handler's Regs) on exit. `kprobe_busy(False)`
-    brackets nothing (for work that is only sometimes done)."""
+    Nests; restores what the thread had (a handler's Regs) on exit."""
 
-    __slots__ = ("_on", "_prev", "_tid")
-
-    def __init__(self, on: bool = True) -> None:
-        self._on = on
+    __slots__ = ("_prev", "_tid")
 
     def __enter__(self) -> None:
-        if self._on:
-            tid = self._tid = get_ident()
-            self._prev = _busy.get(tid)
-            _busy[tid] = KPROBE_BUSY
+        tid = self._tid = get_ident()
+        self._prev = _busy.get(tid)
+        _busy[tid] = KPROBE_BUSY
 
     def __exit__(self, *exc_info: object) -> None:
-        if not self._on:
-            return
         if self._prev is None:
             _busy.pop(self._tid, None)
         else:
