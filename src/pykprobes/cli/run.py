@@ -89,11 +89,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     # once the events are enabled: finding it imports its parent packages, the program's
     # code, which python runs before the module too.
     module_name = program[1] if program[0] == "-m" else None
-    target: _Program | int | None = None
+    target: _Program | None = None
     if module_name is None:
-        target = _Program.path(program[0], program[1:])
-        if isinstance(target, int):
-            return target  # python's own message is printed: the file is not there
+        loaded = _Program.from_path(program[0], program[1:])
+        if isinstance(loaded, int):
+            return loaded  # python's own message is printed: the file is not there
+        target = loaded
         target.enter()
     elif not getattr(sys.flags, "safe_path", False):
         sys.path[0] = os.getcwd()
@@ -132,10 +133,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         event.enable()
     if target is None:
         assert module_name is not None
-        target = _Program.module(module_name, program[2:], writer.hold)
-        if isinstance(target, int):
-            return target
-        target.enter()
+        loaded = _Program.from_module(module_name, program[2:], writer.hold)
+        if isinstance(loaded, int):
+            return loaded
+        loaded.enter()
+        target = loaded
     return _exec_main(target, registry, writer.hold)
 
 
@@ -155,7 +157,7 @@ class _Program:
         self.script = script
 
     @classmethod
-    def path(cls, path: str, argv: list[str]) -> _Program | int:
+    def from_path(cls, path: str, argv: list[str]) -> _Program | int:
         """`python PATH`: a script, or a directory or zip file with a `__main__.py`."""
         import zipfile
 
@@ -202,7 +204,8 @@ class _Program:
         return program
 
     @classmethod
-    def module(cls, name: str, argv: list[str], hold: Callable[[], None]) -> _Program | int:
+    def from_module(cls, name: str, argv: list[str],
+                    hold: Callable[[], None]) -> _Program | int:
         """`python -m NAME` (a package runs its `__main__`). Finding it imports its parent
         packages: an exception they raise is the program's, printed as python prints it
         (after `hold`, which keeps trace lines out of the traceback)."""

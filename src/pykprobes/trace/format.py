@@ -117,7 +117,7 @@ def bare(value: object) -> str:
     if t is not str:
         if not issubclass(t, str):
             return format_value(value)
-        value = str.__str__(value)  # type: ignore[arg-type]
+        value = str.__str__(value)
     s: str = value  # type: ignore[assignment]
     if s.isprintable() and "\\" not in s:
         return s
@@ -153,7 +153,7 @@ def format_value(value: object, type_name: str | None = None) -> str:
     if t is bool:
         return "True" if value else "False"
     if t is float:
-        return float.__repr__(value)  # type: ignore[arg-type]
+        return float.__repr__(value)
     if value is None:
         return "None"
     if t is bytes:
@@ -167,9 +167,9 @@ def format_value(value: object, type_name: str | None = None) -> str:
         # fetchargs' Opaque: the description of an object recorded without a type
         # (`<Type at 0x...>`), a `:repr` or `:type` text, printed bare as the kernel prints
         # a symbol; any other str subclass is a string.
-        return bare(value) if t.__name__ == "Opaque" else _quote(str.__str__(value))  # type: ignore[arg-type]
+        return bare(value) if t.__name__ == "Opaque" else _quote(str.__str__(value))
     if issubclass(t, float):
-        return float.__repr__(value)  # type: ignore[arg-type]
+        return float.__repr__(value)
     if issubclass(t, bytes):
         return _quote_bytes(bytes.__bytes__(value))  # type: ignore[arg-type]
     # `<module.Qualname object at 0x...>`: a class's names are the program's text.
@@ -224,7 +224,7 @@ def _json_value(value: object) -> str:
         text = int_text(number)
         return json_string(text) if "x" in text else text  # too long for decimal: hex
     if issubclass(t, str):
-        return json_string(str.__str__(value))  # type: ignore[arg-type]
+        return json_string(str.__str__(value))
     return json_string(format_value(value))
 
 

@@ -156,7 +156,7 @@ def _str_keys(mapping: Any) -> bool:
     the name's would have its `__eq__` run by the lookup (issue 16). (C code throughout:
     `issuperset` consumes the `map` without building a set.)"""
     try:
-        return _only_str(map(type, mapping))  # type: ignore[no-any-return]
+        return _only_str(map(type, mapping))
     except RuntimeError:  # changed size while read by another thread
         return False
 
@@ -200,7 +200,7 @@ _MRO_CACHE_MAX: Final = 512
 
 
 def _namespaces(tp: type) -> tuple[Any, ...]:
-    return _mro_entry(tp)[2]  # type: ignore[no-any-return]
+    return _mro_entry(tp)[2]
 
 
 def _mro_entry(tp: type) -> tuple[type, tuple[type, ...], tuple[Any, ...], Any]:
@@ -342,7 +342,7 @@ def _instance_dict(obj: object) -> dict[str, Any] | None:
     gets a dict object made for it: a cost, invisible to the program."""
     tp = type(obj)
     descr = _mro_entry(tp)[3]
-    return None if descr is None else _dict_by(descr, obj, tp)  # type: ignore[no-any-return]
+    return None if descr is None else _dict_by(descr, obj, tp)
 
 
 def get_attr(obj: Any, name: str) -> Any:
