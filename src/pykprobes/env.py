@@ -37,3 +37,11 @@ FREE_THREADED_REFUSAL: Final = (
 _jit = getattr(sys, "_jit", None)
 JIT_AVAILABLE: Final = bool(_jit is not None and _jit.is_available())
 JIT_ENABLED: Final = bool(_jit is not None and _jit.is_enabled())
+
+# What the interpreter puts in `__main__` before a program's first line, besides `__name__`,
+# `__doc__`, `__package__`, `__loader__`, `__spec__`, `__builtins__` and `__file__` (`pykprobes
+# run` makes the same module): an empty `__annotations__` dict before 3.14 (gh-119180, PEP
+# 649 made module annotations lazy), and `__cached__` (None for a script, the spec's for -m)
+# before 3.15 (gh-65961: no longer set).
+MAIN_ANNOTATIONS: Final = PYVERSION < (3, 14)
+MAIN_CACHED: Final = PYVERSION < (3, 15)

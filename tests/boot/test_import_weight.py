@@ -4,8 +4,8 @@ Unset: the `.pth` line imports nothing (no pykprobes module at all); where `site
 `.start` entry point instead (PEP 829, 3.15+), that imports the three modules it lives in and
 nothing else (`site` itself imports `pkgutil` to resolve it: boot/pth.py). Set: the boot stage
 loads the modules listed below and no others; the rewrite arch and `bytecode` come only
-with the first import of a target module. Every module whose Python code the early path runs
-is on the blacklist while early (the early blacklist, or the core's)."""
+with the first import of a target module (or at registration, for a target the rewrite arch
+imports itself). The modules loaded may still be probed early (tests/boot/test_reach.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pykprobes
 from pykprobes.boot.pth import PTH_LINE, START_ENTRY
+from pykprobes.core import early as early_module
 from tests.boot.conftest import SITE_RUNS_START_FILES, run, warnings_of
 
 #: No import in the child's program: json is a target below.
@@ -120,62 +121,17 @@ def test_set_loads_the_listed_modules_and_nothing_heavy(tmp_path: Path) -> None:
     assert {"pykprobes.arch.rewrite", "pykprobes.arch.rewrite.inject", "bytecode"} <= after
 
 
-PROFILE = """
-import os, sys
-called = set()
-
-def profile(frame, event, arg):
-    if event == "call":
-        called.add(frame.f_globals.get("__name__") or "?")
-
-before = set(sys.modules)
-# Other meta path finders of this environment (setuptools' _distutils_hack) run on every
-# import, ours or not: they are the import system here, not the early path.
-finders = {type(f).__module__ for f in sys.meta_path} - {"_frozen_importlib",
-                                                          "_frozen_importlib_external"}
-sys.setprofile(profile)
-os.environ["PYKPROBES_EVENTS"] = @EVENTS@
-import pykprobes.boot
-pykprobes.boot.start_from_environ()     # the boot stage, as the .pth line calls it
-import json as target                   # the target's import: rewrite before its body
-target.loads("[1]")                     # a hit: the event recorded into the early buffer
-from pykprobes.boot import stage
-stage._write_at_exit()                  # what a process still early does at exit
-sys.setprofile(None)
-from pykprobes.core import blacklist, early
-loaded = set(sys.modules) - before
-
-def allowed(name):
-    return (blacklist.blacklist_reason(name, None) is not None
-            or early.blacklist_reason(name) is not None)
-
-print(repr({
-    "ran_unlisted": sorted(m for m in called if not allowed(m) and m not in finders),
-    "loaded_unlisted": sorted(m for m in loaded if not allowed(m)),
-}))
-"""
-
-
-def test_what_the_early_path_runs_is_blacklisted_while_early(tmp_path: Path) -> None:
-    """An early probe on a module whose code the early machinery itself runs would be hit
-    by the machinery arming it: every such module is refused while early."""
-    events = "p:boot/a json.decoder:JSONDecoder.decode s:len;r:boot/r json:loads $retval"
-    # Started without the variable (the .pth does nothing), the child sets it and calls the
-    # boot stage itself, under a profile function.
-    res = run(["-c", PROFILE.replace("@EVENTS@", repr(events))], cwd=tmp_path,
-              env={"PYKPROBES_OUTPUT": str(tmp_path / "out")})
-    assert res.returncode == 0, res.stderr
-    out = ast.literal_eval(res.stdout)
-    # The target (json), the program, and code Python makes on the fly (namedtuple's
-    # `namedtuple_X` namespaces, which hold no probe-able module code).
-    program = {"__main__", "?", "json", "json.decoder", "json.scanner", "json.encoder"}
-    ran = [m for m in out["ran_unlisted"]
-           if m not in program and not m.startswith("namedtuple_")]
-    assert ran == []
-    loaded = [m for m in out["loaded_unlisted"] if m not in program and m != "_json"]
-    # C modules cannot be probed (no code objects): only Python ones matter here.
-    assert [m for m in loaded if not _is_builtin_or_extension(m)] == []
-    assert "JSONDecoder.decode+0" in (tmp_path / "out").read_text()
+def test_the_optimizer_imports_only_what_early_knows(tmp_path: Path) -> None:
+    """Loading the rewrite arch imports these standard library modules: an early probe
+    waiting for one of them loads it at registration (core/early.py OPTIMIZER_IMPORTS)."""
+    code = ("import sys; before = set(sys.modules);"
+            "from pykprobes.core import registry; registry._load_early_optimizer();"
+            "print(sorted({m.partition('.')[0] for m in set(sys.modules) - before}))")
+    added = set(ast.literal_eval(
+        run(["-c", code], events="p:boot/a json:loads", cwd=tmp_path).stdout.splitlines()[-1]))
+    python = {m for m in added if not _is_builtin_or_extension(m)}
+    assert "bytecode" in python
+    assert python - {"pykprobes", "bytecode"} <= early_module.OPTIMIZER_IMPORTS
 
 
 def _is_builtin_or_extension(name: str) -> bool:

@@ -4,14 +4,17 @@ trace_pipe read, blocking included. The concurrent cases are in test_buffer_thre
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from typing import Any
 
 import pytest
 
+from pykprobes.errors import KprobeError
 from pykprobes.trace.buffer import (
     DEFAULT_SIZE_KB,
+    MAX_SIZE_KB,
     ReadBatch,
     Record,
     TraceBuffer,
@@ -274,14 +277,18 @@ def test_resize_shrinks_by_evicting_the_oldest(overwrite: bool) -> None:
     assert batch.lost_at == [(0, 32)]
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, "4", True, None])
+@pytest.mark.parametrize("bad", [0, -1, -5, 1.5, 1e30, 10**30, MAX_SIZE_KB + 1, "4", True,
+                                 None])
 def test_resize_refuses_a_bad_size(bad: Any) -> None:
     buf = TraceBuffer(size_kb=1)
-    with pytest.raises(ValueError, match="positive number of KB"):
+    with pytest.raises(KprobeError, match="number of KB") as caught:
         buf.resize(bad)
+    assert caught.value.errno == errno.EINVAL
     assert buf.size_kb == 1
-    with pytest.raises(ValueError):
+    with pytest.raises(KprobeError):
         TraceBuffer(size_kb=bad)
+    buf.resize(MAX_SIZE_KB)  # the largest is taken: nothing is allocated for it
+    assert buf.size_kb == MAX_SIZE_KB
 
 
 def test_clear_empties_and_resets_the_counters() -> None:

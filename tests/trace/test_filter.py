@@ -362,6 +362,10 @@ ERROR_CASES = [
     ("n == 1.2.3", "     ^", "FILTER_ILLEGAL_INTVAL"),
     ("n < -.", "    ^", "FILTER_ILLEGAL_INTVAL"),
     ("n & 1.5", "    ^", "FILTER_ILLEGAL_INTVAL"),  # & takes an int
+    # more digits than CPython converts (its int-to-str limit, 4300 digits): an error, not
+    # the ValueError int() raises
+    ("n == " + "9" * 5000, "     ^", "FILTER_ILLEGAL_INTVAL"),
+    ("n > -" + "1" * 4301, "    ^", "FILTER_ILLEGAL_INTVAL"),
     # FILTER_INVALID_VALUE: at a value that is neither a number nor quoted
     ("s == abc", "     ^", "FILTER_INVALID_VALUE"),
     ("n == -x", "     ^", "FILTER_INVALID_VALUE"),

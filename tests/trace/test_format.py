@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -471,3 +472,69 @@ def test_event_format_without_fields() -> None:
         "\n"
         'print fmt: "(%lx)", REC->__probe_ip\n'
     )
+
+
+# -- what the program controls: long ints, text shown bare, JSON (issue 16, items 4 and 7) --
+
+
+def test_ints_too_long_for_decimal_print_in_hex() -> None:
+    assert fmt.format_value(10**4299) == "1" + "0" * 4299  # within the limit: decimal
+    huge = fmt.format_value(10**5000)  # int() -> str would raise ValueError
+    assert huge.startswith("0x31e208") and huge.endswith("...") and len(huge) == 2 + 1024 + 3
+    assert fmt.format_value(-(2**20000)) == "-0x1" + "0" * 1023 + "..."
+    assert fmt.format_value(2**4000, "x") == "0x1" + "0" * 1000
+    assert fmt.format_value(Color.RED, "x") == "0x1f"
+    old = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(640)  # the program's own, lower limit
+    try:
+        assert fmt.format_value(10**700) == hex(10**700)
+        assert json.loads(fmt.format_json((0, 1, "t", StandInEvent("e", ("n",)), (10**700,),
+                                           None)))["fields"]["n"] == hex(10**700)
+    finally:
+        sys.set_int_max_str_digits(old)
+
+
+@pytest.mark.parametrize(("raw", "shown"), [
+    ("plain text", "plain text"),
+    ('say "hi"', 'say "hi"'),  # bare: a quote is no delimiter
+    ("a\nb\rc\td", "a\\nb\\rc\\td"),
+    ("back\\slash", "back\\\\slash"),
+    ("\ud800", "\\ud800"),
+    ("\u2028\x85\x00", "\\u2028\\x85\\x00"),
+    ("é€😀", "é€😀"),
+])
+def test_bare_text_escapes_what_could_break_a_line(raw: str, shown: str) -> None:
+    assert fmt.bare(raw) == shown
+    opaque = type("Opaque", (str,), {})  # fetchargs' Opaque: a description shown bare
+    ev = StandInEvent("e", ("r",), symbol=f"/p/{raw}.py:3")
+    text = line(ev, opaque(raw), comm=raw)
+    assert text.count("\n") == 0 and text.startswith(f"{shown:>16}-1 ")
+    assert text.endswith(f"(/p/{shown}.py:3+0) r={shown}")
+    ret = StandInEvent("r", (), is_return=True)
+    assert line(ret, caller=f"m:{raw}").endswith(f"<- m:{shown})")
+
+
+def test_json_is_written_without_the_json_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `pykprobes run --format json` must not run code the program can probe (json.dumps).
+    def probed(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("json.dumps ran")
+
+    monkeypatch.setattr(json, "dumps", probed)
+    ev = StandInEvent("e", ("s", "n", "f", "b"))
+    values = ("\ud800\n\"\\\x7f\U000e0001é", 2**70, -0.0, None)
+    text = fmt.format_json((1, 2, "c\udc80", ev, values, None))
+    text.encode("utf-8")
+    obj = json.loads(text)
+    assert obj["fields"] == {"s": values[0], "n": 2**70, "f": -0.0, "b": None}
+    assert obj["comm"] == "c\udc80"
+
+
+def test_error_log_escapes_the_command_and_keeps_the_caret_under_it() -> None:
+    command = "p:t/a /tmp/x\x00\ud800.py:3 x:nosuchtype"
+    pos = command.index("nosuchtype")
+    text = fmt.format_error_log([LogEntry("Unknown type is specified", command, pos,
+                                          ts_ns=0)])
+    text.encode("utf-8")
+    command_line, caret_line = text.splitlines()[1:]
+    assert command_line == "  Command: p:t/a /tmp/x\\x00\\ud800.py:3 x:nosuchtype"
+    assert command_line[caret_line.index("^"):].startswith("nosuchtype")

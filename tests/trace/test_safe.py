@@ -10,6 +10,7 @@ import copy
 import functools
 import pickle
 import types
+import warnings
 from collections import Counter, OrderedDict, defaultdict, deque
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -463,6 +464,45 @@ def test_key_hash_and_eq_are_not_run() -> None:
     assert CALLS == []
 
 
+def test_a_colliding_key_in_an_instance_or_class_dict_is_not_compared() -> None:
+    """`obj.attr` looks `attr` up in the instance's `__dict__` (and the class's): a stored key
+    of a program class with the same hash would have its `__eq__` run by that lookup."""
+
+    class Plain:
+        pass
+
+    class Colliding:
+        def __hash__(self) -> int:
+            return hash("Host")
+
+        def __eq__(self, other: object) -> bool:
+            CALLS.append("Colliding.__eq__")
+            return False
+
+    obj = Plain()
+    obj.Host = "value"
+    assert get_attr(obj, "Host") == "value"
+    vars(obj)[Colliding()] = "by key"  # legal: an instance dict may hold any key
+    CALLS.clear()
+    assert get_attr(obj, "Host") is FAULT
+    assert get_attr(obj, "missing") is FAULT
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # 3.13 warns about such a class
+        klass = type("Odd", (), {Colliding(): 1, "Host": 2, "data": 3})
+    CALLS.clear()
+    assert get_attr(klass, "Host") is FAULT
+    assert get_attr(klass(), "data") is FAULT
+    assert get_attr(klass(), "Host") is FAULT
+    assert CALLS == []
+    # The module path (a module's globals may hold any key too).
+    module = types.ModuleType("odd_module")
+    module.Host = 1
+    vars(module)[Colliding()] = 2
+    CALLS.clear()
+    assert get_attr(module, "Host") is FAULT
+    assert CALLS == []
+
+
 def test_big_dicts_are_not_scanned() -> None:
     d = {str(i): i for i in range(DICT_SCAN_CAP)}
     assert get_item(d, "5") == 5
@@ -520,6 +560,12 @@ def test_capped_repr_bounds_builtin_containers() -> None:
     big = list(range(100_000))
     text = capped_repr(big)
     assert text.startswith("[0, 1, 2") and "..." in text and len(text) < 200
+    # Sets and dicts in iteration order: reprlib sorted them whole to show a few items
+    # (time in the size, and the program's __lt__ on each key).
+    assert capped_repr(set(range(1_000_000))).startswith("{0, 1, 2")
+    assert capped_repr({i: i for i in range(1_000_000)}).startswith("{0: 0, 1: 1, ")
+    assert capped_repr(frozenset()) == "frozenset()" and capped_repr({}) == "{}"
+    assert capped_repr([10**5000]).startswith("[0x31e2")  # repr() of it raises ValueError
     nested: list[Any] = [[[[[["deep"]]]]]]
     assert "deep" not in capped_repr(nested)
     assert capped_repr({"a": (1, deque([2]))}) == "{'a': (1, deque([2]))}"

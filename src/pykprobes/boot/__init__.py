@@ -40,9 +40,20 @@ lines included (they are lines of `__main__`).
 
 The process stays early until `init_kprobes()` (called by the program, `pykprobes run`, or the
 control socket); then the early events move into the trace buffer, in order, and the probes
-become normal ones. A process that stays early writes its early events at exit (an atexit
-handler: not after os._exit() or a fatal signal). Child processes inherit the variables, so
-each Python child boots its own early probes and appends its own events to the same file.
+become normal ones. A process that stays early writes its early events at exit (atexit, and
+threading's shutdown, which is all a multiprocessing child runs before `os._exit()`; each
+write takes what it writes): not after an `os._exit()` of its own or a fatal signal. Child
+processes inherit the variables, so each Python child boots its own early probes and
+appends its own events to the same file; a forked child starts with an empty early buffer
+(the events before the fork are the parent's), and a multiprocessing `spawn` child, whose
+`-c` program is multiprocessing's, arms `__main__:...` on the parent's main module, run there
+as `__mp_main__` (boot/mainhook.py).
+
+The boot stage's own work (parsing, registering, arming at import, loading the rewrite arch,
+writing the events) runs in `kprobe_busy` (core/site.py): an early probe on a module it uses
+(re, functools, enum, os.path...) records only the program's calls. Early probes may not
+target the import machinery (core/early.py EARLY_NEEDED) nor what no probe may target
+(core/blacklist.py).
 
 When `PYKPROBES_EVENTS` is unset, the `.pth` line imports nothing; the `.start` entry point
 of 3.15+ costs `site` the import of `pkgutil` and of this package (boot/pth.py). When it is

@@ -71,18 +71,34 @@ class EarlyBuffer:
 
         return self.append(ts, (tid, comm), event, values, caller, values_size(values, caller))
 
-    def snapshot(self) -> tuple[list[Record], int]:
-        """(the events kept, in order, as records; the number lost), consuming nothing."""
+    def snapshot(self, consume: bool = False) -> tuple[list[Record], int]:
+        """(the events kept, in order, as records; the number lost); with `consume`, they
+        are taken out (the next snapshot has only what came after)."""
         from pykprobes.trace.cmdlines import resolve
 
         with self._lock:
             kept = [e for e in self._records[: self._count] if e is not None]
             lost = self.lost
+            if consume:
+                self._clear_locked()
         out: list[Record] = []
         for ts, key, event, values, caller, _size in kept:
             tid, comm = resolve(key)
             out.append((ts, tid, comm, event, values, caller))
         return out, lost
+
+    def _clear_locked(self) -> None:
+        for i in range(self._count):
+            self._records[i] = None
+        self._count = 0
+        self.lost = 0
+
+    def after_fork_in_child(self) -> None:
+        """A child made by os.fork() starts empty, with a lock of its own: the events kept
+        before the fork are the parent's to write (written once), and another thread of the
+        parent may have held the lock."""
+        self._lock = allocate_lock()
+        self._clear_locked()
 
     @property
     def entries(self) -> int:

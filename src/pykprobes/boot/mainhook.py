@@ -10,7 +10,15 @@ stage installs `_audit`, which waits for the first `exec` of the program's code:
 * from C with no Python frame on the stack (`sys._getframe(1)` fails): `python script.py`
   and `python -c` (the `.pth` lines and `sitecustomize` are executed from Python frames);
 * or from runpy's `_run_code` with the `__main__` module's namespace: `-m`, a directory or a
-  zip file.
+  zip file;
+* in a multiprocessing child started by `spawn` (or the forkserver), whose `-c` program is
+  multiprocessing's own: from runpy's `_run_code` running the parent's main module as
+  `__mp_main__` (multiprocessing/spawn.py), which becomes the child's `__main__`. That body
+  runs from its original code (the hook cannot replace what runpy's `exec` runs): the
+  probes are armed on its code objects, and the functions it created are switched to the
+  probed code at the first audit event after multiprocessing made it `__main__`, before the
+  child calls them. multiprocessing's `-c` program itself is not the program: `__main__`
+  probes are not armed on it (and do not warn that they could not be).
 
 It hands the code to the core like the module notifier does (`module_code_loaded("__main__",
 code)`), which arms the pending `__main__` probes on it, and if that gave rewritten code, it
@@ -56,8 +64,12 @@ def install(mode: str) -> None:
 
 
 def _audit(event: str, args: tuple[object, ...]) -> None:
-    global _done
-    if _done or event != "exec":
+    global _done, _mp_child
+    if _done:
+        if _mp_main is not None:
+            _mp_main_ran()
+        return
+    if event != "exec":
         return
     code = args[0] if args else None
     if type(code) is not CodeType or code.co_name != "<module>":
@@ -69,15 +81,24 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
     if caller is None:
         if _mode not in ("script", "-c") or getattr(sys.flags, "inspect", 0):
             return
+        if _mode == "-c" and _is_multiprocessing_stub(code):
+            _mp_child = True  # the program is the parent's `__main__`, run as `__mp_main__`
+            return
+    elif _mp_child and _is_runpy_code(caller, "__mp_main__"):
+        _done = True
+        _mp_main_loaded(code)
+        return
     elif not _is_runpy_main(caller):
         return
     _done = True
     if _own_cli(code):
         return
     from pykprobes.core import registry
+    from pykprobes.core.site import kprobe_busy
 
-    original = registry._original(code)  # -m: the module notifier may have rewritten it
-    run = registry.module_code_loaded("__main__", original)
+    with kprobe_busy():  # arming is pykprobes' work; the program's code runs outside
+        original = registry._original(code)  # -m: the module notifier may have rewritten it
+        run = registry.module_code_loaded("__main__", original)
     if run is original or run is code:
         return  # no early probe in it: the program runs as Python runs it
     # The program runs here, in this frame (the only one of ours its traceback can show).
@@ -86,15 +107,65 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - printed as Python prints it
-        _print_uncaught(exc, caller)
+        print_uncaught(exc, _program_traceback(exc.__traceback__, caller))
         if isinstance(exc, KeyboardInterrupt):
-            global _sigint
-            _sigint = True  # exit_like_python() ends the process as Python would
+            end_by_sigint()
             raise SystemExit(130) from None
         raise SystemExit(1) from None
     finally:
-        registry.module_executed("__main__", original)
+        with kprobe_busy():
+            registry.module_executed("__main__", original)
     raise SystemExit  # the program ran: the original code must not run
+
+
+def _is_multiprocessing_stub(code: CodeType) -> bool:
+    """The `-c` code multiprocessing starts its children with (spawn's spawn_main, the
+    forkserver's and the resource tracker's main): not the program."""
+    return code.co_filename == "<string>" and any(
+        name.startswith("multiprocessing.") for name in code.co_names)
+
+
+def _is_runpy_code(frame: FrameType, mod_name: str) -> bool:
+    return (frame.f_code.co_name == "_run_code" and frame.f_globals.get("__name__") == "runpy"
+            and frame.f_locals.get("mod_name") == mod_name)
+
+
+#: In a multiprocessing child: the code of the parent's `__main__`, run as `__mp_main__`,
+#: until it has run.
+_mp_child = False
+_mp_main: CodeType | None = None
+
+
+def _mp_main_loaded(code: CodeType) -> None:
+    """multiprocessing runs the parent's `__main__` in its spawned child as `__mp_main__`
+    (runpy.run_path or run_module, multiprocessing/spawn.py): that is the program's
+    `__main__`, and its probes are armed on its code. Its body runs from the original code
+    (an audit hook cannot replace what `exec` runs): the functions it creates are switched
+    to the probed code once it has run (`_mp_main_ran`), before the child calls them."""
+    global _mp_main
+    from pykprobes.core import registry
+    from pykprobes.core.site import kprobe_busy
+
+    with kprobe_busy():
+        original = registry._original(code)
+        registry.module_code_loaded("__main__", original)
+    _mp_main = original
+
+
+def _mp_main_ran() -> None:
+    """At each audit event after `_mp_main_loaded`: once multiprocessing has made the module
+    the child's `__main__` (spawn.py `_fixup_main_from_path`), its body has run."""
+    global _mp_main
+    main = sys.modules.get("__main__")
+    if main is None or main is not sys.modules.get("__mp_main__") or _mp_main is None:
+        return
+    code, _mp_main = _mp_main, None
+    from pykprobes.core import registry
+    from pykprobes.core.site import kprobe_busy
+
+    with kprobe_busy():
+        registry.module_executed("__main__", code)
+        registry.wait_for_kprobe_optimizer()
 
 
 def _is_runpy_main(frame: FrameType) -> bool:
@@ -114,6 +185,13 @@ def _own_cli(code: CodeType) -> bool:
     package = os.path.dirname(pykprobes.__file__ or "")
     return "pykprobes.cli.main" in code.co_names or (
         bool(package) and code.co_filename.startswith(package + os.sep))
+
+
+def end_by_sigint() -> None:
+    """The program ended with an uncaught KeyboardInterrupt: `exit_like_python()` ends the
+    process by SIGINT, as Python does, once the other exit handlers ran."""
+    global _sigint
+    _sigint = True
 
 
 def exit_like_python() -> None:
@@ -151,9 +229,9 @@ def _program_traceback(tb: TracebackType | None, caller: FrameType | None) -> Tr
     return tb
 
 
-def _print_uncaught(exc: BaseException, caller: FrameType | None) -> None:
-    """What PyErr_Print() does with an uncaught exception."""
-    tb = _program_traceback(exc.__traceback__, caller)
+def print_uncaught(exc: BaseException, tb: TracebackType | None) -> None:
+    """What PyErr_Print() does with an uncaught exception whose traceback is `tb` (None: a
+    SyntaxError of the program's source, printed without a traceback)."""
     exc = exc.with_traceback(tb)
     sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, tb
     sys.last_exc = exc  # 3.12+ reads it; harmless before
@@ -163,4 +241,4 @@ def _print_uncaught(exc: BaseException, caller: FrameType | None) -> None:
         sys.__excepthook__(type(exc), exc, tb)
 
 
-__all__ = ["install"]
+__all__ = ["end_by_sigint", "exit_like_python", "install", "print_uncaught"]

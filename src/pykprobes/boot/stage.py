@@ -46,8 +46,16 @@ _next_id = 0
 
 
 def run(value: str) -> None:
+    # The boot stage's work is pykprobes' own (kprobe_busy): an early probe on a module it
+    # runs (re, functools, enum, typing, os.path...) is not hit by it.
+    from pykprobes.core.site import kprobe_busy
+
+    with kprobe_busy():
+        _run(value)
+
+
+def _run(value: str) -> None:
     global _buffer, _output
-    before = set(sys.modules)
     env = os.environ
     slots = _env_int("PYKPROBES_EARLY_SLOTS", early.NR_EARLY_KPROBES_SLOTS_DEFAULT,
                      early.NR_EARLY_KPROBES_SLOTS_MIN, early.NR_EARLY_KPROBES_SLOTS_MAX)
@@ -86,11 +94,17 @@ def run(value: str) -> None:
             from pykprobes.boot import mainhook
 
             mainhook.install(mode)
-    early.add_blacklist(set(sys.modules) - before, "loaded by the boot stage")
     early.on_convert(_handover)
+    os.register_at_fork(after_in_child=_buffer.after_fork_in_child)
     import atexit
 
     atexit.register(_at_exit)  # registered first, so it runs last
+    # Threading's shutdown runs before atexit, and it is all that a multiprocessing child
+    # runs before os._exit(): write what there is then too (each write takes what it
+    # writes, so nothing is written twice).
+    register = getattr(sys.modules.get("threading"), "_register_atexit", None)  # 3.9+
+    if register is not None:
+        register(_write_at_exit)
 
 
 def _env_int(name: str, default: int, low: int, high: int) -> int:
@@ -259,6 +273,13 @@ def _warn(message: str) -> None:
 def _handover() -> None:
     """Called by init_kprobes() once the early probes are normal ones: the events join the
     process's tracefs, and the early buffer moves into its trace buffer."""
+    from pykprobes.core.site import kprobe_busy
+
+    with kprobe_busy():
+        _move_to_tracefs()
+
+
+def _move_to_tracefs() -> None:
     from pykprobes.trace.tracefs import tracefs
 
     fs = tracefs()
@@ -283,10 +304,19 @@ def _at_exit() -> None:
 
 
 def _write_at_exit() -> None:
-    """A process still early at exit writes its early events where PYKPROBES_OUTPUT says."""
+    """A process still early at exit writes its early events where PYKPROBES_OUTPUT says
+    (what it writes is taken out of the early buffer: a second call writes only what came
+    after the first)."""
     if not early.is_early() or _buffer is None:
         return
-    records, lost = _buffer.snapshot()
+    from pykprobes.core.site import kprobe_busy
+
+    with kprobe_busy():
+        _write_early_events(_buffer)
+
+
+def _write_early_events(buffer: EarlyBuffer) -> None:
+    records, lost = buffer.snapshot(consume=True)
     if not records and not lost:
         return
     try:

@@ -100,4 +100,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pykprobes: {env.FREE_THREADED_REFUSAL}", file=sys.stderr)
         return 1
     func: Callable[[argparse.Namespace], int] = args.func
-    return func(args)
+    if args.command == "run":
+        return func(args)  # stdout is the program's: what happens to it is the program's
+    try:
+        status = func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the flush at exit
+    except BrokenPipeError:
+        # The reader went away (`pykprobes probe -L mod:f | head`): end quietly with 1, as
+        # the signal module's "Note on SIGPIPE" does, stdout pointed at /dev/null so that
+        # the interpreter's own flush at exit does not fail again.
+        _stdout_to_devnull()
+        return 1
+    return status
+
+
+def _stdout_to_devnull() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass

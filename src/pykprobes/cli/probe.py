@@ -36,7 +36,12 @@ def _resolve(target: str) -> tuple[str, CodeType, int]:
 
     spec, _, offs = target.partition("+")
     module, qualname = resolve.split_symbol(spec)
-    mod = importlib.import_module(module)
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise
+    except Exception as exc:
+        raise ImportError(f"importing {module} raised {type(exc).__name__}: {exc}") from exc
     found = resolve.resolve_imported(mod, qualname)
     return module, found.code, int(offs, 0) if offs else 0
 
@@ -44,7 +49,7 @@ def _resolve(target: str) -> tuple[str, CodeType, int]:
 def cmd_probe(args: argparse.Namespace) -> int:
     from pykprobes.errors import KprobeError
 
-    target = args.line or args.vars
+    target: str = args.line if args.line is not None else args.vars
     try:
         module, code, offset = _resolve(target)
     except (KprobeError, ImportError, ValueError) as exc:

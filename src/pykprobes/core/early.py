@@ -8,10 +8,9 @@ core/registry.py) and uses what this module preallocates:
 * the **early slots** (`CONFIG_NR_EARLY_KPROBES_SLOTS`, 1..64, default 16): a fixed table, one
   slot per early probe, the seed's `DEFINE_EKPROBE_ALLOC_OPS` bitmap. `slot_probes()` is the
   seed's `early_kprobe_hlist`, which `get_kprobe()` searches while early;
-* the **early blacklist**: modules whose code the early path itself runs (the boot stage, the
-  registry, the rewrite arch it loads at the first import of a target, the hit path). An
-  early probe on them would be hit by the machinery that arms it, before there is anything
-  to guard it; they may be probed once the core is initialised;
+* the **early blacklist**: the import machinery the module notifier runs in (EARLY_NEEDED),
+  on top of the core's blacklist; it may be probed once the core is initialised. The early
+  machinery's own hits are kept out of the trace by kprobe_busy, not by a blacklist;
 * the conversion **notifiers**: the trace side of the boot stage hears when the probes became
   normal ones, to move its early events into the trace buffer.
 
@@ -36,57 +35,32 @@ NR_EARLY_KPROBES_SLOTS_DEFAULT = 16
 #: The seed's message (kernel/kprobes.c, register_early_kprobe), word for word.
 NO_SLOT_MESSAGE = "No enough early kprobe slots."
 
-#: What the early path needs, beyond what the boot stage loaded (those are added by
-#: `add_blacklist()` at boot): the modules the rewrite arch loads when a target module is
-#: imported, and the standard library modules whose Python code registration, a hit or the
-#: writing of the early events runs. Measured on CPython 3.11-3.15 by tests/boot
-#: (test_import_weight.py: every module whose code runs on the early path is here or was
-#: loaded by the boot stage).
-EARLY_NEEDED = (
-    "pykprobes",
-    "bytecode",
-    "site",
-    "_sitebuiltins",
-    "zipimport",
-    "os",
-    "posixpath",
-    "genericpath",
-    "stat",
-    "abc",
-    "codecs",
-    "io",
-    "encodings",
-    "_collections_abc",
-    "_weakrefset",
-    "weakref",
-    "threading",
-    "typing",
-    "types",
-    "collections",
-    "functools",
-    "operator",
-    "keyword",
-    "reprlib",
-    "enum",
-    "re",
-    "copyreg",
-    "contextlib",
-    "warnings",
-    "dis",
-    "opcode",
-    "inspect",
-    "ast",
-    "token",
-    "tokenize",
-    "linecache",
-    "importlib",
-    "atexit",
-    "__future__",
-    "copy",
-    "dataclasses",
-    # 3.14+: dataclasses and inspect read annotations through it (PEP 649/749).
-    "annotationlib",
-)
+#: What an early probe may not target besides the core's blacklist (pykprobes, bytecode,
+#: importlib, threading, weakref, warnings, dis, opcode: core/blacklist.py): the import
+#: machinery's other half, which the module notifier runs in. The rest of the standard
+#: library, the modules the boot stage imports included (typing, re, functools,
+#: collections, enum, contextlib...), may be probed early: the early machinery's own work
+#: (the boot stage, arming at import, loading the rewrite arch, writing the events at exit)
+#: runs in kprobe_busy (core/site.py), where a hit records nothing and counts nmissed, as
+#: the kernel's kprobe_busy_begin() brackets its own work.
+EARLY_NEEDED = ("zipimport",)
+
+#: The standard library modules that loading the rewrite arch imports (bytecode's inspect,
+#: dataclasses...: measured on 3.11-3.13 by tests/boot/test_import_weight.py). An early
+#: probe waiting for one of them loads the optimizer when it is registered: loaded at the
+#: module's own import, the optimizer would import it again halfway through.
+OPTIMIZER_IMPORTS = frozenset(
+    ("ast", "copy", "dataclasses", "enum", "inspect", "linecache", "re", "token", "tokenize",
+     # 3.14+: dataclasses and inspect read annotations through it (PEP 649/749).
+     "annotationlib"))
+
+
+def imported_by_optimizer(module: str) -> bool:
+    """Whether loading the optimizer would import `module`, not imported yet."""
+    import sys
+
+    return module.partition(".")[0] in OPTIMIZER_IMPORTS and module not in sys.modules
+
 
 _NEVER = 0
 _EARLY = 1
@@ -191,14 +165,6 @@ def nr_free_slots() -> int:
 # ----------------------------------------------------------------------------- blacklist
 
 
-def add_blacklist(modules: list[str] | set[str], reason: str) -> None:
-    """Add modules the boot stage needs (their top-level packages) while early."""
-    if _state != _EARLY:
-        return
-    for name in modules:
-        _blacklist.setdefault(name.partition(".")[0], reason)
-
-
 def blacklist_reason(module: str) -> str | None:
     """Why an early probe may not target `module` now (None after conversion)."""
     if _state != _EARLY:
@@ -256,12 +222,12 @@ __all__ = [
     "NR_EARLY_KPROBES_SLOTS_MAX",
     "NR_EARLY_KPROBES_SLOTS_MIN",
     "EarlyBreakpoint",
-    "add_blacklist",
     "alloc_slot",
     "blacklist_reason",
     "blacklisted_modules",
     "finish",
     "free_slot",
+    "imported_by_optimizer",
     "is_early",
     "nr_free_slots",
     "nr_slots",

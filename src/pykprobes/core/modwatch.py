@@ -21,6 +21,7 @@ from types import CodeType, ModuleType
 from typing import Any
 
 from pykprobes.core import registry
+from pykprobes.core.site import kprobe_busy
 
 #: Names whose imports we intercept.
 _names: set[str] = set()
@@ -90,11 +91,14 @@ def _wrap_loader(name: str, loader: Any) -> None:
         return  # an extension module or a loader we cannot see into: no Python code
     seen: list[CodeType] = []
 
+    # Arming probes on the module's code is pykprobes' work (kprobe_busy: what it runs of a
+    # probed library records nothing); the module's body is the program's.
     def notified_get_code(fullname: str) -> CodeType | None:
         code = get_code(fullname)
         if isinstance(code, CodeType) and fullname == name:
             seen.append(code)
-            return registry.module_code_loaded(name, code)
+            with kprobe_busy():
+                return registry.module_code_loaded(name, code)
         return code  # type: ignore[no-any-return]
 
     def notified_exec_module(module: ModuleType) -> None:
@@ -102,7 +106,8 @@ def _wrap_loader(name: str, loader: Any) -> None:
             exec_module(module)
         finally:
             if seen:
-                registry.module_executed(name, seen[-1])
+                with kprobe_busy():
+                    registry.module_executed(name, seen[-1])
             if name in registry.probed_modules():
                 _objects[name] = module
 

@@ -16,6 +16,7 @@ nothing. `init_kprobes()` converts them (`_convert_early_kprobes_locked()`).
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import threading
 from collections.abc import Iterable
@@ -35,7 +36,7 @@ from pykprobes.core.probe import (
     KPROBE_FLAG_OPTIMIZED,
     Kprobe,
 )
-from pykprobes.core.site import Site, synchronize_hits
+from pykprobes.core.site import Site, kprobe_busy, synchronize_hits
 from pykprobes.errors import KprobeError, einval, enoent
 
 #: The kernel's OPTIMIZE_DELAY (5 jiffies): how long the optimizer waits to batch probes.
@@ -61,6 +62,34 @@ _early_mech: Mechanisms | None = None
 _early_mech_lock = threading.Lock()  # never held while taking another lock
 #: Serialises init_kprobes() (taken before `_lock`, never after it).
 _init_lock = threading.Lock()
+
+
+# A child made by os.fork() has only the thread that forked: a lock another thread held at
+# the fork (the optimizer's, during a pass) would never be released there. So the fork waits
+# for the tables to be free, and the child starts with its own locks, and with no optimizer
+# timer (its thread is the parent's): one is started if the parent had work pending.
+def _before_fork() -> None:
+    _lock.acquire()
+    _early_mech_lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _early_mech_lock.release()
+    _lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global _timer
+    _early_mech_lock._at_fork_reinit()  # type: ignore[attr-defined]
+    _lock._at_fork_reinit()  # type: ignore[attr-defined]
+    pending, _timer = _timer is not None, None
+    if pending:
+        with _lock:
+            _kick_optimizer_locked()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
 
 
 # --------------------------------------------------------------------------- init
@@ -292,6 +321,8 @@ def _register_early_kprobe(p: Kprobe) -> bool:
         module, qualname = resolve.split_symbol(p.symbol_name)
         symbol = f"{module}:{qualname}"
         _check_early_blacklists(module, None, symbol)
+        if early.imported_by_optimizer(module):
+            _load_early_optimizer()  # it imports the module, which is then probed in place
         mod = None if module in _expected else sys.modules.get(module)
         if mod is None:
             if module not in _expected and not _early_module_exists(module):
@@ -574,14 +605,18 @@ def _optimize_locked() -> bool:
     # before any retired version is forgotten below.
     with codestate.switching(m):
         for state in touched.values():
-            try:
-                codestate.sync(state, m)
-            except Exception as exc:  # noqa: BLE001 - a rewrite that fails stays a breakpoint
-                for site in state.sites.values():
-                    if site.optimized:
-                        site.optimized = False
-                        _opt_reasons[site.addr.key] = f"rewrite failed: {exc}"
-                codestate.sync(state, m)
+            # Rewriting runs library code a program may probe (enum and contextlib, under
+            # `bytecode`): pykprobes' own work, in which a hit records nothing (kprobe_busy:
+            # it counts nmissed; hits in other threads take the careful path meanwhile).
+            with kprobe_busy():
+                try:
+                    codestate.sync(state, m)
+                except Exception as exc:  # noqa: BLE001 - a failed rewrite stays a breakpoint
+                    for site in state.sites.values():
+                        if site.optimized:
+                            site.optimized = False
+                            _opt_reasons[site.addr.key] = f"rewrite failed: {exc}"
+                    codestate.sync(state, m)
             for site in state.sites.values():
                 _update_flags(site)
     global _rechecks

@@ -62,6 +62,8 @@ class Target:
 
 def split_symbol(symbol: str) -> tuple[str, str]:
     """`"pkg.mod:Qual.name"` -> (`"pkg.mod"`, `"Qual.name"`)."""
+    if type(symbol) is not str:
+        raise einval(f"symbol_name must be a str 'pkg.mod:Qual.name', not {symbol!r}")
     module, sep, qualname = symbol.partition(":")
     if not sep or not module or not qualname:
         raise einval(f"symbol {symbol!r} is not of the form 'pkg.mod:Qual.name'")
@@ -274,8 +276,19 @@ def module_of_file(path: str) -> ModuleType | None:
 
 
 def split_line_spec(spec: str) -> tuple[str, int]:
-    """`"path/to/file.py:LINE"` -> (path, line)."""
+    """`"path/to/file.py:LINE"` -> (path, line). A path that no file can have (a NUL, a
+    character the file system encoding cannot encode, such as a lone surrogate) is ENOENT,
+    as the kernel's FILE_NOT_FOUND, rather than the ValueError os.stat() would raise."""
+    if type(spec) is not str:
+        raise einval(f"a line target must be a str 'path/to/file.py:LINE', not {spec!r}")
     path, sep, line = spec.rpartition(":")
-    if not sep or not path or not line.isdigit() or int(line) <= 0:
+    if (not sep or not path or not line.isascii() or not line.isdigit() or len(line) > 9
+            or int(line) <= 0):
         raise einval(f"{spec!r} is not of the form 'path/to/file.py:LINE'")
+    try:
+        os.fsencode(path)
+    except UnicodeError:
+        raise enoent(f"{spec!r}: no file can have this path") from None
+    if "\0" in path:
+        raise enoent(f"{spec!r}: no file can have this path")
     return path, int(line)

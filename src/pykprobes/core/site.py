@@ -28,6 +28,7 @@ Two paths serve a hit:
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -165,7 +166,9 @@ def synchronize_hits(timeout: float = 10.0) -> None:
     synchronize_rcu() after unregistering). Hits that start later read the new tables. Call
     it without holding the registry lock: a handler may register probes."""
     me = get_ident()
-    inflight = {tid: regs for tid, regs in list(_busy.items()) if tid != me}
+    # A thread in kprobe_busy runs no handler: nothing of it to wait for.
+    inflight = {tid: regs for tid, regs in list(_busy.items())
+                if tid != me and regs is not KPROBE_BUSY}
     # A fast-path hit names no thread: find the trampoline frames on the other threads'
     # stacks, and wait for those very frames to leave them. Holding the frame objects keeps
     # their identity from being reused meanwhile.
@@ -181,6 +184,48 @@ def synchronize_hits(timeout: float = 10.0) -> None:
 
 def _on_stack(target: FrameType, frame: FrameType | None) -> bool:
     return any(f is target for f in _stack(frame))
+
+
+#: What `_busy` holds for a thread doing pykprobes' own work (the kernel's `kprobe_busy`, the
+#: dummy probe that `kprobe_busy_begin()` makes current): see `kprobe_busy`.
+KPROBE_BUSY: Final = Regs(None, 0)  # type: ignore[arg-type]
+
+
+class kprobe_busy:
+    """`with kprobe_busy():` runs pykprobes' own work on this thread (a trace writer, a
+    command's set-up) as the kernel's kprobe_busy_begin()/kprobe_busy_end() bracket theirs:
+    a probe hit meanwhile on this thread runs no handler and is counted in `nmissed`, as
+    any hit inside a handler is (the careful path's `_thread_busy`). Nothing of the program
+    is recorded on behalf of pykprobes, and the hit paths pay nothing for it: other
+    threads' hits take the careful path while the bracket is open, as while a handler runs.
+    Nests; restores what the thread had (a handler's Regs) on exit."""
+
+    __slots__ = ("_prev", "_tid")
+
+    def __enter__(self) -> None:
+        tid = self._tid = get_ident()
+        self._prev = _busy.get(tid)
+        _busy[tid] = KPROBE_BUSY
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._prev is None:
+            _busy.pop(self._tid, None)
+        else:
+            _busy[self._tid] = self._prev
+
+
+def _after_fork_in_child() -> None:
+    # Only the thread that forked goes on in the child: the hits and kprobe_busy brackets
+    # other threads had open are not the child's, and left in `_busy` / `_held` they would
+    # send every hit of the child down the careful path for good.
+    me = get_ident()
+    for tid in [t for t in _busy if t != me]:
+        del _busy[tid]
+    if _held[0] is not None and not _fast_hit_on_stack(_getframe(0)):
+        _held[0] = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Site:

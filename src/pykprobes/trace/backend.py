@@ -53,6 +53,9 @@ REASON: Final[str]  # type: ignore[misc]
 
 if _c is not None:
     _c.set_note(cmdlines.note, cmdlines.saved)
+    # A forked child's thread ids are its own: the C key cache must look in `saved` again
+    # (cmdlines empties it in the child).
+    os.register_at_fork(after_in_child=lambda: _c.set_note(cmdlines.note, cmdlines.saved))
     Ring: Any = _c.Ring
     thread_key: Callable[[], int] = _c.thread_key
     Recorder: Any = _c.Recorder

@@ -37,6 +37,10 @@ handed, exactly once, to the next consuming `read()`, at its place in the stream
 While `tracing_on` is false, writes are dropped without counting them (tracing is off:
 nothing is lost).
 
+A child made by `os.fork()` starts with an empty buffer and locks of its own: the records
+made before the fork are the parent's to read (read there once, not twice), and a lock
+that another thread of the parent held at the fork would never be released in the child.
+
 Concurrency: the ring makes each of its operations atomic (a lock in Python, the GIL in C);
 a write never waits for a reader and never raises. A reader blocked in `read()` waits on a
 condition; it tells the ring it waits (`waiting`), and the next write calls `_wake()`.
@@ -44,16 +48,21 @@ condition; it tells the ring it waits (`waiting`), and the next write calls `_wa
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, TypeAlias
+from weakref import WeakSet
 
+from pykprobes.errors import KprobeError
 from pykprobes.trace import backend
 from pykprobes.trace.cmdlines import resolve
 
 __all__ = [
     "DEFAULT_SIZE_KB",
+    "MAX_SIZE_KB",
     "ReadBatch",
     "Record",
     "TraceBuffer",
@@ -67,6 +76,9 @@ Record: TypeAlias = tuple[int, int, str, Any, tuple[Any, ...], str | None]
 
 #: ftrace's default per-CPU buffer_size_kb on a machine with enough memory.
 DEFAULT_SIZE_KB: Final = 1408
+#: The largest buffer_size_kb (1 TiB): the ring's byte counts must stay far from the C
+#: ring's Py_ssize_t. The buffer holds what is written, never preallocates its size.
+MAX_SIZE_KB: Final = 1 << 30
 
 #: Fixed part of the estimate: ring-buffer event header + common fields + probe ip.
 RECORD_OVERHEAD: Final = 24
@@ -142,7 +154,7 @@ class TraceBuffer:
     own method: no Python call in between); `write(record)` stores a whole record.
     """
 
-    __slots__ = ("append", "ring", "_cond", "_interrupts", "_nwaiting")
+    __slots__ = ("__weakref__", "append", "ring", "_cond", "_interrupts", "_nwaiting")
 
     def __init__(self, size_kb: int = DEFAULT_SIZE_KB, overwrite: bool = True) -> None:
         _check_size_kb(size_kb)
@@ -154,6 +166,17 @@ class TraceBuffer:
         self._interrupts = 0
         #: Readers blocked in read() (tests look at it).
         self._nwaiting = 0
+        _buffers.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        # See the module docstring: empty, and new locks (the Python ring's too).
+        self._cond = threading.Condition(threading.Lock())
+        self._nwaiting = 0
+        after_fork = getattr(self.ring, "after_fork", None)
+        if after_fork is not None:
+            after_fork()
+        self.ring.waiting = False
+        self.ring.clear()
 
     @property
     def tracing_on(self) -> bool:
@@ -323,8 +346,21 @@ def _records(entries: list[Any]) -> list[Record]:
     return out
 
 
-
 def _check_size_kb(size_kb: int) -> None:
-    # The kernel refuses 0 for buffer_size_kb (-EINVAL); so do we, and anything not an int.
-    if type(size_kb) is not int or size_kb < 1:
-        raise ValueError(f"buffer size must be a positive number of KB, not {size_kb!r}")
+    # The kernel refuses 0 for buffer_size_kb (-EINVAL); so do we, and anything not an int,
+    # and a size beyond what the ring can count.
+    if type(size_kb) is not int or not 1 <= size_kb <= MAX_SIZE_KB:
+        raise KprobeError(errno.EINVAL, f"buffer size must be a number of KB in "
+                                        f"1..{MAX_SIZE_KB}, not {size_kb!r}")
+
+
+#: Every trace buffer of the process, for the fork handler.
+_buffers: WeakSet[TraceBuffer] = WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for buffer in list(_buffers):
+        buffer._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -24,11 +24,15 @@ The table is bounded (SAVED_MAX, as saved_cmdlines_size bounds the kernel's): wh
 full, the older half is forgotten. A live thread whose key was forgotten is saved again at
 its next record (each thread checks that its key is in the table); a record whose thread
 was forgotten prints as the kernel prints an unknown comm: `<...>`, with tid 0.
+
+A child made by `os.fork()` forgets the table: its threads have ids of their own (the one
+thread it has keeps its key, not its id), saved again at their next record.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from _thread import _local, get_native_id
 from typing import Any, Final
 
@@ -66,6 +70,9 @@ def py_thread_key() -> int:
     if key not in saved:
         note(key)
     return key
+
+
+os.register_at_fork(after_in_child=saved.clear)
 
 
 def resolve(key: Any) -> tuple[int, str]:

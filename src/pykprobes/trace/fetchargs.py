@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from pykprobes.errors import ParseError
 from pykprobes.grammar import FetchArgDef, parse_fetcharg
-from pykprobes.trace.safe import FAULT, Fault, Opaque, describe, get_attr, get_item
+from pykprobes.trace.safe import FAULT, STR_CAP, Fault, Opaque, describe, get_attr, get_item
 from pykprobes.trace.types import TYPES, Converter
 
 if TYPE_CHECKING:
@@ -109,7 +109,9 @@ def thread_name() -> str:
     if thread is None:
         return UNKNOWN_COMM
     name = get_attr(thread, "_name")
-    return name if type(name) is str else UNKNOWN_COMM
+    if type(name) is not str:
+        return UNKNOWN_COMM
+    return name if len(name) <= STR_CAP else name[:STR_CAP] + "..."  # capped as a str value
 
 
 def frame_name(frame: FrameType) -> str:

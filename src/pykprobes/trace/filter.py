@@ -305,7 +305,10 @@ class _Parser:
             pass
         digits = token[sign:]
         if digits.isdigit() and digits.isascii():
-            return int(token, 10)  # leading zeros: decimal, where the kernel reads octal
+            try:
+                return int(token, 10)  # leading zeros: decimal, where the kernel reads octal
+            except ValueError:  # more digits than CPython's int-to-str limit (4300)
+                raise self.error("FILTER_ILLEGAL_INTVAL", i) from None
         if not is_radix and any(e in digits for e in ".eE"):
             try:
                 return float(token)

@@ -15,9 +15,14 @@ rounded from nanoseconds as the kernel's `ns2usecs()` does, relative to `ts_base
 
 Values, as the kernel's print functions would show them (`format_value`):
 
-- int: decimal; `0x1f` (`-0x1f` below zero) when the field's type is `x`;
+- int: decimal; `0x1f` (`-0x1f` below zero) when the field's type is `x`; an int too long
+  for decimal (over 4300 digits, CPython's int-to-str limit) in hex, cut after 1024 digits
+  (`safe.int_text`);
 - str: double-quoted, with `\\"`, `\\\\`, `\\n`, `\\t`, `\\r` and `\\xNN` / `\\uNNNN` escapes for
   what is not printable; bytes the same with a `b` prefix (`b"\\x00ab"`);
+- text shown bare (a comm, a `:repr` / `:type` / `$stackN` text, a caller, a line target's
+  path): the same escapes but for the double quote (`bare`), so that no text of the program
+  can end a line or begin another;
 - float: Python's shortest repr; bool: `True` / `False`; None: `None`;
 - the FAULT marker: `(fault)`. This module imports nothing from fetchargs: a value is the
   marker when its class is named `Fault` (fetchargs: keep that class name);
@@ -33,16 +38,18 @@ FetchArgDef). Only `x` changes a text line; the format file shows every type.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from pykprobes.trace.safe import int_text
 
 if TYPE_CHECKING:
     from pykprobes.trace.buffer import ReadBatch, Record, TraceBuffer
 
 __all__ = [
     "FAULT_STRING",
+    "bare",
     "format_batch",
     "format_error_log",
     "format_event_format",
@@ -52,6 +59,7 @@ __all__ = [
     "format_lost",
     "format_profile",
     "format_value",
+    "json_string",
 ]
 
 #: How the FAULT marker prints (the kernel's FAULT_STRING).
@@ -94,6 +102,28 @@ def _quote(s: str) -> str:
     return '"' + "".join(map(_escape_char, s)) + '"'
 
 
+def _bare_char(c: str) -> str:
+    return c if c == '"' else _escape_char(c)
+
+
+def bare(value: object) -> str:
+    """Text of the program's shown bare (a comm, a `:repr` or `:type` text, a `$stackN` or
+    caller name, a line target's path): backslashes and every character that is not
+    printable escaped as in a quoted string (`\\\\`, `\\n`, `\\xNN`, `\\uNNNN`), so that
+    no text can end a trace line or forge another (the kernel's escaping of a comm in
+    /proc/PID/status, `\\n` and `\\\\`, extended to every unprintable character). A value
+    that is not a str is shown by `format_value`."""
+    t = type(value)
+    if t is not str:
+        if not issubclass(t, str):
+            return format_value(value)
+        value = str.__str__(value)
+    s: str = value  # type: ignore[assignment]
+    if s.isprintable() and "\\" not in s:
+        return s
+    return "".join(map(_bare_char, s))
+
+
 def _quote_bytes(b: bytes) -> str:
     chars = []
     for code in b:
@@ -114,12 +144,10 @@ def is_fault(value: object) -> bool:
 
 
 def format_value(value: object, type_name: str | None = None) -> str:
-    """One value as a trace line shows it (see the module docstring)."""
+    """One value as a trace line shows it (see the module docstring). Never raises."""
     t = type(value)
     if t is int:
-        if type_name == "x":
-            return int.__format__(value, "#x")  # type: ignore[arg-type]
-        return int.__repr__(value)
+        return int_text(value, type_name == "x")  # type: ignore[arg-type]
     if t is str:
         return _quote(value)  # type: ignore[arg-type]
     if t is bool:
@@ -134,32 +162,70 @@ def format_value(value: object, type_name: str | None = None) -> str:
         return FAULT_STRING
     # Subclasses (IntEnum, a str subclass...): the base type's methods, never the program's.
     if issubclass(t, int):
-        return int.__format__(value, "#x" if type_name == "x" else "d")  # type: ignore[arg-type]
+        return int_text(int.__int__(value), type_name == "x")  # type: ignore[arg-type]
     if issubclass(t, str):
-        text = str.__str__(value)
         # fetchargs' Opaque: the description of an object recorded without a type
-        # (`<Type at 0x...>`), printed bare as the kernel prints a pointer.
-        return text if t.__name__ == "Opaque" else _quote(text)
+        # (`<Type at 0x...>`), a `:repr` or `:type` text, printed bare as the kernel prints
+        # a symbol; any other str subclass is a string.
+        return bare(value) if t.__name__ == "Opaque" else _quote(str.__str__(value))
     if issubclass(t, float):
         return float.__repr__(value)
     if issubclass(t, bytes):
         return _quote_bytes(bytes.__bytes__(value))  # type: ignore[arg-type]
-    return object.__repr__(value)
+    # `<module.Qualname object at 0x...>`: a class's names are the program's text.
+    return bare(object.__repr__(value))
 
 
-def _json_value(value: object) -> Any:
+# -- JSON ---------------------------------------------------------------------------------
+#
+# Written here, not with the json module: the writer of `pykprobes run` must run none of the
+# code a program can probe (an event on json:dumps would record the writer's own calls).
+
+_JSON_ESCAPES: Final = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+                        "\b": "\\b", "\f": "\\f"}
+
+
+def _json_char(c: str) -> str:
+    esc = _JSON_ESCAPES.get(c)
+    if esc is not None:
+        return esc
+    if c.isprintable():
+        return c
+    code = ord(c)
+    if code < 0x10000:
+        return f"\\u{code:04x}"  # a lone surrogate too: JSON can only escape it
+    code -= 0x10000
+    return f"\\u{0xD800 | code >> 10:04x}\\u{0xDC00 | code & 0x3FF:04x}"
+
+
+def json_string(s: str) -> str:
+    """`s` as a JSON string: printable characters as they are, the others escaped
+    (`\\uXXXX`, surrogate pairs beyond the BMP), so that the text encodes in UTF-8 whatever
+    the string holds (a lone surrogate included) and never breaks the line."""
+    if s.isprintable() and '"' not in s and "\\" not in s:
+        return f'"{s}"'
+    return '"' + "".join(map(_json_char, s)) + '"'
+
+
+def _json_value(value: object) -> str:
     t = type(value)
-    if t is int or t is bool or t is str or value is None:
-        return value
-    if t is float:
-        return value if math.isfinite(value) else float.__repr__(value)  # type: ignore[arg-type]
+    if t is bool:
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if t is str:
+        return json_string(value)  # type: ignore[arg-type]
+    if t is float or (issubclass(t, float) and not is_fault(value)):
+        number = float.__float__(value)  # type: ignore[arg-type]
+        text = float.__repr__(number)
+        return text if math.isfinite(number) else json_string(text)
     if issubclass(t, int) and not is_fault(value):
-        return int.__int__(value)  # type: ignore[arg-type]
+        number = int.__int__(value)  # type: ignore[arg-type]
+        text = int_text(number)
+        return json_string(text) if "x" in text else text  # too long for decimal: hex
     if issubclass(t, str):
-        return str.__str__(value)
-    if issubclass(t, float):
-        return _json_value(float.__float__(value))  # type: ignore[arg-type]
-    return format_value(value)
+        return json_string(str.__str__(value))
+    return json_string(format_value(value))
 
 
 def _field_types(event: Any) -> tuple[str | None, ...]:
@@ -177,8 +243,8 @@ def _field_types(event: Any) -> tuple[str | None, ...]:
 
 def _probe_text(event: Any, caller: str | None) -> str:
     if event.is_return:
-        return f"{event.symbol} <- {caller if caller is not None else '?'}"
-    return f"{event.symbol}+{event.offset}"
+        return f"{bare(event.symbol)} <- {bare(caller) if caller is not None else '?'}"
+    return f"{bare(event.symbol)}+{event.offset}"
 
 
 def format_line(record: Record, ts_base_ns: int = 0) -> str:
@@ -188,7 +254,7 @@ def format_line(record: Record, ts_base_ns: int = 0) -> str:
     secs, usecs = divmod(max(usecs, 0), 1_000_000)
     # The kernel prints "<...>" for a task whose comm it did not save.
     parts = [
-        f"{comm or '<...>':>16}-{tid:<7} [000]  {secs:5d}.{usecs:06d}: "
+        f"{bare(comm) or '<...>':>16}-{tid:<7} [000]  {secs:5d}.{usecs:06d}: "
         f"{event.name}: ({_probe_text(event, caller)})"
     ]
     types = _field_types(event)
@@ -243,17 +309,14 @@ def format_json(record: Record, ts_base_ns: int = 0) -> str:
     """
     ts_ns, tid, comm, event, values, caller = record
     probe = event.symbol if event.is_return else f"{event.symbol}+{event.offset}"
-    obj = {
-        "ts": ts_ns - ts_base_ns,
-        "tid": tid,
-        "comm": comm,
-        "group": event.group,
-        "event": event.name,
-        "probe": probe,
-        "caller": caller,
-        "fields": {name: _json_value(v) for name, v in zip(event.fields, values, strict=False)},
-    }
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+    fields = ",".join(f"{json_string(name)}:{_json_value(v)}"
+                      for name, v in zip(event.fields, values, strict=False))
+    return (
+        f'{{"ts":{_json_value(ts_ns - ts_base_ns)},"tid":{_json_value(tid)},'
+        f'"comm":{_json_value(comm)},"group":{json_string(event.group)},'
+        f'"event":{json_string(event.name)},"probe":{_json_value(probe)},'
+        f'"caller":{_json_value(caller)},"fields":{{{fields}}}}}'
+    )
 
 
 # -- kprobe_profile, error_log ----------------------------------------------------------
@@ -295,10 +358,13 @@ def format_error_log(entries: Iterable[ErrorLogEntryLike]) -> str:
     for entry in entries:
         secs, usecs = _error_time(entry)
         location = getattr(entry, "location", None) or ERROR_LOG_LOCATION
-        caret = " " * (len(CMD_PREFIX) + max(entry.pos, 0)) + "^"
+        # The command as the user typed it, escaped as bare text (a NUL or a lone surrogate
+        # in a path), the caret under the same character.
+        command = entry.command
+        caret = " " * (len(CMD_PREFIX) + len(bare(command[: max(entry.pos, 0)]))) + "^"
         out.append(
-            f"[{secs:5d}.{usecs:06d}] {location}: error: {entry.message}\n"
-            f"{CMD_PREFIX}{entry.command}\n"
+            f"[{secs:5d}.{usecs:06d}] {location}: error: {bare(entry.message)}\n"
+            f"{CMD_PREFIX}{bare(command)}\n"
             f"{caret}\n"
         )
     return "".join(out)

@@ -144,6 +144,11 @@ class Ring:
         """Something for a consuming reader: an entry, or a loss not yet reported."""
         return bool(self._entries) or self._next_seq != self._read_seq
 
+    def after_fork(self) -> None:
+        """In a child just forked: a new lock (another thread of the parent may have held
+        the old one at the fork, and it does not exist here to release it)."""
+        self._lock = threading.Lock()
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

@@ -47,6 +47,7 @@ from __future__ import annotations
 import gc
 import reprlib
 from collections import Counter, OrderedDict, defaultdict, deque
+from itertools import islice
 from types import (
     BuiltinFunctionType,
     ClassMethodDescriptorType,
@@ -72,6 +73,7 @@ __all__ = [
     "describe",
     "get_attr",
     "get_item",
+    "int_text",
     "type_qualname",
 ]
 
@@ -145,36 +147,80 @@ _str_value: Final[Any] = str.__str__
 _bytes_value: Final[Any] = bytes.__bytes__
 
 
+_only_str: Final = frozenset((str,)).issuperset
+
+
+def _str_keys(mapping: Any) -> bool:
+    """Whether every key of a dict (or a class's namespace proxy) is an exact str: a lookup
+    by a str then compares it with str keys only. A key of another type whose hash equals
+    the name's would have its `__eq__` run by the lookup (issue 16). (C code throughout:
+    `issuperset` consumes the `map` without building a set.)"""
+    try:
+        return _only_str(map(type, mapping))
+    except RuntimeError:  # changed size while read by another thread
+        return False
+
+
+class _UnsafeNamespace:
+    """Stands for a class namespace holding a key that is not an exact str (legal, if odd:
+    `type("X", (), {obj: 1})`): a lookup there could run that key's `__eq__`, so every
+    name is found there, as FAULT."""
+
+    __slots__ = ()
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+    def __getitem__(self, name: object) -> Any:
+        return FAULT
+
+    def get(self, name: object, default: Any = None) -> Any:
+        return FAULT
+
+
+_UNSAFE_NAMESPACE: Final = _UnsafeNamespace()
+
+
 def _namespace(klass: type) -> Any:
     """The dict of a class's namespace: the one object its `__dict__` proxy wraps (a class's
-    namespace dict is made once, with the class, and never replaced)."""
+    namespace dict is made once, with the class, and never replaced); `_UNSAFE_NAMESPACE`
+    if it has a key that is not a str (checked when the class's MRO is cached)."""
     proxy = _type_ns(klass)
     referents = gc.get_referents(proxy)
-    if len(referents) == 1 and type(referents[0]) is dict:
-        return referents[0]
-    return proxy  # read through the proxy: slower, as good
+    namespace = referents[0] if len(referents) == 1 and type(referents[0]) is dict else proxy
+    return namespace if _str_keys(namespace) else _UNSAFE_NAMESPACE
 
 
 # The namespaces of the MRO of the classes looked up lately, by id(class): (class, its MRO
 # tuple, their namespace dicts). The MRO tuple is checked on every use (assigning
 # `__bases__` makes a new one); a class is checked by identity, so a dead class's id reused
 # is a miss. Bounded: cleared when full (the classes it holds stay alive until then).
-_MRO_CACHE: dict[int, tuple[type, tuple[type, ...], tuple[Any, ...]]] = {}
+_MRO_CACHE: dict[int, tuple[type, tuple[type, ...], tuple[Any, ...], Any]] = {}
 _MRO_CACHE_MAX: Final = 512
 
 
 def _namespaces(tp: type) -> tuple[Any, ...]:
+    return _mro_entry(tp)[2]
+
+
+def _mro_entry(tp: type) -> tuple[type, tuple[type, ...], tuple[Any, ...], Any]:
+    """`(tp, its MRO, their namespaces, the instances' __dict__ descriptor or None)`."""
     # `tp.__mro__` is type's own C getter when the metaclass is `type` itself (and cheaper
     # than calling the getter: a probe pays for this on every attribute it reads).
     mro = tp.__mro__ if type(tp) is type else _type_mro(tp)
     entry = _MRO_CACHE.get(id(tp))
     if entry is not None and entry[0] is tp and entry[1] is mro:
-        return entry[2]
+        return entry
     namespaces = tuple([_namespace(klass) for klass in mro])
+    # The C descriptor that stores the instances' `__dict__` (the first `__dict__` of the
+    # MRO, as the interpreter finds it), or None: a program's `__dict__` property is not it.
+    descr = next((ns.get("__dict__") for ns in namespaces if "__dict__" in ns), None)
+    if type(descr) is not GetSetDescriptorType and type(descr) is not MemberDescriptorType:
+        descr = None
     if len(_MRO_CACHE) >= _MRO_CACHE_MAX:
         _MRO_CACHE.clear()
-    _MRO_CACHE[id(tp)] = (tp, mro, namespaces)
-    return namespaces
+    entry = _MRO_CACHE[id(tp)] = (tp, mro, namespaces, descr)
+    return entry
 
 
 def _lookup(tp: type, name: str) -> Any:
@@ -263,13 +309,31 @@ def _getset_ok(descr: Any, name: str) -> bool:
     return type(module) is str and module in _GETSET_MODULES
 
 
-def _read_generic(obj: object, name: str) -> Any:
+def _read_generic(obj: object, name: str, tp: type, descr: Any) -> Any:
     """`object.__getattribute__(obj, name)`: only called once the MRO lookup found nothing
-    there that would run program code (a data descriptor or a program's `__get__`)."""
+    there that would run program code (a data descriptor or a program's `__get__`), and
+    when the instance's `__dict__` (found by `descr`), which it looks in first, has str
+    keys only."""
+    if descr is not None:
+        instance_dict = _dict_by(descr, obj, tp)
+        if instance_dict is not None and not _str_keys(instance_dict):
+            return FAULT
     try:
         return _generic_getattr(obj, name)
     except Exception:  # noqa: BLE001 - AttributeError, or a C getter's own error
         return FAULT
+
+
+def _dict_by(descr: Any, obj: object, tp: type) -> Any:
+    """The instance `__dict__` read with its C descriptor (a dict), or None."""
+    try:
+        if type(descr) is GetSetDescriptorType:
+            value = _getset_get(descr, obj, tp)
+        else:
+            value = _member_get(descr, obj, tp)
+    except Exception:  # noqa: BLE001
+        return None
+    return value if issubclass(type(value), dict) else None
 
 
 def _instance_dict(obj: object) -> dict[str, Any] | None:
@@ -277,22 +341,8 @@ def _instance_dict(obj: object) -> dict[str, Any] | None:
     property of the program), or None. An object whose attributes are stored inline (3.11+)
     gets a dict object made for it: a cost, invisible to the program."""
     tp = type(obj)
-    for namespace in _namespaces(tp):
-        descr = namespace.get("__dict__", _MISSING)
-        if descr is _MISSING:
-            continue
-        dtype = type(descr)
-        try:
-            if dtype is GetSetDescriptorType:
-                value = _getset_get(descr, obj, tp)
-            elif dtype is MemberDescriptorType:
-                value = _member_get(descr, obj, tp)
-            else:
-                return None
-        except Exception:  # noqa: BLE001
-            return None
-        return value if issubclass(type(value), dict) else None
-    return None
+    descr = _mro_entry(tp)[3]
+    return None if descr is None else _dict_by(descr, obj, tp)
 
 
 def get_attr(obj: Any, name: str) -> Any:
@@ -304,21 +354,31 @@ def get_attr(obj: Any, name: str) -> Any:
     if issubclass(tp, type):
         return _get_class_attr(obj, name)
     # _lookup(tp, name), inline: this is the path of every `.attr` of a fetch.
-    for namespace in _namespaces(tp):
+    _, _, namespaces, descr = _mro_entry(tp)
+    for namespace in namespaces:
         if name in namespace:
             attr = namespace.get(name, _MISSING)
             break
     else:
-        # Not a class attribute: the instance's own storage, or nothing.
+        # Not a class attribute: the instance's own storage (its __dict__, read by us once
+        # its keys are all str; else its slots), or nothing.
+        if descr is None:
+            return _read_generic(obj, name, tp, None)
         try:
-            return _generic_getattr(obj, name)
-        except Exception:  # noqa: BLE001
-            return FAULT
+            instance_dict = _getset_get(descr, obj, tp) if type(
+                descr) is GetSetDescriptorType else _member_get(descr, obj, tp)
+            if _only_str(map(type, instance_dict)):
+                return _dict_get(instance_dict, name, FAULT)
+        except Exception:  # noqa: BLE001 - not a dict, or changed size meanwhile
+            pass
+        return FAULT
     if attr is _MISSING:
-        return _read_generic(obj, name)
+        return _read_generic(obj, name, tp, descr)
+    if attr is FAULT:
+        return FAULT  # a class namespace that cannot be read safely (_UnsafeNamespace)
     atype = type(attr)
     if id(atype) in _PLAIN_IDS:
-        return _read_generic(obj, name)
+        return _read_generic(obj, name, tp, descr)
     if atype is MemberDescriptorType:
         # A __slots__ member: a C read of the instance's slot.
         try:
@@ -333,13 +393,13 @@ def get_attr(obj: Any, name: str) -> Any:
         except Exception:  # noqa: BLE001
             return FAULT
     if not _type_has(atype, "__get__"):
-        return _read_generic(obj, name)  # plain class data of a program type
+        return _read_generic(obj, name, tp, descr)  # plain class data of a program type
     if _is_data_descriptor_type(atype):
         return FAULT  # a property, or a data descriptor of the program
     if id(atype) in _SAFE_NONDATA_IDS or (
         atype is classmethod and type(_cm_func(attr)) is FunctionType
     ):
-        return _read_generic(obj, name)
+        return _read_generic(obj, name, tp, descr)
     # A non-data descriptor of the program (functools.cached_property): the instance dict wins
     # over it, and is all that can be read.
     instance_dict = _instance_dict(obj)
@@ -452,6 +512,33 @@ def _cap_bytes(data: bytes, cap: int = STR_CAP) -> bytes:
     return data if len(data) <= cap else data[:cap] + b"..."
 
 
+#: Ints of at most this many bits are shown in decimal: 2**14284 < 10**4300, CPython's
+#: default `sys.int_max_str_digits` (3.11+, gh-95778), a bound on the quadratic cost of a
+#: decimal conversion that holds whatever limit the program set (0: none).
+DECIMAL_BITS: Final = 14284
+#: An int too long for decimal is shown in hex, cut after this many digits ("...").
+HEX_DIGITS_CAP: Final = 1024
+
+
+def int_text(value: int, base16: bool = False) -> str:
+    """An exact int as text, never raising and in bounded time: decimal (`base16`: `0x1f`,
+    `-0x1f`); an int too long for decimal (over DECIMAL_BITS bits, or over the program's own
+    `sys.set_int_max_str_digits()` limit) in hex, which has no limit, cut after HEX_DIGITS_CAP
+    digits with "..."."""
+    bits = int.bit_length(value)
+    if not base16 and bits <= DECIMAL_BITS:
+        try:
+            return int.__repr__(value)
+        except ValueError:  # the program lowered the int-to-str limit below this
+            pass
+    digits = (bits + 3) // 4
+    if digits <= HEX_DIGITS_CAP:
+        return int.__format__(value, "#x")
+    sign = "-" if value < 0 else ""
+    head = abs(value) >> (4 * (digits - HEX_DIGITS_CAP))
+    return f"{sign}0x{int.__format__(head, 'x')}..."
+
+
 def type_qualname(tp: type) -> str:
     """The `__qualname__` of a class as the interpreter stores it, whatever its metaclass says."""
     return _type_qualname(tp)  # type: ignore[no-any-return]
@@ -519,6 +606,40 @@ class _CappedRepr(reprlib.Repr):
     def repr_instance(self, x: Any, level: int) -> str:
         text = repr(x)  # the program's __repr__: what the :repr type asks for
         return _cap_str(text, self.maxother) if type(text) is str else _cap_str(str.__str__(text))
+
+    def repr_int(self, x: int, level: int) -> str:
+        # repr() raises beyond the int-to-str limit, and costs quadratic time below it.
+        return _cap_str(int_text(x), self.maxlong)
+
+    # reprlib sorts a whole set or dict to show its first items (`_possibly_sorted`): time
+    # in the size of the container, and the program's `__lt__` on every key. Shown here in
+    # iteration order, reading no more items than are shown.
+    def _shown(self, pieces: Any, n: int, level: int, maxitems: int) -> str:
+        if level <= 0:
+            return "..."
+        shown = list(islice(pieces, maxitems))
+        if n > maxitems:
+            shown.append("...")
+        return ", ".join(shown)
+
+    def repr_set(self, x: Any, level: int) -> str:
+        if not x:
+            return "set()"
+        items = (self.repr1(item, level - 1) for item in x)
+        return "{" + self._shown(items, len(x), level, self.maxset) + "}"
+
+    def repr_frozenset(self, x: Any, level: int) -> str:
+        if not x:
+            return "frozenset()"
+        items = (self.repr1(item, level - 1) for item in x)
+        return "frozenset({" + self._shown(items, len(x), level, self.maxfrozenset) + "})"
+
+    def repr_dict(self, x: Any, level: int) -> str:
+        if not x:
+            return "{}"
+        items = (f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}"
+                 for k, v in dict.items(x))
+        return "{" + self._shown(items, len(x), level, self.maxdict) + "}"
 
 
 _REPR_METHODS: Final = {

@@ -228,12 +228,9 @@ class TraceFS:
             return
         if path == "buffer_size_kb":
             try:
-                size = int(text.strip())
-            except ValueError:
+                self.buffer.resize(int(text.strip()))
+            except (ValueError, KprobeError):  # not a number, or not a size (1e30, -5)
                 raise TraceWriteError(errno.EINVAL, f"not a size: {text!r}") from None
-            if size <= 0:
-                raise TraceWriteError(errno.EINVAL, f"not a size: {text!r}")
-            self.buffer.resize(size)
             return
         if path == "tracing_on":
             self.buffer.tracing_on = _bool(text)

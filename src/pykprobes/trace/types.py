@@ -17,7 +17,8 @@ never through the subclass's `__int__`, `__str__`, `__index__` or `__float__`.
 | int           | an int: ints and bools as ints, floats truncated (inf/nan: FAULT)         |
 | float         | a float: floats, ints (too big: FAULT), bools                             |
 | str, string   | text: a str (capped), bytes decoded as UTF-8 with backslash escapes, the   |
-|               | repr of None/bool/int/float, else the describe() text; never `str()`      |
+|               | repr of None/bool/int/float (an int past 4300 digits: hex, int_text),    |
+|               | else the describe() text; never `str()`                                   |
 | bool          | truthiness where it is the interpreter's: bool, None, numbers, builtin    |
 |               | containers/str/bytes, objects defining neither `__bool__` nor `__len__`   |
 | x             | an int shown in hex (`Hex`): ints and bools                               |
@@ -41,6 +42,7 @@ from pykprobes.trace.safe import (
     capped_repr,
     class_lookup,
     describe,
+    int_text,
     type_qualname,
 )
 
@@ -66,7 +68,6 @@ _int_value: Final = int.__int__
 _float_value: Final = float.__float__
 _str_value: Final = str.__str__
 _bytes_value: Final = bytes.__bytes__
-_int_repr: Final = int.__repr__
 _float_repr: Final = float.__repr__
 _INT_BOOL: Final = int.__dict__["__bool__"]
 _FLOAT_BOOL: Final = float.__dict__["__bool__"]
@@ -146,7 +147,7 @@ def to_str(value: Any) -> Any:
         if issubclass(tp, bytes):
             return _cap(_bytes_value(value)[:STR_CAP].decode("utf-8", "backslashreplace"))
         if issubclass(tp, int):
-            return _cap(_int_repr(_int_value(value)))  # ValueError beyond 4300 digits
+            return _cap(int_text(_int_value(value)))
         if issubclass(tp, float):
             return _float_repr(_float_value(value))
         return _str_value(describe(value))
