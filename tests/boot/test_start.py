@@ -102,7 +102,7 @@ def test_bad_definitions_warn_once_each_and_change_nothing_else(project: Path) -
         "p:boot/nomod no_such_module_zz:f",
         "p:boot/offs pkg.mod:f+1",  # inside an instruction
         "p:boot/type pkg.mod:f x:wat",
-        "p:boot/ok pkg.mod:f",  # the name is taken
+        "p:boot/ok pkg.mod:f",  # appended to boot/ok, without its argument
         "p:boot/black pykprobes.core.registry:register_kprobe",
         "",  # empty definitions are skipped, as the kernel skips them
         "-:boot/never_defined",
@@ -119,7 +119,8 @@ def test_bad_definitions_warn_once_each_and_change_nothing_else(project: Path) -
     assert "Failed to add event(-22): q:boot/bad pkg.mod:f (Probe definition must be " \
            "started with 'p', 'r' or '-'" in reasons
     assert "Failed to add event(-2): p:boot/nomod no_such_module_zz:f" in reasons
-    assert "(-17): p:boot/ok pkg.mod:f (Given group/event name is already used" in reasons
+    assert "(-17): p:boot/ok pkg.mod:f (Argument type or name is different from " \
+           "existing probe" in reasons
     assert "Unknown type is specified" in reasons
     assert "pykprobes itself" in reasons
     assert "(-2): -:boot/never_defined" in reasons

@@ -1,14 +1,30 @@
-"""Probe events: a definition, its compiled fetchargs and the probes that record it
-(kernel/trace/trace_kprobe.c).
+"""Probe events: `GRP/EVENT` and its probe points (kernel/trace/trace_kprobe.c).
+
+An `Event` is the kernel's trace_probe_event: a name, fields, an enable switch, a filter, and
+one or more `ProbePoint`s (the kernel's trace_kprobes: a definition appended to an existing
+`GRP/EVENT` adds a point, kprobe_multiprobe.tc), each with its target, its fetchargs and the
+probes that record it. Every point of an event records the same fields (same names, same
+types: tracefs.py refuses another, DIFF_ARG_TYPE) and the same kind of probe (DIFF_PROBE_TYPE).
+A record names the point that wrote it (its location in the trace line), whose `event` is
+the Event.
 
 An event is a client of the core's public API: defining one registers its probes
 *disabled* (so that a bad target fails at definition, and a probe on a module that is not
 imported yet waits for it), enabling it enables them. A hit fetches the arguments (never
 raising), applies the filter, and writes one record into the trace buffer.
 
+Module targets come back: a point on a module keeps its definition when the module is
+unloaded (removed from sys.modules, or reloaded), and is armed again on the new code when the
+module is imported again, before its body runs (the kernel's trace_kprobe_module_callback();
+`pykprobes.register_module_notifier`). The raw `Kprobe` API keeps the kernel's GONE rule.
+
+A return event reads its function's arguments (`$argN`, `$arg:NAME`, a parameter's NAME, and
+`$arg*`) as they were at entry, even if the function rebinds them (kretprobe_entry_arg.tc):
+its kretprobes' entry handler keeps them in the call's instance.
+
 The compiled event: when every fetcharg of an entry event is rooted at an argument, its
 probes offer the optimizer a compiled call (`Kprobe.compile_call`, core/arch.py
-CompiledCall): the rewritten code loads the arguments itself and calls the event's
+CompiledCall): the rewritten code loads the arguments itself and calls the point's
 recorder (backend.Recorder: C, or its Python fallback) with them, which records without a
 frame object, a Regs or f_locals. The recorder hands the hit back to the careful path
 (the probe's handler, `_hit`) whenever that path has something to do: a filter, tracing
@@ -18,9 +34,11 @@ off, a probe handler running in some thread (the reentrancy rule: `core.site._bu
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import pykprobes as kp
 from pykprobes import grammar
@@ -41,104 +59,121 @@ _KINDS: dict[str | None, int] = {
     "string": KIND_STR,
 }
 
+#: Where a return event's entry handler keeps the call's arguments (KretprobeInstance.data).
+_ENTRY: Final = "pykprobes.trace.entry_arguments"
+
+#: The fetchargs that read the probed frame's variables.
+_VARIABLE_KINDS: Final = frozenset(("arg", "argname", "local"))
+
+
+def expand(definition: grammar.ProbeDef, code: Any) -> list[grammar.FetchArgDef]:
+    """The definition's fetchargs with `$arg*` expanded to the parameters of `code` (the
+    probed code object, or the code its import will create), grammar.expand_args. A `$arg*`
+    whose function's code cannot be known before the import is NO_BTF_ENTRY (the kernel's
+    word when it has no BTF for the function)."""
+    star = next((a for a in definition.args if a.kind == "args"), None)
+    if star is None:
+        return definition.args
+    if code is None:
+        raise ParseError("NO_BTF_ENTRY", star.pos, definition.text)
+    return grammar.expand_args(definition, fetchargs.parameters(code))
+
+
+def same_type(a: str | None, b: str | None) -> bool:
+    """Whether two fetch types are one type (`str` and `string` are)."""
+    return (a if a != "string" else "str") == (b if b != "string" else "str")
+
 
 class Event:
-    """One probe event: `GRP/EVENT`."""
+    """One probe event, `GRP/EVENT` (the kernel's trace_probe_event)."""
 
-    def __init__(self, definition: grammar.ProbeDef, buffer: TraceBuffer, event_id: int) -> None:
-        self.definition = definition
-        self.group: str = definition.group
-        self.name: str = definition.event
+    def __init__(self, group: str, name: str, args: list[grammar.FetchArgDef], is_return: bool,
+                 buffer: TraceBuffer, event_id: int) -> None:
+        self.group = group
+        self.name = name
         self.id = event_id
-        self.is_return: bool = definition.kind == "r"
+        self.is_return = is_return
         self.buffer = buffer
-        self.fields: tuple[str, ...] = tuple(a.name for a in definition.args)
+        #: The fetchargs every point records (expanded), their field names and types.
+        self.args = args
+        self.fields: tuple[str, ...] = tuple(a.name for a in args)
+        self.types: tuple[str | None, ...] = tuple(a.type for a in args)
+        self.points: list[ProbePoint] = []
         self.enabled = False
         self.filter_text = "none"
         self.filter: Callable[[dict[str, Any]], bool] | None = None
-        self.probes: list[Any] = []
-        self.symbol: str = definition.target.partition("+")[0]
-        self.offset: int = definition.offset
         #: Records written by the careful path (`nhit` adds the recorders').
         self._nwritten = 0
-        #: id(code) -> (code, recorder, variables): the compiled call offered for a code.
-        self._compiled: dict[int, tuple[Any, Any, tuple[str, ...]]] = {}
         #: The size estimate of every record (buffer.fixed_size), or None: per record.
-        self.size: int | None = fixed_size((a.type for a in definition.args), self.is_return)
-        self._fetch: Callable[[Any], tuple[Any, ...]] = lambda regs: ()
+        self.size: int | None = fixed_size(self.types, is_return)
 
-    # ------------------------------------------------------------------ setup
+    @classmethod
+    def of(cls, point: ProbePoint, buffer: TraceBuffer, event_id: int) -> Event:
+        """A new event whose first point is `point` (prepared)."""
+        d = point.definition
+        event = cls(d.group, d.event, point.args, point.is_return, buffer, event_id)
+        event.add(point)
+        return event
 
-    def prepare(self) -> None:
-        """Resolve the target, compile the fetchargs and register the probes, disabled.
-        Raises ParseError (a bad fetcharg) or KprobeError (a bad target)."""
-        d = self.definition
-        if d.target_kind == "line":
-            spec = f"{d.path}:{d.line}"
-            self.symbol = spec
-            try:
-                addrs = kp.resolve_line(spec)
-            except KprobeError:
-                # Not imported yet: wait for the import, one symbol probe per address.
-                found = kp.line_symbols(spec)
-                code = None
-                self.offset = found[0][2]
-                specs: list[dict[str, Any]] = [
-                    {"symbol_name": f"{module}:{qualname}", "offset": off}
-                    for module, qualname, off in found]
-            else:
-                code = addrs[0].code
-                self.offset = addrs[0].offset
-                specs = [{"addr": a} for a in addrs]
-        else:
-            code = None
-            specs = [{"symbol_name": f"{d.module}:{d.qualname}", "offset": d.offset}]
-        # Compiled before registering (a bad fetcharg must not leave probes behind), and
-        # again with the resolved code once it is known, to check names and $argN against it.
-        self._fetch = fetchargs.compile_fetchargs(d.args, is_return=self.is_return,
-                                                  text=d.text, code=code)
-        probes: list[Any] = []
-        for spec in specs:
-            if self.is_return:
-                probes.append(kp.Kretprobe(handler=self._ret_hit, maxactive=d.maxactive,
-                                           **spec))
-            else:
-                probe = kp.Kprobe(pre_handler=self._hit, flags=kp.KPROBE_FLAG_DISABLED, **spec)
-                probe.compile_call = self.compile_call
-                probes.append(probe)
-        if self.is_return:
-            kp.register_kretprobes(probes)
-            for rp in probes:
-                kp.disable_kretprobe(rp)
-        else:
-            kp.register_kprobes(probes)
-        self.probes = probes
-        resolved = getattr(probes[0], "addr", None)
-        if code is None and isinstance(resolved, kp.ProbeAddress):
-            try:
-                self._fetch = fetchargs.compile_fetchargs(
-                    d.args, is_return=self.is_return, text=d.text, code=resolved.code)
-            except ParseError:
-                self.release()
-                raise
+    def add(self, point: ProbePoint) -> None:
+        point.event = self
+        self.points.append(point)
+        if self.enabled:
+            point.enable()
+
+    def refusal(self, point: ProbePoint) -> tuple[str, int] | None:
+        """Why `point` (prepared) cannot join this event (kernel append_trace_kprobe()), as
+        (error code, column), or None. The kind of probe must be the event's (caret at 0);
+        the arguments must be the event's, name for name and type for type
+        (trace_probe_compare_arg_type(): the caret at the first that differs, past the end
+        when the new one has fewer); the same target with the same arguments is the same
+        probe (column 0)."""
+        if point.is_return != self.is_return:
+            return "DIFF_PROBE_TYPE", 0
+        ours, theirs = point.args, self.args
+        for a, b in zip(ours, theirs, strict=False):
+            if a.name != b.name or not same_type(a.type, b.type):
+                return "DIFF_ARG_TYPE", a.pos
+        if len(ours) > len(theirs):
+            return "DIFF_ARG_TYPE", ours[len(theirs)].pos
+        if len(ours) < len(theirs):
+            return "DIFF_ARG_TYPE", len(point.definition.text.rstrip()) + 1
+        for other in self.points:
+            if other.target == point.target and \
+                    [a.body for a in other.args] == [a.body for a in ours]:
+                return "SAME_PROBE", 0
+        return None
+
+    @property
+    def definition(self) -> grammar.ProbeDef:
+        """The first point's definition."""
+        return self.points[0].definition
+
+    @property
+    def symbol(self) -> str:
+        return self.points[0].symbol if self.points else ""
+
+    @property
+    def offset(self) -> int:
+        return self.points[0].offset if self.points else 0
+
+    @property
+    def probes(self) -> list[Any]:
+        """Every probe of every point."""
+        return [p for point in self.points for p in point.probes]
+
+    # ------------------------------------------------------------------ switches
 
     def release(self) -> None:
-        if self.is_return:
-            kp.unregister_kretprobes(self.probes)
-        else:
-            kp.unregister_kprobes(self.probes)
-        self.probes = []
+        for point in self.points:
+            point.release()
         self.enabled = False
-        self._set_fast(False)
 
     def enable(self) -> None:
         if self.enabled:
             return
-        for p in self.probes:
-            if self.is_return:
-                kp.enable_kretprobe(p)
-            else:
-                kp.enable_kprobe(p)
+        for point in self.points:
+            point.enable()
         self.enabled = True
         self._set_fast(self.filter is None)
 
@@ -148,11 +183,8 @@ class Event:
         # The recorders first: a frame still running a rewritten version hands its hits
         # to the careful path, which sees the probe disabled.
         self._set_fast(False)
-        for p in self.probes:
-            if self.is_return:
-                kp.disable_kretprobe(p)
-            else:
-                kp.disable_kprobe(p)
+        for point in self.points:
+            point.disable()
         self.enabled = False
 
     def set_filter(self, text: str) -> None:
@@ -163,31 +195,268 @@ class Event:
             self.filter, self.filter_text = None, "none"
             self._set_fast(self.enabled)
             return
-        types = {a.name: a.type for a in self.definition.args}
-        flt = compile_filter(text, types)
+        flt = compile_filter(text, dict(zip(self.fields, self.types, strict=True)))
         # The recorders stop recording before the filter applies: the careful path filters.
         self._set_fast(False)
         self.filter = flt
         self.filter_text = text
+
+    def _set_fast(self, fast: bool) -> None:
+        for point in self.points:
+            point._set_fast(fast)
+
+    # ------------------------------------------------------------------ counters
+
+    @property
+    def nmissed(self) -> int:
+        return sum(point.nmissed for point in self.points)
+
+    @property
+    def hits(self) -> int:
+        """Hits of the careful path (the probes' nhit) and of the recorders."""
+        return sum(point.hits for point in self.points)
+
+    @property
+    def nhit(self) -> int:
+        """Records written (hits that passed the filter)."""
+        return self._nwritten + sum(point._recorded() for point in self.points)
+
+    # ------------------------------------------------------------------ hit path
+
+    def _record(self, point: ProbePoint, values: tuple[Any, ...], caller: str | None) -> None:
+        # The thread's key: its id and name are looked up when the buffer is read.
+        key = _thread_key()
+        flt = self.filter
+        if flt is not None:
+            tid, comm = resolve(key)
+            fields = dict(zip(self.fields, values, strict=False))
+            fields["common_pid"] = tid  # the kernel's pid column is the thread's id
+            fields["common_comm"] = comm
+            if not flt(fields):
+                return
+        self._nwritten += 1
+        size = self.size
+        if size is None:
+            size = values_size(values, caller)
+        self.buffer.append(_time_ns(), key, point, values, caller, size)
+
+    def __repr__(self) -> str:
+        state = "enabled" if self.enabled else "disabled"
+        return f"<Event {self.group}/{self.name} {state} points={len(self.points)}>"
+
+
+class ProbePoint:
+    """One probe point of an event (the kernel's trace_kprobe): a definition, its fetchargs
+    and the probes that record it. It stands for its event in the records it writes: it has
+    the event's `name`, `group`, `id`, `fields` and `types`, and its own `symbol`, `offset`."""
+
+    def __init__(self, definition: grammar.ProbeDef) -> None:
+        self.definition = definition
+        self.is_return: bool = definition.kind == "r"
+        self.event: Event | None = None
+        #: The fetchargs, `$arg*` expanded (prepare()), their field names and types.
+        self.args: list[grammar.FetchArgDef] = definition.args
+        self.fields: tuple[str, ...] = ()
+        self.types: tuple[str | None, ...] = ()
+        self.probes: list[Any] = []
+        self.symbol: str = definition.target.partition("+")[0]
+        self.offset: int = definition.offset
+        #: The modules its probes are on (to come back with them).
+        self.modules: set[str] = set()
+        #: id(code) -> (code, recorder, variables): the compiled call offered for a code.
+        self._compiled: dict[int, tuple[Any, Any, tuple[str, ...]]] = {}
+        self._fetch: fetchargs.FetchAll = lambda regs, f_locals=None: ()
+        #: A return event that reads arguments: they are taken at entry.
+        self._entry = False
+
+    # The event's, for the records this point writes (trace/format.py, filters, JSON).
+    @property
+    def name(self) -> str:
+        return self.event.name if self.event is not None else self.definition.event
+
+    @property
+    def group(self) -> str:
+        return self.event.group if self.event is not None else self.definition.group
+
+    @property
+    def id(self) -> int:
+        return self.event.id if self.event is not None else 0
+
+    @property
+    def buffer(self) -> Any:
+        return self.event.buffer if self.event is not None else None
+
+    @property
+    def target(self) -> str:
+        """The probe point as kprobe_events lists it: `SYMBOL`, `SYMBOL+OFFS` (never `+0`),
+        or `path.py:LINE`."""
+        d = self.definition
+        if d.target_kind == "line":
+            return d.target
+        return f"{d.module}:{d.qualname}" + (f"+{d.offset}" if d.offset else "")
+
+    # ------------------------------------------------------------------ setup
+
+    def _specs(self, line_symbols: Callable[[str], list[tuple[str, str, int]]]
+               ) -> tuple[list[dict[str, Any]], Any]:
+        """Where the probes go (register_kprobe arguments), and the probed code when a line
+        target's module is imported."""
+        d = self.definition
+        if d.target_kind != "line":
+            return [{"symbol_name": f"{d.module}:{d.qualname}", "offset": d.offset}], None
+        spec = f"{d.path}:{d.line}"
+        self.symbol = spec
+        try:
+            addrs = kp.resolve_line(spec)
+        except KprobeError:
+            # Not imported yet: wait for the import, one symbol probe per address.
+            found = line_symbols(spec)
+            self.offset = found[0][2]
+            return [{"symbol_name": f"{module}:{qualname}", "offset": off}
+                    for module, qualname, off in found], None
+        self.offset = addrs[0].offset
+        return [{"addr": a} for a in addrs], addrs[0].code
+
+    def prepare(self, *, early: bool = False,
+                line_symbols: Callable[[str], list[tuple[str, str, int]]] | None = None
+                ) -> None:
+        """Resolve the target, register the probes (disabled, or `early`: enabled early
+        probes, as the boot stage wants them), and expand and compile the fetchargs
+        against the probed code. Raises ParseError (a bad fetcharg) or KprobeError (a bad
+        target), with nothing left registered. `line_symbols` stands for kp.line_symbols
+        (the boot stage's knows the program's sys.path[0] before Python sets it)."""
+        d = self.definition
+        specs, code = self._specs(line_symbols or kp.line_symbols)
+        # Whether a return event reads arguments (taken at entry): known from the text.
+        self._entry = self.is_return and any(a.kind in _VARIABLE_KINDS or a.kind == "args"
+                                             for a in d.args)
+        self.probes = self._register(specs, early)
+        try:
+            resolved = getattr(self.probes[0], "addr", None)
+            if isinstance(resolved, kp.ProbeAddress):
+                code = resolved.code
+            elif d.target_kind != "line" and (not early or any(a.kind == "args"
+                                                                for a in d.args)):
+                # Not imported yet: its code as the import will create it, so that names,
+                # $argN and $arg* are checked and expanded now, as registration will find
+                # them (None: it cannot be read before the import). At start-up only for
+                # $arg*: reading sources costs start-up time.
+                code = kp.code_before_import(f"{d.module}:{d.qualname}")
+            self.args = expand(d, code)
+            self.fields = tuple(a.name for a in self.args)
+            self.types = tuple(a.type for a in self.args)
+            self._fetch = fetchargs.compile_fetchargs(self.args, is_return=self.is_return,
+                                                      text=d.text, code=code)
+        except (ParseError, KprobeError):
+            self.release()
+            raise
+        self._watch()
+
+    def _register(self, specs: list[dict[str, Any]], early: bool = False) -> list[Any]:
+        """New probes at `specs`, registered (all or none) disabled, or enabled when
+        `early` (an early probe cannot be registered DISABLED: the seed)."""
+        d = self.definition
+        probes: list[Any] = []
+        flags = 0 if early else kp.KPROBE_FLAG_DISABLED
+        for spec in specs:
+            if self.is_return:
+                probes.append(kp.Kretprobe(
+                    handler=self._ret_hit, entry_handler=self._ret_entry if self._entry else None,
+                    maxactive=d.maxactive, **spec))
+            else:
+                probe = kp.Kprobe(pre_handler=self._hit, flags=flags, **spec)
+                probe.compile_call = self.compile_call
+                probes.append(probe)
+        if self.is_return:
+            kp.register_kretprobes(probes)
+            if not early:
+                for rp in probes:
+                    kp.disable_kretprobe(rp)
+        else:
+            kp.register_kprobes(probes)
+        return probes
+
+    def release(self) -> None:
+        _forget(self)
+        if self.is_return:
+            kp.unregister_kretprobes(self.probes)
+        else:
+            kp.unregister_kprobes(self.probes)
+        self.probes = []
+        self._set_fast(False)
+        self._compiled.clear()
+
+    def enable(self) -> None:
+        for p in self.probes:
+            if p.flags & kp.KPROBE_FLAG_GONE:
+                continue  # its module went away: enabled when it comes back (rearm)
+            if self.is_return:
+                kp.enable_kretprobe(p)
+            else:
+                kp.enable_kprobe(p)
+        event = self.event
+        self._set_fast(event is not None and event.filter is None)
+
+    def disable(self) -> None:
+        self._set_fast(False)
+        for p in self.probes:
+            if self.is_return:
+                kp.disable_kretprobe(p)
+            else:
+                kp.disable_kprobe(p)
+
+    # ------------------------------------------------------------------ modules
+
+    def _watch(self) -> None:
+        self.modules = {p.symbol.partition(":")[0] for p in self.probes}
+        _remember(self)
+
+    def rearm(self) -> None:
+        """The module notifier: a module of this point is imported again. Probes that were
+        armed on its old code are replaced by probes that wait for the new code (armed
+        before its body runs), enabled if the event is."""
+        if not any(isinstance(getattr(p, "addr", None), kp.ProbeAddress)
+                   for p in self.probes):
+            return  # waiting for this import already
+        d = self.definition
+        if d.target_kind == "line":
+            specs = [{"symbol_name": f"{module}:{qualname}", "offset": off}
+                     for module, qualname, off in kp.line_symbols(f"{d.path}:{d.line}")]
+        else:
+            specs = [{"symbol_name": f"{d.module}:{d.qualname}", "offset": d.offset}]
+        old, self.probes = self.probes, []
+        self._set_fast(False)
+        self._compiled.clear()
+        if self.is_return:
+            kp.unregister_kretprobes(old)
+        else:
+            kp.unregister_kprobes(old)
+        # While early (the boot stage's events), probes are registered enabled (the seed).
+        early = kp.kprobes_is_early()
+        self.probes = self._register(specs, early)
+        event = self.event
+        if event is not None and event.enabled and not early:
+            self.enable()
 
     # ------------------------------------------------------------------ compiled event
 
     def compile_call(self, code: Any, offset: int) -> tuple[Any, tuple[str, ...]] | None:
         """The probes' `compile_call` (core/arch.py CompiledCall): `(recorder, argument
         names)` when every fetcharg is rooted at an argument of `code` and the event writes
-        into a trace buffer; else None. One recorder per code object, kept while the event
+        into a trace buffer; else None. One recorder per code object, kept while the point
         lives, so that the registry sees the same call each time it rebuilds. Called under
         the registry lock: takes no lock."""
         cached = self._compiled.get(id(code))
         if cached is not None and cached[0] is code:
             return cached[1], cached[2]
-        ring = getattr(self.buffer, "ring", None)
-        if self.is_return or ring is None or not self.definition.args:
+        event = self.event
+        ring = getattr(event.buffer, "ring", None) if event is not None else None
+        if self.is_return or ring is None or event is None or not self.args:
             return None
         names: list[str] = []
         kinds: list[int] = []
         converters: list[Any] = []
-        for d in self.definition.args:
+        for d in self.args:
             found = fetchargs.argument_fetch(d, code)
             if found is None:
                 return None
@@ -195,9 +464,10 @@ class Event:
             names.append(name)
             kinds.append(KIND_CONVERT if chained else _KINDS.get(d.type, KIND_CONVERT))
             converters.append(convert)
-        size = -1 if self.size is None else self.size
-        recorder = backend.Recorder(self, ring, _busy, _held, tuple(kinds), tuple(converters), size)
-        recorder.fast = self.enabled and self.filter is None
+        size = -1 if event.size is None else event.size
+        recorder = backend.Recorder(self, ring, _busy, _held, tuple(kinds), tuple(converters),
+                                    size)
+        recorder.fast = event.enabled and event.filter is None
         variables = tuple(names)
         self._compiled[id(code)] = (code, recorder, variables)
         return recorder, variables
@@ -217,48 +487,79 @@ class Event:
         """Hits of the careful path (the probes' nhit) and of the recorders."""
         return sum(p.nhit for p in self.probes) + self._recorded()
 
-    @property
-    def nhit(self) -> int:
-        """Records written (hits that passed the filter)."""
-        return self._nwritten + self._recorded()
-
     def _recorded(self) -> int:
         return sum(int(r.nhit) for _, r, _ in list(self._compiled.values()))
 
     # ------------------------------------------------------------------ hit path
 
-    def _record(self, regs: Any, caller: str | None) -> None:
-        values = self._fetch(regs)
-        # The thread's key: its id and name are looked up when the buffer is read.
-        key = _thread_key()
-        flt = self.filter
-        if flt is not None:
-            tid, comm = resolve(key)
-            fields = dict(zip(self.fields, values, strict=False))
-            fields["common_pid"] = tid  # the kernel's pid column is the thread's id
-            fields["common_comm"] = comm
-            if not flt(fields):
-                return
-        self._nwritten += 1
-        size = self.size
-        if size is None:
-            size = values_size(values, caller)
-        self.buffer.append(_time_ns(), key, self, values, caller, size)
-
     def _hit(self, p: Any, regs: Any) -> None:
-        self._record(regs, None)
+        event = self.event
+        if event is not None:
+            event._record(self, self._fetch(regs), None)
+
+    def _ret_entry(self, ri: Any, regs: Any) -> int:
+        ri.data[_ENTRY] = fetchargs.entry_arguments(regs.frame)
+        return 0
 
     def _ret_hit(self, ri: Any, regs: Any) -> None:
-        back = regs.frame.f_back
+        event = self.event
+        if event is None:
+            return
+        frame = regs.frame
+        back = frame.f_back
         caller = None
         if back is not None:
             code = back.f_code
             caller = f"{back.f_globals.get('__name__', '?')}:{code.co_qualname}"
-        self._record(regs, caller)
+        entry = ri.data.get(_ENTRY) if self._entry else None
+        if entry:
+            # The arguments as they were at entry, over the variables as they are now.
+            try:
+                variables = dict(frame.f_locals)
+            except Exception:  # noqa: BLE001 - the hot path never raises (STYLE.md rule 7)
+                variables = {}
+            variables.update(entry)
+            values = self._fetch(regs, variables)
+        else:
+            values = self._fetch(regs)
+        event._record(self, values, caller)
 
     def __repr__(self) -> str:
-        state = "enabled" if self.enabled else "disabled"
-        return f"<Event {self.group}/{self.name} {state} {self.definition.text!r}>"
+        return f"<ProbePoint {self.group}/{self.name} {self.definition.text!r}>"
 
 
-__all__ = ["Event", "KprobeError", "ParseError"]
+# --------------------------------------------------------------------------- modules
+
+#: module name -> the points with probes on it (the kernel walks its trace_kprobes).
+_by_module: dict[str, weakref.WeakSet[ProbePoint]] = {}
+_modules_lock = threading.Lock()
+_notifier_registered = False
+
+
+def _remember(point: ProbePoint) -> None:
+    global _notifier_registered
+    with _modules_lock:
+        for module in point.modules:
+            _by_module.setdefault(module, weakref.WeakSet()).add(point)
+        if not _notifier_registered:
+            kp.register_module_notifier(_module_coming)
+            _notifier_registered = True
+
+
+def _forget(point: ProbePoint) -> None:
+    with _modules_lock:
+        for module in point.modules:
+            points = _by_module.get(module)
+            if points is not None:
+                points.discard(point)
+
+
+def _module_coming(name: str) -> None:
+    """The module notifier (MODULE_STATE_COMING): arm the events of `name` again."""
+    with _modules_lock:
+        points = list(_by_module.get(name, ()))
+    for point in points:
+        point.rearm()
+
+
+__all__ = ["Event", "KprobeError", "ParseError", "ProbePoint", "expand", "same_type"]
