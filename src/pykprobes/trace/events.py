@@ -34,6 +34,7 @@ off, a probe handler running in some thread (the reentrancy rule: `core.site._bu
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -79,9 +80,15 @@ def expand(definition: grammar.ProbeDef, code: Any) -> list[grammar.FetchArgDef]
     return grammar.expand_args(definition, fetchargs.parameters(code))
 
 
-def same_type(a: str | None, b: str | None) -> bool:
-    """Whether two fetch types are one type (`str` and `string` are)."""
-    return (a if a != "string" else "str") == (b if b != "string" else "str")
+def field_type(arg: grammar.FetchArgDef) -> str | None:
+    """The type a fetcharg records: as written (`string` is `str`), or, untyped, `str` for
+    `$comm` and an immediate string (the only type they take: NEED_STRING_TYPE), else None
+    (the default, safe.describe())."""
+    if arg.type is not None:
+        return "str" if arg.type == "string" else arg.type
+    if arg.kind == "comm" or (arg.kind == "imm" and isinstance(arg.root, str)):
+        return "str"
+    return None
 
 
 class Event:
@@ -132,7 +139,7 @@ class Event:
             return "DIFF_PROBE_TYPE", 0
         ours, theirs = point.args, self.args
         for a, b in zip(ours, theirs, strict=False):
-            if a.name != b.name or not same_type(a.type, b.type):
+            if a.name != b.name or field_type(a) != field_type(b):
                 return "DIFF_ARG_TYPE", a.pos
         if len(ours) > len(theirs):
             return "DIFF_ARG_TYPE", ours[len(theirs)].pos
@@ -306,6 +313,11 @@ class ProbePoint:
             return [{"symbol_name": f"{d.module}:{d.qualname}", "offset": d.offset}], None
         spec = f"{d.path}:{d.line}"
         self.symbol = spec
+        # The kernel's uprobe errors for its FILE:OFFSET (trace_uprobe.c), at the path.
+        if not os.path.exists(d.path):  # type: ignore[arg-type]
+            raise ParseError("FILE_NOT_FOUND", d.target_pos, d.text)
+        if not os.path.isfile(d.path):  # type: ignore[arg-type]
+            raise ParseError("NO_REGULAR_FILE", d.target_pos, d.text)
         try:
             addrs = kp.resolve_line(spec)
         except KprobeError:
@@ -412,12 +424,10 @@ class ProbePoint:
         _remember(self)
 
     def rearm(self) -> None:
-        """The module notifier: a module of this point is imported again. Probes that were
-        armed on its old code are replaced by probes that wait for the new code (armed
-        before its body runs), enabled if the event is."""
-        if not any(isinstance(getattr(p, "addr", None), kp.ProbeAddress)
-                   for p in self.probes):
-            return  # waiting for this import already
+        """The module notifier: a module of this point is being imported (again). Its probes
+        are replaced by probes that wait for the new code (armed on it before its body runs),
+        enabled if the event is: those armed on the old code are gone with it, and those
+        waiting for this import wait for it as well as before."""
         d = self.definition
         if d.target_kind == "line":
             specs = [{"symbol_name": f"{module}:{qualname}", "offset": off}
@@ -562,4 +572,4 @@ def _module_coming(name: str) -> None:
         point.rearm()
 
 
-__all__ = ["Event", "KprobeError", "ParseError", "ProbePoint", "expand", "same_type"]
+__all__ = ["Event", "KprobeError", "ParseError", "ProbePoint", "expand", "field_type"]

@@ -11,6 +11,7 @@ the methods beside them are the Pythonic API over the same objects.
     dynamic_events                 the same events (all are kprobe events), and the same
                                    writes, plus `!p:[GRP/]EVENT ...` (remove what it names)
     events/GRP/EVENT/enable        0 or 1
+    events/GRP/enable, events/enable   every event of the group, or every event (X: mixed)
     events/GRP/EVENT/filter        an ftrace filter expression, or "none"
     events/GRP/EVENT/format        the event's fields
     trace                          the buffer (a snapshot); writing empties it
@@ -96,6 +97,9 @@ class TraceFS:
         key = (definition.group, definition.event)
         with self._lock:
             event = self.events.get(key)
+            if event is not None and event.is_return != (definition.kind == "r"):
+                # Before the probes are registered, as the kernel's register_trace_kprobe().
+                raise self._fail("DIFF_PROBE_TYPE", 0, text, errno.EEXIST)
             point = ProbePoint(definition)
             try:
                 point.prepare()
@@ -129,12 +133,12 @@ class TraceFS:
         after the event, only its probe points whose target and then fetchargs they match
         (trace_kprobe_match_command_head()); an event left without points is gone."""
         with self._lock:
-            matched = [e for (g, n), e in list(self.events.items())
+            matched = [(e, [p for p in e.points if _matches(p, d.args)])
+                       for (g, n), e in list(self.events.items())
                        if (d.group is None or g == d.group) and (d.event is None or n == d.event)]
-            if not matched:
-                raise TraceWriteError(errno.ENOENT, f"no event {d.text.split()[0][2:]!r}")
-            for event in matched:
-                points = [p for p in event.points if _matches(p, d.args)]
+            if not any(points for _, points in matched):
+                raise TraceWriteError(errno.ENOENT, f"no event matches {d.text!r}")
+            for event, points in matched:
                 if not points:
                     continue
                 if event.enabled and len(points) == len(event.points):
@@ -219,6 +223,10 @@ class TraceFS:
                 return fmt.format_event_format(event)
             if parts[3] == "id":
                 return f"{event.id}\n"
+        if parts[-1] == "enable" and len(parts) in (2, 3) and parts[0] == "events":
+            # The kernel's system (and top-level) enable file: 0, 1, or X when mixed.
+            states = {e.enabled for e in self._group(parts[1] if len(parts) == 3 else None)}
+            return "X\n" if len(states) > 1 else f"{int(True in states)}\n"
         raise TraceWriteError(errno.ENOENT, f"no such file: {path}")
 
     def read_pipe(self, timeout: float | None = None) -> str:
@@ -270,11 +278,26 @@ class TraceFS:
             if parts[3] == "filter":
                 self.set_filter(event, text)
                 return
+        if parts[-1] == "enable" and len(parts) in (2, 3) and parts[0] == "events":
+            on = _bool(text)
+            for event in self._group(parts[1] if len(parts) == 3 else None):
+                if on:
+                    event.enable()
+                else:
+                    event.disable()
+            return
         raise TraceWriteError(errno.ENOENT, f"no such writable file: {path}")
 
     def _events(self) -> list[Event]:
         with self._lock:
             return list(self.events.values())
+
+    def _group(self, group: str | None) -> list[Event]:
+        """The events of `group` (None: every event); ENOENT for a group without events."""
+        events = [e for e in self._events() if group is None or e.group == group]
+        if group is not None and not events:
+            raise TraceWriteError(errno.ENOENT, f"no such group: {group}")
+        return events
 
 
 def _bool(text: str) -> bool:
