@@ -11,22 +11,18 @@ from pathlib import Path
 
 import pytest
 
-import pykprobes as kp
 from pykprobes.trace.tracefs import TraceFS
+from tests.trace.conftest import fs  # noqa: F401 - the same fixture: a tracefs of its own
 
 #: The module of the targets, as a definition names it.
 T = "tests.kselftest.targets"
 
 
-@pytest.fixture
-def fs() -> Iterator[TraceFS]:
-    """A tracefs of its own; its events disabled and removed afterwards."""
-    fs = TraceFS()
-    yield fs
-    for event in list(fs.events.values()):
-        event.disable()
-    fs.clear()
-    kp.wait_for_kprobe_optimizer()
+def trace_args(tracefs: TraceFS, event: str) -> list[str]:
+    """What the trace holds of `event`: each record's fields, as the line prints them."""
+    return [line.split(") ", 1)[1] if ") " in line else "" for line in
+            tracefs.read("trace").splitlines()
+            if not line.startswith("#") and f" {event}: " in line]
 
 
 #: make_module(name, source) -> the path of a module that is on sys.path, not imported.

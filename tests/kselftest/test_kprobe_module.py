@@ -22,7 +22,7 @@ import pytest
 
 import pykprobes as kp
 from pykprobes.trace.tracefs import TraceFS, TraceWriteError
-from tests.kselftest.conftest import MakeModule
+from tests.kselftest.conftest import MakeModule, trace_args
 
 MOD = "trace_printk_mod"
 FUNC = "trace_printk_irq_work"
@@ -33,10 +33,6 @@ def {FUNC}(n):
 {FUNC}(-1)  # called at import: probed before the body runs
 """
 
-
-def _trace(fs: TraceFS, event: str) -> list[str]:
-    return [line.split(") ", 1)[1] for line in fs.read("trace").splitlines()
-            if not line.startswith("#") and f" {event}: " in line]
 
 
 def _call(n: int) -> Any:
@@ -81,7 +77,7 @@ def test_kprobe_module(fs: TraceFS, module: Path) -> None:
     # Load module again, which means the event1 should be recorded (also what the body runs).
     importlib.import_module(MOD)
     _call(7)
-    assert _trace(fs, "event1") == ["n=-1", "n=7"]
+    assert trace_args(fs, "event1") == ["n=-1", "n=7"]
 
     # Remove the module again and check the event is not locked.
     del sys.modules[MOD]
@@ -101,8 +97,8 @@ def test_an_event_on_a_reloaded_module_records_again(fs: TraceFS, module: Path) 
     for round_ in range(2):
         importlib.reload(mod)
         _call(10 + round_)
-    assert _trace(fs, "work") == ["n=1", "n=-1", "n=10", "n=-1", "n=11"]
-    assert _trace(fs, "ret") == ["n=1 retval=2", "n=-1 retval=0", "n=10 retval=11",
+    assert trace_args(fs, "work") == ["n=1", "n=-1", "n=10", "n=-1", "n=11"]
+    assert trace_args(fs, "ret") == ["n=1 retval=2", "n=-1 retval=0", "n=10 retval=11",
                                  "n=-1 retval=0", "n=11 retval=12"]
     assert fs.read("events/mod/work/enable") == "1\n"
     assert "[GONE]" not in kp.list_kprobes()
@@ -116,7 +112,7 @@ def test_an_event_defined_before_the_first_import(fs: TraceFS, module: Path) -> 
     del sys.modules[MOD]
     importlib.import_module(MOD)
     _call(6)
-    assert _trace(fs, "work") == ["n=-1", "n=5", "n=-1", "n=6"]
+    assert trace_args(fs, "work") == ["n=-1", "n=5", "n=-1", "n=6"]
 
 
 def test_a_disabled_event_comes_back_disabled(fs: TraceFS, module: Path) -> None:
@@ -124,10 +120,10 @@ def test_a_disabled_event_comes_back_disabled(fs: TraceFS, module: Path) -> None
     fs.write("kprobe_events", f"p:mod/work {MOD}:{FUNC} n")
     importlib.reload(mod)
     _call(1)
-    assert _trace(fs, "work") == []
+    assert trace_args(fs, "work") == []
     fs.write("events/mod/work/enable", "1")
     _call(2)
-    assert _trace(fs, "work") == ["n=2"]
+    assert trace_args(fs, "work") == ["n=2"]
 
 
 def test_a_line_event_comes_back(fs: TraceFS, module: Path) -> None:
@@ -137,7 +133,7 @@ def test_a_line_event_comes_back(fs: TraceFS, module: Path) -> None:
     fs.write("events/mod/line/enable", "1")
     importlib.reload(mod)
     _call(4)
-    assert _trace(fs, "line") == ["n=-1", "n=4"]
+    assert trace_args(fs, "line") == ["n=-1", "n=4"]
 
 
 def test_the_raw_kprobe_api_keeps_the_gone_rule(module: Path) -> None:
