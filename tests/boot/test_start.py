@@ -136,6 +136,20 @@ def test_removal_and_commas_as_in_the_kernel(project: Path) -> None:
     assert {m["event"] for m in trace_lines(traced.stderr)} == {"a"}
 
 
+def test_multiprobe_and_arg_star_at_boot(project: Path) -> None:
+    """As kprobe_event= does: a second definition of a name appends a probe point, a group
+    removal removes the group, and `$arg*` expands from the module's source before Python
+    has put the program's directory on sys.path."""
+    events = ("p:boot/m,pkg.mod:f,$arg*;p:boot/m,pkg.mod:f+2,x;"
+              "r:other/r,pkg.mod:f,$arg*;-:other/")
+    traced = run(["-m", "pkg"], events=events, cwd=project)
+    assert traced.returncode == 3 and warnings_of(traced.stderr) == [], traced.stderr
+    lines = trace_lines(traced.stderr)
+    assert {m["event"] for m in lines} == {"m"}
+    assert {m["probe"] for m in lines} == {"pkg.mod:f+0", "pkg.mod:f+2"}
+    assert all(m["args"].startswith(" x=") for m in lines)
+
+
 def test_output_file_is_appended_by_each_process(project: Path, tmp_path: Path) -> None:
     out = tmp_path / "early.trace"
     env = {"PYKPROBES_OUTPUT": str(out)}

@@ -140,7 +140,8 @@ def _define(text: str, d: ProbeDef) -> None:
     assert _buffer is not None
     point = ProbePoint(d)
     try:
-        point.prepare(early=True, line_symbols=_line_symbols)
+        point.prepare(early=True, line_symbols=_line_symbols,
+                      code_before_import=_code_before_import)
     except errors.ParseError as exc:
         _fail(text, 22, f"{exc.message} (column {exc.pos})")
         return
@@ -166,16 +167,28 @@ def _define(text: str, d: ProbeDef) -> None:
 
 
 def _line_symbols(spec: str) -> list[tuple[str, str, int]]:
-    """lines.line_symbols() with the directory the program will find first on sys.path: the
-    boot stage runs before Python puts it there (nothing is imported meanwhile)."""
+    """lines.line_symbols() on the program's sys.path (_on_program_path)."""
     from pykprobes.core import lines
 
+    return _on_program_path(lines.line_symbols, spec)  # type: ignore[no-any-return]
+
+
+def _code_before_import(symbol: str) -> Any:
+    """lines.code_before_import() on the program's sys.path (_on_program_path)."""
+    from pykprobes.core import lines
+
+    return _on_program_path(lines.code_before_import, symbol)
+
+
+def _on_program_path(fn: Any, arg: str) -> Any:
+    """fn(arg) with the directory the program will find first on sys.path: the boot stage
+    runs before Python puts it there (nothing is imported meanwhile)."""
     path0 = early.main_path0
     if not path0 or path0 in sys.path:
-        return lines.line_symbols(spec)
+        return fn(arg)
     sys.path.insert(0, path0)
     try:
-        return lines.line_symbols(spec)
+        return fn(arg)
     finally:
         try:
             sys.path.remove(path0)

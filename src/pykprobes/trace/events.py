@@ -330,13 +330,13 @@ class ProbePoint:
         return [{"addr": a} for a in addrs], addrs[0].code
 
     def prepare(self, *, early: bool = False,
-                line_symbols: Callable[[str], list[tuple[str, str, int]]] | None = None
-                ) -> None:
+                line_symbols: Callable[[str], list[tuple[str, str, int]]] | None = None,
+                code_before_import: Callable[[str], Any] | None = None) -> None:
         """Resolve the target, register the probes (disabled, or `early`: enabled early
         probes, as the boot stage wants them), and expand and compile the fetchargs
         against the probed code. Raises ParseError (a bad fetcharg) or KprobeError (a bad
-        target), with nothing left registered. `line_symbols` stands for kp.line_symbols
-        (the boot stage's knows the program's sys.path[0] before Python sets it)."""
+        target), with nothing left registered. `line_symbols` and `code_before_import` stand
+        for kp's (the boot stage's know the program's sys.path[0] before Python sets it)."""
         d = self.definition
         specs, code = self._specs(line_symbols or kp.line_symbols)
         # Whether a return event reads arguments (taken at entry): known from the text.
@@ -353,7 +353,8 @@ class ProbePoint:
                 # $argN and $arg* are checked and expanded now, as registration will find
                 # them (None: it cannot be read before the import). At start-up only for
                 # $arg*: reading sources costs start-up time.
-                code = kp.code_before_import(f"{d.module}:{d.qualname}")
+                code = (code_before_import or kp.code_before_import)(
+                    f"{d.module}:{d.qualname}")
             self.args = expand(d, code)
             self.fields = tuple(a.name for a in self.args)
             self.types = tuple(a.type for a in self.args)
