@@ -543,7 +543,8 @@ class ProbePoint:
 
 #: module name -> the points with probes on it (the kernel walks its trace_kprobes).
 _by_module: dict[str, weakref.WeakSet[ProbePoint]] = {}
-_modules_lock = threading.Lock()
+#: Guards the table, and serializes a point's rearm() with its release().
+_modules_lock = threading.RLock()
 _notifier_registered = False
 
 
@@ -566,11 +567,11 @@ def _forget(point: ProbePoint) -> None:
 
 
 def _module_coming(name: str) -> None:
-    """The module notifier (MODULE_STATE_COMING): arm the events of `name` again."""
+    """The module notifier (MODULE_STATE_COMING): arm the events of `name` again. A point
+    released meanwhile has left the table (release() takes the lock first)."""
     with _modules_lock:
-        points = list(_by_module.get(name, ()))
-    for point in points:
-        point.rearm()
+        for point in list(_by_module.get(name, ())):
+            point.rearm()
 
 
 __all__ = ["Event", "KprobeError", "ParseError", "ProbePoint", "expand", "field_type"]
