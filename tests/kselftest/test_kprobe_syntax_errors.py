@@ -195,6 +195,7 @@ def _check_error(fs: TraceFS, command: str, code: str) -> None:
                                               "SAME_PROBE") else None
     if expected_errno is not None:
         assert info.value.errno == expected_errno
+    assert (info.value.code, info.value.pos) == (code, pos)
     log = fs.read("error_log")
     lines = log.splitlines(keepends=True)
     assert len(lines) == 3, log

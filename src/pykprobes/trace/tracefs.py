@@ -54,7 +54,12 @@ DEFINITION_ERROR_LOCATION: Final = "trace_kprobe"
 
 
 class TraceWriteError(KprobeError):
-    """A write to a tracefs file failed; `.errno` is what the kernel's write returns."""
+    """A write to a tracefs file failed; `.errno` is what the kernel's write returns. For a
+    bad definition or filter, `.code` is its error code (errors.ERRORS) and `.pos` the column
+    error_log puts the caret under; None otherwise."""
+
+    code: str | None = None
+    pos: int | None = None
 
 
 class ErrorLogEntry:
@@ -186,8 +191,10 @@ class TraceFS:
               location: str | None = DEFINITION_ERROR_LOCATION) -> TraceWriteError:
         message = ERRORS.get(code, code)
         self.error_log.append(ErrorLogEntry(message, text, pos, location))
-        return TraceWriteError(err, f"{message}{f' ({detail})' if detail else ''}\n"
-                                    f"{text}\n{' ' * pos}^")
+        error = TraceWriteError(err, f"{message}{f' ({detail})' if detail else ''}\n"
+                                     f"{text}\n{' ' * pos}^")
+        error.code, error.pos = code, pos
+        return error
 
     # ------------------------------------------------------------------ files
 
