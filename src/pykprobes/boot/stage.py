@@ -153,7 +153,7 @@ def _define(text: str, d: ProbeDef) -> None:
     if event is None:
         _next_id += 1
         event = Event.of(point, _buffer, _next_id)  # type: ignore[arg-type]
-        event.enabled = True
+        event.armed_early()
         _events[key] = event
         return
     refusal = event.refusal(point)

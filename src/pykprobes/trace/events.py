@@ -183,6 +183,14 @@ class Event:
         if self._armed:
             point.enable()
 
+    def armed_early(self) -> None:
+        """The boot stage's event: its probes are early probes, registered enabled (an early
+        probe cannot be registered DISABLED: the seed), so the event is enabled and armed
+        as it stands."""
+        self.enabled = True
+        self._armed = True
+        self._refresh()
+
     def refusal(self, point: ProbePoint) -> tuple[str, int] | None:
         """Why `point` (prepared) cannot join this event (kernel append_trace_kprobe()), as
         (error code, column), or None. The kind of probe must be the event's (caret at 0);
