@@ -119,9 +119,12 @@ def test_a_trigger_keys_every_points_duration(fs: TraceFS) -> None:
     fs.write("events/t/lat/trigger", "hist:keys=d.log2")
     outer(0.004)
     text = fs.read("events/t/lat/hist")
-    exponents = sorted(int(e) for e in re.findall(r"d: ~ 2\^(\d+)", text))
-    assert "Hits: 2\n" in text and len(exponents) == 2
-    assert exponents[0] >= 19 and exponents[1] >= 21  # 2^20 ns ~ 1 ms, 4 ms ~ 2^22
+    rows = [(int(e), int(n)) for e, n in
+            re.findall(r"\{ d: ~ 2\^(\d+)\s*\} hitcount:\s+(\d+)", text)]
+    assert "Hits: 2\n" in text and sum(n for _, n in rows) == 2
+    # inner sleeps 1 ms (2^20 ns), outer 5 ms in all (2^23 > 2^22): lower bounds only (a
+    # slow machine may put both in one bucket).
+    assert min(e for e, _ in rows) >= 20 and max(e for e, _ in rows) >= 22
 
 
 def test_span_mode_nests_calls_across_points(fs: TraceFS) -> None:
