@@ -6,7 +6,7 @@ compiler, no Python headers) leaves the pure-Python fallback, which trace/backen
 chooses and `pykprobes info` names. Everything else is in pyproject.toml.
 
 An editable install (`pip install -e .`) builds the extension into the source tree
-(src/pykprobes/trace/_speedups.*.so, ignored by git).
+(src/pykprobes/trace/_speedups.*.so and _histcount.*.so, ignored by git).
 
 A wheel gets the hook files at its root (build_lib); an editable install (PEP 660,
 `pip install -e .`, which dev.py uses) gets them in its wheel too: setuptools' editable_wheel

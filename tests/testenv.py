@@ -12,7 +12,15 @@ from typing import Final, Protocol
 
 from pykprobes.env import HAS_SYS_MONITORING
 
-__all__ = ["ARCH", "ARCHES", "HAS_SYS_MONITORING", "OPTIMIZED", "RunPython"]
+__all__ = [
+    "ARCH",
+    "ARCHES",
+    "BREAKPOINT_SEES_HANDLER_HITS",
+    "HAS_SYS_MONITORING",
+    "NESTED_MISS_SEEN",
+    "OPTIMIZED",
+    "RunPython",
+]
 
 ARCHES: Final = ("breakpoint", "optimized")
 
@@ -44,5 +52,22 @@ def _breakpoint_capabilities() -> dict[str, bool]:
     return dict(registry._m().breakpoint.capabilities)
 
 
+def _breakpoint_sees_handler_hits() -> bool:
+    from pykprobes.core import codestate
+
+    return codestate.UNTRACED is not None
+
+
 #: The chosen breakpoint arch's capabilities (see core/arch.py BreakpointArch).
 BREAKPOINT_CAPS: Final[dict[str, bool]] = _breakpoint_capabilities()
+
+
+#: A probe hit by a handler that a breakpoint runs (from a sys.monitoring or settrace
+#: callback, where CPython reports no event: tstate->tracing) is seen and counted missed:
+#: when the C accelerator lowers the tracing flag around the hit (core/codestate.py
+#: UNTRACED). Without it (PYKPROBES_CORE=python, or no compiler) the hit is not seen at all.
+BREAKPOINT_SEES_HANDLER_HITS: Final[bool] = _breakpoint_sees_handler_hits()
+
+#: What `nmissed` counts for one probe hit inside a handler of a pre-handler-only probe: the
+#: rewritten code calls no callback, so an optimized probe's handler always counts it.
+NESTED_MISS_SEEN: Final[int] = 1 if OPTIMIZED or BREAKPOINT_SEES_HANDLER_HITS else 0

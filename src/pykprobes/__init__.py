@@ -26,6 +26,9 @@ _EXPORTS: dict[str, str] = {
     "nokprobe": "pykprobes.core.blacklist",
     "resolve_line": "pykprobes.core.lines",
     "line_symbols": "pykprobes.core.lines",
+    "code_before_import": "pykprobes.core.lines",
+    "register_module_notifier": "pykprobes.core.modwatch",
+    "unregister_module_notifier": "pykprobes.core.modwatch",
     "register_kprobe": "pykprobes.core.registry",
     "unregister_kprobe": "pykprobes.core.registry",
     "register_kprobes": "pykprobes.core.registry",
@@ -66,7 +69,8 @@ if TYPE_CHECKING:
         unregister_kretprobe,
         unregister_kretprobes,
     )
-    from pykprobes.core.lines import line_symbols, resolve_line
+    from pykprobes.core.lines import code_before_import, line_symbols, resolve_line
+    from pykprobes.core.modwatch import register_module_notifier, unregister_module_notifier
     from pykprobes.core.probe import (
         KPROBE_FLAG_DISABLED,
         KPROBE_FLAG_EARLY,

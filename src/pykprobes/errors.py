@@ -34,16 +34,19 @@ def enoent(message: str) -> KprobeError:
 
 #: The error codes and messages of probe definitions, one table for the whole package (every
 #: ParseError names one of these codes). The kernel's own codes come first, in the order and the
-#: words of kernel/trace/trace_probe.h ERRORS, its spelling and grammar kept ("an function
-#: entry", "valiable"), restricted to those that mean something for Python: no registers, memory
-#: addresses, dereference offsets, arrays, bitfields, BTF, uprobes, eprobes or tracepoints.
-#: MAXACT_NO_KPROBE is the older kernels' name (newer ones say BAD_MAXACT_TYPE). Ours follow, in
-#: the same style; where an older kernel said it in a pr_info(), those are its words.
+#: words of kernel/trace/trace_probe.h ERRORS as of 2025 (v6.14+: BAD_MAXACT_TYPE is what older
+#: kernels called MAXACT_NO_KPROBE, NEED_STRING_TYPE what they said with BAD_TYPE), its spelling
+#: and grammar kept ("an function entry", "valiable"), restricted to those that mean something
+#: for Python: no registers, memory addresses, dereference offsets, arrays, bitfields, BTF types
+#: and fields, uprobes, eprobes or tracepoints (docs/events.md says why each has no Python
+#: form). The BTF argument codes keep their names: a Python function's parameters are what BTF
+#: tells the kernel about a C function's. Ours follow, in the same style; where an older kernel
+#: said it in a pr_info(), those are its words.
 ERRORS: dict[str, str] = {
     # kernel/trace/trace_probe.h
     "FILE_NOT_FOUND": "Failed to find the given file",
     "NO_REGULAR_FILE": "Not a regular file",
-    "MAXACT_NO_KPROBE": "Maxactive is not for kprobe",
+    "BAD_MAXACT_TYPE": "Maxactive is only for function exit",
     "BAD_MAXACT": "Invalid maxactive number",
     "MAXACT_TOO_BIG": "Maxactive is too big",
     "BAD_PROBE_ADDR": "Invalid probed address or symbol",
@@ -77,6 +80,13 @@ ERRORS: dict[str, str] = {
     "DIFF_PROBE_TYPE": "Probe type is different from existing probe",
     "DIFF_ARG_TYPE": "Argument type or name is different from existing probe",
     "SAME_PROBE": "There is already the exact same probe event",
+    "NO_BTFARG": "This variable is not found at this probe point",
+    "NO_BTF_ENTRY": "No BTF entry for this probe point",
+    "BAD_VAR_ARGS": "$arg* must be an independent parameter without name etc.",
+    "NOFENTRY_ARGS": "$arg* can be used only on function entry or exit",
+    "DOUBLE_ARGS": "$arg* can be used only once in the parameters",
+    "ARGS_2LONG": "$arg* failed because the argument list is too long",
+    "NEED_STRING_TYPE": "$comm and immediate-string only accepts string type",
     "TOO_MANY_ARGS": "Too many arguments are specified",
     # pykprobes' own
     "BAD_PROBE_TYPE": "Probe definition must be started with 'p', 'r' or '-'",

@@ -2,7 +2,8 @@
 
     p[:[GRP/][EVENT]] TARGET [FETCHARGS]              probe
     r[MAXACTIVE][:[GRP/][EVENT]] TARGET [FETCHARGS]   return probe;  also  p... TARGET%return
-    -:[GRP/]EVENT                                     remove
+    -:[GRP/]EVENT [TARGET [FETCHARGS]]                remove (the probe points that match)
+    -:GRP/                                            remove every event of GRP
     TARGET:  pkg.mod:Qual.name[+OFFS]   path/to/file.py:LINE   pkg.mod:<module>[+OFFS]
 
 Shaped on the kernel's parser (kernel/trace/trace_kprobe.c `__trace_kprobe_create`,
@@ -21,6 +22,10 @@ from __future__ import annotations
 
 from pykprobes.errors import ParseError
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the boot stage imports this at start-up
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 #: The group of an event defined without one (the kernel's is "kprobes").
 DEFAULT_GROUP = "pykprobes"
 #: Group and event names are shorter than this (kernel MAX_EVENT_NAME_LEN).
@@ -34,8 +39,12 @@ MAX_ARGSTR_LEN = 255
 MAX_TRACE_ARGS = 128
 #: The largest MAXACTIVE (kernel KRETPROBE_MAXACTIVE_MAX).
 KRETPROBE_MAXACTIVE_MAX = 4096
-#: The largest N in $argN and $stackN (the kernel's PARAM_MAX_STACK on x86_64, 16 KiB / 8).
+#: The largest N in $stackN (the kernel's PARAM_MAX_STACK on x86_64, 16 KiB / 8).
 MAX_PARAM_NUM = 2048
+#: The largest N in $argN: an event records at most MAX_TRACE_ARGS values, and the kernel's
+#: $argN reaches no further than its fetchargs can (a function may have more parameters:
+#: `$arg:NAME` and NAME reach them).
+MAX_ARG_NUM = MAX_TRACE_ARGS
 #: An offset fits in 32 bits (the kernel rejects offsets above UINT_MAX).
 MAX_OFFSET = 0xFFFFFFFF
 
@@ -72,10 +81,10 @@ class FetchArgDef:
     without `NAME=` and `:TYPE`, `type` the type as written (or None), `pos`, `body_pos` and
     `type_pos` columns in the definition's text. The parsed body: `kind` is one of "arg"
     ($argN: `root` is N), "argname" ($arg:NAME: `root` is NAME), "retval", "duration",
-    "comm", "stack" ($stack), "stackn" ($stackN: `root` is N), "local" (NAME: `root` is NAME)
-    or "imm" (\\IMM:
-    `root` is the int, float or str); `chain` is the attribute/subscript steps after the root,
-    a tuple of ("attr", name) and ("item", int | str).
+    "comm", "stack" ($stack), "stackn" ($stackN: `root` is N), "local" (NAME: `root` is NAME),
+    "imm" (\\IMM: `root` is the int, float or str) or "args" ($arg*, nameless: `expand_args()`
+    turns it into one "local" per parameter once the function is known); `chain` is the
+    attribute/subscript steps after the root, a tuple of ("attr", name) and ("item", int | str).
     """
 
     __slots__ = ("name", "body", "type", "pos", "type_pos", "body_pos", "kind", "root", "chain")
@@ -170,13 +179,18 @@ class ProbeDef:
 
 class RemoveDef:
     """`-:[GRP/]EVENT [ARGS...]`: `group` is None when not given (the kernel then removes the
-    event of that name in any group); `args`, the words after the event, are kept as text
-    (the kernel removes the event only if they match its definition)."""
+    event of that name in any group); `event` is None for `-:GRP/`, every event of the group
+    (kernel dyn_event_release()); `args`, the words after the event, are kept as text (the
+    kernel removes only the probe points whose target, then fetchargs, they match).
+    `-:EVENT` (`kind` "-") is kprobe_events' form; `!p:EVENT ...` (`kind` "!") is
+    dynamic_events' (the same removal, the probe type not compared)."""
 
     __slots__ = ("kind", "group", "event", "args", "text")
 
-    def __init__(self, group: str | None, event: str, args: list[str], text: str) -> None:
-        self.kind = "-"
+    def __init__(
+        self, group: str | None, event: str | None, args: list[str], text: str, kind: str = "-"
+    ) -> None:
+        self.kind = kind
         self.group = group
         self.event = event
         self.args = args
@@ -507,6 +521,8 @@ def _parse_var(text: str, expr: str, bpos: int, is_return: bool) -> tuple[str, o
         if not name.isidentifier():
             raise ParseError("BAD_VAR", bpos, text)
         return "argname", name, end
+    if expr.startswith("$arg*"):
+        return "args", None, 5
     # A sign is part of the word, so that `$arg-1` and `$stack-1` are bad numbers, not a
     # variable followed by garbage.
     end = 1
@@ -537,7 +553,7 @@ def _parse_var(text: str, expr: str, bpos: int, is_return: bool) -> tuple[str, o
         number = _parse_int(var[3:])
         if number is None:
             raise ParseError("BAD_VAR", bpos, text)
-        if not 1 <= number <= MAX_PARAM_NUM:
+        if not 1 <= number <= MAX_ARG_NUM:
             raise ParseError("BAD_ARG_NUM", bpos, text)
         return "arg", number, end
     raise ParseError("BAD_VAR", bpos, text)
@@ -613,13 +629,16 @@ def _parse_fetcharg(
         # $comm and an immediate string are strings: no other type for them (older kernels
         # said BAD_TYPE for this, newer ones NEED_STRING_TYPE).
         if typ not in STRING_TYPES and (expr in ("$comm", "$COMM") or expr[:2] in ('\\"', "\\'")):
-            raise ParseError("BAD_TYPE", type_pos, text)
+            raise ParseError("NEED_STRING_TYPE", type_pos, text)
 
     first = expr[:1]
     root: object = None
     chain: tuple[tuple[str, object], ...] = ()
     if first == "$":
         kind, root, end = _parse_var(text, expr, bpos, is_return)
+        # $arg* stands alone: no NAME=, no step, no type (kernel: "+0($arg*)", "args=$arg*").
+        if kind == "args" and (name is not None or end < len(expr) or typ is not None):
+            raise ParseError("BAD_VAR_ARGS", bpos, text)
         if end < len(expr):
             if kind == "comm":
                 raise ParseError("COMM_CANT_DEREF", bpos, text)
@@ -640,7 +659,7 @@ def _parse_fetcharg(
         raise ParseError("BAD_FETCH_ARG", bpos, text)
 
     if name is None:
-        name = _derived_name(kind, root, index, candidates)
+        name = "" if kind == "args" else _derived_name(kind, root, index, candidates)
         if name in taken or name in RESERVED_FIELD_NAMES:
             raise ParseError("USED_ARG_NAME", pos, text)
     return FetchArgDef(name, expr, typ, pos, type_pos, bpos, kind, root, chain)
@@ -680,6 +699,54 @@ def parse_fetcharg(text: str, pos: int, *, is_return: bool) -> FetchArgDef:
     return _parse_fetcharg(text, pos, word, 1, is_return, set(), candidates)
 
 
+def expand_args(d: ProbeDef, params: Sequence[str]) -> list[FetchArgDef]:
+    """The fetchargs of `d` with `$arg*` expanded: one bare NAME per parameter of the probed
+    function, in `params`' order (positional, keyword-only, `*args`, `**kwargs`), each named
+    after its parameter (or argN when the name cannot be a field's: not a C identifier, too
+    long, reserved), at the column of `$arg*`; the other fetchargs named again as parse()
+    names them, among the expanded ones (kernel traceprobe_expand_meta_args(), which rewrites
+    argv before any fetcharg is parsed). `d.args` itself when there is no `$arg*`. Raises
+    ParseError: ARGS_2LONG when the expansion passes MAX_TRACE_ARGS, USED_ARG_NAME when a
+    name comes twice (at the later one)."""
+    star = next((a for a in d.args if a.kind == "args"), None)
+    if star is None:
+        return d.args
+    text = d.text
+    count = len(d.args) - 1 + len(params)
+    if count > MAX_TRACE_ARGS:
+        raise ParseError("ARGS_2LONG", star.pos, text)
+    words: list[tuple[int, str] | None] = []  # None stands for $arg*
+    candidates: dict[str, int] = {}
+    for a in d.args:
+        if a is star:
+            words.append(None)
+            for name in params:
+                candidates[name] = candidates.get(name, 0) + 1
+            continue
+        word = text[a.pos : _arg_end(text, a.pos)]
+        words.append((a.pos, word))
+        candidate = _candidate_name(word)
+        if candidate:
+            candidates[candidate] = candidates.get(candidate, 0) + 1
+    out: list[FetchArgDef] = []
+    taken: set[str] = set()
+    for item in words:
+        if item is None:
+            for name in params:
+                field = _derived_name("local", name, len(out) + 1, {name: 1})
+                if field in taken:
+                    raise ParseError("USED_ARG_NAME", star.pos, text)
+                taken.add(field)
+                out.append(FetchArgDef(field, name, None, star.pos, None, star.pos, "local",
+                                       name, ()))
+            continue
+        apos, word = item
+        arg = _parse_fetcharg(text, apos, word, len(out) + 1, d.kind == "r", taken, candidates)
+        taken.add(arg.name)
+        out.append(arg)
+    return out
+
+
 # --------------------------------------------------------------------------------- parse
 
 
@@ -698,8 +765,8 @@ def parse(line: str) -> ProbeDef | RemoveDef:
     if command == "-":
         if head[1:2] != ":":
             raise ParseError("NO_EVENT_NAME", hpos + 1, text)
-        group, event = _parse_event_name(text, head[2:], hpos + 2, need_event=True)
-        assert event is not None
+        # `-:GRP/` names a group and no event: every event of the group (not `-:` alone).
+        group, event = _parse_event_name(text, head[2:], hpos + 2, need_event=False)
         return RemoveDef(group, event, [w for _, w in words[1:]], text)
 
     if command not in ("p", "r"):
@@ -714,7 +781,7 @@ def parse(line: str) -> ProbeDef | RemoveDef:
     if middle:
         if command == "p":
             if middle[0] in _DIGITS:
-                raise ParseError("MAXACT_NO_KPROBE", hpos + 1, text)
+                raise ParseError("BAD_MAXACT_TYPE", hpos + 1, text)
             raise ParseError("BAD_PROBE_TYPE", hpos, text)
         number = _parse_uint(middle) if len(middle) < MAX_EVENT_NAME_LEN else None
         if not number:
@@ -786,6 +853,16 @@ def parse(line: str) -> ProbeDef | RemoveDef:
     argwords = words[2:]
     if len(argwords) > MAX_TRACE_ARGS:
         raise ParseError("TOO_MANY_ARGS", argwords[0][0], text)
+    # $arg* before any fetcharg is parsed (kernel argv_has_var_arg()): the parameters are
+    # those of a function's entry or exit, and it is used once.
+    star = -1
+    for apos, word in argwords:
+        if word.startswith("$arg*"):
+            if target_kind != "symbol" or not (is_return or offset == 0):
+                raise ParseError("NOFENTRY_ARGS", apos, text)
+            if star >= 0:
+                raise ParseError("DOUBLE_ARGS", apos, text)
+            star = apos
     args: list[FetchArgDef] = []
     if argwords:
         candidates: dict[str, int] = {}
@@ -821,6 +898,22 @@ def parse(line: str) -> ProbeDef | RemoveDef:
         text,
         tpos,
     )
+
+
+def parse_dynamic_event(line: str) -> ProbeDef | RemoveDef:
+    """A line of `dynamic_events`: what parse() takes, and `!p:[GRP/]EVENT [TARGET [ARGS]]`,
+    which removes what it names as `-:` does (kernel dyn_event_release(): the event after the
+    first colon of the first word; the probe type is not compared)."""
+    text = line
+    words = _tokenize(text)
+    if not words or words[0][1][:1] != "!":
+        return parse(line)
+    hpos, head = words[0]
+    colon = head.find(":")
+    if colon < 0:
+        raise ParseError("NO_EVENT_NAME", hpos + len(head), text)
+    group, event = _parse_event_name(text, head[colon + 1 :], hpos + colon + 1, False)
+    return RemoveDef(group, event, [w for _, w in words[1:]], text, kind="!")
 
 
 def _split_boot(value: str) -> list[str]:
@@ -882,7 +975,9 @@ __all__ = [
     "ProbeDef",
     "RemoveDef",
     "derive_event_name",
+    "expand_args",
     "parse",
     "parse_boot",
+    "parse_dynamic_event",
     "parse_fetcharg",
 ]

@@ -78,7 +78,7 @@ from pykprobes.trace.tracefs import tracefs
 fs = tracefs()
 event = fs.event("boot/hit")
 batch = fs.buffer.read(block=False)  # trace_pipe: the records and where events were lost
-values = [r[4][0] for r in batch if r[3] is event]
+values = [r[4][0] for r in batch if r[3].event is event]
 print(json.dumps({
     "calls": calls, "at_conversion": at_conversion, "early": kp.kprobes_is_early(),
     "during": at_conversion - before_init,

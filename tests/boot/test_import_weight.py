@@ -36,6 +36,8 @@ BOOT_PYKPROBES = {
     "pykprobes.core.returns", "pykprobes.core.site",
     # who holds a code object (codestate's), and the interpreter facts it asks
     "pykprobes.core.holders", "pykprobes.env",
+    # the choice of the C accelerator (codestate's Untraced; the trace backend's)
+    "pykprobes.accelerator",
     # the events the definitions become, and their fetchargs
     "pykprobes.trace", "pykprobes.trace.buffer", "pykprobes.trace.events",
     "pykprobes.trace.fetchargs", "pykprobes.trace.safe", "pykprobes.trace.types",

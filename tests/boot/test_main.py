@@ -142,3 +142,30 @@ def test_program_converting_itself_is_traced_by_the_breakpoint_arch(tmp_path: Pa
     traced = run(["prog.py"], events=EVENTS, cwd=tmp_path)
     assert traced.returncode == 0, traced.stderr
     assert traced.stdout == "[(0,), (1,), (2,), (3,), (4,)] 0\n"
+
+
+def test_a_boot_event_switches_off_and_on_after_the_conversion(tmp_path: Path) -> None:
+    """A boot event is enabled with its probes armed (early probes are registered enabled):
+    disabling it after the conversion disarms them, enabling it arms them again."""
+    write(tmp_path / "prog.py", """
+        import pykprobes as kp
+
+        def work(n):
+            return n
+
+        kp.init_kprobes()
+        from pykprobes.trace.tracefs import tracefs
+        fs = tracefs()
+        probe = fs.event("boot/work").probes[0]
+        work(1)
+        fs.write("events/boot/work/enable", "0")
+        work(2)
+        off = bool(probe.flags & kp.KPROBE_FLAG_DISABLED)
+        fs.write("events/boot/work/enable", "1")
+        work(3)
+        print([r[4] for r in fs.buffer.snapshot() if r[3].name == "work"], off,
+              bool(probe.flags & kp.KPROBE_FLAG_DISABLED), probe.nhit)
+    """)
+    traced = run(["prog.py"], events=EVENTS, cwd=tmp_path)
+    assert traced.returncode == 0, traced.stderr
+    assert traced.stdout == "[(1,), (3,)] True False 2\n"

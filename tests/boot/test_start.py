@@ -102,7 +102,7 @@ def test_bad_definitions_warn_once_each_and_change_nothing_else(project: Path) -
         "p:boot/nomod no_such_module_zz:f",
         "p:boot/offs pkg.mod:f+1",  # inside an instruction
         "p:boot/type pkg.mod:f x:wat",
-        "p:boot/ok pkg.mod:f",  # the name is taken
+        "p:boot/ok pkg.mod:f",  # appended to boot/ok, without its argument
         "p:boot/black pykprobes.core.registry:register_kprobe",
         "",  # empty definitions are skipped, as the kernel skips them
         "-:boot/never_defined",
@@ -119,7 +119,8 @@ def test_bad_definitions_warn_once_each_and_change_nothing_else(project: Path) -
     assert "Failed to add event(-22): q:boot/bad pkg.mod:f (Probe definition must be " \
            "started with 'p', 'r' or '-'" in reasons
     assert "Failed to add event(-2): p:boot/nomod no_such_module_zz:f" in reasons
-    assert "(-17): p:boot/ok pkg.mod:f (Given group/event name is already used" in reasons
+    assert "(-17): p:boot/ok pkg.mod:f (Argument type or name is different from " \
+           "existing probe" in reasons
     assert "Unknown type is specified" in reasons
     assert "pykprobes itself" in reasons
     assert "(-2): -:boot/never_defined" in reasons
@@ -133,6 +134,20 @@ def test_removal_and_commas_as_in_the_kernel(project: Path) -> None:
     traced = run(["-m", "pkg"], events=events, cwd=project)
     assert traced.returncode == 3 and warnings_of(traced.stderr) == []
     assert {m["event"] for m in trace_lines(traced.stderr)} == {"a"}
+
+
+def test_multiprobe_and_arg_star_at_boot(project: Path) -> None:
+    """As kprobe_event= does: a second definition of a name appends a probe point, a group
+    removal removes the group, and `$arg*` expands from the module's source before Python
+    has put the program's directory on sys.path."""
+    events = ("p:boot/m,pkg.mod:f,$arg*;p:boot/m,pkg.mod:f+2,x;"
+              "r:other/r,pkg.mod:f,$arg*;-:other/")
+    traced = run(["-m", "pkg"], events=events, cwd=project)
+    assert traced.returncode == 3 and warnings_of(traced.stderr) == [], traced.stderr
+    lines = trace_lines(traced.stderr)
+    assert {m["event"] for m in lines} == {"m"}
+    assert {m["probe"] for m in lines} == {"pkg.mod:f+0", "pkg.mod:f+2"}
+    assert all(m["args"].startswith(" x=") for m in lines)
 
 
 def test_output_file_is_appended_by_each_process(project: Path, tmp_path: Path) -> None:

@@ -96,3 +96,21 @@ def test_a_bad_trigger_is_one_line_and_a_caret(tmp_path: Path) -> None:
         "  hist:keys=d.log3",
         "              ^",
     ]
+
+
+def test_a_multiprobe_event_counts_every_point(tmp_path: Path) -> None:
+    """Two -e of one name make one event of two probe points: its trigger and its summary
+    count the calls of both."""
+    prog = _program(tmp_path)
+    result = run("-e", "r:app/calls json:loads d=$duration",
+                 "-e", "r:app/calls __main__:handle d=$duration",
+                 "--trigger", "calls=hist:keys=d.log2", "--summary",
+                 "--", str(prog), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "done\n"
+    err = result.stderr
+    assert trace_lines(err) == []
+    assert "# events/app/calls/hist\n" in err and "    Hits: 304\n" in err
+    assert "app/calls: 304 calls, 0 missed\n  latency (ns)\n" in err
+    rows = re.findall(r"(?m)^  \[(\S+), (\S+)\)\s+(\d+) \|@*\s*\|$", err)
+    assert sum(int(n) for *_, n in rows) == 304

@@ -18,6 +18,10 @@ def kprobe_target2(value: int) -> int:
     return (value // DIV_FACTOR) + 9
 
 
+def kprobe_recursed_target(value: int) -> int:
+    return value // DIV_FACTOR
+
+
 def add(a: int, b: int) -> int:
     c = a + b
     return c

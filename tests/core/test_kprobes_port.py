@@ -1,4 +1,8 @@
-"""Ports of the kernel's lib/test_kprobes.c (test_kprobe, test_kprobes) and its error cases."""
+"""Ports of the kernel's lib/test_kprobes.c (test_kprobe, test_kprobes, test_kprobe_missed) and
+its error cases. The kretprobe cases (test_kretprobe, test_kretprobes and the two stack-trace
+ones) are in test_kretprobes.py. The kernel's `KUNIT_EXPECT_FALSE(preemptible())` in every
+handler has no Python form: a handler runs on the probed thread, which the GIL already keeps
+from interleaving with itself."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import pytest
 
 import pykprobes as kp
 from tests.core import targets
-from tests.testenv import OPTIMIZED
+from tests.testenv import BREAKPOINT_SEES_HANDLER_HITS, OPTIMIZED
 
 
 class State:
@@ -79,6 +83,76 @@ def test_kprobes() -> None:
         p.flags = 0
     kp.register_kprobes([kp1, kp2])
     kp.unregister_kprobes([kp1, kp2])
+
+
+def _missed_pre(p: kp.Kprobe, regs: kp.Regs) -> None:
+    State.preh_val = targets.kprobe_recursed_target(State.rand1)
+
+
+def _missed_post(p: kp.Kprobe, regs: kp.Regs) -> None:
+    expval = targets.kprobe_recursed_target(State.rand1)
+    assert State.preh_val == expval
+    State.posth_val = State.preh_val + targets.DIV_FACTOR
+
+
+#: What a probe with a post_handler (always a breakpoint: the optimizer leaves it) counts for
+#: the hits of its own handlers: both, when the breakpoint lets CPython report them.
+MISSED_BY_BREAKPOINT = 2 if BREAKPOINT_SEES_HANDLER_HITS else 0
+
+
+@pytest.mark.skipif(not BREAKPOINT_SEES_HANDLER_HITS,
+                    reason="capability: no C accelerator to lower CPython's tracing flag")
+def test_kprobe_missed() -> None:
+    """lib/test_kprobes.c test_kprobe_missed: the pre- and post-handler of the probe on
+    kprobe_recursed_target both call it; each of those hits is counted in nmissed and runs no
+    handler, and the outer handlers still run and see the right values."""
+    p = kp.Kprobe(symbol_name="tests.core.targets:kprobe_recursed_target",
+                  pre_handler=_missed_pre, post_handler=_missed_post)
+    kp.register_kprobe(p)
+    try:
+        assert targets.kprobe_recursed_target(State.rand1) == State.rand1 // targets.DIV_FACTOR
+        assert p.nmissed == 2
+        assert State.preh_val != 0 and State.posth_val != 0
+        assert (p.nhit, p.nfault) == (1, 0)
+    finally:
+        kp.unregister_kprobe(p)
+
+
+@pytest.mark.skipif(BREAKPOINT_SEES_HANDLER_HITS,
+                    reason="capability: the C accelerator lowers CPython's tracing flag")
+def test_kprobe_missed_without_the_accelerator_is_not_seen() -> None:
+    """Without the C accelerator (PYKPROBES_CORE=python, no compiler), a hit inside a handler
+    that a breakpoint runs is not reported by CPython at all (tstate->tracing): not counted,
+    and still no handler runs for it (README, "Known limits")."""
+    p = kp.Kprobe(symbol_name="tests.core.targets:kprobe_recursed_target",
+                  pre_handler=_missed_pre, post_handler=_missed_post)
+    kp.register_kprobe(p)
+    try:
+        targets.kprobe_recursed_target(State.rand1)
+        assert (p.nhit, p.nmissed, p.nfault) == (1, 0, 0)
+        assert State.preh_val != 0 and State.posth_val != 0
+    finally:
+        kp.unregister_kprobe(p)
+
+
+def test_kprobe_missed_by_a_pre_handler_alone() -> None:
+    """The same with a pre-handler alone calling the target twice: the probe is optimized
+    where it can be, and either mechanism counts both hits (the breakpoint with the C
+    accelerator)."""
+    def pre(p: kp.Kprobe, regs: kp.Regs) -> None:
+        _missed_pre(p, regs)
+        targets.kprobe_recursed_target(1)
+
+    p = kp.Kprobe(symbol_name="tests.core.targets:kprobe_recursed_target", pre_handler=pre)
+    kp.register_kprobe(p)
+    try:
+        kp.wait_for_kprobe_optimizer()
+        assert bool(p.flags & kp.KPROBE_FLAG_OPTIMIZED) == OPTIMIZED
+        targets.kprobe_recursed_target(State.rand1)
+        assert (p.nhit, p.nfault) == (1, 0)
+        assert p.nmissed == (2 if OPTIMIZED else MISSED_BY_BREAKPOINT)
+    finally:
+        kp.unregister_kprobe(p)
 
 
 def test_pre_handler_only_is_optimized_when_allowed() -> None:

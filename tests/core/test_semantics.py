@@ -12,13 +12,7 @@ import pytest
 
 import pykprobes as kp
 from tests.core import targets
-from tests.testenv import OPTIMIZED
-
-# A hit inside a handler that runs from a breakpoint (a sys.monitoring or settrace
-# callback) never reaches pykprobes: CPython does not report events while a callback runs
-# (tstate->tracing, 3.11-3.13), so only optimized probes' handlers can count it as missed.
-# Either way the nested probe's handlers do not run.
-NESTED_MISS_SEEN = 1 if OPTIMIZED else 0
+from tests.testenv import NESTED_MISS_SEEN, OPTIMIZED
 
 
 def _count(log: list[str], tag: str) -> Callable[[kp.Kprobe, kp.Regs], None]:

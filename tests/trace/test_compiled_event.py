@@ -48,7 +48,7 @@ def _args(fs: TraceFS) -> list[str]:
 
 
 def _recorded(event: Any) -> int:
-    return sum(r.nhit for _, r, _ in event._compiled.values())
+    return sum(point._recorded() for point in event.points)
 
 
 class Thing:

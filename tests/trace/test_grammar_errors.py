@@ -26,6 +26,9 @@ REGISTRATION_CODES = {
     "SAME_PROBE",
     "NO_LINE_CODE",
     "NO_MODULE",
+    "NO_BTFARG",
+    "NO_BTF_ENTRY",
+    "ARGS_2LONG",
 }
 
 CASES = [
@@ -38,8 +41,8 @@ CASES = [
     ("p ^", "NO_PROBE_POINT"),
     ("r5:g/e ^", "NO_PROBE_POINT"),
     # MAXACTIVE (kernel: p^100 vfs_read, r^1a111 vfs_read, r^100000 vfs_read).
-    ("p^100 mod:f", "MAXACT_NO_KPROBE"),
-    ("p^5 mod:f%return", "MAXACT_NO_KPROBE"),
+    ("p^100 mod:f", "BAD_MAXACT_TYPE"),
+    ("p^5 mod:f%return", "BAD_MAXACT_TYPE"),
     ("r^1a111 mod:f", "BAD_MAXACT"),
     ("r^0 mod:f", "BAD_MAXACT"),
     ("r^-1 mod:f", "BAD_MAXACT"),
@@ -86,7 +89,6 @@ CASES = [
     ("p:^ mod:f", "NO_EVENT_NAME"),
     ("r:^ mod:f", "NO_EVENT_NAME"),
     ("-:^", "NO_EVENT_NAME"),
-    ("-:grp/^", "NO_EVENT_NAME"),
     ("-^foo", "NO_EVENT_NAME"),
     (f"p:foo/^{LONG64} mod:f", "EVENT_TOO_LONG"),
     (f"p:^{LONG64} mod:f", "EVENT_TOO_LONG"),
@@ -115,6 +117,21 @@ CASES = [
     ("p mod:f ^$arg:1x", "BAD_VAR"),
     ("p mod:f ^$stackx", "BAD_VAR"),
     ("r mod:f ^$retvalue", "BAD_VAR"),
+    ("p mod:f ^$arg129", "BAD_ARG_NUM"),
+    # $arg* (kernel: args=^$arg*, +0(^$arg*), $arg* ^$arg*, r vfs_read ^$arg* (not any more:
+    # return probes take it), vfs_read+20 ^$arg*), checked before any fetcharg is parsed.
+    ("p mod:f args=^$arg*", "BAD_VAR_ARGS"),
+    ("p mod:f ^$arg*.x", "BAD_VAR_ARGS"),
+    ("p mod:f ^$arg*[0]", "BAD_VAR_ARGS"),
+    ("p mod:f ^$arg*:int", "BAD_VAR_ARGS"),
+    ("p mod:f ^$arg*x", "BAD_VAR_ARGS"),
+    ("p mod:f $arg*:^foo", "BAD_TYPE"),
+    ("p mod:f $arg* ^$arg*", "DOUBLE_ARGS"),
+    ("r mod:f $arg* x ^$arg*", "DOUBLE_ARGS"),
+    ("p mod:f+20 ^$arg*", "NOFENTRY_ARGS"),
+    ("p mod:<module> ^$arg*", "NOFENTRY_ARGS"),
+    ("p app.py:12 ^$arg*", "NOFENTRY_ARGS"),
+    ("p mod:f+3 &1 ^$arg*", "NOFENTRY_ARGS"),
     ("p mod:f ^$comm.name", "COMM_CANT_DEREF"),
     ("p mod:f c=^$COMM[0]", "COMM_CANT_DEREF"),
     # Immediates (kernel: arg1=\^x, arg1=\"abcd^).
@@ -163,8 +180,8 @@ CASES = [
     ("p mod:f x:^int[3]", "BAD_TYPE"),
     ("p mod:f x:^int:str", "BAD_TYPE"),
     ("p mod:f $none:^foo", "BAD_TYPE"),
-    ("p mod:f $comm:^int", "BAD_TYPE"),
-    ('p mod:f \\"s":^repr', "BAD_TYPE"),
+    ("p mod:f $comm:^int", "NEED_STRING_TYPE"),
+    ('p mod:f \\"s":^repr', "NEED_STRING_TYPE"),
     # Argument names (kernel: ^arg1234...=@11, ^=@11, ^var.1=@11, var1=@11 ^var1=@12).
     ("p mod:f ^arg123456789012345678901234567890=x", "ARG_NAME_TOO_LONG"),
     ("p mod:f ^=x", "NO_ARG_NAME"),

@@ -221,7 +221,7 @@ def test_the_hist_file_keeps_the_kernel_layout(fork_fs: TraceFS) -> None:
 
 
 def _compiled_hits(fs: TraceFS, name: str) -> int:
-    return sum(int(r.nhit) for _, r, _ in fs.event(name)._compiled.values())
+    return sum(point._recorded() for point in fs.event(name).points)
 
 
 def test_a_hist_only_event_writes_no_record_and_is_compiled(fork_fs: TraceFS) -> None:

@@ -60,14 +60,14 @@ def test_error_log_has_the_caret(fs: TraceFS) -> None:
         fs.write("kprobe_events", "p:grp/bad tests.core.targets:add x:nosuchtype", append=True)
     assert info.value.errno == errno.EINVAL
     log = fs.read("error_log").splitlines()
-    assert re.match(r"^\[\s*\d+\.\d+\] pykprobes: error: Unknown type is specified$", log[0])
+    assert re.match(r"^\[\s*\d+\.\d+\] trace_kprobe: error: Unknown type is specified$", log[0])
     assert log[1] == "  Command: p:grp/bad tests.core.targets:add x:nosuchtype"
     column = log[1].index("nosuchtype")
     assert log[2] == " " * column + "^"
     fs.write("kprobe_events", "p:grp/one tests.core.targets:add", append=True)
     with pytest.raises(TraceWriteError) as info:
-        fs.write("kprobe_events", "p:grp/one tests.core.targets:loop_sum", append=True)
-    assert info.value.errno == errno.EEXIST
+        fs.write("kprobe_events", "p:grp/one tests.core.targets:add", append=True)
+    assert info.value.errno == errno.EEXIST  # SAME_PROBE
     with pytest.raises(TraceWriteError):
         fs.write("events/grp/one/filter", "a == ")
     assert "pykprobes: error: Field not found" in fs.read("error_log")  # grp/one has no `a`

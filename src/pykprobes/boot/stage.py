@@ -14,8 +14,8 @@ Then the events wait for one of two ends:
 * exit, if the process is still early: `_write_at_exit()` appends the early events to
   `PYKPROBES_OUTPUT` (or writes them to stderr) in the trace format, with the lost count.
 
-This module reaches into `trace.events.Event` the way `Event.prepare()` does, except that the
-probes are registered enabled: an early probe cannot be registered DISABLED (the seed).
+Each definition is prepared as tracefs prepares it (`ProbePoint.prepare(early=True)`), except
+that the probes are registered enabled: an early probe cannot be registered DISABLED (the seed).
 """
 
 from __future__ import annotations
@@ -145,85 +145,64 @@ def _program() -> tuple[str | None, str | None]:
 
 
 def _define(text: str, d: ProbeDef) -> None:
-    """One `p`/`r` definition: an enabled event whose probes are early probes."""
+    """One `p`/`r` definition: an enabled event whose probes are early probes (or a probe
+    point appended to the event of that name, as the kernel's kprobe_event= does)."""
     global _next_id
     from pykprobes import errors
-    from pykprobes.core import kretprobe
-    from pykprobes.core.address import ProbeAddress
-    from pykprobes.core.probe import Kprobe
-    from pykprobes.core.registry import register_kprobes
-    from pykprobes.trace import fetchargs
-    from pykprobes.trace.events import Event
+    from pykprobes.trace.events import Event, ProbePoint
 
     assert _buffer is not None
-    key = (d.group, d.event)
-    if key in _events:
-        _fail(text, 17, errors.ERRORS["EVENT_EXIST"])
-        return
-    _next_id += 1
-    event = Event(d, _buffer, _next_id)  # type: ignore[arg-type]
+    point = ProbePoint(d)
     try:
-        fetch = fetchargs.compile_fetchargs(d.args, is_return=event.is_return, text=d.text,
-                                            code=None)
-        specs: list[dict[str, Any]]
-        if d.target_kind == "line":
-            from pykprobes.core import lines
-
-            spec = f"{d.path}:{d.line}"
-            event.symbol = spec
-            try:
-                addrs = lines.resolve_line(spec)
-            except errors.KprobeError:
-                # Not imported yet (as Event.prepare does): one symbol probe per address,
-                # each waiting for the import.
-                found = _line_symbols(spec)
-                event.offset = found[0][2]
-                specs = [{"symbol_name": f"{m}:{q}", "offset": off} for m, q, off in found]
-            else:
-                event.offset = addrs[0].offset
-                specs = [{"addr": a} for a in addrs]
-        else:
-            specs = [{"symbol_name": f"{d.module}:{d.qualname}", "offset": d.offset}]
-        probes: list[Any]
-        if event.is_return:
-            probes = [kretprobe.Kretprobe(handler=event._ret_hit, maxactive=d.maxactive, **s)
-                      for s in specs]
-            kretprobe.register_kretprobes(probes)
-        else:
-            probes = [Kprobe(pre_handler=event._hit, **s) for s in specs]
-            register_kprobes(probes)
+        point.prepare(early=True, line_symbols=_line_symbols,
+                      code_before_import=_code_before_import)
     except errors.ParseError as exc:
         _fail(text, 22, f"{exc.message} (column {exc.pos})")
         return
     except errors.KprobeError as exc:
         _fail(text, exc.errno, str(exc.args[0]) if exc.args else str(exc))
         return
-    resolved = getattr(probes[0], "addr", None)
-    if d.target_kind != "line" and isinstance(resolved, ProbeAddress):
-        try:  # the target is imported: check names and $argN against its code, as prepare()
-            fetch = fetchargs.compile_fetchargs(d.args, is_return=event.is_return,
-                                                text=d.text, code=resolved.code)
-        except errors.ParseError as exc:
-            _release(event.is_return, probes)
-            _fail(text, 22, f"{exc.message} (column {exc.pos})")
-            return
-    event._fetch = fetch
-    event.probes = probes
-    event.enabled = True
-    _events[key] = event
+    key = (d.group, d.event)
+    event = _events.get(key)
+    if event is None:
+        _next_id += 1
+        event = Event.of(point, _buffer, _next_id)  # type: ignore[arg-type]
+        event.armed_early()
+        _events[key] = event
+        return
+    refusal = event.refusal(point)
+    if refusal is not None:
+        point.release()
+        code, pos = refusal
+        _fail(text, 17, f"{errors.ERRORS[code]} (column {pos})")
+        return
+    point.event = event  # its probes are enabled already (early ones cannot be disabled)
+    event.points.append(point)
 
 
 def _line_symbols(spec: str) -> list[tuple[str, str, int]]:
-    """lines.line_symbols() with the directory the program will find first on sys.path: the
-    boot stage runs before Python puts it there (nothing is imported meanwhile)."""
+    """lines.line_symbols() on the program's sys.path (_on_program_path)."""
     from pykprobes.core import lines
 
+    return _on_program_path(lines.line_symbols, spec)  # type: ignore[no-any-return]
+
+
+def _code_before_import(symbol: str) -> Any:
+    """lines.code_before_import() on the program's sys.path (_on_program_path)."""
+    from pykprobes.core import lines
+
+    return _on_program_path(lines.code_before_import, symbol)
+
+
+def _on_program_path(fn: Any, arg: str) -> Any:
+    """fn(arg) with the directory the program will find first on sys.path: the boot stage
+    runs before Python puts it there (nothing is imported meanwhile)."""
     path0 = early.main_path0
     if not path0 or path0 in sys.path:
-        return lines.line_symbols(spec)
+        return fn(arg)
     sys.path.insert(0, path0)
     try:
-        return lines.line_symbols(spec)
+        return fn(arg)
     finally:
         try:
             sys.path.remove(path0)
@@ -231,25 +210,17 @@ def _line_symbols(spec: str) -> list[tuple[str, str, int]]:
             pass
 
 
-def _release(is_return: bool, probes: list[Any]) -> None:
-    from pykprobes.core import kretprobe, registry
-
-    if is_return:
-        kretprobe.unregister_kretprobes(probes)
-    else:
-        registry.unregister_kprobes(probes)
-
-
 def _remove(text: str, d: RemoveDef) -> None:
-    """`-:[GRP/]EVENT` at boot removes an event defined before it on the command line."""
+    """`-:[GRP/]EVENT` (or `-:GRP/`) at boot removes the events defined before it on the
+    command line that it names."""
+    found = False
     for key, event in list(_events.items()):
-        if key[1] == d.event and (d.group is None or key[0] == d.group):
+        if (d.event is None or key[1] == d.event) and (d.group is None or key[0] == d.group):
             del _events[key]
-            _release(event.is_return, event.probes)
-            event.probes = []
-            event.enabled = False
-            return
-    _fail(text, 2, f"no event {d.event!r}")
+            event.release()
+            found = True
+    if not found:
+        _fail(text, 2, f"no event {d.event!r}")
 
 
 def _fail(text: str, err: int, reason: str) -> None:

@@ -66,6 +66,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     # The trace hot path's implementation, with its reason (coverage's CTracer/PyTracer).
     print(f"trace core: {backend.NAME} ({backend.REASON})")
+    from pykprobes.core import codestate
+
+    # Whether a probe hit inside a handler run by a breakpoint is seen (README, Known limits).
+    seen = "counted" if codestate.UNTRACED is not None else "not seen (no C accelerator)"
+    print(f"hits inside breakpoint handlers: {seen}")
     return 0
 
 

@@ -29,11 +29,12 @@ module is private to the registry).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import CodeType, FunctionType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
+from pykprobes import accelerator
 from pykprobes.core.arch import opt_call
 from pykprobes.core.holders import Switches
 
@@ -257,6 +258,17 @@ def prune_retired(state: CodeState, mech: Mechanisms) -> bool:
     return bool(keep)
 
 
+#: The C accelerator's Untraced, or None (accelerator.py; its comment in _speedups.c): what the
+#: breakpoint mechanism calls runs inside a sys.monitoring or sys.settrace callback, where
+#: CPython reports no event; through it, a probe hit by a handler is seen and counted missed,
+#: as with rewritten code. Without it such a hit is not seen at all (README, "Known limits").
+UNTRACED: Final = getattr(accelerator.MODULE, "Untraced", None)
+
+
+def _untraced(hit: Callable[..., None]) -> Callable[..., None]:
+    return hit if UNTRACED is None else UNTRACED(hit)  # type: ignore[no-any-return]
+
+
 def reconcile_breakpoints(state: CodeState, mech: Mechanisms) -> None:
     """Arm the breakpoint exactly where the running versions need it."""
     want: dict[tuple[int, int], tuple[CodeType, int, Site, bool]] = {}
@@ -280,7 +292,7 @@ def reconcile_breakpoints(state: CodeState, mech: Mechanisms) -> None:
     for key, entry in want.items():
         if state.armed.get(key) != entry:
             code, phys, site, post = entry
-            bp.arm(code, phys, site.pre, site.post if post else None)
+            bp.arm(code, phys, _untraced(site.pre), _untraced(site.post) if post else None)
             state.armed[key] = entry
     for off, site in state.sites.items():
         site.entry_event = off not in cur.opt and bool(site.active) and \
@@ -305,7 +317,7 @@ def _reconcile_returns(state: CodeState, mech: Mechanisms) -> None:
     for key, code in want.items():
         if key not in state.ret_armed:
             assert returns is not None
-            bp.arm_return(code, returns.bp_return, returns.bp_unwind)
+            bp.arm_return(code, _untraced(returns.bp_return), _untraced(returns.bp_unwind))
             state.ret_armed[key] = code
 
 

@@ -1,4 +1,5 @@
-"""Source lines to probe addresses (`perf probe`'s `FILE:LINE`)."""
+"""Source lines to probe addresses (`perf probe`'s `FILE:LINE`), and the code of a module that
+is not imported yet, read from its source as its import will."""
 
 from __future__ import annotations
 
@@ -87,12 +88,7 @@ def line_symbols(spec: str) -> list[tuple[str, str, int]]:
     module = module_name_for_file(path)
     if module is None:
         raise enoent(f"{spec}: {path} is neither imported nor importable from sys.path")
-    try:
-        with tokenize.open(path) as f:
-            source = f.read()
-        root = compile(source, path, "exec", dont_inherit=True)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise enoent(f"{spec}: cannot read {path}: {exc}") from exc
+    root = _compile_file(path, spec)
     found: list[tuple[str, str, int]] = []
     for code in _walk(root):
         qualname = resolve.MODULE_CODE if code is root else code.co_qualname
@@ -100,3 +96,45 @@ def line_symbols(spec: str) -> list[tuple[str, str, int]]:
     if not found:
         raise enoent(f"{spec}: no code on line {lineno}")
     return found
+
+
+def _compile_file(path: str, what: str) -> CodeType:
+    """A source file compiled the way its import will compile it (the same source and
+    interpreter give the same code tree). ENOENT if it cannot be read or compiled."""
+    try:
+        with tokenize.open(path) as f:
+            source = f.read()
+        return compile(source, path, "exec", dont_inherit=True)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise enoent(f"{what}: cannot read {path}: {exc}") from exc
+
+
+def code_before_import(symbol: str) -> CodeType | None:
+    """The code object that `symbol` ("pkg.mod:Qual.name", or "pkg.mod:<module>") names in a
+    module that is not imported yet, as its import will create it, without running anything
+    of it: the module's source compiled, or its cached bytecode read, by the standard file
+    loaders (or the file `pykprobes run` declared for it). None when that code cannot be
+    read before the import (no such module on the path, another kind of loader). Raises
+    KprobeError as registration will when the module is imported: ENOENT (no such function),
+    EADDRNOTAVAIL (the qualname is not unique). For checking a definition before the import:
+    the names its code has (parameters, variables) are those the imported code will have."""
+    import importlib.machinery
+
+    module, qualname = resolve.split_symbol(symbol)
+    declared = [path for path, name in _expected_files.items() if name == module]
+    if declared:
+        root = _compile_file(declared[0], symbol)
+    else:
+        spec = resolve.find_spec(module)
+        loader = spec.loader if spec is not None else None
+        if not isinstance(loader, (importlib.machinery.SourceFileLoader,
+                                   importlib.machinery.SourcelessFileLoader)):
+            return None
+        try:
+            code = loader.get_code(module)
+        except (ImportError, OSError, SyntaxError, ValueError) as exc:
+            raise enoent(f"{symbol}: cannot read the code of {module}: {exc}") from exc
+        if not isinstance(code, CodeType):
+            return None
+        root = code
+    return resolve.resolve_in_code(module, root, qualname).code

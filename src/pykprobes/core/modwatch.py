@@ -7,6 +7,14 @@ the body runs* (pending probes are armed on it, and rewritten code can be substi
 hears when the body has run. An import of a module that is already imported is a reload:
 its probes are GONE, as when the kernel unloads a module.
 
+Clients hear of it too, as kernel code registers on the module notifier chain
+(`register_module_notifier`): `notifier(name)` is called when a watched module's code is
+loaded for an import (MODULE_STATE_COMING: a first import, a reload, or an import again after
+the module left sys.modules), before its body runs and before the pending probes are armed on
+that code. A probe it registers on that module then waits for this very code, even in a
+reload (the kernel's trace_kprobe_module_callback() re-registers the events of a module that
+comes back this way).
+
 The registry is called outside of any lock held here (wrapt's rule), and the registry
 never imports while holding its own lock.
 """
@@ -15,7 +23,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.machinery import ModuleSpec
 from types import CodeType, ModuleType
 from typing import Any
@@ -28,6 +36,34 @@ _names: set[str] = set()
 #: name -> the module object probes were armed on (to notice it leaving sys.modules).
 _objects: dict[str, ModuleType] = {}
 _local = threading.local()
+#: The module notifier chain: called with the name of a watched module whose code comes.
+_notifiers: list[Callable[[str], None]] = []
+
+
+def register_module_notifier(notifier: Callable[[str], None]) -> None:
+    """Call `notifier(name)` whenever the code of a module with probes (or probes waiting
+    for it) is loaded for an import, before its body runs (see the module docstring). Never
+    raised into the import: a notifier that raises is reported as a warning."""
+    if notifier not in _notifiers:
+        _notifiers.append(notifier)
+
+
+def unregister_module_notifier(notifier: Callable[[str], None]) -> None:
+    if notifier in _notifiers:
+        _notifiers.remove(notifier)
+
+
+def _notify_coming(name: str) -> None:
+    if not _notifiers:
+        return
+    # What the notifiers register on the module waits for the code now loaded, though a
+    # reloaded module is still in sys.modules.
+    registry.expect_module(name)
+    for notifier in list(_notifiers):
+        try:
+            notifier(name)
+        except Exception as exc:  # noqa: BLE001 - never break the program's import
+            registry._warn(f"pykprobes: a module notifier failed for {name}: {exc!r}")
 
 
 def watch(name: str, module: ModuleType | None = None) -> None:
@@ -98,6 +134,7 @@ def _wrap_loader(name: str, loader: Any) -> None:
         if isinstance(code, CodeType) and fullname == name:
             seen.append(code)
             with kprobe_busy():
+                _notify_coming(name)
                 return registry.module_code_loaded(name, code)
         return code  # type: ignore[no-any-return]
 

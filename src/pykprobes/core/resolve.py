@@ -27,9 +27,12 @@ import sys
 import types
 from collections.abc import Iterator
 from types import CodeType, FunctionType, MethodType, ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pykprobes.errors import KprobeError, einval, enoent
+
+if TYPE_CHECKING:
+    from importlib.machinery import ModuleSpec
 
 MODULE_CODE = "<module>"
 
@@ -73,21 +76,26 @@ def split_symbol(symbol: str) -> tuple[str, str]:
 
 
 def module_exists(name: str) -> bool:
-    """Whether `import name` could find a module, without importing anything.
+    """Whether `import name` could find a module, without importing anything."""
+    return name in sys.modules or name in sys.builtin_module_names or find_spec(name) is not None
+
+
+def find_spec(name: str) -> ModuleSpec | None:
+    """The spec `import name` would find on the path (or frozen), without importing anything.
 
     `importlib.util.find_spec("a.b")` imports `a`; probing must not run the program's
-    code, so walk the path finders component by component instead.
+    code, so walk the path finders component by component instead, through the packages
+    that are imported already.
     """
     import importlib.machinery
 
-    if name in sys.modules or name in sys.builtin_module_names:
-        return True
     path: list[str] | None = None
     parts = name.split(".")
+    spec: ModuleSpec | None = None
     for i in range(len(parts)):
         prefix = ".".join(parts[: i + 1])
         mod = sys.modules.get(prefix)
-        if mod is not None:
+        if mod is not None and i < len(parts) - 1:
             path = list(getattr(mod, "__path__", []) or [])
             continue
         spec = importlib.machinery.PathFinder.find_spec(prefix, path)
@@ -97,9 +105,9 @@ def module_exists(name: str) -> bool:
             except (ImportError, ValueError):
                 spec = None
         if spec is None:
-            return False
+            return None
         path = list(spec.submodule_search_locations or [])
-    return True
+    return spec
 
 
 def _lookup(obj: Any, name: str) -> Any:

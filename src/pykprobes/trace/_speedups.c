@@ -12,6 +12,11 @@
  * backend.py never chooses this module on a free-threaded build.
  *
  * Public C API only (3.11-3.13); PyThreadState_GetID is public since 3.9.
+ *
+ * One more piece serves the core, not the trace layer: `Untraced` (below), which runs a
+ * breakpoint's hit with CPython's tracing flag lowered, so that probes hit by its handlers
+ * are seen. It is here because this is the package's one C extension, chosen (or not) once
+ * by accelerator.py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -738,6 +743,110 @@ static PyTypeObject Recorder_Type = {
     .tp_repr = (reprfunc)Recorder_repr,
 };
 
+/* ------------------------------------------------------------------ Untraced */
+
+/* Untraced(fn): a callable that calls fn(*args) with the calling thread's tracing flag
+ * lowered, for the hits of a breakpoint mechanism (core/codestate.py wraps what it arms).
+ *
+ * CPython runs a sys.monitoring callback (3.12+, Python/instrumentation.c
+ * call_one_instrument) and a sys.settrace function (3.11, Python/ceval.c call_trace) with
+ * tstate->tracing raised, and reports no event while it is: a probe hit by a handler that
+ * such a callback runs would never be seen, where the kernel counts it in nmissed (and the
+ * rewritten code, which calls no callback, does too). PyThreadState_LeaveTracing and
+ * PyThreadState_EnterTracing (public C API since 3.11) lower it around the call and raise it
+ * again before CPython's callback machinery lowers it itself. It is lowered only when raised
+ * (`tracing` is a field of the public PyThreadState struct in Include/cpython/pystate.h,
+ * 3.11-3.15): called from anywhere else, fn runs as it would. */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *fn;
+} Untraced;
+
+static PyObject *
+Untraced_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    PyObject *fn = ((Untraced *)self)->fn;
+    PyThreadState *tstate = PyThreadState_Get();
+    if (tstate->tracing <= 0) {
+        return PyObject_Vectorcall(fn, args, nargsf, kwnames);
+    }
+    PyThreadState_LeaveTracing(tstate);
+    PyObject *result = PyObject_Vectorcall(fn, args, nargsf, kwnames);
+    PyThreadState_EnterTracing(tstate);
+    return result;
+}
+
+static PyObject *
+Untraced_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *fn;
+    if (!PyArg_ParseTuple(args, "O:Untraced", &fn)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "Untraced() takes a callable");
+        return NULL;
+    }
+    Untraced *u = PyObject_GC_New(Untraced, type);
+    if (u == NULL) {
+        return NULL;
+    }
+    u->vectorcall = Untraced_vectorcall;
+    u->fn = Py_NewRef(fn);
+    PyObject_GC_Track(u);
+    return (PyObject *)u;
+}
+
+static int
+Untraced_traverse(Untraced *u, visitproc visit, void *arg)
+{
+    Py_VISIT(u->fn);
+    return 0;
+}
+
+static int
+Untraced_clear_refs(Untraced *u)
+{
+    Py_CLEAR(u->fn);
+    return 0;
+}
+
+static void
+Untraced_dealloc(Untraced *u)
+{
+    PyObject_GC_UnTrack(u);
+    Untraced_clear_refs(u);
+    PyObject_GC_Del(u);
+}
+
+static PyObject *
+Untraced_get_fn(Untraced *u, void *c)
+{
+    return Py_NewRef(u->fn != NULL ? u->fn : Py_None);
+}
+
+static PyGetSetDef Untraced_getset[] = {
+    {"fn", (getter)Untraced_get_fn, NULL, "The wrapped callable.", NULL},
+    {NULL},
+};
+
+static PyTypeObject Untraced_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pykprobes.trace._speedups.Untraced",
+    .tp_basicsize = sizeof(Untraced),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Untraced(fn)(*args): fn(*args) with CPython's tracing flag lowered.",
+    .tp_new = Untraced_new,
+    .tp_dealloc = (destructor)Untraced_dealloc,
+    .tp_traverse = (traverseproc)Untraced_traverse,
+    .tp_clear = (inquiry)Untraced_clear_refs,
+    .tp_vectorcall_offset = offsetof(Untraced, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_getset = Untraced_getset,
+};
+
 /* ------------------------------------------------------------------ module */
 
 static PyObject *
@@ -785,7 +894,8 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    if (PyType_Ready(&Ring_Type) < 0 || PyType_Ready(&Recorder_Type) < 0) {
+    if (PyType_Ready(&Ring_Type) < 0 || PyType_Ready(&Recorder_Type) < 0
+        || PyType_Ready(&Untraced_Type) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module);
@@ -793,7 +903,8 @@ PyInit__speedups(void)
         return NULL;
     }
     if (PyModule_AddObjectRef(m, "Ring", (PyObject *)&Ring_Type) < 0
-        || PyModule_AddObjectRef(m, "Recorder", (PyObject *)&Recorder_Type) < 0) {
+        || PyModule_AddObjectRef(m, "Recorder", (PyObject *)&Recorder_Type) < 0
+        || PyModule_AddObjectRef(m, "Untraced", (PyObject *)&Untraced_Type) < 0) {
         Py_DECREF(m);
         return NULL;
     }

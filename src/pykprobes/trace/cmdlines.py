@@ -58,7 +58,9 @@ def note(key: int) -> None:
 
 
 _tls: Final = _local()
-_keys: Final = itertools.count(1)
+# Far from the C backend's keys (thread state ids count from 1): a process that runs both
+# (the suite does: tests/trace run each backend) never takes a key of one for the other's.
+_keys: Final = itertools.count(1 << 62)
 
 
 def py_thread_key() -> int:

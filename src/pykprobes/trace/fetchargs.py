@@ -28,11 +28,17 @@ never raises: what cannot be read is FAULT. Nothing is ever evaluated (no `eval`
 | `\\IMM`           | a constant: an int (decimal, 0x-hex, signed), a float or a quoted string |
 
 With `code` given (the probed code object), `$argN` is resolved to its name at compile time
-(N beyond the arguments: BAD_ARG_NUM) and a NAME must be one of the code's variables
-(co_varnames, co_cellvars, co_freevars: else BAD_VAR), except in module and class bodies, whose
-locals are a namespace that any name may join. Without it both are resolved at the hit. A
+and a NAME must be one of the code's variables (co_varnames, co_cellvars, co_freevars), except
+in module and class bodies, whose locals are a namespace that any name may join: else
+NO_BTFARG "This variable is not found at this probe point", as the kernel says of a name or
+an $argN that the function's BTF does not have. Without it both are resolved at the hit. A
 NAME is never looked up in the globals or builtins of a function (the kernel's variables are
-its registers and stack; a module-level probe reads globals as its locals).
+its registers and stack; a module-level probe reads globals as its locals). `$arg*` is
+expanded by the grammar (grammar.expand_args) before it comes here.
+
+A return event reads its function's arguments as they were at entry (the kernel's
+kretprobe_entry_arg): its caller captures them at entry (`entry_arguments()`) and passes
+them, over the frame's variables at exit, as the `f_locals` of `fetch_all(regs, f_locals)`.
 
 How locals are read: `frame.f_locals`, once per hit for all the fetchargs of an event
 (compile_fetchargs), and only when one of them reads a variable. From 3.13 that is a
@@ -73,7 +79,9 @@ __all__ = [
     "argument_fetch",
     "compile_fetcharg",
     "compile_fetchargs",
+    "entry_arguments",
     "frame_name",
+    "parameters",
     "thread_name",
 ]
 
@@ -124,14 +132,31 @@ def frame_name(frame: FrameType) -> str:
     return f"{module}:{frame.f_code.co_qualname}"
 
 
-def _arg_names(code: CodeType) -> tuple[str, ...]:
-    """The argument names of `code` in $argN order (co_varnames starts with them)."""
+def parameters(code: CodeType) -> tuple[str, ...]:
+    """The parameter names of `code` in $argN order (co_varnames starts with them):
+    positional (positional-only first), keyword-only, `*args`, `**kwargs`. None for module
+    and class bodies."""
     flags = code.co_flags
     if not flags & _CO_OPTIMIZED:
         return ()
     count = code.co_argcount + code.co_kwonlyargcount
     count += bool(flags & _CO_VARARGS) + bool(flags & _CO_VARKEYWORDS)
     return code.co_varnames[:count]
+
+
+def entry_arguments(frame: FrameType) -> dict[str, Any]:
+    """The bound parameters of `frame`, by name (read at a function's entry, for its return
+    event). Never raises: what cannot be read is left out (read as at exit)."""
+    try:
+        f_locals = frame.f_locals
+        out: dict[str, Any] = {}
+        for name in parameters(frame.f_code):
+            value = _read_local(f_locals, name)
+            if value is not FAULT:
+                out[name] = value
+        return out
+    except Exception:  # noqa: BLE001 - the hot path never raises (STYLE.md rule 7)
+        return {}
 
 
 def _read_local(f_locals: Any, name: str) -> Any:
@@ -208,7 +233,7 @@ def _root_fetch(kind: str, root: object) -> FetchFn:
             code = regs.frame.f_code
             seen, name = last
             if code is not seen:
-                names = _arg_names(code)
+                names = parameters(code)
                 if index >= len(names):
                     return FAULT
                 name = names[index]
@@ -300,7 +325,7 @@ def _arg_fetch(number: int, convert: Converter) -> FetchFn:
             code = regs.frame.f_code
             seen, name = last
             if code is not seen:
-                names = _arg_names(code)
+                names = parameters(code)
                 if index >= len(names):
                     return FAULT
                 name = names[index]
@@ -377,11 +402,13 @@ def _compile(d: FetchArgDef, text: str, code: CodeType | None) -> Fetcher:
             if convert(sample) is FAULT:
                 raise ParseError("BAD_TYPE", d.type_pos or d.body_pos, text)
 
+    if kind == "args":
+        raise ValueError(f"{text!r}: $arg* is expanded first (grammar.expand_args)")
     if code is not None:
         if kind == "arg":
-            names = _arg_names(code)
+            names = parameters(code)
             if root > len(names):  # type: ignore[operator]
-                raise ParseError("BAD_ARG_NUM", d.body_pos, text)
+                raise ParseError("NO_BTFARG", d.body_pos, text)
             kind, root = "argname", names[root - 1]  # type: ignore[operator]
         elif (
             (kind == "local" or kind == "argname")
@@ -390,7 +417,7 @@ def _compile(d: FetchArgDef, text: str, code: CodeType | None) -> Fetcher:
             and root not in code.co_cellvars
             and root not in code.co_freevars
         ):
-            raise ParseError("BAD_VAR", d.body_pos, text)
+            raise ParseError("NO_BTFARG", d.body_pos, text)
 
     if kind == "imm":
         value = convert(root)
@@ -418,7 +445,7 @@ def argument_fetch(
     is loaded by the injected code, not read from f_locals."""
     if not code.co_flags & _CO_OPTIMIZED:
         return None
-    names = _arg_names(code)
+    names = parameters(code)
     if d.kind == "arg":
         if not 1 <= d.root <= len(names):  # type: ignore[operator]
             return None
@@ -447,18 +474,25 @@ class FetchArgSpec(Protocol):
     def pos(self) -> int: ...
 
 
+#: A compiled event's fetch: `fetch_all(regs)`, or `fetch_all(regs, f_locals)` with the
+#: variables given (a return event's entry arguments over its frame's variables).
+FetchAll = Callable[..., tuple[Any, ...]]
+
+_READ: Final = object()  # fetch_all's default: read the frame's f_locals
+
+
 def compile_fetchargs(
     defs: Sequence[FetchArgDef | FetchArgSpec],
     *,
     is_return: bool,
     text: str,
     code: CodeType | None = None,
-) -> Callable[[Regs], tuple[Any, ...]]:
+) -> FetchAll:
     """Compile the fetchargs of one event, the grammar's records of definition `text` (or
     FetchArgSpecs, parsed from `text` by compile_fetcharg), into `fetch_all(regs) -> tuple`
     (one value or FAULT per fetcharg, in order). It reads the frame's f_locals at most once
-    per hit, shared by all the fetchargs (see the module docstring), and never raises an
-    Exception."""
+    per hit, shared by all the fetchargs (see the module docstring), unless given as
+    `fetch_all(regs, f_locals)`, and never raises an Exception."""
     fetchers = [
         _compile(d, text, code)
         if isinstance(d, FetchArgDef)
@@ -468,9 +502,9 @@ def compile_fetchargs(
     fns = tuple(f.fetch for f in fetchers)
     if not any(f.needs_locals for f in fetchers):
         if not fns:
-            return lambda regs: ()
+            return lambda regs, f_locals=None: ()
 
-        def fetch_all_plain(regs: Regs) -> tuple[Any, ...]:
+        def fetch_all_plain(regs: Regs, f_locals: Any = None) -> tuple[Any, ...]:
             return tuple([fn(regs, None) for fn in fns])
 
         return fetch_all_plain
@@ -478,11 +512,12 @@ def compile_fetchargs(
     if len(fns) == 1:
         (first,) = fns
 
-        def fetch_one(regs: Regs) -> tuple[Any, ...]:
-            try:
-                f_locals = regs.frame.f_locals
-            except Exception:  # noqa: BLE001
-                f_locals = None
+        def fetch_one(regs: Regs, f_locals: Any = _READ) -> tuple[Any, ...]:
+            if f_locals is _READ:
+                try:
+                    f_locals = regs.frame.f_locals
+                except Exception:  # noqa: BLE001
+                    f_locals = None
             return (first(regs, f_locals),)
 
         return fetch_one
@@ -490,20 +525,22 @@ def compile_fetchargs(
     if len(fns) == 2:
         first, second = fns
 
-        def fetch_two(regs: Regs) -> tuple[Any, ...]:
-            try:
-                f_locals = regs.frame.f_locals
-            except Exception:  # noqa: BLE001
-                f_locals = None
+        def fetch_two(regs: Regs, f_locals: Any = _READ) -> tuple[Any, ...]:
+            if f_locals is _READ:
+                try:
+                    f_locals = regs.frame.f_locals
+                except Exception:  # noqa: BLE001
+                    f_locals = None
             return (first(regs, f_locals), second(regs, f_locals))
 
         return fetch_two
 
-    def fetch_all(regs: Regs) -> tuple[Any, ...]:
-        try:
-            f_locals = regs.frame.f_locals
-        except Exception:  # noqa: BLE001
-            f_locals = None
+    def fetch_all(regs: Regs, f_locals: Any = _READ) -> tuple[Any, ...]:
+        if f_locals is _READ:
+            try:
+                f_locals = regs.frame.f_locals
+            except Exception:  # noqa: BLE001
+                f_locals = None
         return tuple([fn(regs, f_locals) for fn in fns])
 
     return fetch_all

@@ -122,7 +122,8 @@ class TraceEvents:
 
     def _start(self, event: Any, ts: int, values: Any, tid: int) -> int | None:
         """When the call began: ts - its $duration, or its entry event's time."""
-        for arg, value in zip(event.definition.args, values, strict=False):
+        # The point's fetchargs as recorded ($arg* expanded), not as written.
+        for arg, value in zip(event.args, values, strict=False):
             if getattr(arg, "kind", None) == "duration" and type(value) is int:
                 self._drop_entry(event.symbol, tid)
                 return ts - value  # type: ignore[no-any-return]
