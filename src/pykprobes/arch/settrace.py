@@ -233,8 +233,27 @@ class _CodeModel:
         return not self.entry and not self.sites and self.ret is None
 
 
+#: id(code) -> (code, its _groups), for the code objects armed last: arming a probe on
+#: every line of a function decoded it once per probe. Bounded, so that code made on the
+#: fly is not kept alive.
+_groups_cache: dict[int, tuple[CodeType, dict[int, tuple[int, str]]]] = {}
+_GROUPS_CACHED: Final = 256
+
+
 def _groups(code: CodeType) -> dict[int, tuple[int, str]]:
-    """address -> (offset of the real opcode, its name), EXTENDED_ARG folded in."""
+    """address -> (offset of the real opcode, its name), EXTENDED_ARG folded in (shared:
+    read only)."""
+    hit = _groups_cache.get(id(code))
+    if hit is not None and hit[0] is code:
+        return hit[1]
+    out = _decode_groups(code)
+    if len(_groups_cache) >= _GROUPS_CACHED:
+        _groups_cache.clear()
+    _groups_cache[id(code)] = (code, out)
+    return out
+
+
+def _decode_groups(code: CodeType) -> dict[int, tuple[int, str]]:
     out: dict[int, tuple[int, str]] = {}
     prefix: int | None = None
     for ins in dis.get_instructions(code):

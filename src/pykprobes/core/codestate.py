@@ -283,7 +283,10 @@ def reconcile_breakpoints(state: CodeState, mech: Mechanisms) -> None:
             bp.arm(code, phys, site.pre, site.post if post else None)
             state.armed[key] = entry
     for off, site in state.sites.items():
-        site.entry_event = off not in cur.opt and bool(site.active) and \
+        # Only a site at offset 0 can be: the registry puts every probe in the prologue
+        # there. Asking the arch about every site decodes the code for each (a sync of a
+        # code with n sites cost n decodings).
+        site.entry_event = off == 0 and off not in cur.opt and bool(site.active) and \
             bp.uses_entry_event(cur.code, cur.phys(off))
     _reconcile_returns(state, mech)
 

@@ -660,7 +660,13 @@ def unregister_kprobe(p: Kprobe) -> None:
     synchronize_hits()
 
 
-def _unregister(p: Kprobe, keep_slot: bool = False) -> None:
+def _unregister(
+    p: Kprobe, keep_slot: bool = False, emptied: dict[int, CodeState] | None = None
+) -> None:
+    """Remove `p`. With `emptied`, a code state that lost a site is put there instead of
+    being synced: the caller syncs each once (a batch removing n sites of one code would
+    otherwise rebuild it n times). Until then its running versions still call or break at
+    the removed sites, which have no active probe left: nothing runs there."""
     m = _m()
     with _lock:
         site = p._site
@@ -689,12 +695,21 @@ def _unregister(p: Kprobe, keep_slot: bool = False) -> None:
             _opt_reasons.pop(site.addr.key, None)
             del state.sites[site.addr.offset]
             _optimizing.discard(site)
-            codestate.sync(state, m)
-            _drop_unused_locked(state, m)
-            _release_if_empty(_table, _early_table, _opt_reasons, _states, m.versions,
-                              m.retiring)
+            if emptied is not None:
+                emptied[id(state)] = state
+                return
+            _sync_emptied_locked([state], m)
         else:
             _refresh_site_locked(site, state, m)
+
+
+def _sync_emptied_locked(states: Iterable[CodeState], m: Mechanisms) -> None:
+    """Sync code states that lost sites, and forget those left without any."""
+    for state in states:
+        if _states.get(id(state.original)) is state:
+            codestate.sync(state, m)
+            _drop_unused_locked(state, m)
+    _release_if_empty(_table, _early_table, _opt_reasons, _states, m.versions, m.retiring)
 
 
 def _release_if_empty(*tables: dict[Any, Any]) -> None:
@@ -786,10 +801,14 @@ def unregister_kprobes(probes: Iterable[Kprobe]) -> None:
     their code with one heap walk at most."""
     probes = list(probes)
     m = _m()
+    emptied: dict[int, CodeState] = {}
     with _lock, codestate.switching(m):
-        for p in probes:
-            if p.registered:
-                _unregister(p)
+        try:
+            for p in probes:
+                if p.registered:
+                    _unregister(p, emptied=emptied)
+        finally:
+            _sync_emptied_locked(emptied.values(), m)
     synchronize_hits()
 
 

@@ -248,13 +248,43 @@ def _search_namespace(mod: ModuleType, qualname: str, symbol: str) -> Target:
 
 
 def module_of_file(path: str) -> ModuleType | None:
-    """The imported module whose source file is `path`."""
-    want = os.path.realpath(path)
-    for mod in list(sys.modules.values()):
-        file = getattr(mod, "__file__", None)
-        if isinstance(file, str) and os.path.realpath(file) == want:
+    """The imported module whose source file is `path`.
+
+    A code object's `co_filename` is the very string its module's `__file__` is (both come
+    from the spec's origin): that is looked for first, with no file system access. Only a
+    path given otherwise (relative, through a symlink) is compared by `realpath`, each
+    module's cached: resolving one every module's path anew made a registration stat the
+    file system some 80 times, and take a second while other threads held the GIL."""
+    modules = list(sys.modules.values())
+    for mod in modules:
+        if _file_of(mod) == path:
+            return mod
+    want = _realpath(path)
+    for mod in modules:
+        file = _file_of(mod)
+        if file is not None and _realpath(file) == want:
             return mod
     return None
+
+
+def _file_of(mod: object) -> str | None:
+    # The module's dict, never getattr: a module's __getattr__ (PEP 562) is program code.
+    ns = getattr(mod, "__dict__", None) if isinstance(mod, ModuleType) else None
+    file = ns.get("__file__") if type(ns) is dict else None
+    return file if type(file) is str else None
+
+
+#: realpath() of absolute paths already resolved (module files, mostly).
+_realpaths: dict[str, str] = {}
+
+
+def _realpath(path: str) -> str:
+    real = _realpaths.get(path)
+    if real is None:
+        real = os.path.realpath(path)
+        if os.path.isabs(path):  # a relative one depends on the working directory
+            _realpaths[path] = real
+    return real
 
 
 def split_line_spec(spec: str) -> tuple[str, int]:
