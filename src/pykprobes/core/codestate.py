@@ -47,7 +47,7 @@ class Version:
     """One runnable version of a code state: the code, where each original instruction
     sits in it, and which sites have a call sequence in it."""
 
-    __slots__ = ("code", "consts", "hits", "map", "opt", "ret")
+    __slots__ = ("code", "consts", "hits", "made_late", "map", "opt", "ret")
 
     def __init__(
         self,
@@ -67,6 +67,9 @@ class Version:
         self.consts = consts
         #: The return hooks are built into `code`.
         self.ret = ret
+        #: Retired, it was kept because a running parent version may make functions of it
+        #: after its holders were switched (prune_retired).
+        self.made_late = False
 
     def phys(self, offset: int) -> int:
         return offset if self.map is None else self.map[offset]
@@ -243,18 +246,46 @@ def adopt_holders(state: CodeState, mech: Mechanisms) -> None:
 
 
 def prune_retired(state: CodeState, mech: Mechanisms) -> bool:
-    """Forget retired versions no frame runs any more; True if some are still running."""
+    """Forget retired versions no frame runs any more; True if some are still running.
+
+    Nested code is made into functions by its parent at each call, from the parent's
+    constants: a frame still running a retired version of the parent (a suspended
+    generator, a loop, another thread) goes on making functions of the child version that
+    version holds, after the holders of that child version were switched. So a child
+    version stays retired (covered by breakpoints where it lacks a call sequence) while a
+    retired parent version holding it may still run, and the functions made of it
+    meanwhile are switched before it is forgotten. The caller must not have a batch of
+    switches open (registry._optimize_locked)."""
     if not state.retired:
         return False
     opt = mech.optimizer
-    keep = [v for v in state.retired if opt is not None and opt.frames_running(v.code)]
+    keep: list[Version] = []
+    for v in state.retired:
+        if opt is not None and opt.frames_running(v.code):
+            keep.append(v)
+        elif _parent_may_make(state, v):
+            v.made_late = True
+            keep.append(v)
     if len(keep) != len(state.retired):
         for v in state.retired:
-            if v not in keep and v.code is not state.original:
+            if v in keep:
+                continue
+            if v.made_late:
+                _switch(state, v, mech)
+            if v.code is not state.original:
                 mech.versions.pop(id(v.code), None)
         set_retired(state, keep, mech)
         reconcile_breakpoints(state, mech)
     return bool(keep)
+
+
+def _parent_may_make(state: CodeState, v: Version) -> bool:
+    """A retired version of the parent holds `v.code` as the constant functions are made
+    of (the parent's retired versions are the ones frames may still run)."""
+    parent, index = state.parent, state.const_index
+    if parent is None or index is None:
+        return False
+    return any(pv.code.co_consts[index] is v.code for pv in parent.retired)
 
 
 def reconcile_breakpoints(state: CodeState, mech: Mechanisms) -> None:

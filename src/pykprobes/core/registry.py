@@ -181,23 +181,31 @@ def _original(code: CodeType) -> CodeType:
     return code
 
 
-def _target_from_addr(addr: Any) -> resolve.Target:
+def _code_from_addr(addr: Any) -> tuple[CodeType, str | None]:
+    """The original code `addr` names, and the module name a function gives."""
     if isinstance(addr, ProbeAddress):
-        return resolve.Target(_module_name(addr.code), addr.code)
+        return _original(addr.code), None
     obj = addr
     if isinstance(obj, (staticmethod, classmethod, MethodType)):
         obj = obj.__func__
     if isinstance(obj, FunctionType):
-        return resolve.Target(obj.__module__ or "?", _original(obj.__code__))
+        return _original(obj.__code__), obj.__module__ or "?"
     if isinstance(obj, CodeType):
-        return resolve.Target(_module_name(obj), _original(obj))
+        return _original(obj), None
     raise einval(f"addr must be a function, a code object or a ProbeAddress, not "
                  f"{type(addr).__name__}")
 
 
-def _module_name(code: CodeType) -> str:
+def _target_from_addr(addr: Any) -> resolve.Target:
+    """The target of `addr`, with the code objects holding it when it is nested code in
+    an imported module (resolve.holder_chain): without them, functions made from its
+    parent's constants after the optimizer ran would run the original code, unprobed."""
+    code, module = _code_from_addr(addr)
     mod = resolve.module_of_file(code.co_filename)
-    return mod.__name__ if mod is not None else code.co_filename
+    if module is None:
+        module = mod.__name__ if mod is not None else code.co_filename
+    target = resolve.Target(module, code)
+    return target if mod is None else resolve.holder_chain(target, mod, _original)
 
 
 def _check_offset(code: CodeType, offset: int, symbol: str) -> int:
@@ -252,8 +260,8 @@ def _resolve_for_register(p: Kprobe) -> tuple[resolve.Target, str] | None:
                 raise enoent(f"{p.symbol_name}: no module named {module!r}")
             _register_pending(p, module, qualname)
             return None
-        target = resolve.resolve_imported(mod, qualname)
-        target.code = _original(target.code)
+        target = resolve.holder_chain(resolve.resolve_imported(mod, qualname, _original),
+                                      mod, _original)
         symbol = f"{module}:{qualname}"
         _watch(module)
     else:
@@ -297,8 +305,8 @@ def _register_early_kprobe(p: Kprobe) -> bool:
             if module not in _expected and not _early_module_exists(module):
                 raise enoent(f"{p.symbol_name}: no module named {module!r}")
         else:
-            target = resolve.resolve_imported(mod, qualname)
-            target.code = _original(target.code)
+            target = resolve.holder_chain(
+                resolve.resolve_imported(mod, qualname, _original), mod, _original)
     else:
         target = _target_from_addr(p.addr)
         module = target.module
@@ -875,12 +883,12 @@ def get_kprobe(addr: Any, offset: int = 0) -> Kprobe | None:
     _m()
     check_gone()
     try:
-        target = _target_from_addr(addr)
+        code, _ = _code_from_addr(addr)
     except KprobeError:
         return None
     if isinstance(addr, ProbeAddress):
         offset = addr.offset + offset
-    key = (id(target.code), offset)
+    key = (id(code), offset)
     with _lock:
         if early.is_early():
             # The seed's get_kprobe() walks early_kprobe_hlist while early.
