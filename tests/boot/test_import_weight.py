@@ -29,6 +29,8 @@ BOOT_PYKPROBES = {
     "pykprobes.core.returns", "pykprobes.core.site",
     # who holds a code object (codestate's), and the interpreter facts it asks
     "pykprobes.core.holders", "pykprobes.env",
+    # what address.py keeps per code object (a leaf: weakref only)
+    "pykprobes.codecache",
     # the events the definitions become, and their fetchargs
     "pykprobes.trace", "pykprobes.trace.buffer", "pykprobes.trace.events",
     "pykprobes.trace.fetchargs", "pykprobes.trace.safe", "pykprobes.trace.types",

@@ -123,6 +123,7 @@ from typing import Any, ClassVar, Final
 from pykprobes.arch import frametable
 from pykprobes.arch.frametable import PENDING_CAP
 from pykprobes.arch.successors import Exits, exits, generator_close_runs_frame, prologue_end
+from pykprobes.codecache import CodeCache
 from pykprobes.core.arch import ReturnHit, UnwindHit
 from pykprobes.errors import KprobeError
 
@@ -233,24 +234,15 @@ class _CodeModel:
         return not self.entry and not self.sites and self.ret is None
 
 
-#: id(code) -> (code, its _groups), for the code objects armed last: arming a probe on
-#: every line of a function decoded it once per probe. Bounded, so that code made on the
-#: fly is not kept alive.
-_groups_cache: dict[int, tuple[CodeType, dict[int, tuple[int, str]]]] = {}
-_GROUPS_CACHED: Final = 256
+#: code -> its _groups: arming a probe on every line of a function decoded it once per probe.
+_groups_cache: CodeCache[dict[int, tuple[int, str]]] = CodeCache()
 
 
 def _groups(code: CodeType) -> dict[int, tuple[int, str]]:
     """address -> (offset of the real opcode, its name), EXTENDED_ARG folded in (shared:
     read only)."""
-    hit = _groups_cache.get(id(code))
-    if hit is not None and hit[0] is code:
-        return hit[1]
-    out = _decode_groups(code)
-    if len(_groups_cache) >= _GROUPS_CACHED:
-        _groups_cache.clear()
-    _groups_cache[id(code)] = (code, out)
-    return out
+    hit = _groups_cache.get(code)
+    return hit if hit is not None else _groups_cache.put(code, _decode_groups(code))
 
 
 def _decode_groups(code: CodeType) -> dict[int, tuple[int, str]]:

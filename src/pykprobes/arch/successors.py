@@ -46,6 +46,8 @@ import sys
 from types import CodeType
 from typing import Any, Final
 
+from pykprobes.codecache import CodeCache
+
 __all__ = ["Exits", "Flow", "analyze", "exits", "generator_close_runs_frame", "prologue_end"]
 
 # Instructions after which the frame is left instead of continuing at a successor.
@@ -126,41 +128,36 @@ def _instructions(code: CodeType) -> list[tuple[int, dis.Instruction]]:
     return out
 
 
-#: What was computed for the code objects seen last: id(code) -> (code, prologue end,
-#: flows or None). Arming one probe per line of a function analysed it once per probe, with
-#: a full `dis` decoding each time (3.13: 15 ms for difflib's find_longest_match). Bounded,
-#: so that a program that makes code objects on the fly does not keep them all alive.
-_cache: dict[int, tuple[CodeType, int, dict[int, Flow] | None]] = {}
-_CACHE_SIZE: Final = 256
+#: code -> (prologue end, flows or None): arming one probe per line of a function analysed
+#: it once per probe, with a full `dis` decoding each time (3.13: 15 ms for difflib's
+#: find_longest_match).
+_cache: CodeCache[tuple[int, dict[int, Flow] | None]] = CodeCache()
 
 
-def _cached(code: CodeType) -> tuple[CodeType, int, dict[int, Flow] | None]:
-    hit = _cache.get(id(code))
-    if hit is not None and hit[0] is code:
+def _cached(code: CodeType) -> tuple[int, dict[int, Flow] | None]:
+    hit = _cache.get(code)
+    if hit is not None:
         return hit
     end = -1
     for ins in dis.get_instructions(code):
         if ins.opname == "RESUME":
             end = ins.offset
             break
-    if len(_cache) >= _CACHE_SIZE:
-        _cache.clear()
-    hit = _cache[id(code)] = (code, end, None)
-    return hit
+    return _cache.put(code, (end, None))
 
 
 def prologue_end(code: CodeType) -> int:
     """The offset of the first RESUME: everything up to and including it is the prologue,
     which never fires INSTRUCTION events (it precedes `_co_firsttraceable`); -1 if none."""
-    return _cached(code)[1]
+    return _cached(code)[0]
 
 
 def analyze(code: CodeType) -> dict[int, Flow]:
     """The Flow of every instruction of `code`, keyed by address (shared: read only)."""
-    _, end, flows = _cached(code)
+    end, flows = _cached(code)
     if flows is None:
         flows = _analyze(code)
-        _cache[id(code)] = (code, end, flows)
+        _cache.put(code, (end, flows))
     return flows
 
 

@@ -10,6 +10,8 @@ import dis
 from types import CodeType
 from typing import Final
 
+from pykprobes.codecache import CodeCache
+
 # Opcodes that make up a function's prologue (3.11+): they run before RESUME, at frame
 # creation. A probe anywhere in the prologue is a probe at the function's entry.
 _PROLOGUE_OPS: Final = frozenset({"MAKE_CELL", "COPY_FREE_VARS", "RETURN_GENERATOR", "POP_TOP"})
@@ -51,13 +53,13 @@ class ProbeAddress:
         return f"<ProbeAddress {self.code.co_qualname}+{self.offset} @ 0x{self.hexid}>"
 
 
-#: id(code) -> (code, instruction starts, entry offset, lines with code): decoded once.
-_decoded: dict[int, tuple[CodeType, tuple[int, ...], int, frozenset[int | None]]] = {}
+#: code -> (code, instruction starts, entry offset, lines with code): decoded once.
+_decoded: CodeCache[tuple[CodeType, tuple[int, ...], int, frozenset[int | None]]] = CodeCache()
 
 
 def _decode(code: CodeType) -> tuple[CodeType, tuple[int, ...], int, frozenset[int | None]]:
-    hit = _decoded.get(id(code))
-    if hit is not None and hit[0] is code:
+    hit = _decoded.get(code)
+    if hit is not None:
         return hit
     starts: list[int] = []
     prefixed = False
@@ -73,9 +75,8 @@ def _decode(code: CodeType) -> tuple[CodeType, tuple[int, ...], int, frozenset[i
                 entry = ins.offset
             elif ins.opname not in _PROLOGUE_OPS:
                 entry = 0
-    hit = (code, tuple(starts), entry or 0, frozenset(line for _, _, line in code.co_lines()))
-    _decoded[id(code)] = hit
-    return hit
+    lines = frozenset(line for _, _, line in code.co_lines())
+    return _decoded.put(code, (code, tuple(starts), entry or 0, lines))
 
 
 def instruction_starts(code: CodeType) -> tuple[int, ...]:

@@ -28,10 +28,11 @@ module is private to the registry).
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import CodeType, FunctionType
+from types import CodeType, FunctionType, ModuleType
 from typing import TYPE_CHECKING
 
 from pykprobes.core.arch import opt_call
@@ -217,10 +218,19 @@ def _rebuild(state: CodeState, mech: Mechanisms) -> None:
     _install(state, version, mech)
 
 
+def share_names(state: CodeState, mech: Mechanisms) -> None:
+    """Give the current version's names to its module's globals (core/arch.py `share`)."""
+    module = sys.modules.get(state.module)
+    if mech.optimizer is not None and isinstance(module, ModuleType) and \
+            state.current.map is not None:
+        mech.optimizer.share(state.current.code, module.__dict__)
+
+
 def _install(state: CodeState, version: Version, mech: Mechanisms) -> None:
     old = state.current
     state.current = version
     mech.versions[id(version.code)] = state
+    share_names(state, mech)
     retired = [v for v in state.retired if v.code is not version.code]
     if old.code is not version.code:
         retired.append(old)

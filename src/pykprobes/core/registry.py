@@ -1003,6 +1003,10 @@ def module_executed(module: str, code: CodeType) -> None:
     m = _m()
     with _lock, codestate.switching(m):
         _executing.discard(id(code))
+        # The module is in sys.modules now, whatever it was when its code was rewritten.
+        for state in _states.values():
+            if state.module == module:
+                codestate.share_names(state, m)
         root = _states.get(id(code))
         if root is None:
             return
