@@ -1026,8 +1026,12 @@ def _detach_executed_locked(state: CodeState, m: Mechanisms) -> None:
     # them to retire.
     if not state.sites and not state.children and \
             _states.pop(id(state.original), None) is state:
+        # The original too: the optimizer may have forgotten it as a retired version
+        # already (the body no longer ran it) while a rewritten copy is current.
         for version in (state.current, *state.retired):
             m.versions.pop(id(version.code), None)
+        if m.versions.get(id(state.original)) is state:
+            del m.versions[id(state.original)]
         codestate.set_retired(state, [], m)
 
 
