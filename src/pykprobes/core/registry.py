@@ -208,9 +208,16 @@ def _target_from_addr(addr: Any) -> resolve.Target:
     return target if mod is None else resolve.holder_chain(target, mod, _original)
 
 
-def _check_offset(code: CodeType, offset: int, symbol: str) -> int:
+def _check_offset_value(offset: object, symbol: str) -> int:
+    """What can be checked of an offset without its code (a probe waiting for its module
+    is checked this far at registration, and the rest at the import)."""
     if not isinstance(offset, int) or offset < 0:
         raise einval(f"{symbol}: offset {offset!r} must be a non-negative int")
+    return offset
+
+
+def _check_offset(code: CodeType, offset: int, symbol: str) -> int:
+    _check_offset_value(offset, symbol)
     if is_entry(code, offset):
         return 0  # anywhere in the prologue is the function's entry
     if offset not in instruction_starts(code):
@@ -258,6 +265,7 @@ def _resolve_for_register(p: Kprobe) -> tuple[resolve.Target, str] | None:
         if mod is None:
             if module not in _expected and not resolve.module_exists(module):
                 raise enoent(f"{p.symbol_name}: no module named {module!r}")
+            _check_offset_value(p.offset, f"{module}:{qualname}")
             _register_pending(p, module, qualname)
             return None
         target = resolve.holder_chain(resolve.resolve_imported(mod, qualname, _original),
@@ -304,6 +312,7 @@ def _register_early_kprobe(p: Kprobe) -> bool:
         if mod is None:
             if module not in _expected and not _early_module_exists(module):
                 raise enoent(f"{p.symbol_name}: no module named {module!r}")
+            _check_offset_value(offset, symbol)
         else:
             target = resolve.holder_chain(
                 resolve.resolve_imported(mod, qualname, _original), mod, _original)
@@ -980,6 +989,7 @@ def module_code_loaded(module: str, code: CodeType) -> CodeType:
             pending_site, p._site = p._site, None
             try:
                 target = resolve.resolve_in_code(module, code, qualname)
+                _refuse_class(target, module, qualname, p.offset)
                 _register_target_locked(p, target, f"{module}:{qualname}", m)
             except Exception as exc:  # noqa: BLE001 - never break the program's import
                 # It stays registered, GONE, as a kernel probe whose text went away.
@@ -995,6 +1005,36 @@ def module_code_loaded(module: str, code: CodeType) -> CodeType:
             return code
         _executing.add(id(code))
         return root.current.code
+
+
+def _refuse_class(target: resolve.Target, module: str, qualname: str,
+                         offset: int) -> None:
+    """A class named by a probe waiting for its module is refused as an imported module's
+    class is (resolve_imported): its body runs once. A line of the body is another
+    matter (a line target in a file not imported yet): only the body's entry is the
+    class's name."""
+    if qualname != resolve.MODULE_CODE and resolve.is_class_body(target.code) and \
+            isinstance(offset, int) and is_entry(target.code, offset):
+        raise einval(f"{module}:{qualname} is a class: probe one of its methods")
+
+
+def check_waiting_target(module: str, qualname: str, offset: int) -> CodeType | None:
+    """What a probe on `module:qualname+offset`, registered while the module is not
+    imported, will meet at the import, found now from the module's compiled source
+    (nothing imported, nothing run): the code it would sit in, or the KprobeError the
+    import would report (module_code_loaded); None when there is no source to compile."""
+    symbol = f"{module}:{qualname}"
+    _check_offset_value(offset, symbol)
+    code = resolve.compile_module(module)
+    if code is None:
+        return None
+    target = resolve.resolve_in_code(module, code, qualname)
+    _refuse_class(target, module, qualname, offset)
+    reason = blacklist_reason(module, target.code)
+    if reason is not None:
+        raise einval(f"{symbol}: cannot probe it ({reason})")
+    _check_offset(target.code, offset, symbol)
+    return target.code
 
 
 def module_executed(module: str, code: CodeType) -> None:

@@ -24,12 +24,17 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from types import CodeType, FunctionType, MethodType, ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pykprobes.errors import KprobeError, einval, enoent
 
+if TYPE_CHECKING:
+    from importlib.machinery import ModuleSpec
+
 MODULE_CODE = "<module>"
 
+#: CO_OPTIMIZED: a function's code (a class body or a module has none).
+_CO_OPTIMIZED = 0x01
 #: Py_TPFLAGS_HEAPTYPE: a class created by a class statement (or type()), not by C code.
 _HEAPTYPE = 1 << 9
 
@@ -76,22 +81,28 @@ def split_symbol(symbol: str) -> tuple[str, str]:
 
 
 def module_exists(name: str) -> bool:
-    """Whether `import name` could find a module, without importing anything.
-
-    `importlib.util.find_spec("a.b")` imports `a`; probing must not run the program's
-    code, so walk the path finders component by component instead.
-    """
-    import importlib.machinery
-
+    """Whether `import name` could find a module, without importing anything."""
     if name in sys.modules or name in sys.builtin_module_names:
         return True
+    return _find_spec(name) is not None
+
+
+def _find_spec(name: str) -> ModuleSpec | None:
+    """The spec `import name` would find (or that of the imported module), found without
+    importing anything: `importlib.util.find_spec("a.b")` imports `a`, and probing must
+    not run the program's code, so walk the path finders component by component."""
+    import importlib.machinery
+
     path: list[str] | None = None
     parts = name.split(".")
+    spec: ModuleSpec | None = None
     for i in range(len(parts)):
         prefix = ".".join(parts[: i + 1])
         mod = sys.modules.get(prefix)
         if mod is not None:
             path = list(getattr(mod, "__path__", []) or [])
+            found = vars(mod).get("__spec__") if isinstance(mod, ModuleType) else None
+            spec = found if isinstance(found, importlib.machinery.ModuleSpec) else None
             continue
         spec = importlib.machinery.PathFinder.find_spec(prefix, path)
         if spec is None and path is None:
@@ -100,9 +111,29 @@ def module_exists(name: str) -> bool:
             except (ImportError, ValueError):
                 spec = None
         if spec is None:
-            return False
+            return None
         path = list(spec.submodule_search_locations or [])
-    return True
+    return spec
+
+
+def compile_module(name: str) -> CodeType | None:
+    """The code object `import name` will run, compiled from the module's source the way
+    the import compiles it (the same source and interpreter give the same code tree, as
+    for line targets in files not imported yet: core/lines.py), without importing or
+    running anything; None when the module has no source file to compile."""
+    import tokenize  # here: the boot stage imports this module, and tokenize costs
+
+    spec = _find_spec(name)
+    origin = spec.origin if spec is not None else None
+    if not isinstance(origin, str) or not origin.endswith((".py", ".pyw")):
+        return None
+    try:
+        with tokenize.open(origin) as f:
+            source = f.read()
+        code: CodeType = compile(source, origin, "exec", dont_inherit=True)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise enoent(f"{name}: cannot read {origin}: {exc}") from exc
+    return code
 
 
 def _lookup(obj: Any, name: str) -> Any:
@@ -189,9 +220,15 @@ def resolve_in_code(module: str, module_code: CodeType, qualname: str) -> Target
     root = Target(module, module_code)
     if qualname == MODULE_CODE:
         return root
+    symbol = f"{module}:{qualname}"
     matches = [t for t in iter_code_tree(module_code, module, root)
                if t.code.co_qualname == qualname]
-    return _unique(matches, f"{module}:{qualname}")
+    return _unique(matches, symbol)
+
+
+def is_class_body(code: CodeType) -> bool:
+    """A class body's code (a module's has no qualname of its own to be named by)."""
+    return not code.co_flags & _CO_OPTIMIZED
 
 
 def resolve_imported(mod: ModuleType, qualname: str, original: Original = _same) -> Target:
