@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pykprobes.arch.rewrite import RewriteArch
+from pykprobes.arch.rewrite import RewriteArch, callees
 from pykprobes.arch.rewrite.decode import entry_index, instructions
 from pykprobes.core.arch import ArchUnavailable
 from pykprobes.env import HAS_SYS_MONITORING
@@ -74,7 +74,8 @@ def test_two_hits_on_one_instruction_keep_order() -> None:
     order: list[str] = []
     target = offsets_of(summing, "FOR_ITER")[0]
     code = summing.__code__
-    # The same callable at two offsets is one constant; different ones are kept apart.
+    # The same callable at two offsets is one name; different ones are kept apart; none
+    # is a constant (arch/rewrite/callees.py).
     first = lambda: order.append("entry")  # noqa: E731
     second = lambda: order.append("loop")  # noqa: E731
     new = ARCH.build(code, {0: first, 2: first, target: second}, {}).code
@@ -82,7 +83,9 @@ def test_two_hits_on_one_instruction_keep_order() -> None:
     # 0 and 2 are both in the prologue on 3.12+ (RESUME is at 0 on 3.11 too): the entry.
     assert order[-1] == "loop"
     assert order.count("entry") in (1, 2)
-    assert sum(1 for c in new.co_consts if c is first) == 1
+    assert all(c is not first and c is not second for c in new.co_consts)
+    called = [c.func for c in callees.names_of(new).values()]
+    assert called.count(first) == called.count(second) == 1
 
 
 def test_entry_runs_once_per_call_even_when_the_body_starts_with_a_loop() -> None:
@@ -202,13 +205,14 @@ def test_code_object_keeps_its_identity_fields() -> None:
         "co_varnames",
         "co_cellvars",
         "co_freevars",
-        "co_names",
         "co_name",
         "co_qualname",
         "co_filename",
         "co_firstlineno",
     ):
         assert getattr(new, attr) == getattr(code, attr), attr
+    # The names the hits are loaded by come after the code's own names.
+    assert new.co_names[: len(code.co_names)] == code.co_names
     assert new.co_consts[: len(code.co_consts)] == code.co_consts
     assert all(a is b for a, b in zip(new.co_consts, code.co_consts, strict=False))
     assert types.FunctionType(new, {}).__doc__ == "The outer docstring."

@@ -43,7 +43,15 @@ import pytest
 from pykprobes.arch.rewrite import RewriteArch
 from pykprobes.core.address import instruction_starts
 from tests.arch import test_rewrite_corpus as corpus
-from tests.arch.test_rewrite_corpus import CASES, Case, accepted, expected_count, prepare
+from tests.arch.test_rewrite_corpus import (
+    CASES,
+    NOOP,
+    Case,
+    accepted,
+    expected_count,
+    prepare,
+    traced,
+)
 
 ARCH = RewriteArch()
 VERSION = sys.version_info[:2]
@@ -394,8 +402,8 @@ def _entry_and(ends: Ends, hit: Callable[[], None]) -> Callable[[], None]:
 def test_line_events_unchanged_with_returns(case: Case) -> None:
     p = prepare(case)
     ends = Ends()
-    chosen = accepted(case, p)
-    hits = {p.instrs[i].start: (lambda: None) for i in chosen}
+    chosen = traced(case, p)
+    hits = {p.instrs[i].start: NOOP for i in chosen}
     new = ARCH.build(case.code, hits, {}, ends.returns).code
     assert corpus.line_events(case, new) == corpus.line_events(case, case.code)
 
@@ -432,7 +440,7 @@ def test_trace_events_unchanged_with_returns(case: Case) -> None:
     3.13, a close() of a generator suspended outside any try block: the original is not
     run (gen_close's shortcut), the rebuilt code is (see assembly.ReturnSequences.fix)."""
     p = prepare(case)
-    hits = {p.instrs[i].start: (lambda: None) for i in accepted(case, p)}
+    hits = {p.instrs[i].start: NOOP for i in traced(case, p)}
     new = ARCH.build(case.code, hits, {}, Ends().returns).code
     before, after = trace_events(case, case.code), trace_events(case, new)
     matcher = difflib.SequenceMatcher(a=before, b=after, autojunk=False)
@@ -903,7 +911,7 @@ def test_stack_size_is_enough() -> None:
 
     for case in FUNCTION_CASES:
         p = prepare(case)
-        hits = {p.instrs[i].start: (lambda: None) for i in accepted(case, p)}
+        hits = {p.instrs[i].start: NOOP for i in accepted(case, p)}
         before = Bytecode.from_code(case.code).compute_stacksize()
         for h in ({}, hits):
             new = ARCH.build(case.code, h, {}, Ends().returns).code

@@ -38,6 +38,8 @@ BOOT_PYKPROBES = {
     "pykprobes.core.holders", "pykprobes.env",
     # the choice of the C accelerator (codestate's Untraced; the trace backend's)
     "pykprobes.accelerator",
+    # what address.py keeps per code object (a leaf: weakref only)
+    "pykprobes.codecache",
     # the events the definitions become, and their fetchargs
     "pykprobes.trace", "pykprobes.trace.buffer", "pykprobes.trace.events",
     "pykprobes.trace.fetchargs", "pykprobes.trace.safe", "pykprobes.trace.types",

@@ -102,3 +102,27 @@ def raises(x: int) -> int:
     if x < 0:
         raise ValueError("negative")
     return x
+
+
+def double_all(xs: list[int]) -> int:
+    return sum(x * 2 for x in xs)
+
+
+def classify_all(flags: list[bool]) -> list[str]:
+    def classify(flag: bool) -> str:
+        if flag:  # noqa: SIM108 - the test probes the else branch's own line
+            kind = "yes"
+        else:
+            kind = "no"  # ELSE-BRANCH
+        return kind
+
+    return [classify(f) for f in flags]
+
+
+def closures_made_while_running(n: int) -> Iterator[int]:
+    for i in range(n):
+
+        def made(i: int = i) -> int:
+            return i * 10
+
+        yield made()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import importlib
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,3 +172,46 @@ def test_an_imported_module_leaves_no_table_entry_behind(fresh_module: str) -> N
         kp.unregister_kprobes([work, method])
     kp.wait_for_kprobe_optimizer()
     assert entries() == []
+
+
+@pytest.mark.parametrize("offset", [-2, "2", 2.0, None])
+def test_a_waiting_probe_with_a_bad_offset_is_refused_at_registration(
+    fresh_module: str, offset: object
+) -> None:
+    p = kp.Kprobe(symbol_name=f"{fresh_module}:work", offset=offset)  # type: ignore[arg-type]
+    with pytest.raises(kp.KprobeError) as info:
+        kp.register_kprobe(p)
+    assert info.value.errno == errno.EINVAL
+    assert not p.registered and fresh_module not in sys.modules
+
+
+@pytest.mark.parametrize(("qualname", "offset", "err"), [
+    ("work", 3, errno.EINVAL),  # not an instruction start
+    ("work", 10_000, errno.EINVAL),  # past the end
+    ("Thing", 0, errno.EINVAL),  # a class
+    ("nothere", 0, errno.ENOENT),
+])
+def test_a_waiting_probe_is_refused_at_the_import_as_an_imported_module_refuses_it(
+    fresh_module: str, qualname: str, offset: int, err: int
+) -> None:
+    """Accepted while waiting (only the import tells), then reported when the module is
+    imported, with the error registering it on the imported module gives; never raised
+    into the import, and the probe is left GONE, armed nowhere."""
+    symbol = f"{fresh_module}:{qualname}"
+    p = kp.Kprobe(symbol_name=symbol, offset=offset)
+    kp.register_kprobe(p)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mod = importlib.import_module(fresh_module)
+        assert mod.LOG == [6]
+        assert p.is_gone() and not p.is_optimized() and p.nhit == 0
+        assert "[GONE]" in kp.list_kprobes()
+        later = kp.Kprobe(symbol_name=symbol, offset=offset)
+        with pytest.raises(kp.KprobeError) as info:
+            kp.register_kprobe(later)
+        assert info.value.errno == err
+        reported = [str(w.message) for w in caught if symbol in str(w.message)]
+        assert len(reported) == 1 and str(info.value) in reported[0]
+    finally:
+        kp.unregister_kprobe(p)

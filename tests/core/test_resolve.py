@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import os
 from typing import Any
 
 import pytest
@@ -182,3 +183,33 @@ def test_a_body_on_the_def_line_is_probed_by_line_and_by_offset(
         assert [p.nhit for p in probes] == [2] * len(probes)
     finally:
         kp.unregister_kprobes(probes)
+
+
+def test_a_line_address_is_resolved_and_registered_without_the_file_system(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """resolve_line() and register_kprobe(addr=ProbeAddress) find the module of a code
+    object by the file name it was compiled with: no stat per module in sys.modules (one
+    registration made ~80 when every path was resolved with realpath)."""
+    src, first = inspect.getsourcelines(targets.loop_sum)
+    lineno = first + next(i for i, line in enumerate(src) if "LOOP-BODY" in line)
+    calls: list[str] = []
+    for name in ("stat", "lstat"):
+        real = getattr(os, name)
+
+        def counted(path: Any, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            calls.append(str(path))
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, counted)
+    addrs = kp.resolve_line(f"{targets.__file__}:{lineno}")
+    p = kp.Kprobe(addr=addrs[0])
+    kp.register_kprobe(p)
+    try:
+        assert calls == []
+        assert kp.get_kprobe(addrs[0]) is p
+    finally:
+        kp.unregister_kprobe(p)
+    # A path named otherwise (relative here) is compared by realpath, and still found.
+    relative = os.path.relpath(targets.__file__)
+    assert kp.resolve_line(f"{relative}:{lineno}") == addrs

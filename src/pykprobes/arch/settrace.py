@@ -103,10 +103,11 @@ Limits
   not seen, nor are the ends of frames that end there.
 * A callback that raises never reaches the program: the address is disarmed at the next
   arm/disarm (at once for this frame), the failure counted (`nfailures`, `failures`) and
-  passed to `on_failure` if set. KeyboardInterrupt is re-raised; CPython then removes
-  the trace function of that thread (`trace_trampoline`), so nothing more is traced there
-  until it is installed again. For return hooks the offset reported is `RETURN_HOOKS` (-1)
-  and the code's return hooks are disarmed.
+  passed to `on_failure` if set. KeyboardInterrupt is re-raised (so is anything a signal
+  handler raises while our code runs); CPython then removes the trace function of that
+  thread (`trace_trampoline`), and we put it back at the thread's next profile event
+  (`_escaped`), unless the program has a profile function there. For return hooks the
+  offset reported is `RETURN_HOOKS` (-1) and the code's return hooks are disarmed.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ from typing import Any, ClassVar, Final
 from pykprobes.arch import frametable
 from pykprobes.arch.frametable import PENDING_CAP
 from pykprobes.arch.successors import Exits, exits, generator_close_runs_frame, prologue_end
+from pykprobes.codecache import CodeCache
 from pykprobes.core.arch import ReturnHit, UnwindHit
 from pykprobes.errors import KprobeError
 
@@ -233,8 +235,18 @@ class _CodeModel:
         return not self.entry and not self.sites and self.ret is None
 
 
+#: code -> its _groups: arming a probe on every line of a function decoded it once per probe.
+_groups_cache: CodeCache[dict[int, tuple[int, str]]] = CodeCache()
+
+
 def _groups(code: CodeType) -> dict[int, tuple[int, str]]:
-    """address -> (offset of the real opcode, its name), EXTENDED_ARG folded in."""
+    """address -> (offset of the real opcode, its name), EXTENDED_ARG folded in (shared:
+    read only)."""
+    hit = _groups_cache.get(code)
+    return hit if hit is not None else _groups_cache.put(code, _decode_groups(code))
+
+
+def _decode_groups(code: CodeType) -> dict[int, tuple[int, str]]:
     out: dict[int, tuple[int, str]] = {}
     prefix: int | None = None
     for ins in dis.get_instructions(code):
@@ -309,6 +321,8 @@ class SettraceArch:
         self.on_failure: Callable[[CodeType, int, BaseException], None] | None = None
         #: Pending posts dropped because of PENDING_CAP.
         self.pending_dropped = 0
+        #: Threads left untraced after an exception left our trace function (`_escaped`).
+        self.untraced_after_interrupt = 0
         self._global, self._local = self._make_tracers()
 
     # ------------------------------------------------------------------ hot path
@@ -326,6 +340,7 @@ class SettraceArch:
         trim_frames = frametable.trim
         settrace = sys.settrace
         per_code = _OPCODE_TRACE_PER_CODE
+        escaped = self._escaped
 
         def call_pre(site: _Site, frame: FrameType) -> None:
             pre = site.pre
@@ -392,60 +407,66 @@ class SettraceArch:
                         fail_ret(r, err)
 
         def local(frame: FrameType, event: str, arg: Any) -> Any:
-            code = frame.f_code
-            m = codes.get(id(code))
-            if m is None or m.code is not code:
-                pending.pop(frame, None)
-                if lastexc:
-                    lastexc.pop(frame, None)
-                if windows:
-                    windows.pop(frame, None)
-                return None  # disarmed: stop tracing this frame
-            if event == "opcode":
-                lasti = frame.f_lasti
-                if pending:
-                    rec = pending.get(frame)
-                    # 3.12+ report the real opcode after its EXTENDED_ARG prefix: that is
-                    # still the armed instruction, not the next one.
-                    if rec is not None and not (rec.offset < lasti <= rec.last):
-                        del pending[frame]
+            # One try around the body (free on 3.11+): see `_escaped`.
+            try:
+                code = frame.f_code
+                m = codes.get(id(code))
+                if m is None or m.code is not code:
+                    pending.pop(frame, None)
+                    if lastexc:
+                        lastexc.pop(frame, None)
+                    if windows:
+                        windows.pop(frame, None)
+                    return None  # disarmed: stop tracing this frame
+                if event == "opcode":
+                    lasti = frame.f_lasti
+                    if pending:
+                        rec = pending.get(frame)
+                        # 3.12+ report the real opcode after its EXTENDED_ARG prefix: that is
+                        # still the armed instruction, not the next one.
+                        if rec is not None and not (rec.offset < lasti <= rec.last):
+                            del pending[frame]
+                            call_post(rec, frame)
+                    site = m.sites.get(lasti)
+                    if site is not None:
+                        call_pre(site, frame)
+                    if windows:
+                        r = m.ret
+                        # A YIELD_VALUE runs: the exception thrown in at a yield was handled.
+                        if (
+                            (r is None or lasti in r.exits.yields)
+                            and windows.pop(frame, None)
+                            and not (per_code or m.opcodes)
+                        ):
+                            frame.f_trace_opcodes = False
+                elif event == "return":
+                    rec = pending.pop(frame, None) if pending else None
+                    if rec is not None:
                         call_post(rec, frame)
-                site = m.sites.get(lasti)
-                if site is not None:
-                    call_pre(site, frame)
-                if windows:
                     r = m.ret
-                    # A YIELD_VALUE runs: the exception thrown in at a yield was handled.
-                    if (
-                        (r is None or lasti in r.exits.yields)
-                        and windows.pop(frame, None)
-                        and not (per_code or m.opcodes)
-                    ):
-                        frame.f_trace_opcodes = False
-            elif event == "return":
-                rec = pending.pop(frame, None) if pending else None
-                if rec is not None:
-                    call_post(rec, frame)
-                r = m.ret
-                if r is not None:
-                    leave(r, frame, arg)
-            elif event == "exception":
-                rec = pending.get(frame) if pending else None
-                if rec is not None and not rec.keep:
-                    del pending[frame]  # the instruction raised: it did not complete
-                r = m.ret
-                if r is not None:
-                    lastexc[frame] = arg[1]
-                    if len(lastexc) > cap:
-                        trim_frames(lastexc)
-                    if frame.f_lasti in r.exits.yield_lasti and frame not in windows:
-                        mine = not frame.f_trace_opcodes
-                        windows[frame] = mine
-                        if mine:
-                            frame.f_trace_opcodes = True
-                        if len(windows) > cap:
-                            trim_frames(windows)
-            return local
+                    if r is not None:
+                        leave(r, frame, arg)
+                elif event == "exception":
+                    rec = pending.get(frame) if pending else None
+                    if rec is not None and not rec.keep:
+                        del pending[frame]  # the instruction raised: it did not complete
+                    r = m.ret
+                    if r is not None:
+                        lastexc[frame] = arg[1]
+                        if len(lastexc) > cap:
+                            trim_frames(lastexc)
+                        if frame.f_lasti in r.exits.yield_lasti and frame not in windows:
+                            mine = not frame.f_trace_opcodes
+                            windows[frame] = mine
+                            if mine:
+                                frame.f_trace_opcodes = True
+                            if len(windows) > cap:
+                                trim_frames(windows)
+                return local
+
+            except BaseException:
+                escaped()
+                raise
 
         def _on_call(m: _CodeModel, frame: FrameType) -> None:
             lasti = frame.f_lasti
@@ -465,14 +486,50 @@ class SettraceArch:
             m = codes.get(id(code))
             if m is None or m.code is not code:
                 return None
-            frame.f_trace_lines = False
-            frame.f_trace = local  # 3.13: before f_trace_opcodes, see the docstring
-            if m.opcodes:
-                frame.f_trace_opcodes = True
-            _on_call(m, frame)
+            try:
+                frame.f_trace_lines = False
+                frame.f_trace = local  # 3.13: before f_trace_opcodes, see the docstring
+                if m.opcodes:
+                    frame.f_trace_opcodes = True
+                _on_call(m, frame)
+            except BaseException:
+                escaped()
+                raise
             return local
 
         return global_trace, local
+
+    def _escaped(self) -> None:
+        """An exception leaves our trace function: a KeyboardInterrupt re-raised for the
+        program, or whatever a signal handler raised while our code ran. CPython then
+        removes the thread's trace function (sysmodule.c trace_trampoline), which would
+        leave every breakpoint of the thread dead while still armed; so put it back at
+        the thread's next profile event (a call, a C call, the exception leaving a frame):
+        the profile function is a separate slot that CPython leaves alone. Not when the
+        program profiles (one slot: ours would take its place); that thread is counted
+        in `untraced_after_interrupt`."""
+        if sys.getprofile() is not None:
+            self.untraced_after_interrupt += 1
+            return
+        sys.setprofile(self._reinstall)
+
+    def _reinstall(self, frame: FrameType, event: str, arg: Any) -> None:
+        sys.setprofile(None)
+        if not self._codes or sys.gettrace() is not None:
+            return  # nothing armed any more, or another tool traces this thread now
+        sys.settrace(self._global)
+        # The frame whose callback raised lost its local tracer; the others kept theirs.
+        local = self._local
+        f: FrameType | None = frame
+        while f is not None:
+            m = self._codes.get(id(f.f_code))
+            if m is not None and m.code is f.f_code:
+                if f.f_trace is not local:
+                    f.f_trace_lines = False
+                    f.f_trace = local
+                if m.opcodes and not f.f_trace_opcodes:
+                    f.f_trace_opcodes = True
+            f = f.f_back
 
     def _fail(self, site: _Site, exc: BaseException) -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dis
+import errno
 import importlib
 import linecache
 import sys
@@ -113,6 +114,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     for definition in args.definitions:
         try:
             event = fs.define(definition)
+            if event is not None:
+                _check_waiting(event)
         except TraceWriteError as exc:
             print_write_error(exc)
             status = 1
@@ -121,3 +124,36 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"ok: {event.group}/{event.name}: {definition}")
     fs.clear()
     return status
+
+
+def _check_waiting(event: Any) -> None:
+    """An event on a module not imported yet registers probes that wait for the import,
+    which alone would find a missing symbol, a bad offset, an unknown variable or $argN:
+    find them now as the import will, from the module's compiled source (core/registry.py
+    check_waiting_target). Raises TraceWriteError as a bad definition does."""
+    from pykprobes import errors
+    from pykprobes.core import registry, resolve
+    from pykprobes.core.address import ProbeAddress
+    from pykprobes.errors import KprobeError, ParseError
+    from pykprobes.trace import fetchargs
+    from pykprobes.trace.tracefs import TraceWriteError
+
+    d = event.definition
+    text = d.text
+    for probe in event.probes:
+        if isinstance(getattr(probe, "addr", None), ProbeAddress) or probe.symbol_name is None:
+            continue  # resolved on an imported module by the definition itself
+        try:
+            module, qualname = resolve.split_symbol(probe.symbol_name)
+            code = registry.check_waiting_target(module, qualname, probe.offset)
+        except KprobeError as exc:
+            pos = text.find(" ") + 1
+            raise TraceWriteError(
+                exc.errno, f"{errors.ERRORS['BAD_PROBE_ADDR']} ({exc})\n{text}\n{' ' * pos}^"
+            ) from exc
+        if code is None:
+            continue
+        try:
+            fetchargs.compile_fetchargs(d.args, is_return=event.is_return, text=text, code=code)
+        except ParseError as exc:
+            raise TraceWriteError(errno.EINVAL, str(exc)) from exc

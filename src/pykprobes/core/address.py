@@ -10,6 +10,8 @@ import dis
 from types import CodeType
 from typing import Final
 
+from pykprobes.codecache import CodeCache
+
 # Opcodes that make up a function's prologue (3.11+): they run before RESUME, at frame
 # creation. A probe anywhere in the prologue is a probe at the function's entry.
 _PROLOGUE_OPS: Final = frozenset({"MAKE_CELL", "COPY_FREE_VARS", "RETURN_GENERATOR", "POP_TOP"})
@@ -51,34 +53,41 @@ class ProbeAddress:
         return f"<ProbeAddress {self.code.co_qualname}+{self.offset} @ 0x{self.hexid}>"
 
 
-_starts_cache: dict[int, tuple[CodeType, tuple[int, ...]]] = {}
+#: code -> (code, instruction starts, entry offset, lines with code): decoded once.
+_decoded: CodeCache[tuple[CodeType, tuple[int, ...], int, frozenset[int | None]]] = CodeCache()
+
+
+def _decode(code: CodeType) -> tuple[CodeType, tuple[int, ...], int, frozenset[int | None]]:
+    hit = _decoded.get(code)
+    if hit is not None:
+        return hit
+    starts: list[int] = []
+    prefixed = False
+    entry: int | None = None
+    # One pass: dis.get_instructions() scans the whole code for jump targets before its
+    # first instruction, so the entry offset is found here rather than by a second call.
+    for ins in dis.get_instructions(code):
+        if not prefixed:
+            starts.append(ins.offset)
+        prefixed = ins.opname == "EXTENDED_ARG"
+        if entry is None:
+            if ins.opname == "RESUME":
+                entry = ins.offset
+            elif ins.opname not in _PROLOGUE_OPS:
+                entry = 0
+    lines = frozenset(line for _, _, line in code.co_lines())
+    return _decoded.put(code, (code, tuple(starts), entry or 0, lines))
 
 
 def instruction_starts(code: CodeType) -> tuple[int, ...]:
     """The offsets where an instruction starts: CACHE entries are part of the instruction
     before them, and an instruction's EXTENDED_ARG prefixes are its start."""
-    hit = _starts_cache.get(id(code))
-    if hit is not None and hit[0] is code:
-        return hit[1]
-    starts: list[int] = []
-    prefixed = False
-    for ins in dis.get_instructions(code):
-        if not prefixed:
-            starts.append(ins.offset)
-        prefixed = ins.opname == "EXTENDED_ARG"
-    result = tuple(starts)
-    _starts_cache[id(code)] = (code, result)
-    return result
+    return _decode(code)[1]
 
 
 def entry_offset(code: CodeType) -> int:
     """Offset of the first RESUME, the end of the prologue (0 if there is none)."""
-    for ins in dis.get_instructions(code):
-        if ins.opname == "RESUME":
-            return ins.offset
-        if ins.opname not in _PROLOGUE_OPS:
-            break
-    return 0
+    return _decode(code)[2]
 
 
 def is_entry(code: CodeType, offset: int) -> bool:
@@ -96,10 +105,12 @@ def line_of(code: CodeType, offset: int) -> int | None:
 def line_addresses(code: CodeType, lineno: int) -> list[int]:
     """Offsets where a run of instructions of source line `lineno` starts in `code` (not its
     nested code objects): the places a debugger would stop at for that line."""
+    _, starts_list, entry, lines = _decode(code)
+    if lineno not in lines:
+        return []  # most code objects of a module, for a line lookup
     offsets: list[int] = []
     prev_end = -1
-    starts = set(instruction_starts(code))
-    entry = entry_offset(code)
+    starts = set(starts_list)
     for start, end, line in code.co_lines():
         if line == lineno and start != prev_end:
             # Skip the prologue: a line probe there is the entry probe (offset 0).

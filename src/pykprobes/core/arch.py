@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from types import CodeType, FrameType
 from typing import Any, Protocol
 
@@ -192,6 +192,11 @@ class OptimizerArch(Protocol):
     def frames_running(self, code: CodeType) -> bool:
         """True while some frame (a thread's stack, a suspended generator or coroutine)
         still executes this very code object."""
+
+    def share(self, code: CodeType, namespace: MutableMapping[str, Any]) -> None:
+        """Functions whose globals are `namespace` run `code` (built here): put there
+        what the code reads from its globals, so that a function pickled by value (with
+        the globals its code names) takes it along."""
 
 
 BREAKPOINT_ARCHES: Mapping[str, str] = {

@@ -28,10 +28,11 @@ module is private to the registry).
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import CodeType, FunctionType
+from types import CodeType, FunctionType, ModuleType
 from typing import TYPE_CHECKING, Final
 
 from pykprobes import accelerator
@@ -48,7 +49,7 @@ class Version:
     """One runnable version of a code state: the code, where each original instruction
     sits in it, and which sites have a call sequence in it."""
 
-    __slots__ = ("code", "consts", "hits", "map", "opt", "ret")
+    __slots__ = ("code", "consts", "hits", "made_late", "map", "opt", "ret")
 
     def __init__(
         self,
@@ -68,6 +69,9 @@ class Version:
         self.consts = consts
         #: The return hooks are built into `code`.
         self.ret = ret
+        #: Retired, it was kept because a running parent version may make functions of it
+        #: after its holders were switched (prune_retired).
+        self.made_late = False
 
     def phys(self, offset: int) -> int:
         return offset if self.map is None else self.map[offset]
@@ -215,10 +219,19 @@ def _rebuild(state: CodeState, mech: Mechanisms) -> None:
     _install(state, version, mech)
 
 
+def share_names(state: CodeState, mech: Mechanisms) -> None:
+    """Give the current version's names to its module's globals (core/arch.py `share`)."""
+    module = sys.modules.get(state.module)
+    if mech.optimizer is not None and isinstance(module, ModuleType) and \
+            state.current.map is not None:
+        mech.optimizer.share(state.current.code, module.__dict__)
+
+
 def _install(state: CodeState, version: Version, mech: Mechanisms) -> None:
     old = state.current
     state.current = version
     mech.versions[id(version.code)] = state
+    share_names(state, mech)
     retired = [v for v in state.retired if v.code is not version.code]
     if old.code is not version.code:
         retired.append(old)
@@ -244,14 +257,33 @@ def adopt_holders(state: CodeState, mech: Mechanisms) -> None:
 
 
 def prune_retired(state: CodeState, mech: Mechanisms) -> bool:
-    """Forget retired versions no frame runs any more; True if some are still running."""
+    """Forget retired versions no frame runs any more; True if some are still running.
+
+    Nested code is made into functions by its parent at each call, from the parent's
+    constants: a frame still running a retired version of the parent (a suspended
+    generator, a loop, another thread) goes on making functions of the child version that
+    version holds, after the holders of that child version were switched. So a child
+    version stays retired (covered by breakpoints where it lacks a call sequence) while a
+    retired parent version holding it may still run, and the functions made of it
+    meanwhile are switched before it is forgotten. The caller must not have a batch of
+    switches open (registry._optimize_locked)."""
     if not state.retired:
         return False
     opt = mech.optimizer
-    keep = [v for v in state.retired if opt is not None and opt.frames_running(v.code)]
+    keep: list[Version] = []
+    for v in state.retired:
+        if opt is not None and opt.frames_running(v.code):
+            keep.append(v)
+        elif _parent_may_make(state, v):
+            v.made_late = True
+            keep.append(v)
     if len(keep) != len(state.retired):
         for v in state.retired:
-            if v not in keep and v.code is not state.original:
+            if v in keep:
+                continue
+            if v.made_late:
+                _switch(state, v, mech)
+            if v.code is not state.original:
                 mech.versions.pop(id(v.code), None)
         set_retired(state, keep, mech)
         reconcile_breakpoints(state, mech)
@@ -267,6 +299,15 @@ UNTRACED: Final = getattr(accelerator.MODULE, "Untraced", None)
 
 def _untraced(hit: Callable[..., None]) -> Callable[..., None]:
     return hit if UNTRACED is None else UNTRACED(hit)  # type: ignore[no-any-return]
+
+
+def _parent_may_make(state: CodeState, v: Version) -> bool:
+    """A retired version of the parent holds `v.code` as the constant functions are made
+    of (the parent's retired versions are the ones frames may still run)."""
+    parent, index = state.parent, state.const_index
+    if parent is None or index is None:
+        return False
+    return any(pv.code.co_consts[index] is v.code for pv in parent.retired)
 
 
 def reconcile_breakpoints(state: CodeState, mech: Mechanisms) -> None:
@@ -295,7 +336,10 @@ def reconcile_breakpoints(state: CodeState, mech: Mechanisms) -> None:
             bp.arm(code, phys, _untraced(site.pre), _untraced(site.post) if post else None)
             state.armed[key] = entry
     for off, site in state.sites.items():
-        site.entry_event = off not in cur.opt and bool(site.active) and \
+        # Only a site at offset 0 can be: the registry puts every probe in the prologue
+        # there. Asking the arch about every site decodes the code for each (a sync of a
+        # code with n sites cost n decodings).
+        site.entry_event = off == 0 and off not in cur.opt and bool(site.active) and \
             bp.uses_entry_event(cur.code, cur.phys(off))
     _reconcile_returns(state, mech)
 

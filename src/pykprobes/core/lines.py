@@ -112,29 +112,37 @@ def _compile_file(path: str, what: str) -> CodeType:
 def code_before_import(symbol: str) -> CodeType | None:
     """The code object that `symbol` ("pkg.mod:Qual.name", or "pkg.mod:<module>") names in a
     module that is not imported yet, as its import will create it, without running anything
-    of it: the module's source compiled, or its cached bytecode read, by the standard file
-    loaders (or the file `pykprobes run` declared for it). None when that code cannot be
-    read before the import (no such module on the path, another kind of loader). Raises
-    KprobeError as registration will when the module is imported: ENOENT (no such function),
-    EADDRNOTAVAIL (the qualname is not unique). For checking a definition before the import:
-    the names its code has (parameters, variables) are those the imported code will have."""
+    of it (`module_code_before_import`). None when that code cannot be read before the
+    import. Raises KprobeError as registration will when the module is imported: ENOENT (no
+    such function), EADDRNOTAVAIL (the qualname is not unique). For checking a definition
+    before the import: the names its code has (parameters, variables) are those the
+    imported code will have."""
+    module, qualname = resolve.split_symbol(symbol)
+    root = module_code_before_import(module, symbol)
+    if root is None:
+        return None
+    return resolve.resolve_in_code(module, root, qualname).code
+
+
+def module_code_before_import(module: str, what: str | None = None) -> CodeType | None:
+    """The code object `import module` will run, without running anything of it: the
+    module's source compiled, or its cached bytecode read, by the standard file loaders (or
+    the file `pykprobes run` declared for it). None when it cannot be read before the import
+    (no such module on the path, another kind of loader); ENOENT when it cannot be read or
+    compiled."""
     import importlib.machinery
 
-    module, qualname = resolve.split_symbol(symbol)
+    what = what or module
     declared = [path for path, name in _expected_files.items() if name == module]
     if declared:
-        root = _compile_file(declared[0], symbol)
-    else:
-        spec = resolve.find_spec(module)
-        loader = spec.loader if spec is not None else None
-        if not isinstance(loader, (importlib.machinery.SourceFileLoader,
-                                   importlib.machinery.SourcelessFileLoader)):
-            return None
-        try:
-            code = loader.get_code(module)
-        except (ImportError, OSError, SyntaxError, ValueError) as exc:
-            raise enoent(f"{symbol}: cannot read the code of {module}: {exc}") from exc
-        if not isinstance(code, CodeType):
-            return None
-        root = code
-    return resolve.resolve_in_code(module, root, qualname).code
+        return _compile_file(declared[0], what)
+    spec = resolve.find_spec(module)
+    loader = spec.loader if spec is not None else None
+    if not isinstance(loader, (importlib.machinery.SourceFileLoader,
+                               importlib.machinery.SourcelessFileLoader)):
+        return None
+    try:
+        code = loader.get_code(module)
+    except (ImportError, OSError, SyntaxError, ValueError) as exc:
+        raise enoent(f"{what}: cannot read the code of {module}: {exc}") from exc
+    return code if isinstance(code, CodeType) else None

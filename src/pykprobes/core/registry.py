@@ -210,28 +210,43 @@ def _original(code: CodeType) -> CodeType:
     return code
 
 
-def _target_from_addr(addr: Any) -> resolve.Target:
+def _code_from_addr(addr: Any) -> tuple[CodeType, str | None]:
+    """The original code `addr` names, and the module name a function gives."""
     if isinstance(addr, ProbeAddress):
-        return resolve.Target(_module_name(addr.code), addr.code)
+        return _original(addr.code), None
     obj = addr
     if isinstance(obj, (staticmethod, classmethod, MethodType)):
         obj = obj.__func__
     if isinstance(obj, FunctionType):
-        return resolve.Target(obj.__module__ or "?", _original(obj.__code__))
+        return _original(obj.__code__), obj.__module__ or "?"
     if isinstance(obj, CodeType):
-        return resolve.Target(_module_name(obj), _original(obj))
+        return _original(obj), None
     raise einval(f"addr must be a function, a code object or a ProbeAddress, not "
                  f"{type(addr).__name__}")
 
 
-def _module_name(code: CodeType) -> str:
+def _target_from_addr(addr: Any) -> resolve.Target:
+    """The target of `addr`, with the code objects holding it when it is nested code in
+    an imported module (resolve.holder_chain): without them, functions made from its
+    parent's constants after the optimizer ran would run the original code, unprobed."""
+    code, module = _code_from_addr(addr)
     mod = resolve.module_of_file(code.co_filename)
-    return mod.__name__ if mod is not None else code.co_filename
+    if module is None:
+        module = mod.__name__ if mod is not None else code.co_filename
+    target = resolve.Target(module, code)
+    return target if mod is None else resolve.holder_chain(target, mod, _original)
+
+
+def _check_offset_value(offset: object, symbol: str) -> int:
+    """What can be checked of an offset without its code (a probe waiting for its module
+    is checked this far at registration, and the rest at the import)."""
+    if not isinstance(offset, int) or offset < 0:
+        raise einval(f"{symbol}: offset {offset!r} must be a non-negative int")
+    return offset
 
 
 def _check_offset(code: CodeType, offset: int, symbol: str) -> int:
-    if not isinstance(offset, int) or offset < 0:
-        raise einval(f"{symbol}: offset {offset!r} must be a non-negative int")
+    _check_offset_value(offset, symbol)
     if is_entry(code, offset):
         return 0  # anywhere in the prologue is the function's entry
     if offset not in instruction_starts(code):
@@ -279,10 +294,11 @@ def _resolve_for_register(p: Kprobe) -> tuple[resolve.Target, str] | None:
         if mod is None:
             if module not in _expected and not resolve.module_exists(module):
                 raise enoent(f"{p.symbol_name}: no module named {module!r}")
+            _check_offset_value(p.offset, f"{module}:{qualname}")
             _register_pending(p, module, qualname)
             return None
-        target = resolve.resolve_imported(mod, qualname)
-        target.code = _original(target.code)
+        target = resolve.holder_chain(resolve.resolve_imported(mod, qualname, _original),
+                                      mod, _original)
         symbol = f"{module}:{qualname}"
         _watch(module)
     else:
@@ -327,9 +343,10 @@ def _register_early_kprobe(p: Kprobe) -> bool:
         if mod is None:
             if module not in _expected and not _early_module_exists(module):
                 raise enoent(f"{p.symbol_name}: no module named {module!r}")
+            _check_offset_value(offset, symbol)
         else:
-            target = resolve.resolve_imported(mod, qualname)
-            target.code = _original(target.code)
+            target = resolve.holder_chain(
+                resolve.resolve_imported(mod, qualname, _original), mod, _original)
     else:
         target = _target_from_addr(p.addr)
         module = target.module
@@ -695,7 +712,13 @@ def unregister_kprobe(p: Kprobe) -> None:
     synchronize_hits()
 
 
-def _unregister(p: Kprobe, keep_slot: bool = False) -> None:
+def _unregister(
+    p: Kprobe, keep_slot: bool = False, emptied: dict[int, CodeState] | None = None
+) -> None:
+    """Remove `p`. With `emptied`, a code state that lost a site is put there instead of
+    being synced: the caller syncs each once (a batch removing n sites of one code would
+    otherwise rebuild it n times). Until then its running versions still call or break at
+    the removed sites, which have no active probe left: nothing runs there."""
     m = _m()
     with _lock:
         site = p._site
@@ -724,12 +747,21 @@ def _unregister(p: Kprobe, keep_slot: bool = False) -> None:
             _opt_reasons.pop(site.addr.key, None)
             del state.sites[site.addr.offset]
             _optimizing.discard(site)
-            codestate.sync(state, m)
-            _drop_unused_locked(state, m)
-            _release_if_empty(_table, _early_table, _opt_reasons, _states, m.versions,
-                              m.retiring)
+            if emptied is not None:
+                emptied[id(state)] = state
+                return
+            _sync_emptied_locked([state], m)
         else:
             _refresh_site_locked(site, state, m)
+
+
+def _sync_emptied_locked(states: Iterable[CodeState], m: Mechanisms) -> None:
+    """Sync code states that lost sites, and forget those left without any."""
+    for state in states:
+        if _states.get(id(state.original)) is state:
+            codestate.sync(state, m)
+            _drop_unused_locked(state, m)
+    _release_if_empty(_table, _early_table, _opt_reasons, _states, m.versions, m.retiring)
 
 
 def _release_if_empty(*tables: dict[Any, Any]) -> None:
@@ -821,10 +853,14 @@ def unregister_kprobes(probes: Iterable[Kprobe]) -> None:
     their code with one heap walk at most."""
     probes = list(probes)
     m = _m()
+    emptied: dict[int, CodeState] = {}
     with _lock, codestate.switching(m):
-        for p in probes:
-            if p.registered:
-                _unregister(p)
+        try:
+            for p in probes:
+                if p.registered:
+                    _unregister(p, emptied=emptied)
+        finally:
+            _sync_emptied_locked(emptied.values(), m)
     synchronize_hits()
 
 
@@ -891,12 +927,12 @@ def get_kprobe(addr: Any, offset: int = 0) -> Kprobe | None:
     _m()
     check_gone()
     try:
-        target = _target_from_addr(addr)
+        code, _ = _code_from_addr(addr)
     except KprobeError:
         return None
     if isinstance(addr, ProbeAddress):
         offset = addr.offset + offset
-    key = (id(target.code), offset)
+    key = (id(code), offset)
     with _lock:
         if early.is_early():
             # The seed's get_kprobe() walks early_kprobe_hlist while early.
@@ -988,6 +1024,7 @@ def module_code_loaded(module: str, code: CodeType) -> CodeType:
             pending_site, p._site = p._site, None
             try:
                 target = resolve.resolve_in_code(module, code, qualname)
+                _refuse_class(target, module, qualname, p.offset)
                 _register_target_locked(p, target, f"{module}:{qualname}", m)
             except Exception as exc:  # noqa: BLE001 - never break the program's import
                 # It stays registered, GONE, as a kernel probe whose text went away.
@@ -1005,12 +1042,48 @@ def module_code_loaded(module: str, code: CodeType) -> CodeType:
         return root.current.code
 
 
+def _refuse_class(target: resolve.Target, module: str, qualname: str,
+                         offset: int) -> None:
+    """A class named by a probe waiting for its module is refused as an imported module's
+    class is (resolve_imported): its body runs once. A line of the body is another
+    matter (a line target in a file not imported yet): only the body's entry is the
+    class's name."""
+    if qualname != resolve.MODULE_CODE and resolve.is_class_body(target.code) and \
+            isinstance(offset, int) and is_entry(target.code, offset):
+        raise einval(f"{module}:{qualname} is a class: probe one of its methods")
+
+
+def check_waiting_target(module: str, qualname: str, offset: int) -> CodeType | None:
+    """What a probe on `module:qualname+offset`, registered while the module is not
+    imported, will meet at the import, found now from the module's compiled source
+    (nothing imported, nothing run): the code it would sit in, or the KprobeError the
+    import would report (module_code_loaded); None when there is no source to compile."""
+    symbol = f"{module}:{qualname}"
+    _check_offset_value(offset, symbol)
+    from pykprobes.core import lines  # lines imports tokenize: not at the boot stage
+
+    code = lines.module_code_before_import(module, symbol)
+    if code is None:
+        return None
+    target = resolve.resolve_in_code(module, code, qualname)
+    _refuse_class(target, module, qualname, offset)
+    reason = blacklist_reason(module, target.code)
+    if reason is not None:
+        raise einval(f"{symbol}: cannot probe it ({reason})")
+    _check_offset(target.code, offset, symbol)
+    return target.code
+
+
 def module_executed(module: str, code: CodeType) -> None:
     """After the body ran: the functions it created now hold their code, so code states
     whose holder was the module's (or a class body's) constants are held by functions."""
     m = _m()
     with _lock, codestate.switching(m):
         _executing.discard(id(code))
+        # The module is in sys.modules now, whatever it was when its code was rewritten.
+        for state in _states.values():
+            if state.module == module:
+                codestate.share_names(state, m)
         root = _states.get(id(code))
         if root is None:
             return
@@ -1030,8 +1103,12 @@ def _detach_executed_locked(state: CodeState, m: Mechanisms) -> None:
     # them to retire.
     if not state.sites and not state.children and \
             _states.pop(id(state.original), None) is state:
+        # The original too: the optimizer may have forgotten it as a retired version
+        # already (the body no longer ran it) while a rewritten copy is current.
         for version in (state.current, *state.retired):
             m.versions.pop(id(version.code), None)
+        if m.versions.get(id(state.original)) is state:
+            del m.versions[id(state.original)]
         codestate.set_retired(state, [], m)
 
 

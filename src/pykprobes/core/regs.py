@@ -17,18 +17,32 @@ from typing import Any, Final
 _CO_VARARGS: Final = 0x04
 _CO_VARKEYWORDS: Final = 0x08
 
+_INVALID: Final = "pykprobes: these regs are valid only while their handler runs (as pt_regs)"
+
 
 class Regs:
-    __slots__ = ("exception", "frame", "offset", "retval")
+    __slots__ = ("_frame", "exception", "offset", "retval")
 
     def __init__(self, frame: FrameType, offset: int) -> None:
-        #: The probed frame.
-        self.frame = frame
+        self._frame: FrameType | None = frame
         #: The probe's bytecode offset in the original code object.
         self.offset = offset
         #: Set for return probes.
         self.retval: Any = None
         self.exception: BaseException | None = None
+
+    @property
+    def frame(self) -> FrameType:
+        """The probed frame; reading it once the hit is over raises RuntimeError (the hit
+        paths `invalidate()` their Regs)."""
+        frame = self._frame
+        if frame is None:
+            raise RuntimeError(_INVALID)
+        return frame
+
+    def invalidate(self) -> None:
+        """The hit is over: the Regs keeps no frame alive, and says so when read."""
+        self._frame = None
 
     @property
     def code(self) -> CodeType:
@@ -57,7 +71,10 @@ class Regs:
         return {name: f_locals[name] for name in names if name in f_locals}
 
     def __repr__(self) -> str:
-        return f"<Regs {self.frame.f_code.co_qualname}+{self.offset} line {self.lineno}>"
+        frame = self._frame
+        if frame is None:
+            return f"<Regs +{self.offset} (hit over)>"
+        return f"<Regs {frame.f_code.co_qualname}+{self.offset} line {frame.f_lineno}>"
 
 
 class CodeIds:
@@ -99,42 +116,70 @@ def probed_frame(hit_frame: FrameType) -> FrameType:
     return frame
 
 
+#: The code of the frames that run handlers on the careful path (core/site.py adds them): a
+#: hit frame that called one of them is not a fast-path hit.
+CAREFUL_CODES: Final = CodeIds()
+
+
 class SiteRegs(Regs):
-    """A site's reusable Regs. Getting a frame object costs as much as calling the handler
-    (3.11+ creates it on demand), so `frame` is found when asked: the one given by a
-    breakpoint hit, or else the probed frame above the nearest hit frame (one whose code is
-    in `hit_codes`) up the stack."""
+    """A site's reusable Regs, handed to the fast path's handler (core/site.py). Getting a
+    frame object costs as much as calling the handler (3.11+ creates it on demand), so
+    `frame` is found when asked: the one given by a breakpoint hit, or else the probed
+    frame of this Regs' own hit, which is in flight only while the fast path's mark holds
+    it (`held[0] is self`). That hit began with no handler running in any thread, so its
+    hit frame is the outermost one of the thread's stack, and ran its handler directly:
+    a probe hit inside the handler is deeper (and careful); a hit frame that called the
+    careful path is another thread's. Read at any other time, `frame` raises."""
 
-    __slots__ = ("_frame", "_hit_codes", "_trampoline")
+    __slots__ = ("_busy", "_held", "_hit_codes", "_trampoline")
 
-    def __init__(self, offset: int, trampoline: CodeType, hit_codes: CodeIds) -> None:
+    def __init__(
+        self,
+        offset: int,
+        trampoline: CodeType,
+        hit_codes: CodeIds,
+        held: list[Any],
+        busy: Mapping[int, Any],
+    ) -> None:
         self.offset = offset
         self.retval = None
         self.exception = None
-        self._frame: FrameType | None = None
+        self._frame = None
         #: The trampoline's code, tested first: rewritten code calls it directly, so the
         #: probed frame is its caller (the common case, and the hot one: kretprobes read
         #: the frame at every entry).
         self._trampoline = trampoline
         self._hit_codes = hit_codes
+        #: The fast path's mark and the careful path's table (core/site.py).
+        self._held = held
+        self._busy = busy
 
     @property  # type: ignore[override]
     def frame(self) -> FrameType:
         if self._frame is not None:
             return self._frame
+        if self._held[0] is not self:
+            raise RuntimeError(_INVALID)
         trampoline = self._trampoline
         hits = self._hit_codes.ids
+        nested = bool(self._busy)  # a careful hit may run inside ours: go to the outermost
+        found: FrameType | None = None
+        callee: FrameType | None = None
+        below: FrameType | None = None
         f: FrameType | None = sys._getframe(1)
         while f is not None:
             code = f.f_code
-            if code is trampoline and f.f_back is not None:
-                return f.f_back
-            if id(code) in hits:
-                return probed_frame(f)
+            if code is trampoline or id(code) in hits:
+                found, callee = f, below
+                if not nested:
+                    break
+            below = f
             f = f.f_back
-        raise RuntimeError(
-            "pykprobes: these regs are valid only while their handler runs (as pt_regs)"
-        )
+        if found is None or (callee is not None and id(callee.f_code) in CAREFUL_CODES.ids):
+            raise RuntimeError(_INVALID)
+        if found.f_code is trampoline and found.f_back is not None:
+            return found.f_back
+        return probed_frame(found)
 
     def __repr__(self) -> str:
         return f"<SiteRegs +{self.offset}>"

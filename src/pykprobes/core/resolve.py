@@ -10,7 +10,11 @@ Two roads lead to the code object:
   code object, handed over by the import hook before the body runs, by `co_qualname`.
 
 Either way the result carries the chain of enclosing code objects that hold it as a
-constant, which the optimizer needs to switch nested functions to rewritten code.
+constant, which the optimizer needs to switch nested functions to rewritten code: a code
+object found any other way (a function or code object given as the address, a line's
+address) gets its chain from `holder_chain()`. Probed functions may run pykprobes'
+rewritten copies: resolution maps every code it meets back to the compiled original (the
+`original` argument), so that addresses and chains are always the program's own code.
 
 Lazy imports (PEP 810, 3.15): a module imported with `lazy import` (or listed in
 `__lazy_modules__`) is not in `sys.modules` until it is first used, so its probes wait, and
@@ -25,7 +29,7 @@ import errno
 import os
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import CodeType, FunctionType, MethodType, ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +42,19 @@ MODULE_CODE = "<module>"
 
 #: The object a lazy import binds until its module is loaded (PEP 810; None before 3.15).
 _LAZY_IMPORT: type | None = getattr(types, "LazyImportType", None)
+
+#: CO_OPTIMIZED: a function's code (a class body or a module has none).
+_CO_OPTIMIZED = 0x01
+#: Py_TPFLAGS_HEAPTYPE: a class created by a class statement (or type()), not by C code.
+_HEAPTYPE = 1 << 9
+
+#: Maps a code object a function holds now to the one the program compiled (the registry's
+#: `_original`: pykprobes may have switched the function to a rewritten copy).
+Original = Callable[[CodeType], CodeType]
+
+
+def _same(code: CodeType) -> CodeType:
+    return code
 
 
 class Target:
@@ -97,6 +114,8 @@ def find_spec(name: str) -> ModuleSpec | None:
         mod = sys.modules.get(prefix)
         if mod is not None and i < len(parts) - 1:
             path = list(getattr(mod, "__path__", []) or [])
+            found = vars(mod).get("__spec__") if isinstance(mod, ModuleType) else None
+            spec = found if isinstance(found, importlib.machinery.ModuleSpec) else None
             continue
         spec = importlib.machinery.PathFinder.find_spec(prefix, path)
         if spec is None and path is None:
@@ -194,13 +213,19 @@ def resolve_in_code(module: str, module_code: CodeType, qualname: str) -> Target
     root = Target(module, module_code)
     if qualname == MODULE_CODE:
         return root
+    symbol = f"{module}:{qualname}"
     matches = [t for t in iter_code_tree(module_code, module, root)
                if t.code.co_qualname == qualname]
-    return _unique(matches, f"{module}:{qualname}")
+    return _unique(matches, symbol)
 
 
-def resolve_imported(mod: ModuleType, qualname: str) -> Target:
-    """Resolve in an imported module's namespace."""
+def is_class_body(code: CodeType) -> bool:
+    """A class body's code (a module's has no qualname of its own to be named by)."""
+    return not code.co_flags & _CO_OPTIMIZED
+
+
+def resolve_imported(mod: ModuleType, qualname: str, original: Original = _same) -> Target:
+    """Resolve in an imported module's namespace, to original code (see `Original`)."""
     name = mod.__name__
     symbol = f"{name}:{qualname}"
     if qualname == MODULE_CODE:
@@ -213,6 +238,9 @@ def resolve_imported(mod: ModuleType, qualname: str) -> Target:
             code = _code_of(obj, ".".join(parts[:i]))
             if code is None:
                 raise enoent(f"{symbol}: {'.'.join(parts[:i])} is not a function")
+            # The function may hold a rewritten copy whose constants are rewritten too:
+            # walk the original's.
+            code = original(code)
             root = Target(name, code)
             matches = [t for t in iter_code_tree(code, name, root)
                        if t.code.co_qualname == qualname]
@@ -220,7 +248,7 @@ def resolve_imported(mod: ModuleType, qualname: str) -> Target:
         try:
             obj = _lookup(obj, part)
         except KeyError:
-            return _search_namespace(mod, qualname, symbol)
+            return _search_namespace(mod, qualname, symbol, original)
         if type(obj) is _LAZY_IMPORT:
             raise enoent(
                 f"{symbol}: {name}:{'.'.join(parts[: i + 1])} is a lazy import (PEP 810) "
@@ -232,7 +260,7 @@ def resolve_imported(mod: ModuleType, qualname: str) -> Target:
         if isinstance(obj, type):
             raise einval(f"{symbol} is a class: probe one of its methods")
         raise einval(f"{symbol} is not Python code (a {type(obj).__name__})")
-    return Target(name, code)
+    return Target(name, original(code))
 
 
 def iter_module_functions(mod: ModuleType) -> Iterator[CodeType]:
@@ -263,24 +291,116 @@ def iter_module_functions(mod: ModuleType) -> Iterator[CodeType]:
             wrapped = vars(obj).get("__wrapped__")
             if wrapped is not None:
                 stack.append(wrapped)
+        elif not type(obj).__flags__ & _HEAPTYPE:
+            # A wrapper written in C (functools.lru_cache, partial objects have none):
+            # its instance dict holds `__wrapped__` (update_wrapper) and no code of the
+            # program runs to read it, as a class defined in Python could make it.
+            ns = getattr(obj, "__dict__", None)
+            wrapped = ns.get("__wrapped__") if type(ns) is dict else None
+            if isinstance(wrapped, FunctionType):
+                stack.append(wrapped)
 
 
-def _search_namespace(mod: ModuleType, qualname: str, symbol: str) -> Target:
+def _search_namespace(
+    mod: ModuleType, qualname: str, symbol: str, original: Original
+) -> Target:
     """Fallback for names the attribute walk cannot reach, such as a module-level lambda
     (`<lambda>`) or a function stored under another name: unique by `co_qualname`."""
-    matches = [Target(mod.__name__, code) for code in iter_module_functions(mod)
+    codes = {id(c): c for c in map(original, iter_module_functions(mod))}
+    matches = [Target(mod.__name__, code) for code in codes.values()
                if code.co_qualname == qualname]
     return _unique(matches, symbol)
 
 
+def holder_chain(target: Target, mod: ModuleType, original: Original) -> Target:
+    """`target` with the longest chain of code objects that hold its code as a constant,
+    looked for in the code of `mod`'s functions (by identity; the code is original code),
+    so that the optimizer can reach the functions that will be made from it: a closure, a
+    nested function, a generator expression or a comprehension gets its new function
+    objects from its parent's constants at each call of the parent, and those must be the
+    rewritten code. A code no function of `mod` nests is held by function objects only.
+
+    A function in the namespace may itself be a closure (a method made by a factory at
+    import): its code is then nested in the factory's too, and the longest chain, the one
+    that starts at the outermost function, is the one that holds it. The chain `target`
+    already has (from `<locals>`) is kept unless a longer one is found."""
+    found = _module_chains(mod, original, target.code).get(id(target.code))
+    if found is None or found.code is not target.code or _depth(found) <= _depth(target):
+        return target
+    return found
+
+
+#: module name -> (module, id(code) -> the longest chain holding that code), for every
+#: code of the module's functions: code trees never change, so a chain found stays true;
+#: the module is walked again only for a code it did not have (defined since).
+_chains: dict[str, tuple[ModuleType, dict[int, Target]]] = {}
+
+
+def _module_chains(mod: ModuleType, original: Original, code: CodeType) -> dict[int, Target]:
+    name = mod.__name__
+    entry = _chains.get(name)
+    if entry is not None and entry[0] is mod:
+        known = entry[1].get(id(code))
+        if known is not None and known.code is code:
+            return entry[1]
+    chains: dict[int, Target] = {}
+    for top in iter_module_functions(mod):
+        root = original(top)
+        chains.setdefault(id(root), Target(name, root))
+        for found in iter_code_tree(root, name, Target(name, root)):
+            seen = chains.get(id(found.code))
+            if seen is None or _depth(found) > _depth(seen):
+                chains[id(found.code)] = found
+    _chains[name] = (mod, chains)
+    return chains
+
+
+def _depth(target: Target) -> int:
+    n = 0
+    while target.parent is not None:
+        target = target.parent
+        n += 1
+    return n
+
+
 def module_of_file(path: str) -> ModuleType | None:
-    """The imported module whose source file is `path`."""
-    want = os.path.realpath(path)
-    for mod in list(sys.modules.values()):
-        file = getattr(mod, "__file__", None)
-        if isinstance(file, str) and os.path.realpath(file) == want:
+    """The imported module whose source file is `path`.
+
+    A code object's `co_filename` is the very string its module's `__file__` is (both come
+    from the spec's origin): that is looked for first, with no file system access. Only a
+    path given otherwise (relative, through a symlink) is compared by `realpath`, each
+    module's cached: resolving one every module's path anew made a registration stat the
+    file system some 80 times, and take a second while other threads held the GIL."""
+    modules = list(sys.modules.values())
+    for mod in modules:
+        if _file_of(mod) == path:
+            return mod
+    want = _realpath(path)
+    for mod in modules:
+        file = _file_of(mod)
+        if file is not None and _realpath(file) == want:
             return mod
     return None
+
+
+def _file_of(mod: object) -> str | None:
+    # The module's dict, never getattr: a module's __getattr__ (PEP 562) is program code.
+    ns = getattr(mod, "__dict__", None) if isinstance(mod, ModuleType) else None
+    file = ns.get("__file__") if type(ns) is dict else None
+    return file if type(file) is str else None
+
+
+#: realpath() of absolute paths already resolved (module files, mostly).
+_realpaths: dict[str, str] = {}
+
+
+def _realpath(path: str) -> str:
+    real = _realpaths.get(path)
+    if real is None:
+        real = os.path.realpath(path)
+        if os.path.isabs(path):  # a relative one depends on the working directory
+            _realpaths[path] = real
+    return real
 
 
 def split_line_spec(spec: str) -> tuple[str, int]:

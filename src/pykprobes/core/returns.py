@@ -57,7 +57,7 @@ class ReturnSite:
         #: Whether the mechanism must report returns (False while all are disarmed).
         self.armed = False
         #: The fast path's Regs (frame given), as a Site's.
-        self.regs = SiteRegs(0, HIT_CODE, HIT_CODES)
+        self.regs = SiteRegs(0, HIT_CODE, HIT_CODES, _held, _busy)
 
     def bp_return(self, frame: FrameType, value: object) -> None:
         self._end(frame, value, None)
@@ -118,6 +118,7 @@ class ReturnSite:
                 _held[0] = None
             else:
                 del _busy[tid]
+                regs.invalidate()
 
 
 # A frame of `_end` on a thread's stack means a return handler runs there.

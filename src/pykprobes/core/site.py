@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, Final
 
-from pykprobes.core.regs import CodeIds, Regs, SiteRegs, probed_frame
+from pykprobes.core.regs import CAREFUL_CODES, CodeIds, Regs, SiteRegs, probed_frame
 
 if TYPE_CHECKING:
     from pykprobes.core.address import ProbeAddress
@@ -260,7 +260,7 @@ class Site:
         self.entry_event = False
         #: The fast path's Regs: one per site, valid while its handler runs (the kernel's
         #: pt_regs live on the stack of the hit, too).
-        self.regs = SiteRegs(addr.offset, HIT_CODE, HIT_CODES)
+        self.regs = SiteRegs(addr.offset, HIT_CODE, HIT_CODES, _held, _busy)
         #: (probe, pre_handler, regs) when a hit can take the fast path (one active probe
         #: with a pre-handler and no post-handler), else None; the trampoline's cell holds
         #: the same.
@@ -335,6 +335,7 @@ class Site:
                     _call(p, p.pre_handler, regs, "pre_handler")
         finally:
             del _busy[tid]
+            regs.invalidate()
 
     def post(self, frame: FrameType, offset: int = 0) -> None:
         """After the instruction ran: the aggregate post-handler."""
@@ -351,6 +352,7 @@ class Site:
                     _call(p, p.post_handler, regs, "post_handler")
         finally:
             del _busy[tid]
+            regs.invalidate()
 
     def __repr__(self) -> str:
         return f"<Site {self.symbol}+{self.addr.offset} probes={len(self.probes)}>"
@@ -359,3 +361,5 @@ class Site:
 #: The code of the frames that run a hit's handlers (`_fast_hit_on_stack`, SiteRegs): the
 #: trampoline, `Site.pre`, and the return side's (core/returns.py adds it).
 HIT_CODES: Final = CodeIds(HIT_CODE, Site.pre.__code__)
+CAREFUL_CODES.add(Site._run.__code__)
+CAREFUL_CODES.add(Site.careful.__code__)

@@ -13,6 +13,7 @@ the fallback). `pykprobes info` prints `NAME` and `REASON`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, Final
 

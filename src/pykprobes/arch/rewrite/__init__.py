@@ -16,12 +16,12 @@ importing it to read its name costs nothing and a missing `bytecode` is a reason
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from types import CodeType
-from typing import Final
+from typing import Any, Final
 
 from pykprobes import env
-from pykprobes.arch.rewrite import assembly, frames, safety
+from pykprobes.arch.rewrite import assembly, callees, frames, safety
 from pykprobes.arch.rewrite.decode import instructions
 from pykprobes.core.arch import ArchUnavailable, Built, CompiledCall, OptHit, OptReturns
 
@@ -94,3 +94,6 @@ class RewriteArch:
 
     def frames_running(self, code: CodeType) -> bool:
         return frames.frames_running(code)
+
+    def share(self, code: CodeType, namespace: MutableMapping[str, Any]) -> None:
+        callees.share(code, namespace)

@@ -31,6 +31,10 @@ of the hooks).
 abstract instruction into exactly one instruction, in order, so the n-th abstract
 instruction is the n-th decoded one; each is checked to be the same opcode.
 
+Nothing injected sits in `co_consts` that marshal cannot write: a LOAD_CONST of a callable
+(or of the `Exception` class a handler matches) in a sequence is assembled as a load by
+name (callees.py), so that the rewritten code marshals and pickles as the original does.
+
 Two things `bytecode` would change on its own and we keep instead (see `_Converter`):
 the order of `co_varnames`, `co_names` and `co_consts` (it renumbers them by first use and
 drops unused ones) and the identity of code constants (it deduplicates constants by their
@@ -39,6 +43,7 @@ marshal form, which would merge two distinct but equal nested code objects).
 
 from __future__ import annotations
 
+import marshal
 from collections.abc import Iterable, Mapping
 from types import CodeType
 from typing import Any, Final
@@ -47,6 +52,8 @@ import bytecode as _bc
 from bytecode import Bytecode, CellVar, Compare, ConcreteBytecode, Instr, Label
 from bytecode.instr import InstrLocation, TryBegin, TryEnd
 
+from pykprobes import env
+from pykprobes.arch.rewrite import callees
 from pykprobes.arch.rewrite.assembly import (
     CONST,
     CONVERT,
@@ -122,13 +129,50 @@ _ARGS: Final[dict[str, dict[object, object]]] = {"COMPARE_OP": {">": Compare.GT}
 Spec = tuple[Label, int, bool]
 
 
+#: What a call of each placeholder's value becomes in a function unpickled elsewhere.
+_STAND_INS: Final[dict[Placeholder, object]] = {
+    HIT: callees.DROP, RECORD: callees.DROP, ON_RETURN: callees.DROP,
+    ON_UNWIND: callees.DROP, CONVERT: callees.SAME,
+}
+#: LOAD_ATTR's argument for a plain attribute: 3.12 folded a method flag into it.
+_FUNC_ATTR: Final[object] = "func" if env.PY311 else (False, "func")
+
+
+def _marshallable(value: object) -> bool:
+    try:
+        marshal.dumps(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _load_const(
+    value: object, stand_in: object, location: InstrLocation | None,
+    named: dict[str, callees.Callee],
+) -> list[Instr]:
+    """LOAD_CONST `value`, or its load by name when marshal cannot write it (callees.py)."""
+    if _marshallable(value):
+        return [Instr("LOAD_CONST", value, location=location)]
+    # The same callable at two places is one name, as it would be one constant.
+    name = next((n for n, c in named.items() if c.func is value), None)
+    if name is None:
+        name = callees.new_name()
+        named[name] = callees.Callee(value, value if stand_in is None else stand_in)
+    return [Instr("LOAD_GLOBAL", (False, name), location=location),
+            Instr("LOAD_ATTR", _FUNC_ATTR, location=location)]
+
+
 class _Assembler:
     """Turns assembly.py sequences into `bytecode` instructions, each with the
     exception-table entry that covers it (a Spec, or None)."""
 
-    def __init__(self, values: dict[object, object]) -> None:
+    def __init__(
+        self, values: dict[object, object], named: dict[str, callees.Callee]
+    ) -> None:
         #: Placeholder -> value (ON_RETURN, ON_UNWIND, CONST, ENTRY, CONVERT).
         self.values = values
+        #: The names the code loads its callables by (callees.py).
+        self.named = named
 
     def assemble(
         self,
@@ -155,6 +199,12 @@ class _Assembler:
                     arg = _label(marks, arg)
                 elif opname in _ARGS:
                     arg = _ARGS[opname][arg]
+                elif opname == "LOAD_CONST":
+                    stand_in = _STAND_INS.get(arg) if isinstance(arg, Placeholder) else None
+                    value = self.values.get(arg, arg) if isinstance(arg, Placeholder) else arg
+                    out.extend((i, spec) for i in
+                               _load_const(value, stand_in, location, self.named))
+                    continue
                 else:
                     arg = self.values.get(arg, arg) if isinstance(arg, Placeholder) else arg
                 out.append((Instr(opname, arg, location=location), spec))
@@ -174,6 +224,7 @@ def _sequence(
     location: InstrLocation | None,
     code: CodeType,
     cseq: CallSequence | None,
+    named: dict[str, callees.Callee],
 ) -> list[Instr | Label]:
     """The call sequences of `hits`, in order (a CompiledCall only ever comes here when
     `_compilable` said yes)."""
@@ -181,21 +232,27 @@ def _sequence(
     for hit in hits:
         if isinstance(hit, CompiledCall):
             assert cseq is not None
-            out.extend(_compiled(cseq, hit, location, code))
+            out.extend(_compiled(cseq, hit, location, code, named))
             continue
         for opname, arg in seq.ops:
             if arg is None:
                 out.append(Instr(opname, location=location))
+            elif arg is HIT:
+                out.extend(_load_const(hit, callees.DROP, location, named))
             else:
-                out.append(Instr(opname, hit if arg is HIT else arg, location=location))
+                out.append(Instr(opname, arg, location=location))
     return out
 
 
 def _compiled(
-    cseq: CallSequence, call: CompiledCall, location: InstrLocation | None, code: CodeType
+    cseq: CallSequence,
+    call: CompiledCall,
+    location: InstrLocation | None,
+    code: CodeType,
+    named: dict[str, callees.Callee],
 ) -> list[Instr | Label]:
     """`if record(*variables): hit()`: the sequence with its VARS expanded."""
-    asm = _Assembler({RECORD: call.record, HIT: call.hit, NARGS: len(call.variables)})
+    asm = _Assembler({RECORD: call.record, HIT: call.hit, NARGS: len(call.variables)}, named)
     loc = location or _NO_LOCATION
     marks: dict[Mark, Label] = {}
     cut = [opname for opname, _ in cseq.ops].index("VARS")
@@ -308,7 +365,8 @@ def build(
     values: dict[object, object] = {ENTRY: instrs[entry].offset // 2}
     if returns is not None:
         values[ON_RETURN], values[ON_UNWIND] = returns
-    asm = _Assembler(values)
+    named: dict[str, callees.Callee] = {}
+    asm = _Assembler(values, named)
     unwind_label = Label()
     unwind: Spec | None = None
     if returns is not None:
@@ -341,7 +399,7 @@ def build(
         pending = before.get(k)
         if pending:
             body.extend(
-                (i, spec) for i in _sequence(seq, pending, item.location, code, cseq)
+                (i, spec) for i in _sequence(seq, pending, item.location, code, cseq, named)
             )
         if returns is not None and rseq is not None:
             if item.name in ("RETURN_VALUE", "RETURN_CONST"):
@@ -353,7 +411,8 @@ def build(
         if k == entry and at_entry:
             following = originals[k + 1].location if k + 1 < len(originals) else item.location
             body.extend(
-                (i, spec or unwind) for i in _sequence(seq, at_entry, following, code, cseq)
+                (i, spec or unwind)
+                for i in _sequence(seq, at_entry, following, code, cseq, named)
             )
         k += 1
 
@@ -392,6 +451,7 @@ def build(
         stacksize = max(stacksize, code.co_stacksize + rseq.depth, rseq.handler_depth)
     new: CodeType = concrete.to_code(stacksize=stacksize, compute_exception_stack_depths=False)
     _check_same_frame(code, new, new_consts)
+    callees.publish(new, named)
     offsets = _offsets(code, instrs, originals, new, body)
     resume = instrs[entry].start
     if offsets[resume] != resume:
@@ -478,6 +538,9 @@ def _check_same_frame(code: CodeType, new: CodeType, consts: list[object]) -> No
     kept = new.co_consts[: len(consts)]
     if len(kept) != len(consts) or any(a is not b for a, b in zip(kept, consts, strict=True)):
         raise ValueError(f"{code.co_name}: rewrite moved constants")
+    # The names the callables are loaded by (callees.py) come after the code's own.
+    if new.co_names[: len(code.co_names)] != code.co_names:
+        raise ValueError(f"{code.co_name}: rewrite moved names")
     for attr in (
         "co_argcount",
         "co_posonlyargcount",
@@ -487,7 +550,6 @@ def _check_same_frame(code: CodeType, new: CodeType, consts: list[object]) -> No
         "co_varnames",
         "co_cellvars",
         "co_freevars",
-        "co_names",
         "co_name",
         "co_qualname",
         "co_filename",
