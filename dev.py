@@ -76,6 +76,7 @@ STRIPPED_ENV = (
     "PYKPROBES_EVENTS",  # would arm early probes in every interpreter the suite starts
     "PYKPROBES_ARCH",  # set per run by `test`
     "PYKPROBES_CORE",  # likewise
+    "PYKPROBES_CONTROL",  # would serve a control socket from every interpreter the suite starts
 )
 # Deliberately kept: PYTHONDONTWRITEBYTECODE (set on some machines) only stops .pyc files
 # being written next to the sources, which keeps the checkout clean; pip byte-compiles what it

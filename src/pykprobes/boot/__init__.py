@@ -17,6 +17,10 @@ Environment:
     PYKPROBES_EARLY_BUFFER      the early buffer's size in events (1..1048576, default 16384);
                                 when it is full, further events are counted lost
     PYKPROBES_PANIC_ON_UNSAFE   1: an early probe found unsafe at conversion aborts the process
+    PYKPROBES_CONTROL           1 (any value but 0): serve the process's tracefs on its control
+                                socket from start-up (pykprobes/control/server.py), so that
+                                `pykprobes -p PID ...` can reach it on any Python; its first
+                                request ends the early stage
 
 Each definition is parsed by the grammar of every other definition (`grammar.parse_boot`),
 registered as an early probe (`register_kprobe()` before `init_kprobes()`: an early slot, the
@@ -44,10 +48,11 @@ become normal ones. A process that stays early writes its early events at exit (
 handler: not after os._exit() or a fatal signal). Child processes inherit the variables, so
 each Python child boots its own early probes and appends its own events to the same file.
 
-When `PYKPROBES_EVENTS` is unset, the `.pth` line imports nothing. When it is set, the boot
-stage loads the core's registry and the trace's event code (tests/boot/test_import_weight.py
-lists them); the rewrite arch and `bytecode` are loaded only when a target's code has to be
-rewritten.
+When `PYKPROBES_EVENTS` and `PYKPROBES_CONTROL` are unset, the `.pth` line imports nothing.
+When `PYKPROBES_EVENTS` is set, the boot stage loads the core's registry and the trace's event
+code (tests/boot/test_import_weight.py lists them); the rewrite arch and `bytecode` are
+loaded only when a target's code has to be rewritten. `PYKPROBES_CONTROL` loads the control
+server's few modules (the same test lists them); the tracefs comes with its first request.
 """
 
 from __future__ import annotations
@@ -65,23 +70,37 @@ def start_from_environ() -> None:
     import os
 
     value = os.environ.get("PYKPROBES_EVENTS")
-    if not value:
-        return
-    try:
-        from pykprobes.boot import stage
-
-        stage.run(value)
-    except Exception as exc:  # noqa: BLE001 - start-up must go on
-        import sys
-
+    if value:
         try:
-            if sys.stderr is not None:
-                sys.stderr.write(f"pykprobes: the boot stage failed: {exc!r}\n")
-        except Exception:  # noqa: BLE001 - nowhere to report it
-            pass
+            from pykprobes.boot import stage
+
+            stage.run(value)
+        except Exception as exc:  # noqa: BLE001 - start-up must go on
+            warn(f"the boot stage failed: {exc!r}")
+    control = os.environ.get("PYKPROBES_CONTROL")
+    if control and control.strip() != "0":
+        try:
+            # The one edge up the layers (DESIGN.md section 5): lazy, and only when asked.
+            from pykprobes.control import serve
+
+            serve()
+        except Exception as exc:  # noqa: BLE001 - start-up must go on
+            warn(f"PYKPROBES_CONTROL: no control socket: {exc}")
+
+
+def warn(message: str) -> None:
+    """`pykprobes: MESSAGE` on stderr, for start-up and the threads that serve the program:
+    never raises (there may be no stderr, or a closed one)."""
+    import sys
+
+    try:
+        if sys.stderr is not None:
+            sys.stderr.write(f"pykprobes: {message}\n")
+    except Exception:  # noqa: BLE001 - nowhere to report it
+        pass
 
 
 #: The short name.
 start = start_from_environ
 
-__all__ = ["start", "start_from_environ"]
+__all__ = ["start", "start_from_environ", "warn"]

@@ -1,13 +1,17 @@
 """`pykprobes run`: run a program as `python` would, with probe events enabled.
 
     pykprobes run -e DEF [-e DEF ...] [--filter EVENT=EXPR] [-o FILE] [--format text|json]
-                  -- script.py ARGS | -- -m module ARGS
+                  [--control] -- script.py ARGS | -- -m module ARGS
 
 The events are defined before the program's code runs: those on `__main__:...` (or, with
 `-m`, on the module's own name) wait for the program's code object and are armed on it
 before its first line runs. The program gets its own `sys.argv`, `sys.path[0]`,
 `__main__` module, stdin and stdout; the trace goes to stderr or FILE as it happens, then
 the profile. The exit code and an uncaught exception's traceback are the program's.
+
+With `--control` the program's tracefs is served on its control socket (control/server.py)
+from the start, so that `pykprobes -p PID ...` can trace it on any Python; without `-e`,
+run writes no trace of its own.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ def add_parser(commands: Any) -> None:
     run.add_argument("--buffer-size-kb", type=int, default=None, metavar="KB")
     run.add_argument("--no-optimize", action="store_true",
                      help="keep every probe a breakpoint (debug.kprobes-optimization=0)")
+    run.add_argument("--control", action="store_true",
+                     help="serve the tracefs on a control socket: `pykprobes -p PID ...` "
+                          "can then add events while the program runs")
     run.add_argument("program", nargs=argparse.REMAINDER,
                      help="-- script.py ARGS, or -- -m module ARGS")
     run.set_defaults(func=cmd_run)
@@ -85,14 +92,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_write_error(exc)
         return 1
 
-    out: TextIO = open(args.output, "w", encoding="utf-8") if args.output else sys.stderr  # noqa: SIM115 - closed at exit
-    writer = _Writer(fs, out, args.format)
-    writer.start()
-    # Threads the program leaves running finish before atexit handlers run: drain then.
-    atexit.register(writer.finish)
+    if args.control:
+        from pykprobes.control import serve
+
+        try:
+            path = serve()
+        except OSError as exc:
+            print(f"pykprobes run: no control socket: {exc}", file=sys.stderr)
+            return 1
+        print(f"pykprobes: process {os.getpid()} serves its tracefs at {path}",
+              file=sys.stderr)
+    hold: Callable[[], None] = _no_writer
+    # With --control alone there is nothing of run's own to write: the records belong to
+    # the clients that stream them (a second trace_pipe reader would split them).
+    if args.event or not args.control:
+        out: TextIO = open(args.output, "w", encoding="utf-8") if args.output else sys.stderr  # noqa: SIM115 - closed at exit
+        writer = _Writer(fs, out, args.format)
+        writer.start()
+        # Threads the program leaves running finish before atexit handlers run: drain then.
+        atexit.register(writer.finish)
+        hold = writer.hold
     if module_name is not None:
-        return _run_module(module_name, program[2:], registry, writer.hold)
-    return _run_script(program[0], program[1:], registry, writer.hold)
+        return _run_module(module_name, program[2:], registry, hold)
+    return _run_script(program[0], program[1:], registry, hold)
+
+
+def _no_writer() -> None:
+    pass
 
 
 class _Writer:

@@ -234,7 +234,12 @@ def format_header(buffer: TraceBuffer) -> str:
 
 
 def format_json(record: Record, ts_base_ns: int = 0) -> str:
-    """One record as a JSON object on one line (no newline).
+    """One record as a JSON object on one line (no newline): `json_object()`'s."""
+    return json.dumps(json_object(record, ts_base_ns), separators=(",", ":"), allow_nan=False)
+
+
+def json_object(record: Record, ts_base_ns: int = 0) -> dict[str, Any]:
+    """One record as the object of its JSON line, made of JSON's types only.
 
     Keys: `ts` (nanoseconds, relative to `ts_base_ns`, an int), `tid`, `comm`, `group`,
     `event`, `probe` (`symbol+offset`, or `symbol` for a return probe), `caller` (null for
@@ -243,7 +248,7 @@ def format_json(record: Record, ts_base_ns: int = 0) -> str:
     """
     ts_ns, tid, comm, event, values, caller = record
     probe = event.symbol if event.is_return else f"{event.symbol}+{event.offset}"
-    obj = {
+    return {
         "ts": ts_ns - ts_base_ns,
         "tid": tid,
         "comm": comm,
@@ -253,7 +258,6 @@ def format_json(record: Record, ts_base_ns: int = 0) -> str:
         "caller": caller,
         "fields": {name: _json_value(v) for name, v in zip(event.fields, values, strict=False)},
     }
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
 
 # -- kprobe_profile, error_log ----------------------------------------------------------

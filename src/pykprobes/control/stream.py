@@ -1,0 +1,61 @@
+"""What a streaming client is sent: trace_pipe records, as text lines or JSON lines.
+
+The server is the one reader of the trace buffer while clients stream (ftrace's trace_pipe
+readers would split the records between them): it takes each batch once and renders it for
+each client, every record for a `pipe`, a `trace` session's own events for the session. The
+places where events were lost go to every client (a loss is the buffer's, not an event's).
+
+JSON lines are encoded by `_json`'s C encoder, not `json.dumps`: the control thread runs no
+probe-able Python code while it streams (`json.dumps` and `JSONEncoder.encode` are Python
+functions a user may well trace, and each record sent would then record another). The lines
+are the same as `trace.format.format_json`'s (tests/control check it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Any
+
+from pykprobes.trace import format as fmt
+from pykprobes.trace.buffer import ReadBatch, Record
+
+
+def _c_encoder() -> Callable[[Record], str]:
+    try:
+        from _json import encode_basestring_ascii, make_encoder
+    except ImportError:  # an interpreter without the accelerator: json's own code
+        return fmt.format_json
+    # json.dumps(obj, separators=(",", ":"), allow_nan=False) with ensure_ascii: the
+    # arguments its JSONEncoder hands the same C encoder (Lib/json/encoder.py).
+    encode = make_encoder(None, None, encode_basestring_ascii, None, ":", ",", False, False,
+                          False)
+
+    def json_line(record: Record) -> str:
+        return "".join(encode(fmt.json_object(record), 0))
+
+    return json_line
+
+
+json_line = _c_encoder()
+
+
+def lost_line(count: int, as_json: bool) -> str:
+    return f'{{"lost": {count}}}\n' if as_json else fmt.format_lost(count) + "\n"
+
+
+def render(batch: ReadBatch, events: Collection[Any] | None, as_json: bool) -> tuple[str, int]:
+    """The text for one client: the batch's records of `events` (None: all), with the
+    lost-event lines at their places; and the number of records in it."""
+    line = json_line if as_json else fmt.format_line
+    out: list[str] = []
+    lost = dict(batch.lost_at)
+    count = 0
+    for i, record in enumerate(batch):
+        n = lost.pop(i, 0)
+        if n:
+            out.append(lost_line(n, as_json))
+        if events is None or record[3] in events:
+            out.append(line(record) + "\n")
+            count += 1
+    out += [lost_line(n, as_json) for n in lost.values()]
+    return "".join(out), count
