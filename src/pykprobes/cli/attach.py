@@ -7,7 +7,7 @@
                            [-o FILE] [--duration S]     define, enable, stream, remove
     pykprobes -p PID cat FILE                           read a tracefs file
     pykprobes -p PID write [-a] FILE TEXT|-             write (append) one; - reads stdin
-    pykprobes -p PID pipe [--format json]               stream trace_pipe
+    pykprobes -p PID pipe [--format json] [-o FILE] [--duration S]   stream trace_pipe
     pykprobes -p PID reset                              remove what the control server made
 
 A process that serves no control socket is attached first where PEP 768 allows it (CPython
@@ -89,9 +89,12 @@ def add_parsers(commands: Any) -> None:
     write.set_defaults(func=cmd_write)
 
     pipe = commands.add_parser("pipe", help="stream trace_pipe of a running process (-p PID)",
-                               description="Stream process PID's trace_pipe until Ctrl-C.")
+                               description="Stream process PID's trace_pipe until Ctrl-C, "
+                                           "the duration or the process's exit.")
     _pid(pipe)
     pipe.add_argument("--format", choices=("text", "json"), default="text")
+    pipe.add_argument("-o", "--output", metavar="FILE", help="write the records here")
+    pipe.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     _attach_timeout(pipe)
     pipe.set_defaults(func=cmd_pipe)
 

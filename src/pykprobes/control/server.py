@@ -31,6 +31,9 @@ The server's own files, beside the tracefs's:
     control/status      pid, versions, the socket, and the counters: clients, requests,
                         errors, refused (other users), busy (over MAX_CLIENTS), dropped
     kprobes/list        the debugfs file: every probe, its address and state
+    debug/kprobes-optimization
+                        the sysctl: 1 optimizes probes, 0 keeps (and makes) them
+                        breakpoints (set_optimization); read and write
     symbols/SYMBOL      `ADDRESS  SYMBOL`: the code object `pkg.mod:Qual.name` runs now,
                         its address as kprobes/list prints addresses (the function's
                         `__code__` is the original again once its probes are gone)
@@ -65,6 +68,8 @@ EXIT_DELAY = 0.5
 STREAM_TICK = 0.05
 #: A streaming client's unsent bytes beyond which its records are dropped (and counted).
 MAX_BACKLOG = 4 * 1024 * 1024
+#: The sysctl debug.kprobes-optimization, as a file of the server's.
+OPTIMIZATION = "debug/kprobes-optimization"
 #: The partial-request clock's resolution.
 _PARTIAL_TICK = 1.0
 
@@ -403,6 +408,9 @@ class Server:
                 return protocol.ok(self.fs.read_pipe(0))
             return protocol.ok(self._read(arg))
         if verb in ("write", "append"):
+            if arg.strip("/") == OPTIMIZATION:
+                _write_optimization(body)
+                return protocol.ok()
             before = set(self.fs.events)
             try:
                 self.fs.write(arg, body, append=verb == "append")
@@ -438,6 +446,10 @@ class Server:
             import pykprobes
 
             return pykprobes.list_kprobes()
+        if name == OPTIMIZATION:
+            from pykprobes.core import registry
+
+            return f"{int(registry.optimization_enabled())}\n"
         if name.startswith("symbols/"):
             return _symbol_address(name[len("symbols/"):])
         return str(self.fs.read(name, timeout=0))
@@ -552,6 +564,16 @@ class Server:
             self._drop(c)
         self._listener.close()
         self._unlink()
+
+
+def _write_optimization(text: str) -> None:
+    import pykprobes
+    from pykprobes.errors import KprobeError
+
+    value = text.strip()
+    if value not in ("0", "1"):
+        raise KprobeError(errno.EINVAL, f"expected 0 or 1, not {text!r}")
+    pykprobes.set_optimization(value == "1")
 
 
 def _symbol_address(symbol: str) -> str:

@@ -1,0 +1,117 @@
+"""The long-running programs the control tests attach to (written to a file and run by a
+real interpreter in a subprocess)."""
+
+from __future__ import annotations
+
+#: A standard-library HTTP server answering on a loopback port, with CPU-bound worker
+#: threads. The main thread runs serve_forever (it polls: PEP 768 reaches it within
+#: POLL seconds). One line on stdin ("quit") shuts it down; it then says whether its
+#: functions run their original code objects, and exits 0.
+#:
+#: Prints `ready PID PORT` once serving. SERVE=1 in the environment: it calls
+#: pykprobes.control.serve() itself (the API route).
+SERVICE = '''
+import http.server, os, sys, threading
+
+POLL = 0.1
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        body = ("ok " + self.path + "\\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        pass
+
+
+stop = threading.Event()
+rounds = [0, 0]
+
+
+def crunch(n):
+    total = 0
+    while not stop.is_set():
+        for i in range(2000):
+            total += i * i  # LOOP LINE
+        rounds[n] += 1
+    return total
+
+
+ORIGINAL = {"do_GET": Handler.do_GET.__code__, "crunch": crunch.__code__}
+
+
+def quit_on_stdin(server):
+    sys.stdin.readline()
+    server.shutdown()
+
+
+def main():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    workers = [threading.Thread(target=crunch, args=(n,), name="worker-%d" % n)
+               for n in range(2)]
+    for w in workers:
+        w.start()
+    if os.environ.get("SERVE"):
+        import pykprobes.control
+        pykprobes.control.serve()
+    threading.Thread(target=quit_on_stdin, args=(server,), daemon=True).start()
+    print("ready", os.getpid(), server.server_address[1], flush=True)
+    server.serve_forever(poll_interval=POLL)
+    stop.set()
+    for w in workers:
+        w.join()
+    server.server_close()
+    print("original", Handler.do_GET.__code__ is ORIGINAL["do_GET"],
+          crunch.__code__ is ORIGINAL["crunch"], "rounds", min(rounds) > 0, flush=True)
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+#: The line of SERVICE's loop (`total += i * i`), 1-based.
+LOOP_LINE = SERVICE.lstrip("\n").splitlines().index(
+    "            total += i * i  # LOOP LINE") + 1
+
+#: A small program whose main thread loops in Python: `work(i)` (which calls json.dumps)
+#: every TICK seconds until a line on stdin; then it prints whether `work` runs its original
+#: code and exits 0. Prints `ready PID`. SERVE=1: it serves its control socket itself
+#: (pykprobes.control.serve()).
+LOOPER = '''
+import json, os, sys, threading, time
+
+TICK = 0.005
+done = threading.Event()
+
+
+def work(i):
+    return json.dumps({"i": i})
+
+
+ORIGINAL = work.__code__
+
+
+def main():
+    threading.Thread(target=lambda: (sys.stdin.readline(), done.set()), daemon=True).start()
+    if os.environ.get("SERVE"):
+        import pykprobes.control
+        pykprobes.control.serve()
+    print("ready", os.getpid(), flush=True)
+    i = 0
+    while not done.is_set():
+        i += 1
+        work(i)
+        time.sleep(TICK)
+    print("original", work.__code__ is ORIGINAL, flush=True)
+
+
+if __name__ == "__main__":
+    main()
+'''
