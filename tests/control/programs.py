@@ -81,14 +81,23 @@ LOOP_LINE = SERVICE.lstrip("\n").splitlines().index(
     "            total += i * i  # LOOP LINE") + 1
 
 #: A small program whose main thread loops in Python: `work(i)` (which calls json.dumps)
-#: every TICK seconds until a line on stdin; then it prints whether `work` runs its original
-#: code and exits 0. Prints `ready PID`. SERVE=1: it serves its control socket itself
-#: (pykprobes.control.serve()).
+#: every TICK seconds. Prints `ready PID`. Lines on stdin: `fork` makes the main thread
+#: fork a child (below); `quit` ends it: it prints whether `work` runs its original code and
+#: whether sys.path is what it was, and exits 0.
+#:
+#: SERVE=1 in the environment: it serves its control socket itself (pykprobes.control);
+#: PARTIAL_TIMEOUT=S sets the server's incomplete-request timeout first.
+#:
+#: The child of `fork` prints `child PID FDS` (FDS: how many of its descriptors are the
+#: parent's listening socket), serves its own socket, prints `child-serves PATH`, and exits
+#: (normally: atexit runs) when the file named by CHILD_EXIT exists.
 LOOPER = '''
-import json, os, sys, threading, time
+import json, os, sys, threading, time, warnings
 
 TICK = 0.005
 done = threading.Event()
+fork = threading.Event()
+PATH0 = list(sys.path)
 
 
 def work(i):
@@ -98,18 +107,56 @@ def work(i):
 ORIGINAL = work.__code__
 
 
+def commands():
+    for line in sys.stdin:
+        if line.strip() == "fork":
+            fork.set()
+        else:
+            break
+    done.set()
+
+
+def socket_inode(path):
+    return "socket:[%d]" % os.stat(path).st_ino
+
+
+def child(listening):
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds += os.readlink("/proc/self/fd/" + fd) == listening
+        except OSError:
+            pass
+    print("child", os.getpid(), fds, flush=True)
+    import pykprobes.control
+    print("child-serves", pykprobes.control.serve(), flush=True)
+    while not os.path.exists(os.environ["CHILD_EXIT"]):
+        time.sleep(0.01)
+    sys.exit(0)
+
+
 def main():
-    threading.Thread(target=lambda: (sys.stdin.readline(), done.set()), daemon=True).start()
+    if os.environ.get("PARTIAL_TIMEOUT"):
+        from pykprobes.control import protocol
+        protocol.PARTIAL_TIMEOUT = float(os.environ["PARTIAL_TIMEOUT"])
     if os.environ.get("SERVE"):
         import pykprobes.control
         pykprobes.control.serve()
+    threading.Thread(target=commands, daemon=True).start()
     print("ready", os.getpid(), flush=True)
     i = 0
     while not done.is_set():
         i += 1
         work(i)
         time.sleep(TICK)
-    print("original", work.__code__ is ORIGINAL, flush=True)
+        if fork.is_set():
+            fork.clear()
+            from pykprobes.control import server
+            listening = socket_inode(server.serving())
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads
+            if os.fork() == 0:
+                child(listening)
+    print("original", work.__code__ is ORIGINAL, "path", sys.path == PATH0, flush=True)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def test_socket_is_private_and_answers(start_target: Any, runtime_dir: Path,
     assert info["pid"] == str(target.pid) and info["protocol"] == "1"
     assert info["socket"] == str(sock) and info["early"] == "0"
     code, out, err = target.quit()
-    assert (code, out.split(), err) == (0, ["original", "True"], "")
+    assert (code, out.split(), err) == (0, ["original", "True", "path", "True"], "")
     assert not sock.exists()  # removed at exit
 
 
@@ -62,7 +62,7 @@ def test_files_through_the_cli(start_target: Any) -> None:
         assert conn.read("kprobe_events") == "" and conn.read("kprobes/list") == ""
         assert conn.read("symbols/__main__:work") == before
     code, out, _ = target.quit()
-    assert (code, out.split()) == (0, ["original", "True"])
+    assert (code, out.split()) == (0, ["original", "True", "path", "True"])
 
 
 def test_a_bad_definition_is_the_kernels_message_and_a_caret(start_target: Any) -> None:
@@ -102,7 +102,7 @@ def test_trace_streams_then_removes_its_events(start_target: Any, tmp_path: Path
         assert conn.read("kprobe_events") == "" and conn.read("kprobes/list") == ""
         assert conn.read("symbols/__main__:work") == before
     code, out_text, _ = target.quit()
-    assert (code, out_text.split()) == (0, ["original", "True"])
+    assert (code, out_text.split()) == (0, ["original", "True", "path", "True"])
 
 
 def test_the_first_request_ends_the_early_stage(start_target: Any) -> None:
@@ -114,7 +114,7 @@ def test_the_first_request_ends_the_early_stage(start_target: Any) -> None:
         wait_for(lambda: "work: (__main__:work+0) i=" in conn.read("trace"), 30,
                  "the early event's records")
     code, out, _ = target.quit()
-    assert (code, out.split()) == (0, ["original", "True"])
+    assert (code, out.split()) == (0, ["original", "True", "path", "True"])
 
 
 def test_the_server_thread_records_nothing(start_target: Any) -> None:

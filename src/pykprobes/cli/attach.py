@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -141,9 +142,9 @@ class _Usage(Exception):
     pass
 
 
-def _run(args: argparse.Namespace, body: Any) -> int:
+def _run(args: argparse.Namespace, body: Any, streaming: bool = False) -> int:
     """Run `body(conn)` on a connection to -p PID; ControlError becomes one line (and
-    the caret lines of a definition), exit 1."""
+    the caret lines of a definition), exit 1. A stream whose process exits ends, exit 0."""
     from pykprobes.control.client import ControlError
     from pykprobes.errors import KprobeError
 
@@ -154,8 +155,24 @@ def _run(args: argparse.Namespace, body: Any) -> int:
     except _Usage as exc:
         return _fail(str(exc))
     except ControlError as exc:
+        if exc.errno in (errno.ECONNRESET, errno.EPIPE) and _exited(args.pid):
+            print(f"pykprobes: process {args.pid} exited", file=sys.stderr)
+            return 0 if streaming else 1
         print_write_error(KprobeError(exc.errno, str(exc)))
         return 1
+
+
+def _exited(pid: int, wait: float = 2.0) -> bool:
+    """Whether `pid` is exiting: a process's sockets close before it is a zombie (the
+    kernel's do_exit closes its files first), so give it a moment."""
+    from pykprobes.control.paths import alive
+
+    deadline = time.monotonic() + wait
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 # ---------------------------------------------------------------------- ls, attach
@@ -272,7 +289,7 @@ def _stream(args: argparse.Namespace, verb: str, form: str, body: str | None) ->
     # and the profile are written.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return _run(args, run)
+        return _run(args, run, streaming=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -284,42 +301,33 @@ def _interrupt(signum: int, frame: Any) -> None:
 def _follow(conn: Any, out: TextIO, pid: int, deadline: float | None) -> int:
     """Write the stream's records until it ends; Ctrl-C, the deadline or a closed output
     send `stop`, and the last records and the profile follow."""
-    from pykprobes.control.client import ControlError
-    from pykprobes.control.paths import alive
-
     stopping = False
     stop_by = 0.0
-    try:
-        while True:
-            try:
-                for kind, text in conn.stream(_TICK):
-                    if kind == "data":
-                        out.write(text)
-                        out.flush()
-                    elif kind == "end":
-                        return _ended(text, pid)
-                    now = time.monotonic()
-                    if stopping and now > stop_by:
-                        return 0
-                    if not stopping and deadline is not None and now >= deadline:
-                        stopping, stop_by = True, now + _STOP_WAIT
-                        conn.send("stop")
-            except KeyboardInterrupt:
-                if stopping:
-                    return 130
-                stopping, stop_by = True, time.monotonic() + _STOP_WAIT
-                conn.send("stop")
-            except BrokenPipeError:
-                # The reader of our output went away (`| head`): stop quietly.
-                with contextlib.suppress(OSError):
-                    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the interpreter's exit
+    while True:
+        try:
+            for kind, text in conn.stream(_TICK):
+                if kind == "data":
+                    out.write(text)
+                    out.flush()
+                elif kind == "end":
+                    return _ended(text, pid)
+                now = time.monotonic()
+                if stopping and now > stop_by:
+                    return 0
+                if not stopping and deadline is not None and now >= deadline:
+                    stopping, stop_by = True, now + _STOP_WAIT
                     conn.send("stop")
-                return 0
-    except ControlError:
-        if not alive(pid):
-            print(f"pykprobes: process {pid} exited", file=sys.stderr)
+        except KeyboardInterrupt:
+            if stopping:
+                return 130
+            stopping, stop_by = True, time.monotonic() + _STOP_WAIT
+            conn.send("stop")
+        except BrokenPipeError:
+            # The reader of our output went away (`| head`): stop quietly.
+            with contextlib.suppress(OSError):
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the interpreter's exit
+                conn.send("stop")
             return 0
-        raise
 
 
 def _ended(text: str, pid: int) -> int:
