@@ -58,6 +58,12 @@ def check(pid: int) -> procs.Process:
     if pid <= 0 or not paths.alive(pid):
         raise AttachError(errno.ESRCH, f"no process {pid} (it exited, or never existed)")
     proc = procs.Process(pid)
+    me = os.geteuid()
+    if proc.version is None and proc.exe is None and proc.uid not in (None, me) and me != 0:
+        # /proc/PID/exe and maps are closed to us: the kernel's ptrace access check.
+        raise AttachError(errno.EPERM, (
+            f"process {pid} belongs to uid {proc.uid}, not {me}: attach as that user, or "
+            "with CAP_SYS_PTRACE"))
     if proc.version is None:
         raise AttachError(errno.EINVAL, f"process {pid} ({procs.comm(pid)}) is not a Python "
                                         "process")

@@ -15,6 +15,7 @@ import select
 import socket
 import stat
 import sys
+import time
 from collections.abc import Iterator
 
 from pykprobes.control import paths, procs, protocol
@@ -89,12 +90,9 @@ class Connection:
         self.path = path
         self.timeout = timeout
         self._buf = bytearray()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
         try:
-            sock.connect(path)
+            sock = _connect(path, timeout)
         except OSError as exc:
-            sock.close()
             if exc.errno == errno.ECONNREFUSED and pid is not None:
                 # Nobody listens: the server is gone (its process died without cleaning up,
                 # or it stopped).
@@ -189,6 +187,26 @@ class Connection:
             yield kind, text
             if kind == "end":
                 return
+
+
+def _connect(path: str, timeout: float) -> socket.socket:
+    """A connected socket; a full listen backlog (EAGAIN: the server is busy accepting) is
+    tried again until `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+        except OSError:
+            sock.close()
+            raise
 
 
 def connect(pid: int, attach: bool = True, timeout: float = 30.0,

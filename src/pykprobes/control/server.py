@@ -68,6 +68,7 @@ EXIT_DELAY = 0.5
 STREAM_TICK = 0.05
 #: A streaming client's unsent bytes beyond which its records are dropped (and counted).
 MAX_BACKLOG = 4 * 1024 * 1024
+LISTEN_BACKLOG = 128
 #: The sysctl debug.kprobes-optimization, as a file of the server's.
 OPTIMIZATION = "debug/kprobes-optimization"
 #: The partial-request clock's resolution.
@@ -130,7 +131,9 @@ class Server:
             sock.bind(tmp)
             try:
                 os.chmod(tmp, 0o600)
-                sock.listen(protocol.MAX_CLIENTS)
+                # A backlog well above MAX_CLIENTS: a burst of connections is accepted and
+                # told EBUSY, rather than refused EAGAIN by the kernel.
+                sock.listen(LISTEN_BACKLOG)
                 os.rename(tmp, self.path)
             except BaseException:
                 os.unlink(tmp)
