@@ -80,8 +80,10 @@ if __name__ == "__main__":
 LOOP_LINE = SERVICE.lstrip("\n").splitlines().index(
     "            total += i * i  # LOOP LINE") + 1
 
-#: A small program whose main thread loops in Python: `work(i)` (which calls json.dumps)
-#: every TICK seconds. Prints `ready PID`. Lines on stdin: `fork` makes the main thread
+#: A small program whose main thread loops in Python, running `work(i)` (which calls
+#: json.dumps) in a new thread named `work` every TICK seconds, as a server starts a thread
+#: per request (a breakpoint arch that reaches only threads started after the probe, 3.11's
+#: settrace, sees these calls too). Prints `ready PID`. Lines on stdin: `fork` makes the main thread
 #: fork a child (below); `quit` ends it: it prints whether `work` runs its original code and
 #: whether sys.path is what it was, and exits 0.
 #:
@@ -147,7 +149,9 @@ def main():
     i = 0
     while not done.is_set():
         i += 1
-        work(i)
+        t = threading.Thread(target=work, args=(i,), name="work")
+        t.start()
+        t.join()
         time.sleep(TICK)
         if fork.is_set():
             fork.clear()

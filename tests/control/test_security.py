@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +119,10 @@ def test_another_user_is_refused(start_target: Any, runtime_dir: Path) -> None:
              "    pass  # refused at accept already\n"
              "data = b''\n"
              "while True:\n"
-             "    chunk = s.recv(4096)\n"
+             "    try:\n"
+             "        chunk = s.recv(4096)\n"
+             "    except ConnectionResetError:\n"
+             "        break  # closed with our request unread: after its reply\n"
              "    if not chunk:\n"
              "        break\n"
              "    data += chunk\n"
@@ -212,23 +214,17 @@ def test_the_protocol_fuzzed(start_target: Any, runtime_dir: Path) -> None:
 
     # 50 clients at once: MAX_CLIENTS are served, the others told EBUSY and closed.
     clients = [_raw(path) for _ in range(50)]
-    time.sleep(0.5)
-    served, busy = [], 0
+    replies = []
     for c in clients:
-        c.settimeout(0.1)
         try:
-            reply = _reply(c)
-        except TimeoutError:
-            served.append(c)
-            continue
-        assert reply is not None and reply[:2] == ("error", errno.EBUSY), reply
-        busy += 1
-    assert len(served) == protocol.MAX_CLIENTS
-    assert busy == 50 - len(served)
-    for c in served:
-        c.settimeout(30)
-        c.sendall(protocol.frame("read control/status"))
-        assert _reply(c)[0] == "ok"  # type: ignore[index]
+            c.sendall(protocol.frame("read control/status"))
+        except OSError:
+            pass  # refused and closed already: its reply is waiting
+        replies.append(_reply(c))
+    kinds = [(r[0], r[1]) if r else None for r in replies]
+    assert kinds.count(("ok", 0)) == protocol.MAX_CLIENTS, kinds
+    busy = kinds.count(("error", errno.EBUSY))
+    assert busy == 50 - protocol.MAX_CLIENTS, kinds
     for c in clients:
         c.close()
 
