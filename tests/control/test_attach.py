@@ -42,6 +42,14 @@ while not sys.stdin.readline():
 '''
 
 
+def rows(res: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    """`pykprobes ls`'s rows by pid."""
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["PID", "PYTHON", "HOW", "COMMAND"]
+    return {ln.split()[0]: ln for ln in lines[1:]}
+
+
 def refusal(res: subprocess.CompletedProcess[str]) -> str:
     """The one line of a refusal (exit 1, no traceback)."""
     assert res.returncode == 1, res.stdout + res.stderr
@@ -56,8 +64,7 @@ def test_attach_to_a_process_that_never_imported_pykprobes(start_target: Any,
     # -S: no site-packages, so no pykprobes and no start-up hook; no PYKPROBES_CONTROL.
     target = start_target(LOOPER, serve=None, python_args=("-S",))
     pid = str(target.pid)
-    listed = cli("ls")
-    row = next(ln for ln in listed.stdout.splitlines() if ln.split()[0] == pid)
+    row = rows(cli("ls"))[pid]
     assert row.split()[1:4] == [f"{sys.version_info[0]}.{sys.version_info[1]}", "PEP", "768"]
     attached = cli("attach", pid)
     assert attached.returncode == 0, attached.stderr
@@ -65,8 +72,7 @@ def test_attach_to_a_process_that_never_imported_pykprobes(start_target: Any,
     assert attached.stdout == f"{sock}\n"
     # The bootstrap removed its script and its report was read and removed.
     assert sorted(p.name for p in sock.parent.iterdir()) == [sock.name]
-    row = next(ln for ln in cli("ls").stdout.splitlines() if ln.split()[0] == pid)
-    assert "control socket" in row
+    assert "control socket" in rows(cli("ls"))[pid]
     res = cli("-p", pid, "trace", "-e", "p:w/work __main__:work i", "--duration", "0.3")
     assert res.returncode == 0 and records(res.stdout), res.stderr
     with connect(target.pid) as conn:
@@ -121,9 +127,8 @@ def test_a_process_that_turned_remote_debugging_off(start_target: Any, how: str)
         why = "it was started with -X disable-remote-debug"
     message = refusal(cli("attach", str(target.pid)))
     assert why in message and "PYKPROBES_CONTROL=1" in message
-    listed = cli("ls", "--all").stdout
-    assert any(ln.split()[0] == str(target.pid) and "no:" in ln for ln in listed.splitlines())
-    assert not any(ln.split()[0] == str(target.pid) for ln in cli("ls").stdout.splitlines())
+    assert "no:" in rows(cli("ls", "--all"))[str(target.pid)]
+    assert str(target.pid) not in rows(cli("ls"))
 
 
 def test_a_dead_pid_and_a_non_python_pid() -> None:

@@ -3,7 +3,11 @@
 `attach(pid)` writes the bootstrap (bootstrap.py) to `DIR/attach-PID.py` in the target's
 control directory (private to the target's user: paths.py), asks CPython to run it in the
 target, and waits for its report, `DIR/attach-PID.out`: the control socket's path, or why
-the server could not start. Every refusal is one line naming the reason and the fix.
+the server could not start; then it removes both. Every refusal is one line naming the
+reason and the fix. Attachers take turns (flock on the directory): a process has one slot
+for a pending script, and a script must still exist when the process runs it (CPython
+prints "Can't open debugger script" on the target's stderr otherwise), so a script is
+removed only once it ran, or when CPython refused to queue it.
 
 Checked before asking CPython, so that the message names the real reason (CPython's own
 errors are "PyRuntime address lookup failed" for a dead process and a non-Python one alike):
@@ -27,10 +31,13 @@ script stays in place: the control server starts when the main thread wakes, and
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pykprobes
@@ -101,21 +108,65 @@ def attach(pid: int, timeout: float = 5.0) -> str:
         raise AttachError(errno.ENAMETOOLONG, f"{script} is longer than the {MAX_SCRIPT_PATH} "
                                               "bytes CPython takes: set XDG_RUNTIME_DIR to a "
                                               "shorter directory")
-    for stale in (report, report + ".tmp"):
+    deadline = time.monotonic() + timeout
+    # One attacher at a time: a process has one pending script (a second remote_exec
+    # replaces the first's path before it runs), and its file must be there when it runs.
+    with _locked(directory, pid, deadline):
+        served = _served(pid)
+        if served is not None:  # an earlier attach's script ran meanwhile
+            _remove(script, report)
+            return served
+        # A script still there was queued by an attach that timed out: it is pending in the
+        # process, and must stay where it is until it runs.
+        queued = os.path.exists(script)
+        _remove(report, report + ".tmp")
+        _write_script(script, report, proc.uid)
         try:
-            os.unlink(stale)
+            sys.remote_exec(pid, script)  # type: ignore[attr-defined]
+        except PermissionError as exc:
+            if not queued:
+                _remove(script)
+            raise AttachError(errno.EPERM, _permission_message(proc, exc)) from None
+        except (RuntimeError, OSError) as exc:
+            if not queued:
+                _remove(script)
+            raise AttachError(errno.EIO, _remote_exec_message(proc, exc)) from None
+        path = _wait(proc, report, deadline, timeout)
+        _remove(script)  # it ran: nothing queued names it any more
+        return path
+
+
+@contextlib.contextmanager
+def _locked(directory: str, pid: int, deadline: float) -> Iterator[None]:
+    """flock() on the control directory until `deadline`."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise AttachError(errno.EBUSY, f"another attach to process {pid} is "
+                                                   "under way: try again") from None
+                time.sleep(_POLL)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _served(pid: int) -> str | None:
+    from pykprobes.control.client import find_socket
+
+    return find_socket(pid)
+
+
+def _remove(*files: str) -> None:
+    for name in files:
+        try:
+            os.unlink(name)
         except FileNotFoundError:
             pass
-    _write_script(script, report, proc.uid)
-    try:
-        sys.remote_exec(pid, script)  # type: ignore[attr-defined]
-    except PermissionError as exc:
-        os.unlink(script)
-        raise AttachError(errno.EPERM, _permission_message(proc, exc)) from None
-    except (RuntimeError, OSError) as exc:
-        os.unlink(script)
-        raise AttachError(errno.EIO, _remote_exec_message(proc, exc)) from None
-    return _wait(proc, report, timeout)
 
 
 def _directory(proc: procs.Process) -> str:
@@ -150,8 +201,7 @@ def _write_script(script: str, report: str, uid: int) -> None:
 
     with open(bootstrap.__file__, encoding="utf-8") as f:
         source = f.read()
-    call = (f"\n_pykprobes_attach({script!r}, {report!r}, {install_paths()!r}, "
-            f"{tuple(env.PYVERSION)!r})\n")
+    call = f"\n_pykprobes_attach({report!r}, {install_paths()!r}, {tuple(env.PYVERSION)!r})\n"
     tmp = f"{script}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
@@ -200,8 +250,7 @@ def _remote_exec_message(proc: procs.Process, exc: BaseException) -> str:
     return f"cannot attach to process {proc.pid}: {text}"
 
 
-def _wait(proc: procs.Process, report: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
+def _wait(proc: procs.Process, report: str, deadline: float, timeout: float) -> str:
     while True:
         try:
             with open(report, encoding="utf-8", errors="replace") as f:
@@ -209,7 +258,7 @@ def _wait(proc: procs.Process, report: str, timeout: float) -> str:
         except FileNotFoundError:
             text = None
         if text is not None:
-            os.unlink(report)
+            _remove(report)
             kind, _, rest = text.partition(" ")
             if kind == "ok" and rest:
                 return rest.strip()

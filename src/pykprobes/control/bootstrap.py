@@ -4,24 +4,24 @@ attach.py writes this file's source, followed by one call line with the argument
 `DIR/attach-PID.py` in the target's control directory; CPython runs it in the target's main
 thread, in a namespace of its own, at the next check of its eval breaker. It
 
-1. removes its own script file (it runs once);
-2. imports `pykprobes.control` as the target finds it; where the target has no pykprobes,
+1. imports `pykprobes.control` as the target finds it; where the target has no pykprobes,
    and only if it runs the attacher's Python minor version, it puts the attacher's
    installation directories (`paths`: pykprobes' and its dependency bytecode's) first on
    `sys.path` for that import alone, and takes them off again; pykprobes finds its own
    modules through its package's `__path__` afterwards, and `bytecode` is imported while
    the directories are there;
-3. starts the control server (`serve()`, idempotent) and writes `ok SOCKET_PATH`, or
+2. starts the control server (`serve()`, idempotent) and writes `ok SOCKET_PATH`, or
    `error MESSAGE`, to the report file (mode 0600, in the private directory), atomically.
 
-It never raises: an exception would be printed on the target's stderr by CPython ("Error
-executing debugger script"), and the target is not ours to write on. Importing this module
-does nothing but define the function.
+It leaves its script file to the attacher (which removes it once the report came): should
+the script be queued twice, its second run finds it still there, and does no harm (`serve()`
+is idempotent). It never raises: CPython would print the exception on the target's stderr
+("Error executing debugger script"), and the target is not ours to write on. Importing
+this module does nothing but define the function.
 """
 
 
-def _pykprobes_attach(script: str, report: str, paths: list[str], version: tuple[int, int]
-                      ) -> None:
+def _pykprobes_attach(report: str, paths: list[str], version: tuple[int, int]) -> None:
     import os
     import sys
 
@@ -35,10 +35,6 @@ def _pykprobes_attach(script: str, report: str, paths: list[str], version: tuple
         os.replace(tmp, report)
 
     try:
-        try:
-            os.unlink(script)
-        except OSError:
-            pass
         try:
             import pykprobes.control as control
         except ImportError as exc:

@@ -129,6 +129,14 @@ def pid_of(name: str) -> int | None:
     return None
 
 
+def attach_pid_of(name: str) -> int | None:
+    """The pid an attach file (`attach-PID.py`, `attach-PID.out`, ...) is for, or None."""
+    stem = name.partition(".")[0]
+    if stem.startswith("attach-") and stem[7:].isdigit():
+        return int(stem[7:])
+    return None
+
+
 def alive(pid: int) -> bool:
     """Whether process `pid` exists (a zombie counts as dead: it serves nothing)."""
     try:
@@ -146,7 +154,8 @@ def alive(pid: int) -> bool:
 
 
 def remove_stale(directory: str) -> list[int]:
-    """Remove the socket files of dead processes in `directory`; the pids removed."""
+    """Remove the socket files (and attach files) of dead processes in `directory`; the
+    pids removed."""
     removed = []
     try:
         names = os.listdir(directory)
@@ -154,6 +163,8 @@ def remove_stale(directory: str) -> list[int]:
         return removed
     for name in names:
         pid = pid_of(name)
+        if pid is None:
+            pid = attach_pid_of(name)
         if pid is not None and not alive(pid):
             try:
                 os.unlink(os.path.join(directory, name))

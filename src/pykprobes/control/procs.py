@@ -48,7 +48,10 @@ class Process:
 
     @property
     def command(self) -> str:
-        return " ".join(self.cmdline) if self.cmdline else f"[{comm(self.pid)}]"
+        """The command line on one line (`-c` programs have newlines: shown as \\n)."""
+        if not self.cmdline:
+            return f"[{comm(self.pid)}]"
+        return " ".join(self.cmdline).replace("\\", "\\\\").replace("\n", "\\n")
 
     def remote_debug_off(self) -> str | None:
         """Why PEP 768 cannot reach this process's interpreter, from its command line and
