@@ -267,7 +267,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _stream(args: argparse.Namespace, verb: str, form: str, body: str | None) -> int:
-    pid = getattr(args, "pid", None)
+    pid: int = getattr(args, "pid", None) or 0  # (checked by _connection)
     deadline = None if getattr(args, "duration", None) is None else \
         time.monotonic() + args.duration
 

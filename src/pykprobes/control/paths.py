@@ -156,7 +156,7 @@ def alive(pid: int) -> bool:
 def remove_stale(directory: str) -> list[int]:
     """Remove the socket files (and attach files) of dead processes in `directory`; the
     pids removed."""
-    removed = []
+    removed: list[int] = []
     try:
         names = os.listdir(directory)
     except OSError:

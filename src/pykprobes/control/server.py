@@ -398,10 +398,10 @@ class Server:
     def _first_request(self) -> None:
         if self.fs is not None:
             return
-        import pykprobes
+        from pykprobes.core import registry
         from pykprobes.trace.tracefs import tracefs
 
-        pykprobes.init_kprobes()  # ends the early stage, as the seed's init_kprobes()
+        registry.init_kprobes()  # ends the early stage, as the seed's init_kprobes()
         self.fs = tracefs()
 
     def _dispatch(self, c: _Client, verb: str, arg: str, body: str) -> bytes | None:
@@ -446,9 +446,9 @@ class Server:
         if name == "control/status":
             return self._status()
         if name == "kprobes/list":
-            import pykprobes
+            from pykprobes.core import registry
 
-            return pykprobes.list_kprobes()
+            return registry.list_kprobes()
         if name == OPTIMIZATION:
             from pykprobes.core import registry
 
@@ -458,13 +458,13 @@ class Server:
         return str(self.fs.read(name, timeout=0))
 
     def _status(self) -> str:
-        import pykprobes
         from pykprobes._version import __version__
+        from pykprobes.core import registry
 
         python = ".".join(map(str, sys.version_info[:3]))
         lines = [f"pid {self.pid}", f"python {python}",
                  f"pykprobes {__version__}", f"protocol {protocol.VERSION}",
-                 f"socket {self.path}", f"early {int(pykprobes.kprobes_is_early())}",
+                 f"socket {self.path}", f"early {int(registry.kprobes_is_early())}",
                  f"connected {len(self.clients)}", f"max_clients {protocol.MAX_CLIENTS}"]
         lines += [f"{k} {v}" for k, v in self.counters.items()]
         lines.append(f"events_made {len(self.made)}")
@@ -558,9 +558,9 @@ class Server:
                 if left <= 0:
                     break
                 for fd, _ in self._poll.poll(left * 1000):
-                    c = self.clients.get(fd)
-                    if c is not None:
-                        self._flush(c)
+                    waiting = self.clients.get(fd)
+                    if waiting is not None:
+                        self._flush(waiting)
         except Exception as exc:  # noqa: BLE001 - at exit: report, never raise
             warn(f"the control server's last streams failed: {exc!r}")
         for c in list(self.clients.values()):
@@ -570,13 +570,13 @@ class Server:
 
 
 def _write_optimization(text: str) -> None:
-    import pykprobes
+    from pykprobes.core import registry
     from pykprobes.errors import KprobeError
 
     value = text.strip()
     if value not in ("0", "1"):
         raise KprobeError(errno.EINVAL, f"expected 0 or 1, not {text!r}")
-    pykprobes.set_optimization(value == "1")
+    registry.set_optimization(value == "1")
 
 
 def _symbol_address(symbol: str) -> str:

@@ -70,9 +70,10 @@ class TraceSession:
         removed meanwhile is gone already)."""
         events, self.events = self.events, []
         for event in events:
+            name, group = event.name, event.group
             try:
                 event.disable()
-                if self.fs.find(event.name, event.group) is event:
-                    self.fs.remove(event.name, event.group)
+                if self.fs.find(name, group) is event:
+                    self.fs.remove(name, group)
             except KprobeError:
                 pass

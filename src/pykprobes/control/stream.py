@@ -20,6 +20,11 @@ from pykprobes.trace import format as fmt
 from pykprobes.trace.buffer import ReadBatch, Record
 
 
+def _not_json(obj: Any) -> Any:
+    # JSONEncoder.default's answer; json_object() makes JSON's types only, so never called.
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
 def _c_encoder() -> Callable[[Record], str]:
     try:
         from _json import encode_basestring_ascii, make_encoder
@@ -27,8 +32,8 @@ def _c_encoder() -> Callable[[Record], str]:
         return fmt.format_json
     # json.dumps(obj, separators=(",", ":"), allow_nan=False) with ensure_ascii: the
     # arguments its JSONEncoder hands the same C encoder (Lib/json/encoder.py).
-    encode = make_encoder(None, None, encode_basestring_ascii, None, ":", ",", False, False,
-                          False)
+    encode = make_encoder(None, _not_json, encode_basestring_ascii, None, ":", ",", False,
+                          False, False)
 
     def json_line(record: Record) -> str:
         return "".join(encode(fmt.json_object(record), 0))
