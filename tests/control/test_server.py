@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import pytest
 from pykprobes.control import stream
 from pykprobes.trace import format as fmt
 from pykprobes.trace.tracefs import TraceFS
-from tests.control.conftest import cli, connect, records, status, wait_for
+from tests.control.conftest import child_env, cli, connect, records, status, wait_for
 from tests.control.programs import LOOPER
 
 
@@ -159,8 +161,6 @@ def test_json_lines_are_format_json(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("jsonmod_ctl", src)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
-    import sys
-
     sys.modules["jsonmod_ctl"] = mod
     spec.loader.exec_module(mod)
     fs = TraceFS()
@@ -178,3 +178,28 @@ def test_json_lines_are_format_json(tmp_path: Path) -> None:
     assert len(recs) == 2
     for record in recs:
         assert stream.json_line(record) == fmt.format_json(record)
+
+
+def test_run_control_serves_the_program(tmp_path: Path) -> None:
+    """`pykprobes run --control`: the program runs as under python, and `-p PID` reaches
+    it (the run's own pid: it runs the program in-process)."""
+    program = tmp_path / "looper.py"
+    program.write_text(LOOPER.lstrip("\n"))
+    proc = subprocess.Popen([sys.executable, "-m", "pykprobes", "run", "--control", "--",
+                             str(program)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env(), cwd=tmp_path)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        pid = proc.stdout.readline().split()[1]
+        assert proc.stderr.readline().startswith(f"pykprobes: process {pid} serves its "
+                                                 "tracefs at ")
+        res = cli("-p", pid, "trace", "-e", "p:w/work __main__:work i", "--duration", "0.3")
+        assert res.returncode == 0 and records(res.stdout), res.stderr
+        out, err = proc.communicate("quit\n", timeout=60)
+        # Without -e, run writes no trace of its own: the program's output is all there is.
+        assert (proc.returncode, out.split(), err) == (0, ["original", "True", "path",
+                                                           "True"], "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
