@@ -69,6 +69,8 @@ STREAM_TICK = 0.05
 #: A streaming client's unsent bytes beyond which its records are dropped (and counted).
 MAX_BACKLOG = 4 * 1024 * 1024
 LISTEN_BACKLOG = 128
+#: Turns in a row that fail before the server gives up (and removes its socket).
+MAX_FAILED_TURNS = 100
 #: The sysctl debug.kprobes-optimization, as a file of the server's.
 OPTIMIZATION = "debug/kprobes-optimization"
 #: The partial-request clock's resolution.
@@ -201,11 +203,22 @@ class Server:
         # debugger or the 3.11 breakpoint arch installs for new threads has nothing to do
         # in NOPROBE code.
         sys.settrace(None)
+        failures = 0
         try:
             while not self._stopping:
-                self._turn()
+                try:
+                    self._turn()
+                    failures = 0
+                except Exception as exc:  # noqa: BLE001 - the program must not see it
+                    # A bug of ours: counted and reported once; the server goes on unless
+                    # it cannot get through a turn at all.
+                    self.counters["errors"] += 1
+                    failures += 1
+                    if self.counters["errors"] == 1 or failures == MAX_FAILED_TURNS:
+                        warn(f"the control server failed: {exc!r}")
+                    if failures >= MAX_FAILED_TURNS:
+                        break
         except BaseException as exc:  # noqa: BLE001 - the program must not see it
-            self.counters["errors"] += 1
             warn(f"the control server stopped: {exc!r}")
         finally:
             self._finish()
