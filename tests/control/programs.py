@@ -9,7 +9,8 @@ from __future__ import annotations
 #: functions run their original code objects, and exits 0.
 #:
 #: Prints `ready PID PORT` once serving. SERVE=1 in the environment: it calls
-#: pykprobes.control.serve() itself (the API route).
+#: pykprobes.control.serve() itself (the API route), with the server's MAX_BACKLOG set to
+#: MAX_BACKLOG bytes when that is set too.
 SERVICE = '''
 import http.server, os, sys, threading
 
@@ -60,6 +61,9 @@ def main():
         w.start()
     if os.environ.get("SERVE"):
         import pykprobes.control
+        from pykprobes.control import server as control_server
+        if os.environ.get("MAX_BACKLOG"):
+            control_server.MAX_BACKLOG = int(os.environ["MAX_BACKLOG"])
         pykprobes.control.serve()
     threading.Thread(target=quit_on_stdin, args=(server,), daemon=True).start()
     print("ready", os.getpid(), server.server_address[1], flush=True)

@@ -216,3 +216,24 @@ def _other_python(accept: Any) -> str | None:
         if exe and accept((3, minor)):
             return exe
     return None
+
+
+def test_a_ptrace_refusal_names_yama_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The message for CPython's PermissionError, with each kernel.yama.ptrace_scope (this
+    machine may have no Yama: the setting is read through one function)."""
+    from pykprobes.control import attach, procs
+
+    proc = procs.Process(os.getpid())
+    proc.uid = os.geteuid() + 1
+    denied = PermissionError(1, "Operation not permitted")
+    for scope, fix in [(None, None), (0, None), (1, "sysctl kernel.yama.ptrace_scope=0"),
+                       (2, "give CAP_SYS_PTRACE"), (3, "PYKPROBES_CONTROL=1")]:
+        monkeypatch.setattr(attach, "_yama_scope", lambda scope=scope: scope)
+        message = attach._permission_message(proc, denied)
+        assert "\n" not in message
+        assert f"belongs to uid {proc.uid}, not {os.geteuid()}" in message
+        assert "CAP_SYS_PTRACE" in message and message.endswith("(Operation not permitted)")
+        if fix is None:
+            assert "yama" not in message
+        else:
+            assert f"kernel.yama.ptrace_scope={scope}" in message and fix in message

@@ -4,8 +4,10 @@ never notices; its code objects end as they began."""
 
 from __future__ import annotations
 
+import http.client as http_client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from pykprobes.control import protocol
 from tests.control.conftest import (
     HAS_REMOTE_EXEC,
     child_env,
@@ -25,7 +28,8 @@ from tests.control.conftest import (
     status,
     wait_for,
 )
-from tests.control.programs import LOOPER
+from tests.control.programs import LOOP_LINE, LOOPER, SERVICE
+from tests.testenv import BREAKPOINT_CAPS
 
 ORIGINAL = ["original", "True", "path", "True"]
 
@@ -178,3 +182,44 @@ def test_interrupt_prints_the_profile(start_target: Any) -> None:
     row = err.splitlines()[-1].split()
     assert row[0] == "work" and int(row[1]) >= 1
     assert target.quit()[0] == 0
+
+
+def test_a_client_that_does_not_read(start_target: Any, runtime_dir: Path) -> None:
+    """A streaming client that stops reading: its records are dropped and counted once its
+    backlog is full, the program goes on (its HTTP server answers), and the client is told
+    how many it lost when it reads again."""
+    if not BREAKPOINT_CAPS["running_frames_other_threads"]:
+        pytest.skip("needs a breakpoint arch that reaches a loop already running in another "
+                    "thread (3.11's settrace does not)")
+    target = start_target(SERVICE, serve="api", env={"MAX_BACKLOG": "65536"})
+    port = int(target.words[2])
+    with connect(target.pid):
+        pass  # (arch set up for this run)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(runtime_dir / "pykprobes" / f"{target.pid}.sock"))
+    s.sendall(protocol.frame(f"trace\nevent p:w/loop {target.path}:{LOOP_LINE} i"))
+    with connect(target.pid) as conn:
+        wait_for(lambda: int(status(conn)["dropped"]) > 0, 60, "records dropped")
+        for n in range(5):
+            http = http_client.HTTPConnection("127.0.0.1", port, timeout=30)
+            http.request("GET", f"/still/{n}")
+            assert http.getresponse().read() == f"ok /still/{n}\n".encode()
+            http.close()
+    s.sendall(protocol.frame("stop"))
+    buf = bytearray()
+    texts = []
+    while True:
+        text = protocol.take_frame(buf, protocol.MAX_REPLY)
+        if text is None:
+            chunk = s.recv(1 << 20)
+            assert chunk, "the server closed the connection"
+            buf += chunk
+            continue
+        kind, _, body = protocol.parse_reply(text)
+        texts.append(body)
+        if kind == "end":
+            break
+    s.close()
+    assert any("CPU:0 [LOST " in t for t in texts)
+    code, out, _ = target.quit()
+    assert (code, out.split()) == (0, ["original", "True", "True", "rounds", "True"])

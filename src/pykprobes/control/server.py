@@ -511,22 +511,24 @@ class Server:
         batch = self.fs.buffer.read(block=False)
         if not batch and not batch.lost_at:
             return
-        cache: dict[bool, tuple[str, int]] = {}
+        cache: dict[bool, str] = {}
         for c in list(self.clients.values()):
             if c.stream is None:
                 continue
-            if c.session is None:
-                rendered = cache.get(c.as_json)
-                if rendered is None:
-                    rendered = cache[c.as_json] = stream.render(batch, None, c.as_json)
-            else:
-                rendered = stream.render(batch, c.session.events, c.as_json)
-            text, count = rendered
-            if not text:
-                continue
+            events = None if c.session is None else c.session.events
             if len(c.out) > MAX_BACKLOG:
-                c.dropped += count
-                self.counters["dropped"] += count
+                # It does not read: its records are counted, not even formatted.
+                dropped = stream.count(batch, events)
+                c.dropped += dropped
+                self.counters["dropped"] += dropped
+                continue
+            if events is None:
+                text = cache.get(c.as_json)
+                if text is None:
+                    text = cache[c.as_json] = stream.render(batch, None, c.as_json)
+            else:
+                text = stream.render(batch, events, c.as_json)
+            if not text:
                 continue
             if c.dropped:
                 text = stream.lost_line(c.dropped, c.as_json) + text

@@ -48,19 +48,25 @@ def lost_line(count: int, as_json: bool) -> str:
     return f'{{"lost": {count}}}\n' if as_json else fmt.format_lost(count) + "\n"
 
 
-def render(batch: ReadBatch, events: Collection[Any] | None, as_json: bool) -> tuple[str, int]:
+def render(batch: ReadBatch, events: Collection[Any] | None, as_json: bool) -> str:
     """The text for one client: the batch's records of `events` (None: all), with the
-    lost-event lines at their places; and the number of records in it."""
+    lost-event lines at their places."""
     line = json_line if as_json else fmt.format_line
     out: list[str] = []
     lost = dict(batch.lost_at)
-    count = 0
     for i, record in enumerate(batch):
         n = lost.pop(i, 0)
         if n:
             out.append(lost_line(n, as_json))
         if events is None or record[3] in events:
             out.append(line(record) + "\n")
-            count += 1
     out += [lost_line(n, as_json) for n in lost.values()]
-    return "".join(out), count
+    return "".join(out)
+
+
+def count(batch: ReadBatch, events: Collection[Any] | None) -> int:
+    """How many of the batch's records `render` would send (for a client whose records are
+    dropped: they are counted, not formatted)."""
+    if events is None:
+        return len(batch)
+    return sum(1 for record in batch if record[3] in events)
