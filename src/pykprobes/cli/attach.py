@@ -154,6 +154,10 @@ def _run(args: argparse.Namespace, body: Any, streaming: bool = False) -> int:
             return result
     except _Usage as exc:
         return _fail(str(exc))
+    except KeyboardInterrupt:
+        # Before a stream began (attaching, defining): the connection closes, and the
+        # server removes whatever a trace had made.
+        return 130
     except ControlError as exc:
         if exc.errno in (errno.ECONNRESET, errno.EPIPE) and _exited(args.pid):
             print(f"pykprobes: process {args.pid} exited", file=sys.stderr)
@@ -214,6 +218,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
                                                              args.attach_timeout)
     except ControlError as exc:
         return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
     print(path)
     return 0
 
