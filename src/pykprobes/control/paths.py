@@ -105,7 +105,8 @@ def control_dir(uid: int | None = None, environ: Mapping[str, str] | None = None
     uid = os.geteuid() if uid is None else uid
     errors = []
     for path in candidate_dirs(uid, os.environ if environ is None else environ):
-        if len(os.path.join(path, f"{2**22}{SOCKET_SUFFIX}")) > SUN_PATH_MAX:
+        # The longest name bound there: the server's temporary one (server.py bind()).
+        if len(os.fsencode(os.path.join(path, f".{2**22}.{'0' * 8}.tmp"))) > SUN_PATH_MAX:
             errors.append(f"{path}: too long for a Unix socket path")
             continue
         try:
