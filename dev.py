@@ -7,7 +7,10 @@
 `test` lints once, then runs the whole suite three times per Python version: once per mechanism
 (PYKPROBES_ARCH=breakpoint, then optimized), then once more optimized with the trace hot path's
 pure-Python fallback forced (PYKPROBES_CORE=python, arch "optimized-pycore": the C accelerator
-and its fallback must behave the same), and ends with a table and a `summary:` line.
+and its fallback must behave the same). On a Python built with the JIT (sys._jit, 3.14+) it
+runs both mechanisms once more with PYTHON_JIT=1 ("breakpoint-jit", "optimized-jit"); the
+other runs there get PYTHON_JIT=0, so that each row says what it tested whatever the build's
+default. It ends with a table and a `summary:` line.
 
 Standard library only, and it must run on whatever python3 a fresh machine has, which may be
 older than the interpreters it finds: no syntax or library newer than Python 3.8 here.
@@ -37,17 +40,23 @@ DEMO = ROOT / "examples" / "demo.py"
 MIN_VERSION = (3, 11)
 # python3.N names looked up on PATH; 20 leaves room for releases to come.
 MINORS = range(MIN_VERSION[1], 21)
-ARCHES = ("breakpoint", "optimized", "optimized-pycore")
-# A run name -> (PYKPROBES_ARCH, PYKPROBES_CORE or None: the backend's own choice).
+ARCHES = ("breakpoint", "optimized", "optimized-pycore", "breakpoint-jit", "optimized-jit")
+# A run name -> (PYKPROBES_ARCH, PYKPROBES_CORE or None: the backend's own choice, PYTHON_JIT).
+# The JIT runs are both mechanisms and not the pycore one: the JIT changes how the probed code
+# runs (Tier 2 traces over rewritten code objects; traces and sys.monitoring, which the
+# breakpoint arch and the frames still running old code use: cpython#156319, PR #142842), not
+# how the trace layer records, which is what "pycore" varies.
 RUN_ENV = {
-    "breakpoint": ("breakpoint", None),
-    "optimized": ("optimized", None),
-    "optimized-pycore": ("optimized", "python"),
+    "breakpoint": ("breakpoint", None, False),
+    "optimized": ("optimized", None, False),
+    "optimized-pycore": ("optimized", "python", False),
+    "breakpoint-jit": ("breakpoint", None, True),
+    "optimized-jit": ("optimized", None, True),
 }
 # The files that decide what `pip install -e .[test]` installs: a change to any means the
 # venv must be reinstalled (the version is read from _version.py into the metadata; setup.py
-# writes the start-up hook `_pykprobes.pth` from boot/pth.py, and the editable install copies
-# that file into site-packages rather than linking it).
+# writes the start-up hook files `_pykprobes.pth` and `_pykprobes.start` from boot/pth.py, and
+# the editable install copies them into site-packages rather than linking them).
 INSTALL_INPUTS = (
     ROOT / "pyproject.toml",
     ROOT / "setup.py",
@@ -66,6 +75,7 @@ STRIPPED_ENV = (
     "PYTHONHOME",  # points the venv's interpreter at another standard library
     "PYTHONINSPECT",  # goes interactive after the script, which replaces its exit code
     "PYTHONOPTIMIZE",  # -O strips assert: pytest's assertions and the debug checks need it
+    "PYTHON_LAZY_IMPORTS",  # =all makes every import lazy (PEP 810), pytest's own included
     "PYTHONSTARTUP",  # only ever meant for an interactive session
     "PYTHONEXECUTABLE",  # macOS: makes sys.executable name another interpreter
     "__PYVENV_LAUNCHER__",  # macOS framework builds: same
@@ -76,6 +86,7 @@ STRIPPED_ENV = (
     "PYKPROBES_EVENTS",  # would arm early probes in every interpreter the suite starts
     "PYKPROBES_ARCH",  # set per run by `test`
     "PYKPROBES_CORE",  # likewise
+    "PYTHON_JIT",  # likewise: set per run on a Python that has a JIT
     "PYKPROBES_CONTROL",  # would serve a control socket from every interpreter the suite starts
 )
 # Deliberately kept: PYTHONDONTWRITEBYTECODE (set on some machines) only stops .pyc files
@@ -85,11 +96,13 @@ STRIPPED_ENV = (
 # choice of how to see output and are kept too.
 
 # Asked of each candidate. It has to run on any Python, 2.7 included, to be able to say
-# why that one is skipped.
+# why that one is skipped. The last item: the build has a JIT that PYTHON_JIT=1 turns on
+# (sys._jit, 3.14+; a build without one, or a platform it does not support, says False).
 QUERY = (
     "import json, platform, sys, sysconfig; print(json.dumps(["
     "platform.python_implementation(), list(sys.version_info[:3]), platform.python_version(),"
-    " sys.executable, bool(sysconfig.get_config_var('Py_GIL_DISABLED'))]))"
+    " sys.executable, bool(sysconfig.get_config_var('Py_GIL_DISABLED')),"
+    " bool(getattr(getattr(sys, '_jit', None), 'is_available', lambda: False)())]))"
 )
 
 
@@ -103,6 +116,7 @@ class Interpreter(NamedTuple):
     executable: str  # the real interpreter, as it reports sys.executable (never a shim)
     found_as: str  # how it was found, for the report: "python3 on PATH", "pyenv 3.12.1"
     default: bool  # it is the `python3` on PATH
+    jit: bool = False  # built with a JIT that PYTHON_JIT=1 turns on
 
     @property
     def tag(self) -> str:
@@ -239,7 +253,7 @@ def discover_interpreters() -> tuple[list[Interpreter], list[Skipped]]:
         if answer is None:
             skipped.append(Skipped(label, error))
             continue
-        impl, version_info, full_version, executable, free_threaded = answer
+        impl, version_info, full_version, executable, free_threaded, jit = answer
         version = (int(version_info[0]), int(version_info[1]))
         tag = f"{version[0]}.{version[1]}"
         if impl != "CPython":
@@ -257,7 +271,7 @@ def discover_interpreters() -> tuple[list[Interpreter], list[Skipped]]:
             skipped.append(Skipped(label, f"{why} {kept.found_as}"))
         else:
             found[version] = Interpreter(
-                version, str(full_version), str(executable) or path, found_as, default
+                version, str(full_version), str(executable) or path, found_as, default, bool(jit)
             )
     return list(found.values()), skipped
 
@@ -267,7 +281,11 @@ def report_discovery(found: Sequence[Interpreter], skipped: Sequence[Skipped]) -
     if not found:
         say("  (none)")
     for interp in sorted(found):
-        say(f"  {interp.tag:<5} {interp.executable}  ({interp.full_version}, {interp.found_as})")
+        jit = ", JIT" if interp.jit else ""
+        say(
+            f"  {interp.tag:<5} {interp.executable}  "
+            f"({interp.full_version}, {interp.found_as}{jit})"
+        )
     if skipped:
         say("skipped:")
         for item in skipped:
@@ -424,10 +442,14 @@ def run_suite(
     junit = junit_dir / f"py{interp.tag}-{arch}.xml"
     cmd = [str(venv_python(venv)), "-m", "pytest", f"--junitxml={junit}", *pytest_args]
     env = venv_env(venv)
-    env["PYKPROBES_ARCH"], core = RUN_ENV[arch]
+    env["PYKPROBES_ARCH"], core, jit = RUN_ENV[arch]
     if core is not None:
         env["PYKPROBES_CORE"] = core
-    say(f"=== Python {interp.tag} ({interp.full_version}), PYKPROBES_ARCH={arch} ===")
+    if interp.jit:
+        env["PYTHON_JIT"] = "1" if jit else "0"
+    shown = ("PYKPROBES_ARCH", "PYKPROBES_CORE", "PYTHON_JIT")
+    how = " ".join(f"{k}={env[k]}" for k in shown if k in env)
+    say(f"=== Python {interp.tag} ({interp.full_version}), {arch}: {how} ===")
     start = time.monotonic()
     # No stdin: a test that waits for input (or a stray breakpoint()) fails instead of
     # hanging, the same here as in CI, which has none.
@@ -474,6 +496,25 @@ def print_table(results: Sequence[RunResult]) -> None:
         say("  ".join(cells).rstrip())
 
 
+def plan_runs(
+    chosen: Sequence[Interpreter], arches: Sequence[str]
+) -> list[tuple[Interpreter, str]]:
+    """(interpreter, configuration) pairs to run, in order: the JIT configurations only on the
+    interpreters built with a JIT (said once, not failed: the JIT is a build option)."""
+    runs = [(i, a) for i in chosen for a in arches if i.jit or not RUN_ENV[a][2]]
+    if not runs:
+        raise DevError(
+            f"--arch {', '.join(arches)}: no JIT in "
+            f"{', '.join(i.tag for i in chosen)} (the JIT runs need sys._jit, 3.14+)"
+        )
+    jit_arches = [a for a in arches if RUN_ENV[a][2]]
+    no_jit = [i.tag for i in chosen if not i.jit]
+    if jit_arches and no_jit:
+        say(f"no JIT in {', '.join(no_jit)}: {', '.join(jit_arches)} not run there")
+        say()
+    return runs
+
+
 def cmd_test(args: argparse.Namespace, pytest_args: list[str]) -> int:
     found = find_interpreters()
     if args.python:
@@ -488,6 +529,8 @@ def cmd_test(args: argparse.Namespace, pytest_args: list[str]) -> int:
     else:
         chosen = sorted(found)
     arches = list(dict.fromkeys(args.arch)) if args.arch else list(ARCHES)
+    runs = plan_runs(chosen, arches)
+    chosen = list(dict.fromkeys(i for i, _ in runs))
 
     # Every venv first: a failed install stops here, before any long run.
     venvs = [(interp, ensure_venv(interp)) for interp in chosen]
@@ -507,7 +550,8 @@ def cmd_test(args: argparse.Namespace, pytest_args: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="pykprobes-junit-") as junit_dir:
         for interp, venv in venvs:
             for arch in arches:
-                results.append(run_suite(interp, venv, arch, pytest_args, Path(junit_dir)))
+                if (interp, arch) in runs:
+                    results.append(run_suite(interp, venv, arch, pytest_args, Path(junit_dir)))
 
     passed = sum(r.passed for r in results)
     failed = sum(r.failed for r in results)
@@ -557,8 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
         "test",
         help="lint, then run the suite on every CPython >= 3.11, once per mechanism",
         description="Run ruff once, then the whole pytest suite on every CPython >= 3.11 "
-        "found, once with PYKPROBES_ARCH=breakpoint and once with PYKPROBES_ARCH=optimized. "
-        "Other arguments (or everything after --) go to pytest.",
+        "found, once with PYKPROBES_ARCH=breakpoint, once with PYKPROBES_ARCH=optimized, once "
+        "optimized with PYKPROBES_CORE=python, and on a Python with a JIT both mechanisms "
+        "again with PYTHON_JIT=1. Other arguments (or everything after --) go to pytest.",
         allow_abbrev=False,  # a pytest option must never be taken for an abbreviation of ours
     )
     test.add_argument(
@@ -569,7 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this Python version (repeatable)",
     )
     test.add_argument(
-        "--arch", action="append", choices=ARCHES, help="only this mechanism (repeatable)"
+        "--arch",
+        action="append",
+        choices=ARCHES,
+        help="only this configuration (repeatable; the -jit ones run on Pythons with a JIT)",
     )
     test.set_defaults(func=cmd_test)
     return parser

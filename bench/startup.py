@@ -1,32 +1,37 @@
 #!/usr/bin/env python3
-"""Interpreter start-up with pykprobes installed: the cost of the `.pth` hook (issue 5, item 4).
+"""Interpreter start-up with pykprobes installed: the cost of the start-up hook (issue 5, item
+4; the `.start` entry point of PEP 829 on 3.15+: issue 10).
 
     python3 bench/startup.py                  # every CPython >= 3.11 here, ~1-2 min each
     python3 bench/startup.py --python 3.12    # one version (repeatable)
     python3 bench/startup.py --quick          # a smoke run (its numbers mean nothing)
 
 For each Python it builds the pykprobes wheel from this checkout (in a copy, with the dev
-venv's pip), creates two fresh virtual environments without pip: `bare` (nothing installed)
-and `installed` (the wheel and `bytecode`, installed by pip, which byte-compiles them; the
-start-up hook `_pykprobes.pth` is then in its site-packages), and times whole processes:
+venv's pip), creates three fresh virtual environments without pip: `bare` (nothing
+installed), `start` (nothing but a `.start` file whose entry point is `os:getpid`: what any
+`.start` file costs `site`, pykprobes or not) and `installed` (the wheel and `bytecode`,
+installed by pip, which byte-compiles them; the start-up hook files `_pykprobes.pth` and
+`_pykprobes.start` are then in its site-packages), and times whole processes:
 
     bare         bare venv       python -c pass
+    any-start    start venv      python -c pass        (= bare where site has no .start files)
     unset        installed venv  python -c pass                       PYKPROBES_EVENTS unset
     early16      installed venv  python -c pass                       16 early probes set
     bare+imp     bare venv       python -c "import json, textwrap, shlex, fnmatch"
     early16+imp  installed venv  the same program, 16 early probes on those modules
                                  (imported by the program: their code is rewritten at import)
 
-`unset` and `early16` are compared with `bare`, `early16+imp` with `bare+imp`. The method is
-that of ../shared/docs/ANCHOR-COSTS.md section K: every PYTHON* (and PYKPROBES_*) variable is
-removed from the children's environment (PYTHONDONTWRITEBYTECODE would make a hook module
-recompile at every start), the site-packages are byte-compiled, every variant is run a few
-times to warm up, then ROUNDS rounds run every variant RUNS times each, in a shuffled order
-per round. Per variant: the median over all runs, min..max; against its baseline: the
-**paired delta**, the median over rounds of (variant round-median - baseline round-median),
-and the **ratio**, the median over rounds of (variant round-median / baseline round-median).
-Each variant is checked once before timing (unset: no pykprobes module loaded; early16: early,
-16 events, no warning), and a failed check makes the command exit 1.
+`any-start`, `unset` and `early16` are compared with `bare`, `early16+imp` with `bare+imp`.
+The method is that of ../shared/docs/ANCHOR-COSTS.md section K: every PYTHON* (and
+PYKPROBES_*) variable is removed from the children's environment (PYTHONDONTWRITEBYTECODE
+would make a hook module recompile at every start), the site-packages are byte-compiled,
+every variant is run a few times to warm up, then ROUNDS rounds run every variant RUNS times
+each, in a shuffled order per round. Per variant: the median over all runs, min..max; against
+its baseline: the **paired delta**, the median over rounds of (variant round-median -
+baseline round-median), and the **ratio**, the median over rounds of (variant round-median /
+baseline round-median). Each variant is checked once before timing (unset: no pykprobes
+module loaded, or where site runs `.start` files only the entry point's three; early16:
+early, 16 events, no warning), and a failed check makes the command exit 1.
 
 The table is printed and written to bench/results/startup.md, the numbers to
 bench/results/startup.json (with --quick: a temporary folder unless --out is given).
@@ -83,13 +88,17 @@ IMPORTS = "import json, textwrap, shlex, fnmatch"
 #: (name, venv, program, events, baseline)
 VARIANTS = [
     ("bare", "bare", "pass", None, None),
+    ("any-start", "start", "pass", None, "bare"),
     ("unset", "installed", "pass", None, "bare"),
     ("early16", "installed", "pass", ";".join(EARLY16), "bare"),
     ("bare+imp", "bare", IMPORTS, None, None),
     ("early16+imp", "installed", IMPORTS, ";".join(EARLY16), "bare+imp"),
 ]
 
+#: What the `.start` entry point imports when PYKPROBES_EVENTS is unset (boot/pth.py).
+START_ENTRY_MODULES = "['pykprobes', 'pykprobes._version', 'pykprobes.boot']"
 CHECKS = {
+    # "[]" where site runs no `.start` files (make_venvs replaces it otherwise).
     "unset": ("import sys; print(sorted(m for m in sys.modules if m.startswith('pykprobes')))",
               "[]"),
     "early16": ("import pykprobes; from pykprobes.boot import stage; s = stage.status(); "
@@ -133,7 +142,7 @@ def build_wheel(pip_python: Path, work: Path) -> Path:
 
 def make_venvs(interp: Any, pip_python: Path, wheel: Path, work: Path) -> dict[str, Path]:
     pythons = {}
-    for name in ("bare", "installed"):
+    for name in ("bare", "start", "installed"):
         env_dir = work / f"venv-{name}"
         check_call([interp.executable, "-m", "venv", "--without-pip", str(env_dir)],
                    f"creating {name} venv")
@@ -146,7 +155,17 @@ def make_venvs(interp: Any, pip_python: Path, wheel: Path, work: Path) -> dict[s
                               "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              "asking for site-packages").strip()
         check_call([str(python), "-m", "compileall", "-q", purelib], "byte-compiling")
+        if python == pythons["start"]:
+            Path(purelib, "_any.start").write_text("os:getpid\n", encoding="utf-8")
     return pythons
+
+
+def site_runs_start_files(python: Path) -> bool:
+    """Whether this interpreter's `site` calls `.start` entry points (PEP 829), measured:
+    the `start` venv's entry point imports `pkgutil` to be resolved."""
+    out = check_call([str(python), "-c", "import sys; print('pkgutil' in sys.modules)"],
+                     "asking whether site ran a .start file")
+    return out.strip() == "True"
 
 
 def variant_command(pythons: dict[str, Path], name: str) -> tuple[list[str], dict[str, str]]:
@@ -160,7 +179,10 @@ def variant_command(pythons: dict[str, Path], name: str) -> tuple[list[str], dic
 
 def check_variants(pythons: dict[str, Path]) -> list[str]:
     failures = []
-    for name, (program, expected) in CHECKS.items():
+    checks = dict(CHECKS)
+    if site_runs_start_files(pythons["start"]):
+        checks["unset"] = (CHECKS["unset"][0], START_ENTRY_MODULES)
+    for name, (program, expected) in checks.items():
         cmd, env = variant_command(pythons, name)
         proc = subprocess.run([*cmd[:-1], program], capture_output=True, text=True, env=env,
                               stdin=subprocess.DEVNULL, check=False)
@@ -311,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             dev_venv = dev.ensure_venv(interp)
             with tempfile.TemporaryDirectory(prefix="pykprobes-startup-") as tmp:
                 work = Path(tmp)
-                say(f"=== Python {interp.full_version}: building the wheel, two venvs ===")
+                say(f"=== Python {interp.full_version}: building the wheel, three venvs ===")
                 wheel = build_wheel(dev.venv_python(dev_venv), work)
                 pythons = make_venvs(interp, dev.venv_python(dev_venv), wheel, work)
                 bad = check_variants(pythons)

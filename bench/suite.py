@@ -401,6 +401,77 @@ class EventCase(Case):
         return armed
 
 
+class HistCase(Case):
+    """Issue 14's answers at the hit: a hist-only event (a trigger, the event not enabled:
+    no trace record), counted into its table.
+
+    - `E2o`: `p:bench/hN pkb_target:f a=$arg1 b=$arg2` with `hist:keys=a` (the same event
+      as E1o, keys = one int field): the compiled hist recorder (trace/hist.py
+      HistRecorder) counts it. Goal: at most E1o's cost, same rounds.
+    - `E3o`: `r:bench/dN pkb_target:f d=$duration` with `hist:keys=d.log2`: a latency
+      histogram (the kretprobe's entry stamps the call, the return hit computes the
+      duration and counts it). Goal: at most 4x the unprobed call.
+    Every hit is accounted for: the event's hits, and the table's Hits, equal the calls."""
+
+    group = "pykprobes"
+    kind = "event"
+    checks_handler = False
+    serial = 0
+
+    def __init__(self, key: str, optimized: bool, duration: bool) -> None:
+        self.key, self.optimized, self.duration = key, optimized, duration
+        how = "optimized" if optimized else "breakpoint"
+        if duration:
+            self.label = f"hist-only return event, $duration with keys=d.log2, {how}"
+        else:
+            self.label = f"hist-only event (E1o's, keys=a: one int field), {how}"
+
+    def unavailable(self) -> str | None:
+        try:
+            importlib.import_module("pykprobes.trace.hist")
+        except ImportError as exc:
+            return f"pykprobes.trace.hist is not importable: {exc}"
+        return None
+
+    def setup(self, f: FunctionType, targets: Targets) -> Armed:
+        from pykprobes.trace.tracefs import TraceFS
+
+        kp.set_optimization(self.optimized)
+        fs = TraceFS(buffer_size_kb=64)
+        HistCase.serial += 1
+        name = f"h{HistCase.serial}"
+        module = targets.main.__name__
+        if self.duration:
+            definition, trigger = f"r:bench/{name} {module}:f d=$duration", "hist:keys=d.log2"
+        else:
+            definition, trigger = f"p:bench/{name} {module}:f a=$arg1 b=$arg2", "hist:keys=a"
+        try:
+            event = fs.define(definition)
+            assert event is not None
+            fs.write(f"events/bench/{name}/trigger", trigger)
+            if self.optimized:
+                kp.wait_for_kprobe_optimizer()
+            probe = event.probes[0]
+            _mode_check(getattr(probe, "kp", probe), self.optimized, "the event's probe")
+        except BaseException:
+            fs.clear()
+            kp.set_optimization(True)
+            raise
+
+        def check(calls: int) -> list[str]:
+            hits = event.triggers[0].map.hits if event.triggers else -1
+            return (_counter_check("event hits", event.hits, calls)
+                    + _counter_check("hist table hits", hits, calls)
+                    + _counter_check("records written", fs.buffer.entries, 0)
+                    + _counter_check("nmissed", event.nmissed, 0))
+
+        def teardown() -> None:
+            fs.clear()
+            kp.set_optimization(True)
+
+        return Armed(f, teardown, check)
+
+
 # --------------------------------------------------------------------------- prototypes
 
 
@@ -419,7 +490,9 @@ class ProtoInlineHit(Case):
         return Peer("", "", "", peers.install_closure, "bytecode").unavailable()
 
     def setup(self, f: FunctionType, targets: Targets) -> Armed:
-        from bytecode import Instr, Label
+        import opcode
+
+        from bytecode import BinaryOp, Instr, Label
 
         class P:
             __slots__ = ("nhit",)
@@ -439,13 +512,18 @@ class ProtoInlineHit(Case):
         nhit = "nhit" if version == (3, 11) else (False, "nhit")
         call = [Instr("PRECALL", 1), Instr("CALL", 1)] if version == (3, 11) else \
             [Instr("CALL", 1)]
+        # 3.14 folded BINARY_SUBSCR into BINARY_OP (its NB_SUBSCR operator).
+        old_subscr = "BINARY_SUBSCR" in opcode.opmap
+
+        def subscr() -> Any:
+            return Instr("BINARY_SUBSCR") if old_subscr else Instr("BINARY_OP", BinaryOp.SUBSCR)
 
         def make(location: Any) -> list[Any]:
             skip_pop, done = Label(), Label()
             ops = [
-                Instr("LOAD_CONST", box), Instr("LOAD_CONST", 0), Instr("BINARY_SUBSCR"),
+                Instr("LOAD_CONST", box), Instr("LOAD_CONST", 0), subscr(),
                 Instr("COPY", 1), Instr(if_none, skip_pop),
-                Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0), Instr("BINARY_SUBSCR"),
+                Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0), subscr(),
                 Instr(if_not_none, skip_pop),
                 Instr("LOAD_CONST", busy), *to_bool, Instr(if_true, skip_pop),
                 Instr("UNPACK_SEQUENCE", 3),  # regs, p, handler (top)
@@ -614,6 +692,8 @@ def hit_cases() -> list[Case]:
         KretprobeCase("R2b", False, True),
         EventCase("E1o", True),
         EventCase("E1b", False),
+        HistCase("E2o", True, False),
+        HistCase("E3o", True, True),
         Peer("B", "closure decorator (*args, **kwargs), handler(args) then fn", "entry",
              peers.install_closure),
         Peer("B1", "closure, exact signature (a, b)", "entry", peers.install_closure_exact),
@@ -645,6 +725,9 @@ COMPARISONS: list[tuple[str, str, float | None]] = [
     ("K1b", "F", 1.15), ("K2b", "G", 1.15), ("K3b", "G1", 1.15), ("K3b", "G", 1.15),
     ("R1o", "I1", None), ("R1b", "I", None), ("K1b", "E", None),
     ("X1", "H", 1.10),
+    # Issue 14: a hist-only event costs at most the optimized event; a $duration return
+    # event with a .log2 hist at most 4x the unprobed call.
+    ("E2o", "E1o", 1.00), ("E3o", "A", 4.00),
 ]
 
 # --------------------------------------------------------------------------- timing

@@ -15,9 +15,12 @@ from tests import testenv
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    from pykprobes import env
+
     return [
         f"pykprobes arch: {testenv.ARCH} (PYKPROBES_ARCH), "
-        f"sys.monitoring: {'yes' if testenv.HAS_SYS_MONITORING else 'no'}"
+        f"sys.monitoring: {'yes' if testenv.HAS_SYS_MONITORING else 'no'}, "
+        f"jit: {'on' if env.JIT_ENABLED else 'off' if env.JIT_AVAILABLE else 'not built in'}"
     ]
 
 

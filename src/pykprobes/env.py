@@ -21,6 +21,19 @@ PY311: Final = PYVERSION == (3, 11)
 PY312: Final = PYVERSION == (3, 12)
 PY313_PLUS: Final = PYVERSION >= (3, 13)
 
-# A free-threaded build (PEP 703, 3.13t) has no GIL: our tables are still lock-guarded, but
-# the counters' increments are not atomic there.
-FREE_THREADED: Final = bool(getattr(sys, "_is_gil_enabled", lambda: True)() is False)
+# A free-threaded build (PEP 703, 3.13t; "t" in sys.abiflags) is refused by the core until it
+# is supported (docs/pythons.md, "Free-threaded builds"): the hit path's counters and
+# slots rely on the GIL, and so do the breakpoint arch's re-arm toggle and the C ring. A GIL
+# re-enabled at run time (PYTHON_GIL=1) does not make the build's other differences go away.
+FREE_THREADED: Final = "t" in getattr(sys, "abiflags", "") or (
+    getattr(sys, "_is_gil_enabled", lambda: True)() is False
+)
+FREE_THREADED_REFUSAL: Final = (
+    "pykprobes does not support free-threaded CPython builds yet (PEP 703): use the "
+    "default build of this Python"
+)
+
+# The JIT (PEP 744; sys._jit from 3.14): built in (`PYTHON_JIT=1` turns it on) and on.
+_jit = getattr(sys, "_jit", None)
+JIT_AVAILABLE: Final = bool(_jit is not None and _jit.is_available())
+JIT_ENABLED: Final = bool(_jit is not None and _jit.is_enabled())

@@ -84,6 +84,7 @@ ERRORS: dict[str, str] = {
     "BAD_LINE": "Invalid line number",
     "NO_LINE_CODE": "No code is found at the given line",
     "NO_MODULE": "Module is not found",
+    "DURATION_ON_PROBE": "$duration is not available on probe",
     # Event filters (kernel/trace/trace_events_filter.c FILT_ERR_*), and one of ours.
     "FILTER_INVALID_OP": "Invalid operator",
     "FILTER_TOO_MANY_OPEN": "Too many '('",
@@ -97,6 +98,32 @@ ERRORS: dict[str, str] = {
     "FILTER_INVALID_VALUE": "Invalid value (did you forget quotes)?",
     "FILTER_TOO_MANY_PREDS": "Too many terms in predicate expression",
     "FILTER_MISSING_OPERAND": "Missing operand",
+    # Hist triggers (kernel/trace/trace_events_hist.c ERRORS, there HIST_ERR_*), then ours.
+    "HIST_MALFORMED_ASSIGNMENT": "Malformed assignment",
+    "HIST_NAMED_MISMATCH": "Named hist trigger doesn't match existing named trigger "
+                           "(includes variables)",
+    "HIST_TRIGGER_EEXIST": "Hist trigger already exists",
+    "HIST_TRIGGER_ENOENT_CLEAR": "Can't clear or continue a nonexistent hist trigger",
+    "HIST_SET_CLOCK_FAIL": "Couldn't set trace_clock",
+    "HIST_BAD_FIELD_MODIFIER": "Invalid field modifier",
+    "HIST_NOT_FOUND": "Matching event histogram not found",
+    "HIST_FIELD_NOT_FOUND": "Couldn't find field",
+    "HIST_EMPTY_ASSIGNMENT": "Empty assignment",
+    "HIST_INVALID_SORT_MODIFIER": "Invalid sort modifier",
+    "HIST_EMPTY_SORT_FIELD": "Empty sort field",
+    "HIST_TOO_MANY_SORT_FIELDS": "Too many sort fields (Max = 2)",
+    "HIST_INVALID_SORT_FIELD": "Sort field must be a key or a val",
+    "HIST_NO_KEYS": "Hist trigger must have keys",
+    "HIST_BAD_SIZE": "Invalid map size (128..131072)",
+    "HIST_TOO_MANY_KEYS": "Too many keys (Max = 3)",
+    "HIST_TOO_MANY_VALS": "Too many values (Max = 3)",
+    "HIST_STR_VAL": "String field can not be a value",
+    "HIST_BAD_NAME": "Hist name must follow the same rules as C identifiers",
+    "HIST_BAD_ATTR": "Invalid hist trigger attribute",
+    "HIST_VARS_UNSUPPORTED": "Variables are not supported",
+    "HIST_ACTIONS_UNSUPPORTED": "Actions are not supported",
+    "TRIGGER_UNSUPPORTED": "Only the hist trigger is supported",
+    "TRIGGER_BAD_FILTER": "Trigger filter must follow 'if'",
 }
 
 

@@ -71,8 +71,9 @@ class FetchArgDef:
     `name` is the field name (explicit, or derived as docs/events.md says), `body` the text
     without `NAME=` and `:TYPE`, `type` the type as written (or None), `pos`, `body_pos` and
     `type_pos` columns in the definition's text. The parsed body: `kind` is one of "arg"
-    ($argN: `root` is N), "argname" ($arg:NAME: `root` is NAME), "retval", "comm", "stack"
-    ($stack), "stackn" ($stackN: `root` is N), "local" (NAME: `root` is NAME) or "imm" (\\IMM:
+    ($argN: `root` is N), "argname" ($arg:NAME: `root` is NAME), "retval", "duration",
+    "comm", "stack" ($stack), "stackn" ($stackN: `root` is N), "local" (NAME: `root` is NAME)
+    or "imm" (\\IMM:
     `root` is the int, float or str); `chain` is the attribute/subscript steps after the root,
     a tuple of ("attr", name) and ("item", int | str).
     """
@@ -516,6 +517,11 @@ def _parse_var(text: str, expr: str, bpos: int, is_return: bool) -> tuple[str, o
         if not is_return:
             raise ParseError("RETVAL_ON_PROBE", bpos, text)
         return "retval", None, end
+    if var == "duration":
+        # Python's own: the call's time from entry to return, so a return probe only.
+        if not is_return:
+            raise ParseError("DURATION_ON_PROBE", bpos, text)
+        return "duration", None, end
     if var in ("comm", "COMM"):
         return "comm", None, end
     if var == "stack":
@@ -617,7 +623,7 @@ def _parse_fetcharg(
         if end < len(expr):
             if kind == "comm":
                 raise ParseError("COMM_CANT_DEREF", bpos, text)
-            if kind in ("stack", "stackn"):
+            if kind in ("stack", "stackn", "duration"):
                 raise ParseError("BAD_FETCH_ARG", bpos + end, text)
             chain = _parse_chain(text, expr, end, bpos)
     elif first == "\\":
@@ -650,7 +656,7 @@ def _derived_name(kind: str, root: object, index: int, candidates: dict[str, int
         return f"arg{root}"
     if kind == "stackn":
         return f"stack{root}"
-    if kind in ("retval", "comm", "stack"):
+    if kind in ("retval", "comm", "stack", "duration"):
         return kind
     if (
         isinstance(root, str)

@@ -1,5 +1,6 @@
 """Helpers for the boot stage's tests: every test runs real child interpreters of this venv,
-whose site-packages holds the start-up hook `_pykprobes.pth`, with PYKPROBES_EVENTS set."""
+whose site-packages holds the start-up hook files `_pykprobes.pth` and `_pykprobes.start`,
+with PYKPROBES_EVENTS set."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pykprobes.boot.pth import PTH_NAME, PTH_TEXT
+from pykprobes.boot.pth import HOOK_FILES
 from tests.testenv import ARCH
 
 #: A trace line (trace/format.py format_line).
@@ -55,6 +56,25 @@ def warnings_of(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if ln.startswith("pykprobes: ")]
 
 
+def _site_runs_start_files() -> bool:
+    """Whether this Python's `site` calls the entry points of `NAME.start` files (PEP 829),
+    measured: `site.addsitedir()` in a child on a directory holding one."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pykprobes-start-") as tmp:
+        Path(tmp, "startprobe_mod.py").write_text("def hit():\n    print('ran')\n")
+        Path(tmp, "startprobe.start").write_text("startprobe_mod:hit\n")
+        proc = subprocess.run(
+            [sys.executable, "-S", "-c", f"import site; site.addsitedir({tmp!r})"],
+            capture_output=True, text=True, timeout=60, check=False)
+    return proc.stdout == "ran\n"
+
+
+#: `site` runs `.start` entry points here (3.15+): the hook is `_pykprobes.start` and the
+#: import line of `_pykprobes.pth` is suppressed by it; otherwise the `.pth` line is the hook.
+SITE_RUNS_START_FILES = _site_runs_start_files()
+
+
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(text).lstrip("\n"))
@@ -66,8 +86,9 @@ def _hook_installed() -> None:
     """The boot tests need the start-up hook in this interpreter's site-packages: the
     project's editable install (dev.py) and its wheel put it there."""
     purelib = Path(sysconfig.get_paths()["purelib"])
-    pth = purelib / PTH_NAME
-    if not pth.is_file():
-        pytest.fail(f"{pth} is missing: install the project (`python3 dev.py test` does, "
-                    "`pip install -e .` too) so that the start-up hook is in site-packages")
-    assert pth.read_text() == PTH_TEXT, f"{pth} is out of date: reinstall the project"
+    for name, text in HOOK_FILES.items():
+        path = purelib / name
+        if not path.is_file():
+            pytest.fail(f"{path} is missing: install the project (`python3 dev.py test` does, "
+                        "`pip install -e .` too) so that the start-up hook is in site-packages")
+        assert path.read_text() == text, f"{path} is out of date: reinstall the project"

@@ -1,6 +1,8 @@
 """What the start-up hook costs in imports, measured in child interpreters of this venv.
 
-Unset: the `.pth` line imports nothing (no pykprobes module at all). Set: the boot stage
+Unset: the `.pth` line imports nothing (no pykprobes module at all); where `site` runs the
+`.start` entry point instead (PEP 829, 3.15+), that imports the three modules it lives in and
+nothing else (`site` itself imports `pkgutil` to resolve it: boot/pth.py). Set: the boot stage
 loads the modules listed below and no others; the rewrite arch and `bytecode` come only
 with the first import of a target module. Every module whose Python code the early path runs
 is on the blacklist while early (the early blacklist, or the core's)."""
@@ -11,12 +13,16 @@ import ast
 import sys
 from pathlib import Path
 
-from pykprobes.boot.pth import PTH_LINE
-from tests.boot.conftest import run, warnings_of
+import pykprobes
+from pykprobes.boot.pth import PTH_LINE, START_ENTRY
+from tests.boot.conftest import SITE_RUNS_START_FILES, run, warnings_of
 
 #: No import in the child's program: json is a target below.
 MODULES = "import sys; print(sorted(sys.modules))"
 
+#: The `.start` entry point's modules: all that it imports when PYKPROBES_EVENTS is unset
+#: (with `__future__`, for their `from __future__ import annotations`).
+ENTRY_PYKPROBES = {"pykprobes", "pykprobes._version", "pykprobes.boot"}
 #: The pykprobes modules the boot stage loads when PYKPROBES_EVENTS is set (pending targets).
 BOOT_PYKPROBES = {
     "pykprobes", "pykprobes._version", "pykprobes.errors", "pykprobes.grammar",
@@ -39,15 +45,16 @@ BOOT_PYKPROBES = {
 #: Loaded with the above when the trace hot path's C accelerator is built and chosen.
 SPEEDUPS = {"pykprobes.trace._speedups"}
 #: The standard library modules the above may add (the core's imports: typing, threading,
-#: dis, warnings, ...; `re` comes with typing before 3.13). A superset over 3.11-3.13.
+#: dis, warnings, ...; `re` comes with typing before 3.13; 3.14 moved warnings' Python code
+#: to _py_warnings). A superset over 3.11-3.15.
 BOOT_STDLIB = {
-    "__future__", "_collections", "_functools", "_opcode", "_opcode_metadata", "_operator",
-    "_sre", "_typing", "_weakrefset", "atexit", "collections", "collections.abc",
-    "contextlib", "copyreg", "dis", "enum", "errno", "functools", "gc", "importlib",
-    "importlib._bootstrap", "importlib._bootstrap_external", "importlib.machinery",
-    "itertools", "keyword", "opcode", "operator", "re", "re._casefix", "re._compiler",
-    "re._constants", "re._parser", "reprlib", "threading", "types", "typing", "typing.io",
-    "typing.re", "warnings", "weakref",
+    "__future__", "_collections", "_contextvars", "_functools", "_opcode", "_opcode_metadata",
+    "_operator", "_py_warnings", "_sre", "_types", "_typing", "_weakrefset", "atexit",
+    "collections", "collections.abc", "contextlib", "copyreg", "dis", "enum", "errno",
+    "functools", "gc", "importlib", "importlib._bootstrap", "importlib._bootstrap_external",
+    "importlib.machinery", "io", "itertools", "keyword", "opcode", "operator", "re",
+    "re._casefix", "re._compiler", "re._constants", "re._parser", "reprlib", "threading",
+    "types", "typing", "typing.io", "typing.re", "warnings", "weakref",
 }
 #: Loaded at the first import of a target (the rewrite arch), never at start-up.
 REWRITE = {"pykprobes.arch.rewrite", "pykprobes.arch.rewrite.inject", "bytecode", "inspect",
@@ -65,10 +72,29 @@ def _modules(tmp_path: Path, events: str | None, code: str = MODULES) -> set[str
     return set(ast.literal_eval(res.stdout.splitlines()[-1]))
 
 
-def test_unset_imports_no_pykprobes_module(tmp_path: Path) -> None:
+def _pykprobes(mods: set[str]) -> set[str]:
+    return {m for m in mods if m.split(".")[0] == "pykprobes"}
+
+
+def test_unset_imports_no_pykprobes_module_but_the_entry_point(tmp_path: Path) -> None:
     for events in (None, ""):
         mods = _modules(tmp_path, events)
-        assert not {m for m in mods if m.split(".")[0] == "pykprobes"}
+        assert _pykprobes(mods) == (ENTRY_PYKPROBES if SITE_RUNS_START_FILES else set())
+
+
+def test_the_entry_point_unset_imports_nothing_else(tmp_path: Path) -> None:
+    """What `site` does with `_pykprobes.start`, by hand, on any Python: resolve the entry
+    point (importing its module) and call it, with the variable unset."""
+    src = str(Path(pykprobes.__file__).parent.parent)
+    # -S: no start-up hook of this venv runs before the measurement; what resolving any
+    # entry point costs `site` (pkgutil's regular expression: `re`) is paid before it.
+    code = (f"import os, sys, pkgutil; pkgutil.resolve_name('os:getcwd'); "
+            f"sys.path.insert(0, {src!r}); before = set(sys.modules); "
+            f"pkgutil.resolve_name({START_ENTRY!r})(); "
+            "print(sorted(set(sys.modules) - before))")
+    res = run(["-S", "-c", code], cwd=tmp_path)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert set(ast.literal_eval(res.stdout)) == ENTRY_PYKPROBES | {"__future__"}
 
 
 def test_the_pth_line_tests_the_variable_inline() -> None:
@@ -85,7 +111,7 @@ def test_set_loads_the_listed_modules_and_nothing_heavy(tmp_path: Path) -> None:
     mods = _modules(tmp_path, "p:boot/a json.decoder:JSONDecoder.decode s:len")
     added = mods - base
     # The C accelerator comes when it is built and chosen (trace/backend.py).
-    assert {m for m in added if m.split(".")[0] == "pykprobes"} - SPEEDUPS == BOOT_PYKPROBES
+    assert _pykprobes(mods) - SPEEDUPS == BOOT_PYKPROBES
     assert {m for m in added if m.split(".")[0] != "pykprobes"} <= BOOT_STDLIB
     assert not added & (NEVER | REWRITE)
     # The target's import brings the rewrite arch, to rewrite its code before it runs.

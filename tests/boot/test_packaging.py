@@ -1,5 +1,6 @@
-"""The start-up hook ships: the wheel has `_pykprobes.pth` at its root (site-packages), with
-boot/pth.py's text, and a wheel installed in a fresh venv boots early probes."""
+"""The start-up hook ships: the wheel has `_pykprobes.pth` and `_pykprobes.start` at its root
+(site-packages), with boot/pth.py's text, and a wheel installed in a fresh venv boots early
+probes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pykprobes.boot.pth import PTH_NAME, PTH_TEXT
+from pykprobes.boot.pth import HOOK_FILES
 from tests.boot.conftest import child_env, trace_lines
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,11 +42,12 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
-def test_wheel_has_the_pth_at_its_root(wheel: Path) -> None:
+def test_wheel_has_the_hook_files_at_its_root(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
-        assert zf.read(PTH_NAME).decode() == PTH_TEXT
         record = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/RECORD")))
-        assert f"{PTH_NAME},".encode() in record
+        for name, text in HOOK_FILES.items():
+            assert zf.read(name).decode() == text
+            assert f"{name},".encode() in record
 
 
 def test_a_fresh_venv_with_the_wheel_boots(wheel: Path, tmp_path: Path) -> None:
@@ -73,4 +75,4 @@ def test_a_fresh_venv_with_the_wheel_boots(wheel: Path, tmp_path: Path) -> None:
     unset = subprocess.run([str(python), "-c", "import sys; print('pykprobes' in sys.modules)"],
                            env=child_env(), capture_output=True, text=True, check=True)
     assert unset.stdout == "False\n"
-    assert os.path.isfile(os.path.join(purelib, PTH_NAME))
+    assert all(os.path.isfile(os.path.join(purelib, name)) for name in HOOK_FILES)

@@ -146,3 +146,39 @@ def test_resolve_line_without_code() -> None:
     with pytest.raises(kp.KprobeError) as info:
         kp.resolve_line(f"{targets.__file__}:1")  # the module docstring
     assert info.value.errno == errno.ENOENT
+
+
+def test_a_body_on_the_def_line_is_probed_by_line_and_by_offset(
+    tmp_path: Any, monkeypatch: Any, request: Any
+) -> None:
+    """cpython#155992 (3.13+, open): the LINE event does not fire for a statement on the same
+    line as `def`/`lambda` unless PY_START is set too. Probes never ride on LINE (a line is
+    resolved to addresses: INSTRUCTION/PY_START events or rewritten code), so such a body
+    is hit like any other."""
+    import dis
+    import importlib
+    import sys
+
+    (tmp_path / "pykprobes_defline.py").write_text(
+        "def f(x): return x * 3\nlam = lambda y: y - 1\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("pykprobes_defline")
+    request.addfinalizer(lambda: sys.modules.pop("pykprobes_defline", None))
+    mul = next(i.offset for i in dis.get_instructions(mod.f) if i.opname == "BINARY_OP")
+    probes = [
+        kp.Kprobe(addr=a, pre_handler=lambda p, r: None)
+        for line in (1, 2)
+        for a in kp.resolve_line(f"{mod.__file__}:{line}")
+    ]
+    probes.append(kp.Kprobe(addr=kp.ProbeAddress(mod.f.__code__, mul),
+                            pre_handler=lambda p, r: None))
+    kp.register_kprobes(probes)
+    try:
+        kp.wait_for_kprobe_optimizer()
+        assert (mod.f(2), mod.lam(2)) == (6, 1)
+        assert (mod.f(3), mod.lam(3)) == (9, 2)
+        assert {p.addr.code.co_name for p in probes} == {"f", "<lambda>"}
+        assert [p.nhit for p in probes] == [2] * len(probes)
+    finally:
+        kp.unregister_kprobes(probes)

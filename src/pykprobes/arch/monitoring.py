@@ -43,9 +43,10 @@ reached in that frame runs the post. If the instruction raised instead and a han
 frame caught it, the handler (also armed) drops the pending post: an instruction that raised
 did not complete. Instructions that leave the frame run the post from PY_RETURN (RETURN_*),
 PY_YIELD (YIELD_VALUE), or, for RAISE_VARARGS/RERAISE with no handler in the frame,
-PY_UNWIND. PY_UNWIND cannot be a local event (ValueError "invalid local event set"), so
-it is enabled *globally*, and only while such a probe is armed: every frame unwound by an
-exception anywhere then costs one cheap callback.
+PY_UNWIND, a local event of the code where it can be one (3.15: the `local_unwind`
+capability, measured by monitoring_caps.py); before 3.15 PY_UNWIND cannot be a local event
+(ValueError "invalid local event set"), so it is enabled *globally*, and only while such a
+probe is armed: every frame unwound by an exception anywhere then costs one cheap callback.
 
 Pending posts hold a strong reference to their frame. A frame left by an exception from an
 instruction that is not a raise leaves its record behind; records are capped at
@@ -64,12 +65,15 @@ a return offset of a code with return hooks never answers DISABLE.
 `on_unwind(frame, exc)` runs from PY_UNWIND, which fires when an exception leaves a frame,
 after the frame's handlers had their chance, with the very exception the caller then sees
 (a generator's StopIteration already turned into RuntimeError by its wrapper handler, PEP
-479). PY_UNWIND cannot be a local event (ValueError "invalid local event set"), so it is
-enabled globally while some code has return hooks or a raise-post is armed: one callback,
-one table lookup by `id(code)` for every frame unwound anywhere in the process. The callback
-must return None: returning DISABLE from PY_UNWIND makes CPython replace the program's
-exception by `ValueError: Cannot disable PY_UNWIND events. Callback removed.` and unregister
-the callback (3.12.1, 3.13.0; tests/arch/test_monitoring_returns.py). A generator closed by
+479). Where PY_UNWIND can be a local event (`local_unwind`: 3.15, gh-142186), it is one of
+the code's local events, and an exception leaving any other frame costs nothing. Before 3.15
+it cannot be (ValueError "invalid local event set"), so it is enabled globally while some
+code has return hooks or a raise-post is armed: one callback, one table lookup by
+`id(code)` for every frame unwound anywhere in the process. The callback returns None:
+returning DISABLE from PY_UNWIND makes CPython replace the program's exception by
+`ValueError: Cannot disable PY_UNWIND events. Callback removed.` and unregister the callback
+(3.12.1 to 3.14.10), and on 3.15 it would turn the event off for the whole code object
+(tests/arch/test_monitoring_returns.py). A generator closed by
 `close()` or by its finalizer at a yield runs its frame with GeneratorExit: PY_UNWIND
 reports GeneratorExit, or PY_RETURN reports the value if the generator catches it and
 returns (3.12.1 and 3.13.0 alike; 3.13's `close()` also returns that value, 3.12's drops it).
@@ -100,8 +104,25 @@ Limits and quirks (3.12.1, 3.13.0)
   there (a probed generator resumed by a handler and finishing inside it).
 * If another tool enables INSTRUCTION events on a code object on which we already have
   them, CPython loses ours on that code (`update_instrumentation_data` allocates
-  `per_instruction_tools` zeroed when a second tool appears); the reverse also holds. This
-  is a CPython bug; sys.settrace with `f_trace_opcodes` on 3.12+ is such a tool.
+  `per_instruction_tools` zeroed when a second tool appears; cpython#157900, still so in
+  3.14.10 and 3.15.2); the reverse also holds. sys.settrace with `f_trace_opcodes` on 3.12+
+  is such a tool. The capability `instruction_events_shared` measures it (monitoring_caps.py).
+
+Other tools
+-----------
+Where `instruction_events_shared` is False, arming INSTRUCTION events on a code where another
+tool already has them would silently stop that tool's. So when our INSTRUCTION events appear
+on such a code, we set that tool's local events on it to 0 and back (`_spare_others_locked`),
+which gives the second tool's bits back: both tools then see their events (measured on
+3.12.1 to 3.15.2; later toggles by either tool no longer lose anything). The other tool's
+DISABLEd offsets come back once, which costs it a callback each and no event. The reverse
+(another tool arriving after us) we cannot see: our probes on that code stop firing.
+
+JIT (PYTHON_JIT=1, 3.14+)
+-------------------------
+Instrumenting a code object invalidates the JIT's executors for it; CPython does not JIT
+code while a tool monitors it (PR #142842, 3.14). Probes armed on a hot loop already
+running as JIT code fire from the next iteration (tests/arch/test_monitoring_jit.py).
 * A hit that already started in another thread can still call pre/post once after
   `disarm()` returned (there is no synchronize_rcu).
 * A callback that raises never reaches the program: the address is disarmed, the failure
@@ -122,6 +143,7 @@ from typing import Any, ClassVar, Final
 
 from pykprobes.arch import frametable
 from pykprobes.arch.frametable import PENDING_CAP
+from pykprobes.arch.monitoring_caps import instruction_events_shared, local_unwind
 from pykprobes.arch.successors import Flow, analyze, generator_close_runs_frame, prologue_end
 from pykprobes.core.arch import ArchUnavailable, PostHit, PreHit, ReturnHit, UnwindHit
 from pykprobes.core.regs import CALLBACK_CODES
@@ -242,9 +264,10 @@ class MonitoringArch:
     """Breakpoints on sys.monitoring local events. See the module docstring."""
 
     name = "monitoring"
-    #: Measured on 3.12.1 and 3.13.0 (tests/arch/test_monitoring.py and, for the return_*
-    #: and unwind_* ones, tests/arch/test_monitoring_returns.py). An instance adds
-    #: `return_at_generator_close`, measured on this interpreter (module docstring).
+    #: Measured on 3.12.1 to 3.15.2 (tests/arch/test_monitoring.py and, for the return_*
+    #: and unwind_* ones, tests/arch/test_monitoring_returns.py). An instance adds what it
+    #: measures on this interpreter: `return_at_generator_close` (module docstring),
+    #: `local_unwind` and `instruction_events_shared` (monitoring_caps.py).
     CAPABILITIES: ClassVar[dict[str, bool]] = {
         "running_frames_this_thread": True,
         "running_frames_other_threads": True,
@@ -296,6 +319,10 @@ class MonitoringArch:
                 errno.EBUSY, f"no sys.monitoring tool id free for pykprobes: held: {holders}"
             )
         self.tool: int = tool
+        self._local_unwind = local_unwind(mon, tool)
+        self._ins_shared = instruction_events_shared(mon, tool)
+        self.capabilities["local_unwind"] = self._local_unwind
+        self.capabilities["instruction_events_shared"] = self._ins_shared
         self._lock = threading.Lock()
         self._codes: dict[int, _CodeModel] = {}
         #: id(code) of the models that need the global PY_UNWIND event.
@@ -480,8 +507,9 @@ class MonitoringArch:
             return None
 
         def on_unwind(code: CodeType, offset: int, exc: BaseException) -> Any:
-            # Global event (cannot be local): be quick for other code. Never return
-            # DISABLE here: CPython would replace the program's exception by a ValueError.
+            # A global event before 3.15 (`local_unwind`): be quick for other code. Never
+            # return DISABLE: before 3.15 CPython would replace the program's exception by a
+            # ValueError; on 3.15 it would disable the event for the whole code.
             if pending:
                 frame = _getframe(1)
                 rec = pending.pop(frame, None)
@@ -776,7 +804,11 @@ class MonitoringArch:
         for event, _off in new_keys:
             events |= event
         model.needs_unwind = any(s.succ is _UNWIND for s in new.values())
-        if model.needs_unwind or model.ret is not None:
+        unwinds = model.needs_unwind or model.ret is not None
+        if self._local_unwind:
+            if unwinds:
+                events |= self._E_UNWIND  # this code's frames only (module docstring)
+        elif unwinds:
             self._unwinders.add(id(code))
         else:
             self._unwinders.discard(id(code))
@@ -796,6 +828,8 @@ class MonitoringArch:
             list(map(mon.set_local_events, (tool, tool), (code, code), (0, events)))
         elif events != model.events:
             mon.set_local_events(tool, code, events)
+        if events & self._E_INS and not model.events & self._E_INS and not self._ins_shared:
+            self._spare_others_locked(code)
         for event, off in old_keys - new_keys:
             self._relink(tables[event], off, code, None)
         if model.ret is None:
@@ -803,6 +837,18 @@ class MonitoringArch:
         model.keys = new_keys
         model.events = events
         self._set_unwind_locked(bool(self._unwinders))
+
+    def _spare_others_locked(self, code: CodeType) -> None:
+        """Give back the INSTRUCTION events our own just took from the other tools on `code`
+        ("Other tools" in the module docstring)."""
+        mon, E_INS = self._mon, self._E_INS
+        for other in range(6):
+            if other == self.tool:
+                continue
+            events = mon.get_local_events(other, code)
+            if events & E_INS:
+                # One C-level map(): no bytecode, so no thread runs the code in between.
+                list(map(mon.set_local_events, (other, other), (code, code), (0, events)))
 
     def _set_unwind_locked(self, on: bool) -> None:
         if on != self._unwind_on:

@@ -1,9 +1,9 @@
 """The boot stage: early probes from the environment at interpreter start-up (the kernel's
 `kprobe_event=` boot parameter, feeding the seed's early kprobes).
 
-The wheel installs `_pykprobes.pth` (boot/pth.py), which calls `start_from_environ()` at
-every start of an interpreter of that environment whose `PYKPROBES_EVENTS` is set, before
-the program runs.
+The wheel installs `_pykprobes.pth` and, for Python 3.15+ (PEP 829), `_pykprobes.start`
+(boot/pth.py): one of the two calls `start_from_environ()` at every start of an interpreter of
+that environment, before the program runs; it does its work when `PYKPROBES_EVENTS` is set.
 
 Environment:
 
@@ -48,11 +48,13 @@ become normal ones. A process that stays early writes its early events at exit (
 handler: not after os._exit() or a fatal signal). Child processes inherit the variables, so
 each Python child boots its own early probes and appends its own events to the same file.
 
-When `PYKPROBES_EVENTS` and `PYKPROBES_CONTROL` are unset, the `.pth` line imports nothing.
-When `PYKPROBES_EVENTS` is set, the boot stage loads the core's registry and the trace's event
-code (tests/boot/test_import_weight.py lists them); the rewrite arch and `bytecode` are
-loaded only when a target's code has to be rewritten. `PYKPROBES_CONTROL` loads the control
-server's few modules (the same test lists them); the tracefs comes with its first request.
+When `PYKPROBES_EVENTS` and `PYKPROBES_CONTROL` are unset, the `.pth` line imports nothing;
+the `.start` entry point of 3.15+ costs `site` the import of `pkgutil` and of this package
+(boot/pth.py). When `PYKPROBES_EVENTS` is set, the boot stage loads the core's registry and
+the trace's event code (tests/boot/test_import_weight.py lists them); the rewrite arch and
+`bytecode` are loaded only when a target's code has to be rewritten. `PYKPROBES_CONTROL`
+loads the control server's few modules (the same test lists them); the tracefs comes with
+its first request.
 """
 
 from __future__ import annotations
@@ -61,16 +63,20 @@ _started = False
 
 
 def start_from_environ() -> None:
-    """Run the boot stage once per process (site may process a `.pth` file twice); never
-    raises: a failure is one warning on stderr, and the program runs as it would have."""
+    """Run the boot stage once per process (site may process a `.pth` file twice), and
+    serve the control socket when asked; never raises: a failure is one warning on stderr,
+    and the program runs as it would have.
+
+    A call while `PYKPROBES_EVENTS` is unset does nothing and counts for nothing: on 3.15+
+    `site` calls this at every start (the `.start` entry point, boot/pth.py), and a program
+    that sets the variable later may still start the stage by hand. `serve()` is
+    idempotent by itself."""
     global _started
-    if _started:
-        return
-    _started = True
     import os
 
     value = os.environ.get("PYKPROBES_EVENTS")
-    if value:
+    if value and not _started:
+        _started = True
         try:
             from pykprobes.boot import stage
 

@@ -24,7 +24,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"python: {platform.python_version()} ({platform.python_implementation()})")
     print(f"executable: {sys.executable}")
     print(f"sys.monitoring: {'yes' if env.HAS_SYS_MONITORING else 'no'}")
-    print(f"free-threaded: {'yes' if env.FREE_THREADED else 'no'}")
+    if env.JIT_ENABLED:
+        print("jit: on")
+    elif env.JIT_AVAILABLE:
+        print("jit: off (built in: PYTHON_JIT=1 turns it on)")
+    else:
+        print("jit: not built in")
 
     selectors: list[tuple[str, Callable[[], tuple[object, dict[str, str]]]]] = [
         ("breakpoint", select_breakpoint),
@@ -92,5 +97,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    from pykprobes import env
+
+    if env.FREE_THREADED:
+        # Every command needs the core, which refuses this build (core/__init__.py).
+        print(f"pykprobes: {env.FREE_THREADED_REFUSAL}", file=sys.stderr)
+        return 1
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)

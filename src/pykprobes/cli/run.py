@@ -1,6 +1,7 @@
 """`pykprobes run`: run a program as `python` would, with probe events enabled.
 
-    pykprobes run -e DEF [-e DEF ...] [--filter EVENT=EXPR] [-o FILE] [--format text|json]
+    pykprobes run -e DEF [-e DEF ...] [--filter EVENT=EXPR] [--trigger EVENT=CMD]
+                  [--summary] [-o FILE] [--format text|json|perfetto] [--otlp URL]
                   [--control] -- script.py ARGS | -- -m module ARGS
 
 The events are defined before the program's code runs: those on `__main__:...` (or, with
@@ -9,6 +10,13 @@ before its first line runs. The program gets its own `sys.argv`, `sys.path[0]`,
 `__main__` module, stdin and stdout; the trace goes to stderr or FILE as it happens, then
 the profile. The exit code and an uncaught exception's traceback are the program's.
 
+`--trigger EVENT=CMD` writes CMD to the event's trigger file (`hist:keys=...`, see
+trace/hist.py): the event counts into its table and is not enabled, so it writes no trace
+lines (hist-only). Every hist is printed at exit.
+`--otlp URL` also sends every record as OpenTelemetry spans to an OTLP/HTTP collector
+(trace/otel.py; the `pykprobes[otel]` extra), from the trace writer's thread.
+`--summary` enables no event: it prints, at exit, every event's count and, for a return
+event, a log2 histogram of its calls' durations (trace/summary.py).
 With `--control` the program's tracefs is served on its control socket (control/server.py)
 from the start, so that `pykprobes -p PID ...` can trace it on any Python; without `-e`,
 run writes no trace of its own.
@@ -39,8 +47,20 @@ def add_parser(commands: Any) -> None:
                      help="a kprobe_events definition (repeatable)")
     run.add_argument("--filter", action="append", default=[], metavar="EVENT=EXPR",
                      help="an ftrace filter for one event (repeatable)")
+    run.add_argument("--trigger", action="append", default=[], metavar="EVENT=CMD",
+                     help="a hist trigger for one event, e.g. 'lat=hist:keys=d.log2' "
+                          "(repeatable); an event with a trigger writes no trace lines "
+                          "(hist-only); every hist is printed at exit")
+    run.add_argument("--summary", action="store_true",
+                     help="write no trace: print each event's count and, for return events, "
+                          "a log2 latency histogram at exit")
+    run.add_argument("--otlp", metavar="URL",
+                     help="also send the events as OpenTelemetry spans to this OTLP/HTTP "
+                          "collector (e.g. http://localhost:4318); needs pykprobes[otel]")
     run.add_argument("-o", "--output", metavar="FILE", help="write the trace here, not stderr")
-    run.add_argument("--format", choices=("text", "json"), default="text")
+    run.add_argument("--format", choices=("text", "json", "perfetto"), default="text",
+                     help="trace lines as ftrace's text, JSON lines, or a Trace Event "
+                          "Format file that ui.perfetto.dev opens (with -o FILE)")
     run.add_argument("--buffer-size-kb", type=int, default=None, metavar="KB")
     run.add_argument("--no-optimize", action="store_true",
                      help="keep every probe a breakpoint (debug.kprobes-optimization=0)")
@@ -86,12 +106,36 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"pykprobes run: --filter wants EVENT=EXPR, not {item!r}", file=sys.stderr)
                 return 2
             fs.set_filter(fs.event(name), expr)
+        triggered = set()
+        for item in args.trigger:
+            name, sep, command = item.partition("=")
+            if not sep:
+                print(f"pykprobes run: --trigger wants EVENT=CMD, not {item!r}",
+                      file=sys.stderr)
+                return 2
+            event = fs.event(name)
+            fs.write_trigger(event, command)
+            triggered.add(event)
         for event in list(fs.events.values()):
-            event.enable()
+            if args.summary:
+                event.summarize()
+            elif event not in triggered:
+                event.enable()
     except TraceWriteError as exc:
         print_write_error(exc)
         return 1
 
+    otel = None
+    if args.otlp:
+        from pykprobes.trace import otel as otel_export
+
+        missing = otel_export.available()
+        if missing is not None:
+            print(f"pykprobes: error: --otlp: {missing}", file=sys.stderr)
+            return 1
+        otel = otel_export.OtlpExport(args.otlp)
+        for event in list(fs.events.values()):
+            event.set_span_mode()
     if args.control:
         from pykprobes.control import serve
 
@@ -107,7 +151,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # the clients that stream them (a second trace_pipe reader would split them).
     if args.event or not args.control:
         out: TextIO = open(args.output, "w", encoding="utf-8") if args.output else sys.stderr  # noqa: SIM115 - closed at exit
-        writer = _Writer(fs, out, args.format)
+        writer = _Writer(fs, out, args.format, args.summary)
+        writer.otel = otel
         writer.start()
         # Threads the program leaves running finish before atexit handlers run: drain then.
         atexit.register(writer.finish)
@@ -124,23 +169,38 @@ def _no_writer() -> None:
 class _Writer:
     """Moves records from the trace buffer to the output as they come (the trace_pipe)."""
 
-    def __init__(self, fs: Any, out: TextIO, form: str) -> None:
+    def __init__(self, fs: Any, out: TextIO, form: str, summary: bool = False) -> None:
         from pykprobes.trace import format as fmt
 
         self.fs = fs
+        self.summary = summary
         self.out = out
         self.json = form == "json"
+        #: trace/otel.py's OtlpExport, when --otlp is given: it gets every batch too.
+        self.otel: Any = None
+        self.perfetto: Any = None
+        if form == "perfetto":
+            from pykprobes.trace.perfetto import PerfettoWriter
+
+            self.perfetto = PerfettoWriter(out)
         self.fmt = fmt
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="pykprobes-trace", daemon=True)
         self.done = False
 
     def start(self) -> None:
+        if self.perfetto is not None:
+            self.perfetto.start()
         self.thread.start()
 
     def _drain(self, timeout: float) -> None:
         batch = self.fs.buffer.read(block=timeout > 0, timeout=timeout)
         if not batch and not batch.lost_at:
+            return
+        if self.otel is not None:
+            self.otel.write(batch)
+        if self.perfetto is not None:
+            self.perfetto.write(batch)
             return
         if self.json:
             lost = dict(batch.lost_at)
@@ -172,8 +232,18 @@ class _Writer:
             return
         self.done = True
         self.hold()
-        self.out.write(self.fs.read("kprobe_profile"))
-        self.out.flush()
+        from pykprobes.trace.summary import format_exit_report
+
+        report = sys.stderr if self.perfetto is not None else self.out
+        if self.otel is not None:
+            self.otel.close()
+            sys.stderr.write(self.otel.report())
+        if self.perfetto is not None:
+            self.perfetto.close()  # the profile and hists are not trace events: stderr
+        if not self.summary:
+            report.write(self.fs.read("kprobe_profile"))
+        report.write(format_exit_report(list(self.fs.events.values()), self.summary))
+        report.flush()
         if self.out is not sys.stderr:
             self.out.close()
 

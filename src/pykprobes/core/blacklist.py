@@ -22,6 +22,8 @@ BLACKLIST_MODULES: Final[dict[str, str]] = {
     "_weakrefset": "weak references kept by the registry",
     "weakref": "weak references kept by the registry",
     "warnings": "handler faults are reported through warnings",
+    # 3.14+: warnings.py re-exports its Python code from _py_warnings (showwarning, ...).
+    "_py_warnings": "handler faults are reported through warnings",
     "dis": "registration decodes instructions with dis",
     "opcode": "registration decodes instructions with dis",
 }

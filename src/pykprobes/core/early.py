@@ -39,7 +39,7 @@ NO_SLOT_MESSAGE = "No enough early kprobe slots."
 #: What the early path needs, beyond what the boot stage loaded (those are added by
 #: `add_blacklist()` at boot): the modules the rewrite arch loads when a target module is
 #: imported, and the standard library modules whose Python code registration, a hit or the
-#: writing of the early events runs. Measured on CPython 3.11-3.13 by tests/boot
+#: writing of the early events runs. Measured on CPython 3.11-3.15 by tests/boot
 #: (test_import_weight.py: every module whose code runs on the early path is here or was
 #: loaded by the boot stage).
 EARLY_NEEDED = (
@@ -84,6 +84,8 @@ EARLY_NEEDED = (
     "__future__",
     "copy",
     "dataclasses",
+    # 3.14+: dataclasses and inspect read annotations through it (PEP 649/749).
+    "annotationlib",
 )
 
 _NEVER = 0

@@ -11,6 +11,12 @@ Two roads lead to the code object:
 
 Either way the result carries the chain of enclosing code objects that hold it as a
 constant, which the optimizer needs to switch nested functions to rewritten code.
+
+Lazy imports (PEP 810, 3.15): a module imported with `lazy import` (or listed in
+`__lazy_modules__`) is not in `sys.modules` until it is first used, so its probes wait, and
+the module notifier arms them when it is really loaded, before its body runs. Resolving never
+loads it: a lazy name met in a namespace (a `types.LazyImportType` object, which loads its
+module when its attributes are read) is refused, not looked into.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import types
 from collections.abc import Iterator
 from types import CodeType, FunctionType, MethodType, ModuleType
 from typing import Any
@@ -25,6 +32,9 @@ from typing import Any
 from pykprobes.errors import KprobeError, einval, enoent
 
 MODULE_CODE = "<module>"
+
+#: The object a lazy import binds until its module is loaded (PEP 810; None before 3.15).
+_LAZY_IMPORT: type | None = getattr(types, "LazyImportType", None)
 
 
 class Target:
@@ -201,6 +211,12 @@ def resolve_imported(mod: ModuleType, qualname: str) -> Target:
             obj = _lookup(obj, part)
         except KeyError:
             return _search_namespace(mod, qualname, symbol)
+        if type(obj) is _LAZY_IMPORT:
+            raise enoent(
+                f"{symbol}: {name}:{'.'.join(parts[: i + 1])} is a lazy import (PEP 810) "
+                "not resolved yet: name the code in the module it imports (a probe there "
+                "waits for that module)"
+            )
     code = _code_of(obj, qualname)
     if code is None:
         if isinstance(obj, type):

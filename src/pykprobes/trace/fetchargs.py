@@ -17,6 +17,9 @@ never raises: what cannot be read is FAULT. Nothing is ever evaluated (no `eval`
 |                   | safe.get_item (KEY an int or a quoted string); a step that cannot be    |
 |                   | read without running the program's code is a FAULT                     |
 | `$retval`         | the returned value (return probes; FAULT when an exception left)        |
+| `$duration`       | nanoseconds from this call's entry to its return (return probes): not   |
+|                   | fetched from the frame but supplied by the hit path (events.py, from the |
+|                   | kretprobe instance's entry time); FAULT here                            |
 | `$comm`           | the thread's name (`threading.Thread.name`), `<...>` for a thread that  |
 |                   | threading does not know (the kernel's unknown comm)                     |
 | `$stack`          | the depth of the stack: the probed frame and all its callers (a walk   |
@@ -217,6 +220,10 @@ def _root_fetch(kind: str, root: object) -> FetchFn:
             return regs.retval if regs.exception is None else FAULT
 
         return fetch_retval
+    if kind == "duration":
+        # Supplied by the event from the call's entry time (events.py); nothing in the
+        # frame or the Regs says it.
+        return lambda regs, f_locals: FAULT
     if kind == "comm":
         return lambda regs, f_locals: thread_name()
     if kind == "stack":
@@ -327,7 +334,8 @@ def _local_fetch(name: str, convert: Converter) -> FetchFn:
 
 # What each kind of root that is not an object of the program is, to check its type at
 # compile time: a type that could never convert it is a BAD_TYPE.
-_SAMPLES: Final[dict[str, object]] = {"stack": 1, "stackn": Opaque("module:qualname")}
+_SAMPLES: Final[dict[str, object]] = {
+    "stack": 1, "stackn": Opaque("module:qualname"), "duration": 1}
 
 
 def compile_fetcharg(

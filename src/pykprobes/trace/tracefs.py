@@ -8,8 +8,11 @@ the methods beside them are the Pythonic API over the same objects.
     events/GRP/EVENT/enable        0 or 1
     events/GRP/EVENT/filter        an ftrace filter expression, or "none"
     events/GRP/EVENT/format        the event's fields
+    events/GRP/EVENT/trigger       hist triggers (trace/hist.py): `hist:keys=...`, `!hist:...`
+    events/GRP/EVENT/hist          the event's histograms, in the kernel's format
     trace                          the buffer (a snapshot); writing empties it
     trace_pipe                     the buffer, consumed as read (blocking)
+    trace.json                     the buffer (a snapshot) as Perfetto's JSON (trace/perfetto.py)
     kprobe_profile                 EVENT  HITS  MISSES
     error_log                      the last errors, with a caret; writing empties it
     buffer_size_kb                 the buffer's size
@@ -31,6 +34,7 @@ from typing import Final
 from pykprobes import grammar
 from pykprobes.errors import ERRORS, KprobeError, ParseError
 from pykprobes.trace import format as fmt
+from pykprobes.trace import hist
 from pykprobes.trace.buffer import TraceBuffer
 from pykprobes.trace.events import Event
 
@@ -43,13 +47,16 @@ class TraceWriteError(KprobeError):
 
 
 class ErrorLogEntry:
-    __slots__ = ("command", "message", "pos", "timestamp")
+    __slots__ = ("command", "location", "message", "pos", "timestamp")
 
-    def __init__(self, message: str, command: str, pos: int) -> None:
+    def __init__(self, message: str, command: str, pos: int,
+                 location: str | None = None) -> None:
         self.timestamp = time.monotonic()
         self.message = message
         self.command = command
         self.pos = pos
+        #: Where the error arose, as the kernel names it (`hist:GRP:EVENT`); None: ours.
+        self.location = location
 
 
 class TraceFS:
@@ -59,6 +66,8 @@ class TraceFS:
         self.error_log: deque[ErrorLogEntry] = deque(maxlen=ERROR_LOG_MAX)
         self._lock = threading.RLock()
         self._next_id = 1000
+        #: The named hist tables (`hist:name=...`), shared across events.
+        self.named = hist.NamedTables()
 
     # ------------------------------------------------------------------ API
 
@@ -98,6 +107,7 @@ class TraceFS:
             raise TraceWriteError(errno.EBUSY, f"event {event.group}/{event.name} is enabled")
         with self._lock:
             del self.events[(event.group, event.name)]
+            event.clear_triggers(self.named)
         event.release()
 
     def clear(self) -> None:
@@ -107,6 +117,8 @@ class TraceFS:
             if busy:
                 raise TraceWriteError(errno.EBUSY, f"event {busy[0].name} is enabled")
             events, self.events = list(self.events.values()), {}
+            for event in events:
+                event.clear_triggers(self.named)
         for event in events:
             event.release()
 
@@ -131,10 +143,22 @@ class TraceFS:
         except ParseError as exc:
             raise self._fail(exc.code, exc.pos, text, errno.EINVAL) from exc
 
+    def write_trigger(self, event: Event, text: str, append: bool = True) -> None:
+        """Write one command to `events/GRP/EVENT/trigger` (see trace/hist.py)."""
+        try:
+            with self._lock:
+                event.write_trigger(text.strip(), self.named, append)
+        except hist.TriggerError as exc:
+            raise self._fail(exc.code, exc.pos, exc.text, exc.errno,
+                             location=f"hist:{event.group}:{event.name}") from exc
+        except ParseError as exc:
+            raise self._fail(exc.code, exc.pos, exc.text, errno.EINVAL,
+                             location=f"hist:{event.group}:{event.name}") from exc
+
     def _fail(self, code: str, pos: int, text: str, err: int,
-              detail: str | None = None) -> TraceWriteError:
+              detail: str | None = None, location: str | None = None) -> TraceWriteError:
         message = ERRORS.get(code, code)
-        self.error_log.append(ErrorLogEntry(message, text, pos))
+        self.error_log.append(ErrorLogEntry(message, text, pos, location))
         return TraceWriteError(err, f"{message}{f' ({detail})' if detail else ''}\n"
                                     f"{text}\n{' ' * pos}^")
 
@@ -150,6 +174,10 @@ class TraceFS:
                 fmt.format_line(r) + "\n" for r in records)
         if path == "trace_pipe":
             return self.read_pipe(timeout)
+        if path == "trace.json":
+            from pykprobes.trace.perfetto import format_trace_json
+
+            return format_trace_json(self.buffer.snapshot())
         if path == "kprobe_profile":
             return fmt.format_profile([(e.name, e.hits, e.nmissed) for e in self._events()])
         if path == "error_log":
@@ -171,6 +199,10 @@ class TraceFS:
                 return fmt.format_event_format(event)
             if parts[3] == "id":
                 return f"{event.id}\n"
+            if parts[3] == "trigger":
+                return hist.format_trigger_file(event.triggers)
+            if parts[3] == "hist":
+                return hist.format_hist(event.triggers)
         raise TraceWriteError(errno.ENOENT, f"no such file: {path}")
 
     def read_pipe(self, timeout: float | None = None) -> str:
@@ -220,6 +252,15 @@ class TraceFS:
                 return
             if parts[3] == "filter":
                 self.set_filter(event, text)
+                return
+            if parts[3] == "trigger":
+                if not append:
+                    with self._lock:
+                        event.clear_triggers(self.named)
+                for line in text.splitlines():
+                    line = line.split("#", 1)[0].strip()
+                    if line:
+                        self.write_trigger(event, line)
                 return
         raise TraceWriteError(errno.ENOENT, f"no such writable file: {path}")
 

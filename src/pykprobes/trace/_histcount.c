@@ -1,0 +1,255 @@
+/* The C twin of trace/hist.py HistRecorder's simple case: the rewritten code of a hist-only
+ * event calls it with the event's argument values, and it counts one hit into the trigger's
+ * table, keyed by one of them (hist.py's docstrings are the contract; the pure-Python
+ * closures are the fallback, chosen with the rest of the trace core by backend.py).
+ *
+ *   HistCounter(busy, held, entries, insert, convert, nargs, index)
+ *   counter(*values) -> True: the careful path must run instead (off, a handler running in
+ *                       some thread, not the values it was made for, or anything failed);
+ *                       False: counted (entries[key][0] += 1, or a drop counted by insert)
+ *
+ * The key is values[index] when it is an exact int, else convert(values[index]) (the
+ * fetcharg's conversion: no object of the program is kept). A key not in `entries` goes
+ * through `insert(key)` (HistMap.insert: the table's bound and its drops), the rare path.
+ * The GIL makes each call atomic with respect to the other hit paths (the build that has no
+ * GIL takes the Python fallback).
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    char fast;
+    long long nhit;
+    Py_ssize_t nargs;
+    Py_ssize_t index;
+    PyObject *busy;    /* core.site._busy */
+    PyObject *held;    /* core.site._held */
+    PyObject *entries; /* HistMap.entries */
+    PyObject *insert;  /* HistMap.insert */
+    PyObject *convert; /* the key fetcharg's converter */
+} HistCounter;
+
+static int
+count_one(PyObject *entry)
+{
+    if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) < 1) {
+        return -1;
+    }
+    PyObject *old = PyList_GET_ITEM(entry, 0);
+    PyObject *new;
+    int overflow = 0;
+    long long n = PyLong_CheckExact(old) ? PyLong_AsLongLongAndOverflow(old, &overflow) : -1;
+    if (PyLong_CheckExact(old) && !overflow && n < LLONG_MAX && !(n == -1 && PyErr_Occurred())) {
+        new = PyLong_FromLongLong(n + 1);
+    }
+    else {
+        PyErr_Clear();
+        PyObject *one = PyLong_FromLong(1);
+        if (one == NULL) {
+            return -1;
+        }
+        new = PyNumber_Add(old, one);
+        Py_DECREF(one);
+    }
+    if (new == NULL) {
+        return -1;
+    }
+    PyList_SET_ITEM(entry, 0, new);
+    Py_DECREF(old); /* an int: no finalizer, no code of the program */
+    return 0;
+}
+
+static PyObject *
+HistCounter_call(HistCounter *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (!self->fast || PyDict_GET_SIZE(self->busy)
+        || PyList_GET_ITEM(self->held, 0) != Py_None || kwnames != NULL || n != self->nargs) {
+        Py_RETURN_TRUE;
+    }
+    PyObject *key = args[self->index];
+    if (PyLong_CheckExact(key)) {
+        Py_INCREF(key);
+    }
+    else {
+        key = PyObject_CallOneArg(self->convert, key);
+        if (key == NULL) {
+            PyErr_Clear();
+            Py_RETURN_TRUE;
+        }
+    }
+    PyObject *entry = PyDict_GetItemWithError(self->entries, key);
+    if (entry != NULL) {
+        Py_INCREF(entry);
+    }
+    else if (PyErr_Occurred()) {
+        PyErr_Clear();
+        Py_DECREF(key);
+        Py_RETURN_TRUE;
+    }
+    else {
+        entry = PyObject_CallOneArg(self->insert, key);
+        if (entry == NULL) {
+            PyErr_Clear();
+            Py_DECREF(key);
+            Py_RETURN_TRUE;
+        }
+        if (entry == Py_None) { /* the table is full: a drop, counted by insert */
+            Py_DECREF(entry);
+            Py_DECREF(key);
+            self->nhit++;
+            Py_RETURN_FALSE;
+        }
+    }
+    Py_DECREF(key);
+    int failed = count_one(entry);
+    Py_DECREF(entry);
+    if (failed) {
+        PyErr_Clear();
+        Py_RETURN_TRUE;
+    }
+    self->nhit++;
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+HistCounter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"busy", "held", "entries", "insert", "convert", "nargs", "index",
+                             NULL};
+    PyObject *busy, *held, *entries, *insert, *convert;
+    Py_ssize_t nargs, index;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!OOnn:HistCounter", kwlist,
+                                     &PyDict_Type, &busy, &PyList_Type, &held, &PyDict_Type,
+                                     &entries, &insert, &convert, &nargs, &index)) {
+        return NULL;
+    }
+    /* Never resized by its owner (core/site.py): item 0 is read without a check. */
+    if (PyList_GET_SIZE(held) != 1) {
+        PyErr_SetString(PyExc_TypeError, "held must be a list of one item");
+        return NULL;
+    }
+    if (!PyCallable_Check(insert) || !PyCallable_Check(convert)) {
+        PyErr_SetString(PyExc_TypeError, "insert and convert must be callable");
+        return NULL;
+    }
+    if (index < 0 || index >= nargs) {
+        PyErr_SetString(PyExc_ValueError, "index must be one of the values");
+        return NULL;
+    }
+    HistCounter *self = (HistCounter *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = (vectorcallfunc)HistCounter_call;
+    self->nargs = nargs;
+    self->index = index;
+    self->busy = Py_NewRef(busy);
+    self->held = Py_NewRef(held);
+    self->entries = Py_NewRef(entries);
+    self->insert = Py_NewRef(insert);
+    self->convert = Py_NewRef(convert);
+    return (PyObject *)self;
+}
+
+static int
+HistCounter_traverse(HistCounter *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->busy);
+    Py_VISIT(self->held);
+    Py_VISIT(self->entries);
+    Py_VISIT(self->insert);
+    Py_VISIT(self->convert);
+    return 0;
+}
+
+static int
+HistCounter_clear(HistCounter *self)
+{
+    Py_CLEAR(self->busy);
+    Py_CLEAR(self->held);
+    Py_CLEAR(self->entries);
+    Py_CLEAR(self->insert);
+    Py_CLEAR(self->convert);
+    return 0;
+}
+
+static void
+HistCounter_dealloc(HistCounter *self)
+{
+    PyObject_GC_UnTrack(self);
+    HistCounter_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+HistCounter_get_fast(HistCounter *self, void *c)
+{
+    return PyBool_FromLong(self->fast);
+}
+
+static int
+HistCounter_set_fast(HistCounter *self, PyObject *v, void *c)
+{
+    int truth = v == NULL ? 0 : PyObject_IsTrue(v);
+    if (truth < 0) {
+        return -1;
+    }
+    self->fast = (char)truth;
+    return 0;
+}
+
+static PyObject *
+HistCounter_get_nhit(HistCounter *self, void *c)
+{
+    return PyLong_FromLongLong(self->nhit);
+}
+
+static PyGetSetDef HistCounter_getset[] = {
+    {"fast", (getter)HistCounter_get_fast, (setter)HistCounter_set_fast, NULL, NULL},
+    {"nhit", (getter)HistCounter_get_nhit, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject HistCounter_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pykprobes.trace._histcount.HistCounter",
+    .tp_basicsize = sizeof(HistCounter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "The compiled hit of a hist-only event (see hist.py HistRecorder).",
+    .tp_new = HistCounter_new,
+    .tp_dealloc = (destructor)HistCounter_dealloc,
+    .tp_traverse = (traverseproc)HistCounter_traverse,
+    .tp_clear = (inquiry)HistCounter_clear,
+    .tp_getset = HistCounter_getset,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(HistCounter, vectorcall),
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "pykprobes.trace._histcount",
+    .m_doc = "The C twin of hist.py's compiled hit (see hist.py HistRecorder).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__histcount(void)
+{
+    if (PyType_Ready(&HistCounter_Type) < 0) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(m, "HistCounter", (PyObject *)&HistCounter_Type) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
