@@ -60,6 +60,7 @@ its first request.
 from __future__ import annotations
 
 _started = False
+_control_tried = False
 
 
 def start_from_environ() -> None:
@@ -71,7 +72,7 @@ def start_from_environ() -> None:
     `site` calls this at every start (the `.start` entry point, boot/pth.py), and a program
     that sets the variable later may still start the stage by hand. `serve()` is
     idempotent by itself."""
-    global _started
+    global _started, _control_tried
     import os
 
     value = os.environ.get("PYKPROBES_EVENTS")
@@ -84,7 +85,8 @@ def start_from_environ() -> None:
         except Exception as exc:  # noqa: BLE001 - start-up must go on
             warn(f"the boot stage failed: {exc!r}")
     control = os.environ.get("PYKPROBES_CONTROL")
-    if control and control.strip() != "0":
+    if control and control.strip() != "0" and not _control_tried:
+        _control_tried = True  # once: a directory refused once is refused again
         try:
             # The one edge up the layers (DESIGN.md section 5): lazy, and only when asked.
             from pykprobes.control import serve
