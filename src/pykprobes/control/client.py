@@ -123,6 +123,14 @@ class Connection:
         try:
             self.sock.sendall(protocol.frame(text))
         except OSError as exc:
+            # A server that refused us (too many clients, another user) said why before it
+            # closed: that reason, rather than EPIPE.
+            try:
+                reply = self.receive(0.0)
+            except ControlError:
+                reply = None
+            if reply is not None and reply[0] == "error":
+                raise ControlError(reply[1], reply[2]) from None
             raise ControlError(exc.errno or errno.EPIPE,
                                f"the target closed the connection ({exc.strerror or exc})"
                                ) from None
