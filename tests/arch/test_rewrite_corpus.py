@@ -27,7 +27,7 @@ import pytest
 
 from pykprobes.arch.rewrite import RewriteArch
 from pykprobes.arch.rewrite.assembly import call_sequence
-from pykprobes.arch.rewrite.decode import Instruction, entry_index, instructions
+from pykprobes.insn import Insn, decode, entry_index
 
 ARCH = RewriteArch()
 SEQUENCE = call_sequence()
@@ -863,7 +863,7 @@ CASE_IDS = [c.name for c in CASES]
 def starts_by_unit(code: types.CodeType) -> dict[int, int]:
     """Every code unit's offset -> the start of the instruction it belongs to."""
     out = {}
-    for ins in instructions(code):
+    for ins in decode(code):
         for unit in range(ins.start, ins.end, 2):
             out[unit] = ins.start
     return out
@@ -882,7 +882,7 @@ def count_instructions(case: Case) -> tuple[Any, collections.Counter[int]]:
     """
     code = case.code
     unit_start = starts_by_unit(code)
-    starts = {ins.start for ins in instructions(code)}
+    starts = {ins.start for ins in decode(code)}
     counts: collections.Counter[int] = collections.Counter()
     monitoring = getattr(sys, "monitoring", None)
     if monitoring is not None:
@@ -993,7 +993,7 @@ def _close_loop() -> Iterator[None]:
 class Prepared:
     observed: Any
     counts: collections.Counter[int]
-    instrs: list[Instruction]
+    instrs: tuple[Insn, ...]
     entry: int
     lines: dict[int, int | None]
 
@@ -1004,9 +1004,8 @@ _prepared: dict[str, Prepared] = {}
 def prepare(case: Case) -> Prepared:
     if case.name not in _prepared:
         observed, counts = count_instructions(case)
-        instrs = instructions(case.code)
+        instrs = decode(case.code)
         entry = entry_index(instrs)
-        assert entry is not None
         _prepared[case.name] = Prepared(observed, counts, instrs, entry, line_at(case.code))
     return _prepared[case.name]
 
@@ -1088,7 +1087,7 @@ def assert_locations_kept(code: types.CodeType, new: types.CodeType) -> None:
     new_pos = list(new.co_positions())
     old_lines = line_at(code)
     new_lines = line_at(new)
-    new_instrs = instructions(new)
+    new_instrs = decode(new)
     pattern = [op for op, _ in SEQUENCE.ops]
     width = len(pattern)
     originals = {id(c) for c in code.co_consts}
@@ -1102,7 +1101,7 @@ def assert_locations_kept(code: types.CodeType, new: types.CodeType) -> None:
         )
 
     j = 0
-    for ins in instructions(code):
+    for ins in decode(code):
         injected = []
         while injected_at(j):
             injected += new_instrs[j : j + width]
@@ -1148,7 +1147,7 @@ def test_locations_kept_in_stdlib_modules() -> None:
         module_code = module.__spec__.loader.get_code(module.__name__)  # type: ignore[attr-defined]
         for code in every_code(module_code):
             ok = [
-                i.start for i in instructions(code) if ARCH.check_optimizable(code, i.start) is None
+                i.start for i in decode(code) if ARCH.check_optimizable(code, i.start) is None
             ]
             assert_locations_kept(code, ARCH.build(code, {o: (lambda: None) for o in ok}, {}).code)
             count += 1
@@ -1178,7 +1177,7 @@ def test_locations_kept_without_debug_ranges() -> None:
 
 def test_corpus_covers_every_version_quirk() -> None:
     """The corpus really contains the instructions the refusal rules are about."""
-    seen = {ins.opname for case in CASES for ins in instructions(case.code)}
+    seen = {ins.opname for case in CASES for ins in decode(case.code)}
     for opname in ("SEND", "YIELD_VALUE", "RESUME", "FOR_ITER", "CALL", "BINARY_OP", "STORE_FAST"):
         assert opname in seen
     if "KW_NAMES" in dis.opmap:

@@ -112,7 +112,6 @@ Limits
 from __future__ import annotations
 
 import collections
-import dis
 import errno
 import sys
 import threading
@@ -120,9 +119,10 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, ClassVar, Final
 
+from pykprobes import insn
 from pykprobes.arch import frametable
 from pykprobes.arch.frametable import PENDING_CAP
-from pykprobes.arch.successors import Exits, exits, generator_close_runs_frame, prologue_end
+from pykprobes.arch.successors import Exits, exits, generator_close_runs_frame
 from pykprobes.core.arch import ReturnHit, UnwindHit
 from pykprobes.errors import KprobeError
 
@@ -235,15 +235,7 @@ class _CodeModel:
 
 def _groups(code: CodeType) -> dict[int, tuple[int, str]]:
     """address -> (offset of the real opcode, its name), EXTENDED_ARG folded in."""
-    out: dict[int, tuple[int, str]] = {}
-    prefix: int | None = None
-    for ins in dis.get_instructions(code):
-        if ins.opname == "EXTENDED_ARG":
-            prefix = ins.offset if prefix is None else prefix
-            continue
-        out[ins.offset if prefix is None else prefix] = (ins.offset, ins.opname)
-        prefix = None
-    return out
+    return {ins.start: (ins.offset, ins.opname) for ins in insn.decode(code)}
 
 
 def _describe(func: object) -> str:
@@ -509,7 +501,7 @@ class SettraceArch:
     # ------------------------------------------------------------------ arm/disarm
 
     def uses_entry_event(self, code: CodeType, offset: int) -> bool:
-        return 0 <= offset <= prologue_end(code)
+        return 0 <= offset <= insn.entry_offset(code)
 
     def arm(self, code: CodeType, offset: int, pre: Any, post: Any) -> None:
         if self._closed:
@@ -526,7 +518,7 @@ class SettraceArch:
                 f"{code.co_name}+{offset}: END_FOR never runs with an event "
                 "(an exhausted FOR_ITER jumps over it)",
             )
-        entry_end = prologue_end(code)
+        entry_end = insn.entry_offset(code)
         with self._lock:
             self._reap_locked()
             self._check_busy_locked()
@@ -557,7 +549,7 @@ class SettraceArch:
         if self._closed:
             raise KprobeError(errno.EINVAL, "the settrace arch is closed")
         ex = exits(code)  # outside the lock: dis runs Python code
-        entry_end = prologue_end(code)
+        entry_end = insn.entry_offset(code)
         with self._lock:
             self._reap_locked()
             self._check_busy_locked()

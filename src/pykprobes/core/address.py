@@ -6,13 +6,9 @@ same text have equal code objects, and a probe on one must not fire in the other
 
 from __future__ import annotations
 
-import dis
 from types import CodeType
-from typing import Final
 
-# Opcodes that make up a function's prologue (3.11+): they run before RESUME, at frame
-# creation. A probe anywhere in the prologue is a probe at the function's entry.
-_PROLOGUE_OPS: Final = frozenset({"MAKE_CELL", "COPY_FREE_VARS", "RETURN_GENERATOR", "POP_TOP"})
+from pykprobes import env, insn
 
 
 class ProbeAddress:
@@ -51,39 +47,10 @@ class ProbeAddress:
         return f"<ProbeAddress {self.code.co_qualname}+{self.offset} @ 0x{self.hexid}>"
 
 
-_starts_cache: dict[int, tuple[CodeType, tuple[int, ...]]] = {}
-
-
-def instruction_starts(code: CodeType) -> tuple[int, ...]:
-    """The offsets where an instruction starts: CACHE entries are part of the instruction
-    before them, and an instruction's EXTENDED_ARG prefixes are its start."""
-    hit = _starts_cache.get(id(code))
-    if hit is not None and hit[0] is code:
-        return hit[1]
-    starts: list[int] = []
-    prefixed = False
-    for ins in dis.get_instructions(code):
-        if not prefixed:
-            starts.append(ins.offset)
-        prefixed = ins.opname == "EXTENDED_ARG"
-    result = tuple(starts)
-    _starts_cache[id(code)] = (code, result)
-    return result
-
-
-def entry_offset(code: CodeType) -> int:
-    """Offset of the first RESUME, the end of the prologue (0 if there is none)."""
-    for ins in dis.get_instructions(code):
-        if ins.opname == "RESUME":
-            return ins.offset
-        if ins.opname not in _PROLOGUE_OPS:
-            break
-    return 0
-
-
 def is_entry(code: CodeType, offset: int) -> bool:
-    """True when `offset` lies in the prologue: such a probe is a function-entry probe."""
-    return offset <= entry_offset(code)
+    """True when `offset` lies in the prologue: such a probe is a function-entry probe.
+    ValueError for code without a RESUME (insn.entry_offset)."""
+    return offset <= insn.entry_offset(code)
 
 
 def line_of(code: CodeType, offset: int) -> int | None:
@@ -95,21 +62,50 @@ def line_of(code: CodeType, offset: int) -> int | None:
 
 def line_addresses(code: CodeType, lineno: int) -> list[int]:
     """Offsets where a run of instructions of source line `lineno` starts in `code` (not its
-    nested code objects): the places a debugger would stop at for that line."""
+    nested code objects): the places a debugger would stop at for that line. A run in the
+    prologue gives the entry (0). A run is entered at its first instruction that runs as
+    itself: an exhausted FOR_ITER jumps over the END_FOR it names (env.FOR_ITER_EXIT_SKIPS),
+    which no probe can be at, so a `for` line's exit run starts after it, or gives no
+    address when nothing of the line runs there (3.13: END_FOR, POP_TOP)."""
+    insns = insn.decode(code)
+    entry = insn.entry_offset(code)
+    lines = _lines_by_unit(code)
+    never = _never_run(insns)
     offsets: list[int] = []
-    prev_end = -1
-    starts = set(instruction_starts(code))
-    entry = entry_offset(code)
-    for start, end, line in code.co_lines():
-        if line == lineno and start != prev_end:
-            # Skip the prologue: a line probe there is the entry probe (offset 0).
-            first = 0 if start <= entry else start
-            while first not in starts and first < end:
-                first += 2
-            if first < end and first not in offsets:
-                offsets.append(first)
-        if line == lineno:
-            prev_end = end
-        elif start != end:
-            prev_end = -1
+    in_run = False
+    found = True  # the current run has its address
+    for ins in insns:
+        if lines.get(ins.start) != lineno:
+            in_run = False
+            continue
+        if not in_run:
+            in_run, found = True, False
+        if found or ins.start in never:
+            continue
+        found = True
+        address = 0 if ins.start <= entry else ins.start
+        if address not in offsets:
+            offsets.append(address)
     return offsets
+
+
+def _lines_by_unit(code: CodeType) -> dict[int, int | None]:
+    out: dict[int, int | None] = {}
+    for start, end, line in code.co_lines():
+        for unit in range(start, end, 2):
+            out[unit] = line
+    return out
+
+
+def _never_run(insns: tuple[insn.Insn, ...]) -> frozenset[int]:
+    """The starts of the instructions that never run as themselves: those an exhausted
+    FOR_ITER jumps over."""
+    skips = env.FOR_ITER_EXIT_SKIPS
+    out: set[int] = set()
+    for index, ins in enumerate(insns):
+        if skips and ins.opname == skips[0]:
+            for following, name in zip(insns[index:], skips, strict=False):
+                if following.opname != name:
+                    break
+                out.add(following.start)
+    return frozenset(out)

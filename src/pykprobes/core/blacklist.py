@@ -22,8 +22,8 @@ BLACKLIST_MODULES: Final[dict[str, str]] = {
     "_weakrefset": "weak references kept by the registry",
     "weakref": "weak references kept by the registry",
     "warnings": "handler faults are reported through warnings",
-    "dis": "registration decodes instructions with dis",
-    "opcode": "registration decodes instructions with dis",
+    "dis": "the breakpoint arches read exception tables with dis",
+    "opcode": "registration decodes instructions with opcode's tables (insn.py)",
 }
 
 _nokprobe_codes: dict[int, CodeType] = {}

@@ -20,9 +20,8 @@ from collections.abc import Mapping
 from types import CodeType
 from typing import Final
 
-from pykprobes import env
+from pykprobes import env, insn
 from pykprobes.arch.rewrite import assembly, frames, safety
-from pykprobes.arch.rewrite.decode import instructions
 from pykprobes.core.arch import ArchUnavailable, Built, CompiledCall, OptHit, OptReturns
 
 #: The instructions a frame returns by (3.12 added RETURN_CONST).
@@ -82,7 +81,7 @@ class RewriteArch:
         if returns is not None:
             # The hooks of a return probe go before each return instruction: the same
             # rules hold there (none refuses a return on 3.11-3.13).
-            for ins in instructions(code):
+            for ins in insn.decode(code):
                 if ins.opname in RETURNS:
                     reason = safety.check_optimizable(code, ins.start)
                     if reason is not None:
