@@ -236,7 +236,7 @@ def call_ops(func: object, args: list[Any], nargs: int) -> list[Any]:
                 Instr("PRECALL", nargs), Instr("CALL", nargs)]
     if version == (3, 12):
         return [Instr("PUSH_NULL"), Instr("LOAD_CONST", func), *args, Instr("CALL", nargs)]
-    if version == (3, 13):
+    if version in ((3, 13), (3, 14), (3, 15)):
         return [Instr("LOAD_CONST", func), Instr("PUSH_NULL"), *args, Instr("CALL", nargs)]
     raise Unavailable(f"no call sequence written for CPython {version[0]}.{version[1]}")
 

@@ -439,13 +439,15 @@ class ProtoInlineHit(Case):
         nhit = "nhit" if version == (3, 11) else (False, "nhit")
         call = [Instr("PRECALL", 1), Instr("CALL", 1)] if version == (3, 11) else \
             [Instr("CALL", 1)]
+        # 3.14 made subscripting a BINARY_OP (NB_SUBSCR, 26).
+        subscr = Instr("BINARY_SUBSCR") if version < (3, 14) else Instr("BINARY_OP", 26)
 
         def make(location: Any) -> list[Any]:
             skip_pop, done = Label(), Label()
             ops = [
-                Instr("LOAD_CONST", box), Instr("LOAD_CONST", 0), Instr("BINARY_SUBSCR"),
+                Instr("LOAD_CONST", box), Instr("LOAD_CONST", 0), subscr.copy(),
                 Instr("COPY", 1), Instr(if_none, skip_pop),
-                Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0), Instr("BINARY_SUBSCR"),
+                Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0), subscr.copy(),
                 Instr(if_not_none, skip_pop),
                 Instr("LOAD_CONST", busy), *to_bool, Instr(if_true, skip_pop),
                 Instr("UNPACK_SEQUENCE", 3),  # regs, p, handler (top)

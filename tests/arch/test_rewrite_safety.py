@@ -49,6 +49,8 @@ REFUSED: dict[tuple[int, int], set[tuple[str, str | None]]] = {
         ("RESUME", None),  # a close() shows tracers other events
         ("END_FOR", None),  # FOR_ITER exits to END_FOR + 1, the POP_ITER
         ("NOT_TAKEN", None),  # BRANCH_LEFT's source is the instruction run before it
+        ("POP_ITER", None),  # so is BRANCH_RIGHT's, for a loop's exit
+        ("END_SEND", None),  # an async for's exit is a branch from there
     },
 }
 REFUSED[(3, 15)] = REFUSED[(3, 14)]
@@ -146,6 +148,24 @@ def outcome(fn, *args):
         return fn(*args)
     except Exception as exc:
         return repr(exc)
+
+def branches(fn, *calls, code=None):
+    # The opname each BRANCH event of a call of fn with each argument starts at.
+    code = code or fn.__code__
+    mon = sys.monitoring
+    names = {{ins.offset: ins.opname for ins in insn.decode(code)}}
+    seen = []
+    def record(code, src, dest):
+        seen.append(names[src])
+    mon.use_tool_id(3, "demo")
+    mon.register_callback(3, mon.events.BRANCH_LEFT, record)
+    mon.register_callback(3, mon.events.BRANCH_RIGHT, record)
+    mon.set_local_events(3, code, mon.events.BRANCH_LEFT | mon.events.BRANCH_RIGHT)
+    for arg in calls:
+        fn(arg)
+    mon.set_local_events(3, code, 0)
+    mon.free_tool_id(3)
+    return seen
 
 def report(original, changed):
     print("SAME" if original == changed else "DIFFERENT: %r != %r" % (original, changed))
@@ -254,24 +274,48 @@ def f(x):
     if x:
         return 1
     return 2
-def branches(fn):
-    mon = sys.monitoring
-    events = mon.events.BRANCH_LEFT | mon.events.BRANCH_RIGHT
-    names = {ins.offset: ins.opname for ins in insn.decode(fn.__code__)}
-    seen = []
-    def record(code, src, dest):
-        seen.append(names[src])
-    mon.use_tool_id(3, "demo")
-    mon.register_callback(3, mon.events.BRANCH_LEFT, record)
-    mon.register_callback(3, mon.events.BRANCH_RIGHT, record)
-    mon.set_local_events(3, fn.__code__, events)
-    fn(1)
-    fn(0)
-    mon.set_local_events(3, fn.__code__, 0)
-    mon.free_tool_id(3)
-    return seen
 # The branch a coverage tool sees starts at the conditional jump.
-report(branches(f), branches(forced(f, "NOT_TAKEN", None)))
+report(branches(f, 1, 0), branches(forced(f, "NOT_TAKEN", None), 1, 0))
+""",
+    ("POP_ITER", None): """
+def f(x):
+    t = 0
+    for i in x:
+        t += i
+    return t
+# The loop's exit is a branch from FOR_ITER.
+report(branches(f, [1, 2]), branches(forced(f, "POP_ITER", None), [1, 2]))
+""",
+    ("END_SEND", None): """
+class Items:
+    def __init__(self):
+        self.n = 0
+    def __aiter__(self):
+        return self
+    async def __anext__(self):
+        self.n += 1
+        if self.n > 2:
+            raise StopAsyncIteration
+        return self.n
+async def f(items):
+    t = 0
+    async for i in items:
+        t += i
+    return t
+def run(fn):
+    def call(items):
+        try:
+            fn(items).send(None)
+        except StopIteration as stop:
+            return stop.value
+    return call
+# Where the branches of the async for start: the events, and co_branches().
+def where(fn):
+    names = {ins.offset: ins.opname for ins in insn.decode(fn.__code__)}
+    return branches(run(fn), Items(), code=fn.__code__), [
+        names[src] for src, _, _ in fn.__code__.co_branches()
+    ]
+report(where(f), where(forced(f, "END_SEND", None)))
 """,
     ("SEND", None): """
 def inner():

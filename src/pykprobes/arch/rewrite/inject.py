@@ -44,7 +44,7 @@ from types import CodeType
 from typing import Any, Final
 
 import bytecode as _bc
-from bytecode import Bytecode, CellVar, Compare, ConcreteBytecode, Instr, Label
+from bytecode import Bytecode, CellVar, Compare, ConcreteBytecode, ConcreteInstr, Instr, Label
 from bytecode.instr import InstrLocation, TryBegin, TryEnd
 
 from pykprobes import insn
@@ -109,6 +109,33 @@ class _Converter(_BaseConverter):  # type: ignore[misc]
         self.consts_list.append(value)
         self._const_by_id[id(value)] = index
         return index
+
+
+def _abstract(code: CodeType) -> Bytecode:
+    """`Bytecode.from_code(code)` (with the exception table's stack depths as they are),
+    and BUILD_INTERPOLATION (3.14 t-strings) kept as it is.
+
+    bytecode 0.19.1 reads BUILD_INTERPOLATION's argument as (has a format spec,
+    FormatValue(arg >> 1)), where 3.14 puts the conversion in arg >> 2 (and sets bit 1):
+    t"{x!r}" (arg 10) fails to decode, t"{x}" decodes to a wrong conversion, and no tuple
+    encodes again. So each one is decoded as a harmless stand-in, and its abstract
+    instruction then given the original argument as a plain int, which the converter
+    writes back as it is (its last branch: `c_arg = arg`). The n-th abstract instruction
+    is the n-th concrete one, as `_offsets` relies on too."""
+    concrete = ConcreteBytecode.from_code(code)
+    raw: list[int] = []
+    for c_instr in concrete:
+        if isinstance(c_instr, ConcreteInstr) and c_instr.name == "BUILD_INTERPOLATION":
+            raw.append(c_instr.arg)
+            c_instr.arg = c_instr.arg & 1 | 2  # decodes as (bool, FormatValue.STR)
+    abstract = concrete.to_bytecode(conserve_exception_block_stackdepth=True)
+    if raw:
+        found = [i for i in abstract if isinstance(i, Instr) and i.name == "BUILD_INTERPOLATION"]
+        if len(found) != len(raw):
+            raise ValueError(f"{code.co_name}: lost track of BUILD_INTERPOLATION")
+        for instr, arg in zip(found, raw, strict=True):
+            instr._arg = arg  # past Instr's check, which wants the tuple
+    return abstract
 
 
 _NO_LOCATION: Final = InstrLocation(None, None, None, None)
@@ -294,7 +321,7 @@ def build(
             raise ValueError(reason)
 
     instrs, entry, at_entry, before = plan(code, hits, cseq)
-    abstract = Bytecode.from_code(code, conserve_exception_block_stackdepth=True)
+    abstract = _abstract(code)
     items: list[Any] = list(abstract)
     originals = [item for item in items if isinstance(item, Instr)]
     if len(originals) != len(instrs):

@@ -62,6 +62,10 @@ _FOR_ITER_EXIT_314 = (
     "(3.14 and 3.15 bytecodes.c FOR_ITER: JUMPBY(oparg + 1)), so a sequence there would be "
     "entered in its middle"
 )
+_BRANCH_FROM_SEQUENCE = (
+    "after a sequence, coverage tools would see a branch from the sequence's last "
+    "instruction, where no branch of co_branches() starts"
+)
 _RULES_314: Final = (
     Rule(
         "RESUME",
@@ -78,10 +82,23 @@ _RULES_314: Final = (
         "NOT_TAKEN",
         None,
         "sys.monitoring reports a conditional jump that falls through as a BRANCH_LEFT "
-        "event at NOT_TAKEN from the instruction executed before it (3.14 "
-        "INSTRUMENTED_NOT_TAKEN: prev_instr): after a sequence, coverage tools would see "
-        "a branch from the sequence's last instruction, which no branch of co_branches() "
-        "starts at",
+        "event at NOT_TAKEN, from the instruction executed before it (3.14 "
+        "INSTRUMENTED_NOT_TAKEN: prev_instr): " + _BRANCH_FROM_SEQUENCE,
+    ),
+    Rule(
+        "POP_ITER",
+        None,
+        "sys.monitoring reports a loop's exit as a BRANCH_RIGHT event at POP_ITER, from the "
+        "instruction executed before it, the FOR_ITER (3.14 INSTRUMENTED_POP_ITER: "
+        "prev_instr): " + _BRANCH_FROM_SEQUENCE,
+    ),
+    Rule(
+        "END_SEND",
+        None,
+        "an 'async for' loop's exit is a BRANCH_RIGHT event from the END_SEND that its "
+        "END_ASYNC_FOR names (3.14 INSTRUMENTED_END_ASYNC_FOR: this_instr - oparg), and "
+        "co_branches() counts from there to the NOT_TAKEN after it: with a sequence before "
+        "END_SEND, both would start at the sequence instead, and not at the same place",
     ),
 )
 
