@@ -271,4 +271,5 @@ def test_unavailable_with_an_untested_bytecode_release() -> None:
     proc = subprocess.run(
         [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
     )
-    assert proc.stdout.startswith("UNAVAILABLE bytecode 9.0.0 is not a tested release"), proc.stderr
+    expected = "UNAVAILABLE bytecode 9.0.0 is not the tested release"
+    assert proc.stdout.startswith(expected), proc.stderr

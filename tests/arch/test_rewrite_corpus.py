@@ -150,6 +150,11 @@ def loops(n: int) -> Any:
             if a + b > 3:
                 break
             out.append((a, b))
+    # A loop over a generator: FOR_ITER runs it inline (3.12+ FOR_ITER_GEN).
+    for g in (k * 3 for k in range(n)):
+        if g > 9:
+            break
+        out.append(g)
     return out, j
 
 
@@ -603,7 +608,10 @@ def misc(x: Any) -> Any:
     assert ob.v > 0, "positive"
     value = "yes" if x > 2 else "no"
     chained = 1 < x <= 5 != x
-    return a, b, c, d, ob.v, value, chained, not x, -x, ~x, x is None, x in b
+    # 3.14 inlines all(), any() and tuple() of a generator, checking the builtins with
+    # LOAD_COMMON_CONSTANT.
+    inlined = (all(v >= 0 for v in b), any(v < 0 for v in b), tuple(v for v in b))
+    return a, b, c, d, ob.v, value, chained, not x, -x, ~x, x is None, x in b, inlined
 
 
 def annotated(x: int) -> Any:
@@ -654,6 +662,23 @@ def big(x):
     return v299, v0 if x > 100 else None
 """
 
+
+# t-strings (PEP 750, 3.14+): BUILD_INTERPOLATION with each conversion and a format spec,
+# BUILD_TEMPLATE. Compiled from text, as older Pythons cannot parse them.
+TEMPLATES_SOURCE = """
+def templates(x, width=6):
+    name = "v"
+    t = t"{name}={x!r:>{width}} and {x + 1 if isinstance(x, int) else x!s} {x!a} {x:}"
+    parts = [p if isinstance(p, str) else (p.value, p.expression, p.conversion, p.format_spec)
+             for p in t]
+    return t.strings, parts, [(i.value, i.conversion) for i in t.interpolations]
+"""
+try:
+    _templates_namespace: dict[str, Any] = {}
+    exec(compile(TEMPLATES_SOURCE, "<templates>", "exec"), _templates_namespace)
+    TEMPLATES: list[Any] = [_templates_namespace["templates"]]
+except SyntaxError:  # no t-strings before 3.14
+    TEMPLATES = []
 
 _big_namespace: dict[str, Any] = {}
 exec(compile(make_big_source(), "<big>", "exec"), _big_namespace)
@@ -850,6 +875,7 @@ CASES: list[Case] = [
     function_case(Derived.describe, lambda f: [outcome(f, Derived())]),
     function_case(lambdas, lambda f: [outcome(f, n) for n in (2, 5)]),
     function_case(big, lambda f: [outcome(f, x) for x in (-1, 2, 200)]),
+    *(function_case(t, lambda f: [outcome(f, x) for x in (1, "s", 2.5)]) for t in TEMPLATES),
     recursive_case(),
     class_body_case(),
     module_case(),
@@ -1186,6 +1212,25 @@ def test_corpus_covers_every_version_quirk() -> None:
         assert "END_FOR" in seen
     if "CLEANUP_THROW" in dis.opmap:
         assert "CLEANUP_THROW" in seen
+    # Those 3.14 and 3.15 brought (TEMPLATES is there wherever t-strings are).
+    for opname in (
+        "LOAD_FAST_BORROW",
+        "LOAD_FAST_BORROW_LOAD_FAST_BORROW",
+        "LOAD_SMALL_INT",
+        "LOAD_SPECIAL",
+        "LOAD_COMMON_CONSTANT",
+        "CALL_KW",
+        "NOT_TAKEN",
+        "POP_ITER",
+        "END_SEND",
+        "END_ASYNC_FOR",
+        "BUILD_TEMPLATE",
+        "BUILD_INTERPOLATION",
+    ):
+        if opname in dis.opmap:
+            assert opname in seen, opname
+    if "BUILD_TEMPLATE" in dis.opmap:
+        assert TEMPLATES
 
 
 def iter_cases() -> Iterator[Case]:

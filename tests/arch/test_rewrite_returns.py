@@ -902,16 +902,15 @@ def test_stack_size_is_enough() -> None:
     """`bytecode`'s own stack analysis of every rebuilt corpus code agrees with the
     co_stacksize build() sets (original + 3, and at least 5 for the unwind handler).
     Its analysis can exceed CPython's for the original (it does for `chained`), so the
-    growth it finds is compared with the growth build() allowed."""
-    from bytecode import Bytecode
-
+    growth it finds is compared with the growth build() allowed. (Decoded as build()
+    decodes, for the t-strings bytecode 0.19.1 cannot read on its own.)"""
     for case in FUNCTION_CASES:
         p = prepare(case)
         hits = {p.instrs[i].start: (lambda: None) for i in accepted(case, p)}
-        before = Bytecode.from_code(case.code).compute_stacksize()
+        before = inject._abstract(case.code).compute_stacksize()
         for h in ({}, hits):
             new = ARCH.build(case.code, h, {}, Ends().returns).code
-            needed = Bytecode.from_code(new).compute_stacksize()
+            needed = inject._abstract(new).compute_stacksize()
             assert new.co_stacksize == max(case.code.co_stacksize + 3, 5), case.name
             assert needed <= new.co_stacksize or (
                 needed - before <= new.co_stacksize - case.code.co_stacksize

@@ -44,6 +44,7 @@ REFUSED: dict[tuple[int, int], set[tuple[str, str | None]]] = {
         ("RESUME", None),  # gen_close's fast path reads it
         ("END_FOR", None),  # FOR_ITER exits to END_FOR + 2
         ("POP_TOP", "END_FOR"),
+        ("FOR_ITER", None),  # a loop over a generator shows tracers a StopIteration
     },
     (3, 14): {
         ("RESUME", None),  # a close() shows tracers other events
@@ -51,6 +52,7 @@ REFUSED: dict[tuple[int, int], set[tuple[str, str | None]]] = {
         ("NOT_TAKEN", None),  # BRANCH_LEFT's source is the instruction run before it
         ("POP_ITER", None),  # so is BRANCH_RIGHT's, for a loop's exit
         ("END_SEND", None),  # an async for's exit is a branch from there
+        ("FOR_ITER", None),
     },
 }
 REFUSED[(3, 15)] = REFUSED[(3, 14)]
@@ -316,6 +318,24 @@ def where(fn):
         names[src] for src, _, _ in fn.__code__.co_branches()
     ]
 report(where(f), where(forced(f, "END_SEND", None)))
+""",
+    ("FOR_ITER", None): """
+def f(n):
+    t = 0
+    for v in (k * 2 for k in range(n)):
+        t += v
+    return t
+def events(fn):
+    seen = []
+    def trace(frame, event, arg):
+        if frame.f_code is fn.__code__:
+            seen.append((event, arg[0].__name__ if event == "exception" else None))
+            return trace
+    sys.settrace(trace)
+    fn(3)
+    sys.settrace(None)
+    return seen
+report(events(f), events(forced(f, "FOR_ITER", None)))
 """,
     ("SEND", None): """
 def inner():

@@ -27,8 +27,10 @@ from pykprobes.core.arch import ArchUnavailable, Built, CompiledCall, OptHit, Op
 #: The instructions a frame returns by (3.12 added RETURN_CONST).
 RETURNS: Final = frozenset({"RETURN_VALUE", "RETURN_CONST"})
 
-#: The `bytecode` releases inject.py was tested with (a version prefix).
-TESTED_BYTECODE: Final = "0.19."
+#: The `bytecode` release inject.py was tested with, on every supported CPython (pinned in
+#: pyproject.toml): inject.py seeds a private class of it and works around its reading of
+#: 3.14's BUILD_INTERPOLATION, both of which another release may change.
+TESTED_BYTECODE: Final = "0.19.1"
 
 
 class RewriteArch:
@@ -46,9 +48,9 @@ class RewriteArch:
 
             # inject.py seeds a private class of bytecode (see there): only the releases it
             # was tested with are trusted; any other leaves probes to the breakpoint arch.
-            if not bytecode.__version__.startswith(TESTED_BYTECODE):
+            if bytecode.__version__ != TESTED_BYTECODE:
                 raise ArchUnavailable(
-                    f"bytecode {bytecode.__version__} is not a tested release ({TESTED_BYTECODE}x)"
+                    f"bytecode {bytecode.__version__} is not the tested release ({TESTED_BYTECODE})"
                 )
             from pykprobes.arch.rewrite import inject
         except ImportError as exc:

@@ -57,6 +57,16 @@ _FOR_ITER_EXIT_313 = (
     "(3.13 bytecodes.c FOR_ITER: JUMPBY(oparg + 2)), so a sequence there would be entered "
     "in its middle"
 )
+_FOR_ITER_OVER_GENERATOR = Rule(
+    "FOR_ITER",
+    None,
+    "a loop over a generator reports a StopIteration (PEP 380: a sys.monitoring "
+    "STOP_ITERATION event, an 'exception' event for sys.settrace) when it ends, unless "
+    "FOR_ITER carries the LINE instrumentation, which runs it unspecialized (measured on "
+    "3.13.0, 3.14.10 and 3.15.2; 3.12.1 reports none either way): a sequence before "
+    "FOR_ITER takes that instrumentation, so debuggers would see a StopIteration that "
+    "the original never shows them",
+)
 _FOR_ITER_EXIT_314 = (
     "an exhausted FOR_ITER jumps past its target END_FOR, onto the POP_ITER after it "
     "(3.14 and 3.15 bytecodes.c FOR_ITER: JUMPBY(oparg + 1)), so a sequence there would be "
@@ -78,6 +88,7 @@ _RULES_314: Final = (
         "with RESUME_OPARG_DEPTH1_MASK and no tool monitoring PY_UNWIND)",
     ),
     Rule("END_FOR", None, _FOR_ITER_EXIT_314),
+    _FOR_ITER_OVER_GENERATOR,
     Rule(
         "NOT_TAKEN",
         None,
@@ -149,6 +160,7 @@ RULES: Final[dict[tuple[int, int], tuple[Rule, ...]]] = {
         _RESUME_313,
         Rule("END_FOR", None, _FOR_ITER_EXIT_313),
         Rule("POP_TOP", "END_FOR", _FOR_ITER_EXIT_313),
+        _FOR_ITER_OVER_GENERATOR,
     ),
     (3, 14): _RULES_314,
     (3, 15): _RULES_314,
