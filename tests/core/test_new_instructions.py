@@ -142,3 +142,53 @@ def test_probes_at_a_new_instruction(opname: str) -> None:
     # Each call ends once, in the return handler (the coroutine of END_ASYNC_FOR returns
     # its total, which f hands on).
     assert len(ends) == CALLS and rp.nmissed == 0
+
+
+class Box:
+    def __init__(self, n: int, log: list[Any]) -> None:
+        self.n = n
+        self.log = log
+
+    def get(self) -> int:
+        self.log.append(("get", self.n))
+        return self.n
+
+
+def borrowing(box: Box) -> int:
+    return box.get() + 1  # 3.14+: LOAD_FAST_BORROW box, then LOAD_ATTR
+
+
+def test_a_handler_rebinding_a_borrowed_local() -> None:
+    """3.14 pushes a local with LOAD_FAST_BORROW, a reference it does not own, where the
+    compiler proves nothing rebinds the local before it is used. A handler between the two
+    (at LOAD_ATTR) that rebinds it through frame.f_locals (PEP 667, 3.13+) takes the only
+    other reference away: the object must live on until the borrowed reference is used
+    (it does on 3.14.10 and 3.15.2, with either mechanism). Before 3.13 the write does
+    not reach the local; the order is the same."""
+    import weakref
+
+    log: list[Any] = []
+    instrs = insn.decode(borrowing.__code__)
+    # The instruction after the load of `box` (LOAD_ATTR; 3.11: LOAD_METHOD).
+    offset = next(instrs[i + 1].start for i, ins in enumerate(instrs)
+                  if ins.opname.startswith("LOAD_FAST"))
+
+    def rebind(p: kp.Kprobe, regs: kp.Regs) -> None:
+        regs.frame.f_locals["box"] = Box(100, log)
+        log.append("rebound")
+
+    def make() -> Box:
+        box = Box(7, log)
+        weakref.finalize(box, log.append, "freed")
+        return box
+
+    p = kp.Kprobe(addr=borrowing, offset=offset, pre_handler=rebind)
+    kp.register_kprobe(p)
+    try:
+        kp.wait_for_kprobe_optimizer()
+        assert bool(p.flags & kp.KPROBE_FLAG_OPTIMIZED) == OPTIMIZED
+        results = [borrowing(make()) for _ in range(CALLS)]
+    finally:
+        kp.unregister_kprobe(p)
+    assert results == [8] * CALLS and p.nfault == 0
+    assert log[:3] == ["rebound", ("get", 7), "freed"]
