@@ -91,19 +91,23 @@ def decode(code: CodeType) -> tuple[Insn, ...]:
 
 
 def entry_index(insns: tuple[Insn, ...] | list[Insn]) -> int:
-    """Index of the first RESUME: the end of the prologue (MAKE_CELL, COPY_FREE_VARS,
-    RETURN_GENERATOR, POP_TOP), after which the frame really starts to run. Every code
-    object 3.11+ compiles has one; ValueError for one that has not (made by hand, or for
-    another interpreter): nothing about it can be trusted."""
+    """Index of the RESUME that ends the prologue (MAKE_CELL, COPY_FREE_VARS,
+    RETURN_GENERATOR, POP_TOP), after which the frame really starts to run: the first
+    whose argument is 0 (RESUME_AT_FUNC_START), where PY_START fires. It is the first
+    RESUME, except in a 3.15 generator expression, which starts with a RESUME 4
+    (RESUME_AT_GEN_EXPR_START) and gets the iterator of its argument (LOAD_FAST .0,
+    GET_ITER) before RETURN_GENERATOR (measured: PY_START at the RESUME 0 after it). Every
+    code object 3.11+ compiles has one; ValueError for one that has not (made by hand, or
+    for another interpreter): nothing about it can be trusted."""
     for index, ins in enumerate(insns):
-        if ins.opname == "RESUME":
+        if ins.opname == "RESUME" and ins.arg == 0:
             return index
     raise ValueError("no RESUME instruction: not bytecode this interpreter compiled")
 
 
 def entry_offset(code: CodeType) -> int:
-    """Offset of the first RESUME: every offset up to it is the function's entry.
-    ValueError as `entry_index`."""
+    """Offset of the RESUME that ends the prologue (`entry_index`): every offset up to it
+    is the function's entry. ValueError as `entry_index`."""
     insns = decode(code)
     return insns[entry_index(insns)].offset
 

@@ -7,12 +7,13 @@ How an address (code object, offset) is armed
 * An ordinary offset is served by the INSTRUCTION event. Its callback returns
   `sys.monitoring.DISABLE` for every offset of that code that is not armed, so after the
   first run of the code only the armed offsets cost a callback.
-* An offset in the prologue (offset 0, or anything up to and including the first RESUME:
-  MAKE_CELL, COPY_FREE_VARS, RETURN_GENERATOR, POP_TOP, RESUME) never fires INSTRUCTION
-  events (it lies before `_co_firsttraceable`), so it is served by PY_START and
-  `uses_entry_event()` is True for it (the core sets KPROBE_FLAG_FTRACE). For generators and
-  coroutines PY_START fires at the *first resumption* (first `next()`/`send()`), not when
-  the generator object is created by the call. The pre-handler gets the armed offset.
+* An offset in the prologue (offset 0, or anything up to and including its RESUME,
+  insn.entry_index: MAKE_CELL, COPY_FREE_VARS, RETURN_GENERATOR, POP_TOP, RESUME) never
+  fires INSTRUCTION events (it lies before `_co_firsttraceable`), so it is served by
+  PY_START and `uses_entry_event()` is True for it (the core sets KPROBE_FLAG_FTRACE). For
+  generators and coroutines PY_START fires at the *first resumption* (first
+  `next()`/`send()`), not when the generator object is created by the call. The
+  pre-handler gets the armed offset.
 * A RESUME after a `yield`/`await` never fires INSTRUCTION events either: it is served by
   PY_RESUME. END_FOR never runs with an event (an exhausted FOR_ITER jumps over it), so it
   cannot be probed (EINVAL).
