@@ -87,6 +87,7 @@ STRIPPED_ENV = (
     "PYKPROBES_ARCH",  # set per run by `test`
     "PYKPROBES_CORE",  # likewise
     "PYTHON_JIT",  # likewise: set per run on a Python that has a JIT
+    "PYKPROBES_CONTROL",  # would serve a control socket from every interpreter the suite starts
 )
 # Deliberately kept: PYTHONDONTWRITEBYTECODE (set on some machines) only stops .pyc files
 # being written next to the sources, which keeps the checkout clean; pip byte-compiles what it

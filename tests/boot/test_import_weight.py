@@ -148,3 +148,40 @@ def _is_builtin_or_extension(name: str) -> bool:
         mod = sys.modules[name]
     file = getattr(mod, "__file__", None) or ""
     return not file.endswith(".py")
+
+
+#: The pykprobes modules PYKPROBES_CONTROL=1 loads: the boot stage and the control server
+#: (the tracefs, the core and the trace come with the server's first request, in its thread).
+CONTROL_PYKPROBES = {"pykprobes", "pykprobes._version", "pykprobes.boot", "pykprobes.control",
+                     "pykprobes.control.server", "pykprobes.control.paths",
+                     "pykprobes.control.protocol"}
+#: The standard library modules they may add (a superset over 3.11-3.15).
+CONTROL_STDLIB = {"__future__", "_socket", "select", "threading", "_weakrefset", "atexit",
+                  "errno", "itertools", "_collections", "collections", "keyword", "operator",
+                  "reprlib", "_thread", "_functools", "functools", "types", "weakref",
+                  "_threading_local", "copyreg", "enum", "_operator", "warnings",
+                  "_contextvars", "contextvars", "_types"}
+
+
+def test_control_loads_the_server_and_nothing_heavy(tmp_path: Path) -> None:
+    code = ("import sys, threading, os; print(sorted(sys.modules)); "
+            "print([t.name for t in threading.enumerate()])")
+    base = _modules(tmp_path, None)
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    res = run(["-c", code], cwd=tmp_path,
+              env={"PYKPROBES_CONTROL": "1", "XDG_RUNTIME_DIR": str(xdg)})
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    mods_line, threads_line = res.stdout.splitlines()[-2:]
+    added = set(ast.literal_eval(mods_line)) - base
+    # (On 3.15+ the .start entry point loads pykprobes.boot at every start: in `base`.)
+    assert {m for m in added if m.split(".")[0] == "pykprobes"} == CONTROL_PYKPROBES - base
+    assert {m for m in added if m.split(".")[0] != "pykprobes"} <= CONTROL_STDLIB
+    assert "pykprobes-control" in ast.literal_eval(threads_line)
+    # The socket was served, and removed at exit.
+    assert (xdg / "pykprobes").is_dir() and list((xdg / "pykprobes").iterdir()) == []
+    # "0" serves nothing: the .pth line (one truth test) loads the boot package, which
+    # reads the value and stops there.
+    res = run(["-c", MODULES], cwd=tmp_path, env={"PYKPROBES_CONTROL": "0"})
+    loaded = {m for m in ast.literal_eval(res.stdout) if m.split(".")[0] == "pykprobes"}
+    assert loaded == {"pykprobes", "pykprobes._version", "pykprobes.boot"}

@@ -46,9 +46,9 @@ def _check(root: Path, definition: str) -> subprocess.CompletedProcess[str]:
     ("p:t/a waitpkg.mod:nothere", "no code for symbol 'waitpkg.mod:nothere'"),
     ("p:t/a waitpkg.mod:Thing", "is a class: probe one of its methods"),
     ("p:t/a waitpkg.mod:work+1000", "offset past the end of the code"),
-    ("p:t/a waitpkg.mod:work zz", "Invalid $-valiable specified"),
-    ("p:t/a waitpkg.mod:work $arg3", "Invalid argument number"),
-    ("p:t/a waitpkg.mod:Thing.method nope", "Invalid $-valiable specified"),
+    ("p:t/a waitpkg.mod:work zz", "This variable is not found at this probe point"),
+    ("p:t/a waitpkg.mod:work $arg3", "This variable is not found at this probe point"),
+    ("p:t/a waitpkg.mod:Thing.method nope", "This variable is not found at this probe point"),
 ])
 def test_check_finds_what_the_import_would_refuse(
     package: Path, definition: str, message: str

@@ -51,7 +51,7 @@ def test_a_line_target_path_no_file_can_have(fs: TraceFS, path: str) -> None:
     log = fs.read("error_log")
     log.encode("utf-8")
     lines = log.splitlines()
-    assert lines[0].endswith("error: Invalid probed address or symbol")
+    assert lines[0].endswith("error: Failed to find the given file")
     assert lines[2].index("^") == lines[1].index("/tmp/")
     for resolve in (kp.resolve_line, kp.line_symbols):
         with pytest.raises(kp.KprobeError) as caught:

@@ -17,6 +17,10 @@ Environment:
     PYKPROBES_EARLY_BUFFER      the early buffer's size in events (1..1048576, default 16384);
                                 when it is full, further events are counted lost
     PYKPROBES_PANIC_ON_UNSAFE   1: an early probe found unsafe at conversion aborts the process
+    PYKPROBES_CONTROL           1 (any value but 0): serve the process's tracefs on its control
+                                socket from start-up (pykprobes/control/server.py), so that
+                                `pykprobes -p PID ...` can reach it on any Python; its first
+                                request ends the early stage
 
 Each definition is parsed by the grammar of every other definition (`grammar.parse_boot`),
 registered as an early probe (`register_kprobe()` before `init_kprobes()`: an early slot, the
@@ -55,47 +59,67 @@ writing the events) runs in `kprobe_busy` (core/site.py): an early probe on a mo
 target the import machinery (core/early.py EARLY_NEEDED) nor what no probe may target
 (core/blacklist.py).
 
-When `PYKPROBES_EVENTS` is unset, the `.pth` line imports nothing; the `.start` entry point
-of 3.15+ costs `site` the import of `pkgutil` and of this package (boot/pth.py). When it is
-set, the boot stage loads the core's registry and the trace's event code
-(tests/boot/test_import_weight.py lists them); the rewrite arch and `bytecode` are loaded only
-when a target's code has to be rewritten.
+When `PYKPROBES_EVENTS` and `PYKPROBES_CONTROL` are unset, the `.pth` line imports nothing;
+the `.start` entry point of 3.15+ costs `site` the import of `pkgutil` and of this package
+(boot/pth.py). When `PYKPROBES_EVENTS` is set, the boot stage loads the core's registry and
+the trace's event code (tests/boot/test_import_weight.py lists them); the rewrite arch and
+`bytecode` are loaded only when a target's code has to be rewritten. `PYKPROBES_CONTROL`
+loads the control server's few modules (the same test lists them); the tracefs comes with
+its first request.
 """
 
 from __future__ import annotations
 
 _started = False
+_control_tried = False
 
 
 def start_from_environ() -> None:
-    """Run the boot stage once per process (site may process a `.pth` file twice); never
-    raises: a failure is one warning on stderr, and the program runs as it would have.
+    """Run the boot stage once per process (site may process a `.pth` file twice), and
+    serve the control socket when asked; never raises: a failure is one warning on stderr,
+    and the program runs as it would have.
 
     A call while `PYKPROBES_EVENTS` is unset does nothing and counts for nothing: on 3.15+
     `site` calls this at every start (the `.start` entry point, boot/pth.py), and a program
-    that sets the variable later may still start the stage by hand."""
-    global _started
+    that sets the variable later may still start the stage by hand. `serve()` is
+    idempotent by itself."""
+    global _started, _control_tried
     import os
 
     value = os.environ.get("PYKPROBES_EVENTS")
-    if _started or not value:
-        return
-    _started = True
-    try:
-        from pykprobes.boot import stage
-
-        stage.run(value)
-    except Exception as exc:  # noqa: BLE001 - start-up must go on
-        import sys
-
+    if value and not _started:
+        _started = True
         try:
-            if sys.stderr is not None:
-                sys.stderr.write(f"pykprobes: the boot stage failed: {exc!r}\n")
-        except Exception:  # noqa: BLE001 - nowhere to report it
-            pass
+            from pykprobes.boot import stage
+
+            stage.run(value)
+        except Exception as exc:  # noqa: BLE001 - start-up must go on
+            warn(f"the boot stage failed: {exc!r}")
+    control = os.environ.get("PYKPROBES_CONTROL")
+    if control and control.strip() != "0" and not _control_tried:
+        _control_tried = True  # once: a directory refused once is refused again
+        try:
+            # The one edge up the layers (DESIGN.md section 5): lazy, and only when asked.
+            from pykprobes.control import serve
+
+            serve()
+        except Exception as exc:  # noqa: BLE001 - start-up must go on
+            warn(f"PYKPROBES_CONTROL: no control socket: {exc}")
+
+
+def warn(message: str) -> None:
+    """`pykprobes: MESSAGE` on stderr, for start-up and the threads that serve the program:
+    never raises (there may be no stderr, or a closed one)."""
+    import sys
+
+    try:
+        if sys.stderr is not None:
+            sys.stderr.write(f"pykprobes: {message}\n")
+    except Exception:  # noqa: BLE001 - nowhere to report it
+        pass
 
 
 #: The short name.
 start = start_from_environ
 
-__all__ = ["start", "start_from_environ"]
+__all__ = ["start", "start_from_environ", "warn"]

@@ -1,10 +1,11 @@
 """The start-up hook: the two files the wheel (and the editable install) puts in site-packages.
 
 `_pykprobes.pth` (every Python): `site` runs each `.pth` line that starts with `import` at
-every interpreter start, before the program. Ours costs one dictionary lookup when
-`PYKPROBES_EVENTS` is unset: `site` has imported `os` already, so `import os` is a lookup in
-`sys.modules`, and no pykprobes module is imported. Only when the variable is set does it
-import the boot stage (`pykprobes.boot.start_from_environ()`, which never raises).
+every interpreter start, before the program. Ours costs two dictionary lookups when
+`PYKPROBES_EVENTS` and `PYKPROBES_CONTROL` are unset: `site` has imported `os` already, so
+`import os` is a lookup in `sys.modules`, and no pykprobes module is imported. Only when one
+is set does it import the boot stage (`pykprobes.boot.start_from_environ()`, which never
+raises).
 
 `_pykprobes.start` (PEP 829, Python 3.15+): `site` calls each `pkg.mod:callable` line of a
 `NAME.start` file, resolved by `pkgutil.resolve_name()`, after every `.pth` file has extended
@@ -35,15 +36,16 @@ Standard library only, and importable on its own: setup.py reads this file by pa
 PTH_NAME = "_pykprobes.pth"
 
 PTH_LINE = (
-    'import os; os.environ.get("PYKPROBES_EVENTS")'
+    'import os; (os.environ.get("PYKPROBES_EVENTS") or os.environ.get("PYKPROBES_CONTROL"))'
     ' and __import__("pykprobes.boot").boot.start_from_environ()'
 )
 
 #: The file's whole text.
 PTH_TEXT = (
     PTH_LINE + "\n"
-    "# pykprobes: early probes at interpreter start-up when PYKPROBES_EVENTS is set;\n"
-    "# nothing is imported when it is not. See pykprobes/boot/__init__.py.\n"
+    "# pykprobes: early probes at interpreter start-up when PYKPROBES_EVENTS is set, the\n"
+    "# control socket when PYKPROBES_CONTROL is; nothing is imported when neither is.\n"
+    "# See pykprobes/boot/__init__.py.\n"
 )
 
 #: The PEP 829 twin of PTH_NAME: the same name, so that it suppresses the `.pth` line.
@@ -53,8 +55,9 @@ START_NAME = PTH_NAME[: -len(".pth")] + ".start"
 START_ENTRY = "pykprobes.boot:start_from_environ"
 
 START_TEXT = (
-    "# pykprobes: early probes at interpreter start-up when PYKPROBES_EVENTS is set (PEP 829;\n"
-    "# it replaces the import line of _pykprobes.pth). See pykprobes/boot/__init__.py.\n"
+    "# pykprobes: early probes at interpreter start-up when PYKPROBES_EVENTS is set, the\n"
+    "# control socket when PYKPROBES_CONTROL is (PEP 829; it replaces the import line of\n"
+    "# _pykprobes.pth). See pykprobes/boot/__init__.py.\n"
     + START_ENTRY + "\n"
 )
 

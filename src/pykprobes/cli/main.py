@@ -80,6 +80,9 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="pykprobes", description="kprobes for the CPython virtual machine."
     )
     parser.add_argument("--version", action="version", version=f"pykprobes {__version__}")
+    parser.add_argument("-p", "--pid", type=int, metavar="PID",
+                        help="the running process the command works on (trace, cat, write, "
+                             "pipe, reset)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     info = commands.add_parser(
         "info",
@@ -89,10 +92,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(func=_cmd_info)
     # Each subcommand module imports the engine inside its command function only.
-    from pykprobes.cli import probe, run
+    from pykprobes.cli import attach, probe, run
 
     run.add_parser(commands)
     probe.add_parsers(commands)
+    attach.add_parsers(commands)
     return parser
 
 

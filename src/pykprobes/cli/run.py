@@ -2,7 +2,7 @@
 
     pykprobes run -e DEF [-e DEF ...] [--filter EVENT=EXPR] [--trigger EVENT=CMD]
                   [--summary] [-o FILE] [--format text|json|perfetto] [--otlp URL]
-                  -- script.py ARGS | -- DIR_OR_ZIP ARGS | -- -m module ARGS
+                  [--control] -- script.py ARGS | -- DIR_OR_ZIP ARGS | -- -m module ARGS
 
 The program is run as `python` runs it, where a program can tell: `sys.argv`, `sys.path[0]`
 (the script's directory once symlinks are resolved, the directory or zip itself, or the
@@ -37,6 +37,10 @@ before an `os._exit()` of its own or a fatal signal cannot be written by a proce
 gone, nor counted by one that never saw it: that is lost, as a kernel's per-CPU buffer is
 when the machine stops. A child started with `exec` (`subprocess`, multiprocessing's spawn)
 is another program: `PYKPROBES_EVENTS` traces it (boot/__init__.py).
+
+With `--control` the program's tracefs is served on its control socket (control/server.py)
+from the start, so that `pykprobes -p PID ...` can trace it on any Python; without `-e`,
+run writes no trace of its own.
 """
 
 from __future__ import annotations
@@ -83,6 +87,9 @@ def add_parser(commands: Any) -> None:
                      help="the trace buffer's size (the buffer_size_kb file)")
     run.add_argument("--no-optimize", action="store_true",
                      help="keep every probe a breakpoint (debug.kprobes-optimization=0)")
+    run.add_argument("--control", action="store_true",
+                     help="serve the tracefs on a control socket: `pykprobes -p PID ...` "
+                          "can then add events while the program runs")
     run.add_argument("program", nargs=argparse.REMAINDER,
                      help="-- script.py ARGS, or -- -m module ARGS")
     run.set_defaults(func=cmd_run)
@@ -162,17 +169,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         otel = otel_export.OtlpExport(args.otlp)
         for event in list(fs.events.values()):
             event.set_span_mode()
+    if args.control:
+        from pykprobes.control import serve
+
+        try:
+            path = serve()
+        except OSError as exc:
+            print(f"pykprobes run: no control socket: {exc}", file=sys.stderr)
+            return 1
+        print(f"pykprobes: process {os.getpid()} serves its tracefs at {path}",
+              file=sys.stderr)
 
     from pykprobes.boot import mainhook
 
-    writer = _Writer(fs, out, args.format, args.summary)
-    writer.otel = otel
     # atexit runs last what was registered first: the program's own handlers, then the rest
     # of the trace and the profile, then (after an uncaught KeyboardInterrupt) the SIGINT
     # that ends the process as it ends python.
     atexit.register(mainhook.exit_like_python)
-    atexit.register(writer.finish)
-    writer.start()
+    hold: Callable[[], None] = _no_writer
+    # With --control alone there is nothing of run's own to write: the records belong to
+    # the clients that stream them (a second trace_pipe reader would split them).
+    if args.event or not args.control:
+        writer = _Writer(fs, out, args.format, args.summary)
+        writer.otel = otel
+        atexit.register(writer.finish)
+        writer.start()
+        hold = writer.hold
+    else:
+        out.close()
     for event in list(fs.events.values()):
         if args.summary:
             event.summarize()
@@ -180,12 +204,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             event.enable()
     if target is None:
         assert module_name is not None
-        loaded = _Program.from_module(module_name, program[2:], writer.hold)
+        loaded = _Program.from_module(module_name, program[2:], hold)
         if isinstance(loaded, int):
             return loaded
         loaded.enter()
         target = loaded
-    return _exec_main(target, registry, writer.hold)
+    return _exec_main(target, registry, hold)
+
+
+def _no_writer() -> None:
+    pass
 
 
 class _Program:

@@ -124,6 +124,14 @@ def bare(value: object) -> str:
     return "".join(map(_bare_char, s))
 
 
+def _printable(s: str) -> str:
+    """`s` with only its unprintable characters escaped (`\\n`, `\\xNN`, `\\uNNNN`): one
+    line, backslashes as they are."""
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else _escape_char(c) for c in s)
+
+
 def _quote_bytes(b: bytes) -> str:
     chars = []
     for code in b:
@@ -358,13 +366,14 @@ def format_error_log(entries: Iterable[ErrorLogEntryLike]) -> str:
     for entry in entries:
         secs, usecs = _error_time(entry)
         location = getattr(entry, "location", None) or ERROR_LOG_LOCATION
-        # The command as the user typed it, escaped as bare text (a NUL or a lone surrogate
-        # in a path), the caret under the same character.
+        # The command as the user typed it (a backslash as typed, as the kernel shows it:
+        # the kselftests' `\\x` immediates), only what is not printable escaped (a NUL or
+        # a lone surrogate in a path), the caret under the same character.
         command = entry.command
-        caret = " " * (len(CMD_PREFIX) + len(bare(command[: max(entry.pos, 0)]))) + "^"
+        caret = " " * (len(CMD_PREFIX) + len(_printable(command[: max(entry.pos, 0)]))) + "^"
         out.append(
             f"[{secs:5d}.{usecs:06d}] {location}: error: {bare(entry.message)}\n"
-            f"{CMD_PREFIX}{bare(command)}\n"
+            f"{CMD_PREFIX}{_printable(command)}\n"
             f"{caret}\n"
         )
     return "".join(out)

@@ -117,7 +117,9 @@ class TraceFS:
             try:
                 point.prepare()
             except ParseError as exc:
-                raise self._fail(exc.code, exc.pos, text, errno.EINVAL) from exc
+                # trace_uprobe.c returns kern_path()'s -ENOENT with FILE_NOT_FOUND.
+                err = errno.ENOENT if exc.code == "FILE_NOT_FOUND" else errno.EINVAL
+                raise self._fail(exc.code, exc.pos, text, err) from exc
             except KprobeError as exc:
                 code = "NON_UNIQ_SYMBOL" if exc.errno == errno.EADDRNOTAVAIL else \
                     "BAD_PROBE_ADDR"
