@@ -27,6 +27,7 @@ ENTRY_PYKPROBES = {"pykprobes", "pykprobes._version", "pykprobes.boot"}
 #: The pykprobes modules the boot stage loads when PYKPROBES_EVENTS is set (pending targets).
 BOOT_PYKPROBES = {
     "pykprobes", "pykprobes._version", "pykprobes.errors", "pykprobes.grammar",
+    "pykprobes.insn",  # the instruction decoder registration checks offsets with
     "pykprobes.boot", "pykprobes.boot.buffer", "pykprobes.boot.stage",
     # the seed's early registration: the core's registry and what it imports
     "pykprobes.core", "pykprobes.core.address", "pykprobes.core.arch",
@@ -51,7 +52,9 @@ BOOT_PYKPROBES = {
 SPEEDUPS = {"pykprobes.trace._speedups"}
 #: The standard library modules the above may add (the core's imports: typing, threading,
 #: dis, warnings, ...; `re` comes with typing before 3.13; 3.14 moved warnings' Python code
-#: to _py_warnings). A superset over 3.11-3.15.
+#: to _py_warnings). A superset over 3.11-3.15. Not annotationlib and ast: on 3.14+ a
+#: typing.NamedTuple class imports them (and enum) when it is made, so the boot stage's
+#: modules define none (insn.Insn); CPython's own start-up imports neither.
 BOOT_STDLIB = {
     "__future__", "_collections", "_contextvars", "_functools", "_opcode", "_opcode_metadata",
     "_operator", "_py_warnings", "_sre", "_types", "_typing", "_weakrefset", "atexit",
