@@ -12,6 +12,8 @@ things in the interpreter; with one, each also checks that executors really ran.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -54,7 +56,32 @@ def executors(code: CodeType) -> int:
 
 def compiled_by_the_jit(code: CodeType) -> None:
     if jit_enabled():
-        assert executors(code), f"the JIT compiled nothing in {code.co_qualname}"
+        assert executors(code), f"the JIT compiled nothing in {code.co_qualname}: {_why()}"
+
+
+def _why() -> str:
+    """What keeps the JIT away, for the failure message: tools and events, tracers."""
+    mon = sys.monitoring
+    tools = {t: (mon.get_tool(t), mon.get_events(t)) for t in range(6) if mon.get_tool(t)}
+    return (f"tools {tools}, trace {sys.gettrace()}, profile {sys.getprofile()}, "
+            f"threads {[t.name for t in threading.enumerate()]}")
+
+
+def in_a_fresh_interpreter(case: Any) -> bool:
+    """With the JIT on, run `case` in a new interpreter and say so (True): late in a long
+    suite, CPython 3.14.10's JIT was seen to compile nothing more in the process (no
+    executor for `drive` after five hot runs, no tool or tracer active: the cause is
+    CPython's, not found), and these tests must see executors run to mean anything."""
+    if not jit_enabled() or os.environ.get("PYKPROBES_TEST_FRESH"):
+        return False
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run(
+        [sys.executable, "-c", "import pykprobes; from tests.core import test_jit as t; "
+         f"pykprobes.set_optimization(t.OPTIMIZED); t.{case.__name__}()"],
+        cwd=root, env={**os.environ, "PYKPROBES_TEST_FRESH": "1"}, capture_output=True,
+        text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return True
 
 
 def warm_drive() -> None:
@@ -81,6 +108,11 @@ def drive(n: int) -> int:
 
 
 def test_a_hot_loop_sees_a_function_probed_and_unprobed() -> None:
+    if not in_a_fresh_interpreter(hot_loop_sees_a_function_probed_and_unprobed):
+        hot_loop_sees_a_function_probed_and_unprobed()
+
+
+def hot_loop_sees_a_function_probed_and_unprobed() -> None:
     """`drive`'s loop is compiled, tracing through `add_one`, before the probe exists:
     every call after registration hits (as a breakpoint, then optimized), none after
     unregistration, and `add_one` runs its own code again."""
@@ -105,6 +137,11 @@ def test_a_hot_loop_sees_a_function_probed_and_unprobed() -> None:
 
 
 def test_return_probe_on_a_function_called_from_a_hot_loop() -> None:
+    if not in_a_fresh_interpreter(return_probe_on_a_function_called_from_a_hot_loop):
+        return_probe_on_a_function_called_from_a_hot_loop()
+
+
+def return_probe_on_a_function_called_from_a_hot_loop() -> None:
     entries: list[int] = []
     returns: list[Any] = []
 
