@@ -149,7 +149,7 @@ def make_venvs(interp: Any, pip_python: Path, wheel: Path, work: Path) -> dict[s
         pythons[name] = dev.venv_python(env_dir)
     check_call([str(pip_python), "-m", "pip", "--python", str(pythons["installed"]),
                 "install", "--quiet", "--no-input", "--disable-pip-version-check", "--no-deps",
-                str(wheel), "bytecode>=0.19,<0.20"], "installing the wheel")
+                str(wheel), "bytecode==0.19.1"], "installing the wheel")
     for python in pythons.values():
         purelib = check_call([str(python), "-c",
                               "import sysconfig; print(sysconfig.get_paths()['purelib'])"],

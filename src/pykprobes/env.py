@@ -21,6 +21,16 @@ PY311: Final = PYVERSION == (3, 11)
 PY312: Final = PYVERSION == (3, 12)
 PY313_PLUS: Final = PYVERSION >= (3, 13)
 
+# The instructions an exhausted FOR_ITER jumps over, from the END_FOR its argument names:
+# they never run as themselves, so no probe can be there and a `for` line's exit run starts
+# after them. 3.12 skips END_FOR (bytecodes.c FOR_ITER: JUMPBY(oparg + 1)); 3.13 END_FOR and
+# the POP_TOP after it (JUMPBY(oparg + 2)); 3.14 and 3.15 END_FOR again, landing on
+# POP_ITER (measured: tests/core/test_lines.py). 3.11 has no END_FOR: the loop exits to
+# the target itself.
+FOR_ITER_EXIT_SKIPS: Final[tuple[str, ...]] = (
+    () if PYVERSION < (3, 12) else ("END_FOR", "POP_TOP") if PYVERSION == (3, 13) else ("END_FOR",)
+)
+
 # A free-threaded build (PEP 703, 3.13t; "t" in sys.abiflags) is refused by the core until it
 # is supported (docs/pythons.md, "Free-threaded builds"): the hit path's counters and
 # slots rely on the GIL, and so do the breakpoint arch's re-arm toggle and the C ring. A GIL

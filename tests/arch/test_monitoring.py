@@ -19,7 +19,7 @@ from pykprobes.errors import KprobeError  # noqa: E402
 
 if hasattr(sys, "monitoring"):
     from pykprobes.arch.monitoring import PENDING_CAP, MonitoringArch
-    from pykprobes.arch.successors import prologue_end
+    from pykprobes.insn import entry_offset as prologue_end
 
     M: Any = sys.monitoring
     E: Any = M.events

@@ -27,7 +27,7 @@ import pytest
 
 from pykprobes.arch.rewrite import RewriteArch, callees
 from pykprobes.arch.rewrite.assembly import call_sequence
-from pykprobes.arch.rewrite.decode import Instruction, entry_index, instructions
+from pykprobes.insn import Insn, decode, entry_index
 
 ARCH = RewriteArch()
 
@@ -158,6 +158,11 @@ def loops(n: int) -> Any:
             if a + b > 3:
                 break
             out.append((a, b))
+    # A loop over a generator: FOR_ITER runs it inline (3.12+ FOR_ITER_GEN).
+    for g in (k * 3 for k in range(n)):
+        if g > 9:
+            break
+        out.append(g)
     return out, j
 
 
@@ -611,7 +616,10 @@ def misc(x: Any) -> Any:
     assert ob.v > 0, "positive"
     value = "yes" if x > 2 else "no"
     chained = 1 < x <= 5 != x
-    return a, b, c, d, ob.v, value, chained, not x, -x, ~x, x is None, x in b
+    # 3.14 inlines all(), any() and tuple() of a generator, checking the builtins with
+    # LOAD_COMMON_CONSTANT.
+    inlined = (all(v >= 0 for v in b), any(v < 0 for v in b), tuple(v for v in b))
+    return a, b, c, d, ob.v, value, chained, not x, -x, ~x, x is None, x in b, inlined
 
 
 def annotated(x: int) -> Any:
@@ -662,6 +670,23 @@ def big(x):
     return v299, v0 if x > 100 else None
 """
 
+
+# t-strings (PEP 750, 3.14+): BUILD_INTERPOLATION with each conversion and a format spec,
+# BUILD_TEMPLATE. Compiled from text, as older Pythons cannot parse them.
+TEMPLATES_SOURCE = """
+def templates(x, width=6):
+    name = "v"
+    t = t"{name}={x!r:>{width}} and {x + 1 if isinstance(x, int) else x!s} {x!a} {x:}"
+    parts = [p if isinstance(p, str) else (p.value, p.expression, p.conversion, p.format_spec)
+             for p in t]
+    return t.strings, parts, [(i.value, i.conversion) for i in t.interpolations]
+"""
+try:
+    _templates_namespace: dict[str, Any] = {}
+    exec(compile(TEMPLATES_SOURCE, "<templates>", "exec"), _templates_namespace)
+    TEMPLATES: list[Any] = [_templates_namespace["templates"]]
+except SyntaxError:  # no t-strings before 3.14
+    TEMPLATES = []
 
 _big_namespace: dict[str, Any] = {}
 exec(compile(make_big_source(), "<big>", "exec"), _big_namespace)
@@ -858,6 +883,7 @@ CASES: list[Case] = [
     function_case(Derived.describe, lambda f: [outcome(f, Derived())]),
     function_case(lambdas, lambda f: [outcome(f, n) for n in (2, 5)]),
     function_case(big, lambda f: [outcome(f, x) for x in (-1, 2, 200)]),
+    *(function_case(t, lambda f: [outcome(f, x) for x in (1, "s", 2.5)]) for t in TEMPLATES),
     recursive_case(),
     class_body_case(),
     module_case(),
@@ -871,7 +897,7 @@ CASE_IDS = [c.name for c in CASES]
 def starts_by_unit(code: types.CodeType) -> dict[int, int]:
     """Every code unit's offset -> the start of the instruction it belongs to."""
     out = {}
-    for ins in instructions(code):
+    for ins in decode(code):
         for unit in range(ins.start, ins.end, 2):
             out[unit] = ins.start
     return out
@@ -890,7 +916,7 @@ def count_instructions(case: Case) -> tuple[Any, collections.Counter[int]]:
     """
     code = case.code
     unit_start = starts_by_unit(code)
-    starts = {ins.start for ins in instructions(code)}
+    starts = {ins.start for ins in decode(code)}
     counts: collections.Counter[int] = collections.Counter()
     monitoring = getattr(sys, "monitoring", None)
     if monitoring is not None:
@@ -1001,7 +1027,7 @@ def _close_loop() -> Iterator[None]:
 class Prepared:
     observed: Any
     counts: collections.Counter[int]
-    instrs: list[Instruction]
+    instrs: tuple[Insn, ...]
     entry: int
     lines: dict[int, int | None]
 
@@ -1012,9 +1038,8 @@ _prepared: dict[str, Prepared] = {}
 def prepare(case: Case) -> Prepared:
     if case.name not in _prepared:
         observed, counts = count_instructions(case)
-        instrs = instructions(case.code)
+        instrs = decode(case.code)
         entry = entry_index(instrs)
-        assert entry is not None
         _prepared[case.name] = Prepared(observed, counts, instrs, entry, line_at(case.code))
     return _prepared[case.name]
 
@@ -1108,7 +1133,7 @@ def assert_locations_kept(code: types.CodeType, new: types.CodeType) -> None:
     new_pos = list(new.co_positions())
     old_lines = line_at(code)
     new_lines = line_at(new)
-    new_instrs = instructions(new)
+    new_instrs = decode(new)
     # The hit is loaded by name (arch/rewrite/callees.py): LOAD_GLOBAL, LOAD_ATTR func.
     pattern = [name for op, _ in SEQUENCE.ops
                for name in (("LOAD_GLOBAL", "LOAD_ATTR") if op == "LOAD_CONST" else (op,))]
@@ -1123,7 +1148,7 @@ def assert_locations_kept(code: types.CodeType, new: types.CodeType) -> None:
         )
 
     j = 0
-    for ins in instructions(code):
+    for ins in decode(code):
         injected = []
         while injected_at(j):
             injected += new_instrs[j : j + width]
@@ -1169,7 +1194,7 @@ def test_locations_kept_in_stdlib_modules() -> None:
         module_code = module.__spec__.loader.get_code(module.__name__)  # type: ignore[attr-defined]
         for code in every_code(module_code):
             ok = [
-                i.start for i in instructions(code) if ARCH.check_optimizable(code, i.start) is None
+                i.start for i in decode(code) if ARCH.check_optimizable(code, i.start) is None
             ]
             assert_locations_kept(code, ARCH.build(code, {o: (lambda: None) for o in ok}, {}).code)
             count += 1
@@ -1199,7 +1224,7 @@ def test_locations_kept_without_debug_ranges() -> None:
 
 def test_corpus_covers_every_version_quirk() -> None:
     """The corpus really contains the instructions the refusal rules are about."""
-    seen = {ins.opname for case in CASES for ins in instructions(case.code)}
+    seen = {ins.opname for case in CASES for ins in decode(case.code)}
     for opname in ("SEND", "YIELD_VALUE", "RESUME", "FOR_ITER", "CALL", "BINARY_OP", "STORE_FAST"):
         assert opname in seen
     if "KW_NAMES" in dis.opmap:
@@ -1208,6 +1233,25 @@ def test_corpus_covers_every_version_quirk() -> None:
         assert "END_FOR" in seen
     if "CLEANUP_THROW" in dis.opmap:
         assert "CLEANUP_THROW" in seen
+    # Those 3.14 and 3.15 brought (TEMPLATES is there wherever t-strings are).
+    for opname in (
+        "LOAD_FAST_BORROW",
+        "LOAD_FAST_BORROW_LOAD_FAST_BORROW",
+        "LOAD_SMALL_INT",
+        "LOAD_SPECIAL",
+        "LOAD_COMMON_CONSTANT",
+        "CALL_KW",
+        "NOT_TAKEN",
+        "POP_ITER",
+        "END_SEND",
+        "END_ASYNC_FOR",
+        "BUILD_TEMPLATE",
+        "BUILD_INTERPOLATION",
+    ):
+        if opname in dis.opmap:
+            assert opname in seen, opname
+    if "BUILD_TEMPLATE" in dis.opmap:
+        assert TEMPLATES
 
 
 def iter_cases() -> Iterator[Case]:

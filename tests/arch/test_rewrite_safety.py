@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pykprobes.arch.rewrite import RewriteArch
-from pykprobes.arch.rewrite.decode import entry_index, instructions
+from pykprobes.insn import decode, entry_index
 from tests.arch.test_rewrite_corpus import CASES
 
 ARCH = RewriteArch()
@@ -44,8 +44,18 @@ REFUSED: dict[tuple[int, int], set[tuple[str, str | None]]] = {
         ("RESUME", None),  # gen_close's fast path reads it
         ("END_FOR", None),  # FOR_ITER exits to END_FOR + 2
         ("POP_TOP", "END_FOR"),
+        ("FOR_ITER", None),  # a loop over a generator shows tracers a StopIteration
+    },
+    (3, 14): {
+        ("RESUME", None),  # a close() shows tracers other events
+        ("END_FOR", None),  # FOR_ITER exits to END_FOR + 1, the POP_ITER
+        ("NOT_TAKEN", None),  # BRANCH_LEFT's source is the instruction run before it
+        ("POP_ITER", None),  # so is BRANCH_RIGHT's, for a loop's exit
+        ("END_SEND", None),  # an async for's exit is a branch from there
+        ("FOR_ITER", None),
     },
 }
+REFUSED[(3, 15)] = REFUSED[(3, 14)]
 
 
 def expected_refusal(opname: str, previous: str) -> bool:
@@ -58,9 +68,8 @@ def test_every_version_has_a_specification() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_refusals_are_exactly_the_documented_ones(case) -> None:  # type: ignore[no-untyped-def]
-    instrs = instructions(case.code)
+    instrs = decode(case.code)
     entry = entry_index(instrs)
-    assert entry is not None
     wrong = []
     for index, ins in enumerate(instrs):
         reason = ARCH.check_optimizable(case.code, ins.start)
@@ -78,7 +87,7 @@ def test_non_boundaries_are_refused() -> None:
         return len([x] * 3) + x
 
     code = target.__code__
-    instrs = instructions(code)
+    instrs = decode(code)
     boundaries = {ins.start for ins in instrs}
     inside = [
         off for ins in instrs for off in range(ins.start + 1, ins.end) if off not in boundaries
@@ -98,7 +107,7 @@ def test_inside_extended_arg_prefix_is_no_boundary() -> None:
     namespace: dict[str, object] = {}
     exec(source, namespace)
     code = namespace["f"].__code__  # type: ignore[attr-defined]
-    prefixed = [ins for ins in instructions(code) if ins.offset != ins.start]
+    prefixed = [ins for ins in decode(code) if ins.offset != ins.start]
     assert prefixed
     for ins in prefixed:
         assert ARCH.check_optimizable(code, ins.start) is None
@@ -109,9 +118,8 @@ def test_build_refuses_a_refused_offset() -> None:
     def gen() -> object:
         yield 1
 
-    instrs = instructions(gen.__code__)
+    instrs = decode(gen.__code__)
     entry = entry_index(instrs)
-    assert entry is not None
     resume = next(ins for i, ins in enumerate(instrs) if ins.opname == "RESUME" and i > entry)
     with pytest.raises(ValueError, match="RESUME"):
         ARCH.build(gen.__code__, {resume.start: lambda: None}, {})
@@ -123,11 +131,12 @@ def test_build_refuses_a_refused_offset() -> None:
 PRELUDE = """
 import sys, types
 sys.path.insert(0, {src!r})
-from pykprobes.arch.rewrite import inject, assembly, decode
+from pykprobes import insn
+from pykprobes.arch.rewrite import inject, assembly
 
 def forced(fn, opname, previous, which=0):
-    instrs = decode.instructions(fn.__code__)
-    entry = decode.entry_index(instrs)
+    instrs = insn.decode(fn.__code__)
+    entry = insn.entry_index(instrs)
     found = [ins for i, ins in enumerate(instrs) if i > entry and ins.opname == opname
              and (previous is None or instrs[i - 1].opname == previous)]
     seq = assembly.call_sequence()
@@ -141,6 +150,24 @@ def outcome(fn, *args):
         return fn(*args)
     except Exception as exc:
         return repr(exc)
+
+def branches(fn, *calls, code=None):
+    # The opname each BRANCH event of a call of fn with each argument starts at.
+    code = code or fn.__code__
+    mon = sys.monitoring
+    names = {{ins.offset: ins.opname for ins in insn.decode(code)}}
+    seen = []
+    def record(code, src, dest):
+        seen.append(names[src])
+    mon.use_tool_id(3, "demo")
+    mon.register_callback(3, mon.events.BRANCH_LEFT, record)
+    mon.register_callback(3, mon.events.BRANCH_RIGHT, record)
+    mon.set_local_events(3, code, mon.events.BRANCH_LEFT | mon.events.BRANCH_RIGHT)
+    for arg in calls:
+        fn(arg)
+    mon.set_local_events(3, code, 0)
+    mon.free_tool_id(3)
+    return seen
 
 def report(original, changed):
     print("SAME" if original == changed else "DIFFERENT: %r != %r" % (original, changed))
@@ -235,10 +262,80 @@ def close_events(fn):
 def plain():
     yield 1
     yield 2
-# 3.11/3.12: throw() into the yield from; 3.13: the trace events of close().
+# 3.11/3.12: throw() into the yield from; 3.13: the trace events of close(); 3.14 and
+# 3.15: those of close() of the yield from.
 g = forced(outer, "RESUME", None)
 p = forced(plain, "RESUME", None)
-report((throw(outer), close_events(plain)), (outcome(throw, g), close_events(p)))
+report(
+    (throw(outer), close_events(plain), close_events(outer)),
+    (outcome(throw, g), close_events(p), close_events(g)),
+)
+""",
+    ("NOT_TAKEN", None): """
+def f(x):
+    if x:
+        return 1
+    return 2
+# The branch a coverage tool sees starts at the conditional jump.
+report(branches(f, 1, 0), branches(forced(f, "NOT_TAKEN", None), 1, 0))
+""",
+    ("POP_ITER", None): """
+def f(x):
+    t = 0
+    for i in x:
+        t += i
+    return t
+# The loop's exit is a branch from FOR_ITER.
+report(branches(f, [1, 2]), branches(forced(f, "POP_ITER", None), [1, 2]))
+""",
+    ("END_SEND", None): """
+class Items:
+    def __init__(self):
+        self.n = 0
+    def __aiter__(self):
+        return self
+    async def __anext__(self):
+        self.n += 1
+        if self.n > 2:
+            raise StopAsyncIteration
+        return self.n
+async def f(items):
+    t = 0
+    async for i in items:
+        t += i
+    return t
+def run(fn):
+    def call(items):
+        try:
+            fn(items).send(None)
+        except StopIteration as stop:
+            return stop.value
+    return call
+# Where the branches of the async for start: the events, and co_branches().
+def where(fn):
+    names = {ins.offset: ins.opname for ins in insn.decode(fn.__code__)}
+    return branches(run(fn), Items(), code=fn.__code__), [
+        names[src] for src, _, _ in fn.__code__.co_branches()
+    ]
+report(where(f), where(forced(f, "END_SEND", None)))
+""",
+    ("FOR_ITER", None): """
+def f(n):
+    t = 0
+    for v in (k * 2 for k in range(n)):
+        t += v
+    return t
+def events(fn):
+    seen = []
+    def trace(frame, event, arg):
+        if frame.f_code is fn.__code__:
+            seen.append((event, arg[0].__name__ if event == "exception" else None))
+            return trace
+    sys.settrace(trace)
+    fn(3)
+    sys.settrace(None)
+    return seen
+report(events(f), events(forced(f, "FOR_ITER", None)))
 """,
     ("SEND", None): """
 def inner():
@@ -304,9 +401,8 @@ def test_prologue_offsets_are_the_entry() -> None:
     inner, gen = outer(1)
     for fn in (outer, inner, gen):
         code = fn.__code__
-        instrs = instructions(code)
+        instrs = decode(code)
         entry = entry_index(instrs)
-        assert entry is not None
         for ins in instrs[: entry + 1]:
             assert ARCH.check_optimizable(code, ins.start) is None
             assert isinstance(ARCH.build(code, {ins.start: lambda: None}, {}).code, types.CodeType)

@@ -27,6 +27,7 @@ ENTRY_PYKPROBES = {"pykprobes", "pykprobes._version", "pykprobes.boot"}
 #: The pykprobes modules the boot stage loads when PYKPROBES_EVENTS is set (pending targets).
 BOOT_PYKPROBES = {
     "pykprobes", "pykprobes._version", "pykprobes.errors", "pykprobes.grammar",
+    "pykprobes.insn",  # the instruction decoder registration checks offsets with
     "pykprobes.boot", "pykprobes.boot.buffer", "pykprobes.boot.stage",
     # the seed's early registration: the core's registry and what it imports
     "pykprobes.core", "pykprobes.core.address", "pykprobes.core.arch",

@@ -68,7 +68,8 @@ def test_optimized_probe_covers_frames_still_running_old_code() -> None:
     code = targets.counter.__code__
     yield_off = next(i.offset for i in dis.get_instructions(code) if i.opname == "YIELD_VALUE")
     body = [i.offset for i in dis.get_instructions(code) if i.offset < yield_off
-            and i.opname == "LOAD_FAST" and i.argval == "i"][-1]
+            # 3.14 loads it with LOAD_FAST_BORROW
+            and i.opname in ("LOAD_FAST", "LOAD_FAST_BORROW") and i.argval == "i"][-1]
     gen = targets.counter(10)
     assert next(gen) == 0  # suspended in the original code
     p = kp.Kprobe(addr=targets.counter, offset=body)

@@ -141,10 +141,11 @@ from collections.abc import Callable, Mapping
 from types import CodeType, FrameType, MappingProxyType
 from typing import Any, ClassVar, Final
 
+from pykprobes import insn
 from pykprobes.arch import frametable
 from pykprobes.arch.frametable import PENDING_CAP
 from pykprobes.arch.monitoring_caps import instruction_events_shared, local_unwind
-from pykprobes.arch.successors import Flow, analyze, generator_close_runs_frame, prologue_end
+from pykprobes.arch.successors import Flow, analyze, generator_close_runs_frame
 from pykprobes.core.arch import ArchUnavailable, PostHit, PreHit, ReturnHit, UnwindHit
 from pykprobes.core.regs import CALLBACK_CODES
 from pykprobes.errors import KprobeError
@@ -575,13 +576,13 @@ class MonitoringArch:
     # ------------------------------------------------------------------ arm/disarm
 
     def uses_entry_event(self, code: CodeType, offset: int) -> bool:
-        return 0 <= offset <= prologue_end(code)
+        return 0 <= offset <= insn.entry_offset(code)
 
     def arm(self, code: CodeType, offset: int, pre: PreHit, post: PostHit | None) -> None:
         if self._closed:
             raise KprobeError(errno.EINVAL, "the monitoring arch is closed")
         flows = analyze(code)  # outside the lock: dis runs Python code
-        entry_end = prologue_end(code)
+        entry_end = insn.entry_offset(code)
         flow = flows.get(offset)
         if flow is None:
             raise KprobeError(
@@ -633,7 +634,7 @@ class MonitoringArch:
         if self._closed:
             raise KprobeError(errno.EINVAL, "the monitoring arch is closed")
         flows = analyze(code)  # outside the lock: dis runs Python code
-        entry_end = prologue_end(code)
+        entry_end = insn.entry_offset(code)
         with self._lock:
             self._reap_locked()
             model = self._codes.get(id(code))

@@ -113,7 +113,6 @@ Limits
 from __future__ import annotations
 
 import collections
-import dis
 import errno
 import sys
 import threading
@@ -121,10 +120,11 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, ClassVar, Final
 
+from pykprobes import insn
 from pykprobes.arch import frametable
 from pykprobes.arch.frametable import PENDING_CAP
-from pykprobes.arch.successors import Exits, exits, generator_close_runs_frame, prologue_end
-from pykprobes.codecache import CodeCache
+from pykprobes.arch.successors import Exits, exits, generator_close_runs_frame
+from pykprobes.codecache import cached
 from pykprobes.core.arch import ReturnHit, UnwindHit
 from pykprobes.errors import KprobeError
 
@@ -235,27 +235,12 @@ class _CodeModel:
         return not self.entry and not self.sites and self.ret is None
 
 
-#: code -> its _groups: arming a probe on every line of a function decoded it once per probe.
-_groups_cache: CodeCache[dict[int, tuple[int, str]]] = CodeCache()
-
-
+@cached
 def _groups(code: CodeType) -> dict[int, tuple[int, str]]:
-    """address -> (offset of the real opcode, its name), EXTENDED_ARG folded in (shared:
-    read only)."""
-    hit = _groups_cache.get(code)
-    return hit if hit is not None else _groups_cache.put(code, _decode_groups(code))
-
-
-def _decode_groups(code: CodeType) -> dict[int, tuple[int, str]]:
-    out: dict[int, tuple[int, str]] = {}
-    prefix: int | None = None
-    for ins in dis.get_instructions(code):
-        if ins.opname == "EXTENDED_ARG":
-            prefix = ins.offset if prefix is None else prefix
-            continue
-        out[ins.offset if prefix is None else prefix] = (ins.offset, ins.opname)
-        prefix = None
-    return out
+    """address -> (offset of the real opcode, its name), EXTENDED_ARG folded in (computed
+    once per code object: arming a probe on every line of a function asked for it once per
+    probe; shared, read only)."""
+    return {ins.start: (ins.offset, ins.opname) for ins in insn.decode(code)}
 
 
 def _describe(func: object) -> str:
@@ -566,7 +551,7 @@ class SettraceArch:
     # ------------------------------------------------------------------ arm/disarm
 
     def uses_entry_event(self, code: CodeType, offset: int) -> bool:
-        return 0 <= offset <= prologue_end(code)
+        return 0 <= offset <= insn.entry_offset(code)
 
     def arm(self, code: CodeType, offset: int, pre: Any, post: Any) -> None:
         if self._closed:
@@ -583,7 +568,7 @@ class SettraceArch:
                 f"{code.co_name}+{offset}: END_FOR never runs with an event "
                 "(an exhausted FOR_ITER jumps over it)",
             )
-        entry_end = prologue_end(code)
+        entry_end = insn.entry_offset(code)
         with self._lock:
             self._reap_locked()
             self._check_busy_locked()
@@ -614,7 +599,7 @@ class SettraceArch:
         if self._closed:
             raise KprobeError(errno.EINVAL, "the settrace arch is closed")
         ex = exits(code)  # outside the lock: dis runs Python code
-        entry_end = prologue_end(code)
+        entry_end = insn.entry_offset(code)
         with self._lock:
             self._reap_locked()
             self._check_busy_locked()

@@ -3,8 +3,8 @@
 A post-handler runs "after the armed instruction executed", i.e. at the next instruction
 executed in the same frame. The monitoring arch implements that by arming, internally, every
 instruction that can run next: the fall-through and jump targets of the armed instruction.
-This module computes them with `dis`, for CPython 3.12 and 3.13 (the only versions with
-`sys.monitoring`), from the de-instrumented `co_code` that `dis` reads.
+This module computes them from the instructions the one decoder (insn.py) reads in the
+de-instrumented `co_code`, for CPython 3.12+ (the versions with `sys.monitoring`).
 
 What counts as "the next instruction" is what fires the next INSTRUCTION event, so the
 instructions that never fire one are looked through (`_silent_opcodes`):
@@ -16,8 +16,8 @@ instructions that never fire one are looked through (`_silent_opcodes`):
   including the first `RESUME`) lies before `co->_co_firsttraceable` and is never
   instrumented either: a probe there is served by the PY_START event instead.
 
-An exhausted `FOR_ITER` does not jump to its `dis` target but past it (measured, see
-`_FOR_ITER_EXIT_SKIPS`). Exception-table handlers are not successors: an instruction that
+An exhausted `FOR_ITER` does not jump to its `dis` target but past it
+(`env.FOR_ITER_EXIT_SKIPS`). Exception-table handlers are not successors: an instruction that
 raises did not complete, so no post-handler runs for it; the handler is reported separately
 (`Flow.handler`) so that the arch can drop the pending post there.
 
@@ -42,13 +42,15 @@ GeneratorExit into it (a 'call' event, then its end), where 3.12+ run nothing.
 from __future__ import annotations
 
 import dis
+import opcode
 import sys
 from types import CodeType
 from typing import Any, Final
 
-from pykprobes.codecache import CodeCache
+from pykprobes import env, insn
+from pykprobes.codecache import cached
 
-__all__ = ["Exits", "Flow", "analyze", "exits", "generator_close_runs_frame", "prologue_end"]
+__all__ = ["Exits", "Flow", "analyze", "exits", "generator_close_runs_frame"]
 
 # Instructions after which the frame is left instead of continuing at a successor.
 # The value is the local event that still sees the frame (PY_UNWIND is global-only).
@@ -67,14 +69,10 @@ _UNCONDITIONAL_JUMPS: Final = frozenset(
 # Which opcodes never fire an INSTRUCTION event (Python/instrumentation.c, see above).
 _silent_opcodes: Final = frozenset({"RESUME", "END_FOR"})
 
-# Where an exhausted FOR_ITER continues, relative to its dis target (which is END_FOR):
-# 3.12 jumps over END_FOR (`JUMPBY(oparg + 1)`); 3.13 over END_FOR and the POP_TOP after it
-# (`JUMPBY(oparg + 2)`). The same holds when an inlined generator (FOR_ITER_GEN) returns:
-# END_FOR (and POP_TOP on 3.13) run without an INSTRUCTION event. Measured on 3.12.1/3.13.0.
-_FOR_ITER_EXIT_SKIPS: Final[dict[tuple[int, int], tuple[str, ...]]] = {
-    (3, 12): ("END_FOR",),
-    (3, 13): ("END_FOR", "POP_TOP"),
-}
+# Jump opcodes (for `dis`) that never jump: 3.14's END_ASYNC_FOR names its loop's END_SEND
+# only so that sys.monitoring can report the loop's exit as a BRANCH_RIGHT from there; it
+# swallows the StopAsyncIteration and goes on to the next instruction (or re-raises).
+_NAMES_ONLY: Final = frozenset({"END_ASYNC_FOR"})
 
 
 class Flow:
@@ -114,67 +112,22 @@ class Flow:
         )
 
 
-def _instructions(code: CodeType) -> list[tuple[int, dis.Instruction]]:
-    """(address, real instruction) pairs: EXTENDED_ARG prefixes folded into what follows."""
-    out: list[tuple[int, dis.Instruction]] = []
-    prefix: int | None = None
-    for ins in dis.get_instructions(code):
-        if ins.opname == "EXTENDED_ARG":
-            if prefix is None:
-                prefix = ins.offset
-            continue
-        out.append((ins.offset if prefix is None else prefix, ins))
-        prefix = None
-    return out
-
-
-#: code -> (prologue end, flows or None): arming one probe per line of a function analysed
-#: it once per probe, with a full `dis` decoding each time (3.13: 15 ms for difflib's
-#: find_longest_match).
-_cache: CodeCache[tuple[int, dict[int, Flow] | None]] = CodeCache()
-
-
-def _cached(code: CodeType) -> tuple[int, dict[int, Flow] | None]:
-    hit = _cache.get(code)
-    if hit is not None:
-        return hit
-    end = -1
-    for ins in dis.get_instructions(code):
-        if ins.opname == "RESUME":
-            end = ins.offset
-            break
-    return _cache.put(code, (end, None))
-
-
-def prologue_end(code: CodeType) -> int:
-    """The offset of the first RESUME: everything up to and including it is the prologue,
-    which never fires INSTRUCTION events (it precedes `_co_firsttraceable`); -1 if none."""
-    return _cached(code)[0]
-
-
+@cached
 def analyze(code: CodeType) -> dict[int, Flow]:
-    """The Flow of every instruction of `code`, keyed by address (shared: read only)."""
-    end, flows = _cached(code)
-    if flows is None:
-        flows = _analyze(code)
-        _cache.put(code, (end, flows))
-    return flows
-
-
-def _analyze(code: CodeType) -> dict[int, Flow]:
-    instrs = _instructions(code)
-    nbytes = len(code.co_code)
-    by_real: dict[int, int] = {}
+    """The Flow of every instruction of `code`, keyed by address (computed once per code
+    object: arming one probe per line of a function asked for it once per probe; shared,
+    read only)."""
+    instrs = insn.decode(code)
     opname_at: dict[int, str] = {}
     end_at: dict[int, int] = {}
-    for i, (addr, ins) in enumerate(instrs):
-        by_real[ins.offset] = addr
-        opname_at[addr] = ins.opname
-        end_at[addr] = instrs[i + 1][0] if i + 1 < len(instrs) else nbytes
+    for ins in instrs:
+        opname_at[ins.start] = ins.opname
+        end_at[ins.start] = ins.end
+    by_real = {ins.offset: ins.start for ins in instrs}
     # Bytecode.exception_entries exists since 3.11 but is missing from typeshed.
     entries = dis.Bytecode(code).exception_entries  # type: ignore[attr-defined]
-    first_resume = prologue_end(code)
-    skips = _FOR_ITER_EXIT_SKIPS.get(sys.version_info[:2], ("END_FOR",))
+    first_resume = insn.entry_offset(code)
+    skips = env.FOR_ITER_EXIT_SKIPS
 
     def handler_for(real: int) -> int | None:
         for e in entries:
@@ -185,22 +138,21 @@ def _analyze(code: CodeType) -> dict[int, Flow]:
     def resolve(target: int, seen: frozenset[int] = frozenset()) -> frozenset[int]:
         # Look through instructions that never fire INSTRUCTION events.
         name = opname_at.get(target)
-        if name is None or target >= nbytes:
+        if name is None:
             return frozenset()
         if name in _silent_opcodes and target not in seen:
             return resolve(end_at[target], seen | {target})
         return frozenset({target})
 
     flows: dict[int, Flow] = {}
-    for addr, ins in instrs:
+    for ins in instrs:
         name = ins.opname
-        end = end_at[addr]
         succ: set[int] = set()
         leaves = _LEAVES.get(name)
         if leaves is None:
-            target: int | None = None
-            if ins.opcode in dis.hasjrel or ins.opcode in dis.hasjabs:
-                target = by_real.get(int(ins.argval), int(ins.argval))
+            target = None if name in _NAMES_ONLY else ins.jump_target
+            if target is not None:
+                target = by_real.get(target, target)
             if name == "FOR_ITER" and target is not None:
                 t = target
                 for skipped in skips:
@@ -210,9 +162,11 @@ def _analyze(code: CodeType) -> dict[int, Flow]:
             elif target is not None:
                 succ |= resolve(target)
             if name not in _UNCONDITIONAL_JUMPS:
-                succ |= resolve(end)
-        handler = handler_for(ins.offset) if addr > first_resume else None
-        flows[addr] = Flow(addr, name, ins.offset, end, frozenset(succ), leaves, handler)
+                succ |= resolve(ins.end)
+        handler = handler_for(ins.offset) if ins.start > first_resume else None
+        flows[ins.start] = Flow(
+            ins.start, name, ins.offset, ins.end, frozenset(succ), leaves, handler
+        )
     return flows
 
 
@@ -220,8 +174,13 @@ def _analyze(code: CodeType) -> dict[int, Flow]:
 
 _RETURNS: Final = frozenset({"RETURN_VALUE", "RETURN_CONST"})
 #: The implicit handler wrapping a generator's, coroutine's or async generator's body
-#: (3.12+): `CALL_INTRINSIC_1 INTRINSIC_STOPITERATION_ERROR; RERAISE 1`.
-_WRAPPER_INTRINSIC: Final = "INTRINSIC_STOPITERATION_ERROR"
+#: (3.12+): `CALL_INTRINSIC_1 INTRINSIC_STOPITERATION_ERROR; RERAISE 1` (the argument as
+#: `dis` names it; 3.11 has no CALL_INTRINSIC_1).
+_WRAPPER_INTRINSIC: Final = (
+    opcode._intrinsic_1_descs.index("INTRINSIC_STOPITERATION_ERROR")  # type: ignore[attr-defined]
+    if hasattr(opcode, "_intrinsic_1_descs")
+    else -1
+)
 
 
 class Exits:
@@ -250,13 +209,12 @@ class Exits:
         self.close_skips = close_skips
 
 
+@cached
 def exits(code: CodeType) -> Exits:
-    """The ways out of a frame of `code` (see `Exits`)."""
-    instrs = _instructions(code)
+    """The ways out of a frame of `code` (see `Exits`; computed once per code object)."""
+    instrs = insn.decode(code)
     entries = dis.Bytecode(code).exception_entries  # type: ignore[attr-defined]
-    target_op: dict[int, tuple[str, str]] = {
-        ins.offset: (ins.opname, ins.argrepr) for _, ins in instrs
-    }
+    target_op = {ins.offset: (ins.opname, ins.arg) for ins in instrs}
 
     def wrapper_only(real: int) -> bool:
         for e in entries:
@@ -268,14 +226,14 @@ def exits(code: CodeType) -> Exits:
     yields: set[int] = set()
     lasti: set[int] = set()
     skips: set[int] = set()
-    for i, (addr, ins) in enumerate(instrs):
+    for i, ins in enumerate(instrs):
         if ins.opname in _RETURNS:
-            returns |= {addr, ins.offset}
+            returns |= {ins.start, ins.offset}
         elif ins.opname == "YIELD_VALUE":
-            here = {addr, ins.offset}
-            if i + 1 < len(instrs) and instrs[i + 1][1].opname == "RESUME":
-                here |= {instrs[i + 1][0], instrs[i + 1][1].offset}
-            yields |= {addr, ins.offset}
+            here = {ins.start, ins.offset}
+            if i + 1 < len(instrs) and instrs[i + 1].opname == "RESUME":
+                here |= {instrs[i + 1].start, instrs[i + 1].offset}
+            yields |= {ins.start, ins.offset}
             lasti |= here
             if wrapper_only(ins.offset):
                 skips |= here
@@ -300,9 +258,9 @@ def generator_close_runs_frame() -> bool:
         return _close_runs_frame
     code = _close_probe.__code__
     if sys.getprofile() is not None:
-        resume_flag = any(
-            ins.opname == "RESUME" and (ins.arg or 0) & 4 for ins in dis.get_instructions(code)
-        )
+        # The RESUME after this plain `yield` says RESUME_AFTER_YIELD (1), plus the depth-1
+        # flag where close() looks at it (3.13 and 3.14: 4; 3.15: 8).
+        resume_flag = any(ins.opname == "RESUME" and ins.arg > 1 for ins in insn.decode(code))
         return not resume_flag
     seen: list[str] = []
 

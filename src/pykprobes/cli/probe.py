@@ -64,9 +64,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _list_lines(module: str, code: CodeType) -> None:
-    from pykprobes.core.address import instruction_starts
+    from pykprobes import insn
 
-    starts = set(instruction_starts(code))
+    starts = set(insn.starts(code))
     by_line: dict[int, list[int]] = {}
     for start, end, line in code.co_lines():
         if line is None:

@@ -6,15 +6,11 @@ same text have equal code objects, and a probe on one must not fire in the other
 
 from __future__ import annotations
 
-import dis
 from types import CodeType
-from typing import Final
+from typing import NamedTuple
 
-from pykprobes.codecache import CodeCache
-
-# Opcodes that make up a function's prologue (3.11+): they run before RESUME, at frame
-# creation. A probe anywhere in the prologue is a probe at the function's entry.
-_PROLOGUE_OPS: Final = frozenset({"MAKE_CELL", "COPY_FREE_VARS", "RETURN_GENERATOR", "POP_TOP"})
+from pykprobes import env, insn
+from pykprobes.codecache import cached
 
 
 class ProbeAddress:
@@ -53,46 +49,10 @@ class ProbeAddress:
         return f"<ProbeAddress {self.code.co_qualname}+{self.offset} @ 0x{self.hexid}>"
 
 
-#: code -> (code, instruction starts, entry offset, lines with code): decoded once.
-_decoded: CodeCache[tuple[CodeType, tuple[int, ...], int, frozenset[int | None]]] = CodeCache()
-
-
-def _decode(code: CodeType) -> tuple[CodeType, tuple[int, ...], int, frozenset[int | None]]:
-    hit = _decoded.get(code)
-    if hit is not None:
-        return hit
-    starts: list[int] = []
-    prefixed = False
-    entry: int | None = None
-    # One pass: dis.get_instructions() scans the whole code for jump targets before its
-    # first instruction, so the entry offset is found here rather than by a second call.
-    for ins in dis.get_instructions(code):
-        if not prefixed:
-            starts.append(ins.offset)
-        prefixed = ins.opname == "EXTENDED_ARG"
-        if entry is None:
-            if ins.opname == "RESUME":
-                entry = ins.offset
-            elif ins.opname not in _PROLOGUE_OPS:
-                entry = 0
-    lines = frozenset(line for _, _, line in code.co_lines())
-    return _decoded.put(code, (code, tuple(starts), entry or 0, lines))
-
-
-def instruction_starts(code: CodeType) -> tuple[int, ...]:
-    """The offsets where an instruction starts: CACHE entries are part of the instruction
-    before them, and an instruction's EXTENDED_ARG prefixes are its start."""
-    return _decode(code)[1]
-
-
-def entry_offset(code: CodeType) -> int:
-    """Offset of the first RESUME, the end of the prologue (0 if there is none)."""
-    return _decode(code)[2]
-
-
 def is_entry(code: CodeType, offset: int) -> bool:
-    """True when `offset` lies in the prologue: such a probe is a function-entry probe."""
-    return offset <= entry_offset(code)
+    """True when `offset` lies in the prologue: such a probe is a function-entry probe.
+    ValueError for code without a RESUME (insn.entry_offset)."""
+    return offset <= insn.entry_offset(code)
 
 
 def line_of(code: CodeType, offset: int) -> int | None:
@@ -104,23 +64,64 @@ def line_of(code: CodeType, offset: int) -> int | None:
 
 def line_addresses(code: CodeType, lineno: int) -> list[int]:
     """Offsets where a run of instructions of source line `lineno` starts in `code` (not its
-    nested code objects): the places a debugger would stop at for that line."""
-    _, starts_list, entry, lines = _decode(code)
-    if lineno not in lines:
+    nested code objects): the places a debugger would stop at for that line. A run in the
+    prologue gives the entry (0). A run is entered at its first instruction that runs as
+    itself: an exhausted FOR_ITER jumps over the END_FOR it names (env.FOR_ITER_EXIT_SKIPS),
+    which no probe can be at, so a `for` line's exit run starts after it, or gives no
+    address when nothing of the line runs there (3.13: END_FOR, POP_TOP)."""
+    table = _line_table(code)
+    if lineno not in table.lines:
         return []  # most code objects of a module, for a line lookup
+    insns = insn.decode(code)
+    entry = insn.entry_offset(code)
+    lines, never = table.by_unit, table.never
     offsets: list[int] = []
-    prev_end = -1
-    starts = set(starts_list)
-    for start, end, line in code.co_lines():
-        if line == lineno and start != prev_end:
-            # Skip the prologue: a line probe there is the entry probe (offset 0).
-            first = 0 if start <= entry else start
-            while first not in starts and first < end:
-                first += 2
-            if first < end and first not in offsets:
-                offsets.append(first)
-        if line == lineno:
-            prev_end = end
-        elif start != end:
-            prev_end = -1
+    in_run = False
+    found = True  # the current run has its address
+    for ins in insns:
+        if lines.get(ins.start) != lineno:
+            in_run = False
+            continue
+        if not in_run:
+            in_run, found = True, False
+        if found or ins.start in never:
+            continue
+        found = True
+        address = 0 if ins.start <= entry else ins.start
+        if address not in offsets:
+            offsets.append(address)
     return offsets
+
+
+class _LineTable(NamedTuple):
+    #: Every line some instruction of the code has.
+    lines: frozenset[int | None]
+    #: The line of each code unit.
+    by_unit: dict[int, int | None]
+    #: The starts of the instructions that never run as themselves (`_never_run`).
+    never: frozenset[int]
+
+
+@cached
+def _line_table(code: CodeType) -> _LineTable:
+    """What line_addresses() reads of `code`, computed once: resolving a line looks at
+    every code object of the module, once per line asked for."""
+    by_unit: dict[int, int | None] = {}
+    for start, end, line in code.co_lines():
+        for unit in range(start, end, 2):
+            by_unit[unit] = line
+    return _LineTable(frozenset(by_unit.values()), by_unit, _never_run(insn.decode(code)))
+
+
+def _never_run(insns: tuple[insn.Insn, ...]) -> frozenset[int]:
+    """The starts of the instructions that never run as themselves: those an exhausted
+    FOR_ITER jumps over."""
+    skips = env.FOR_ITER_EXIT_SKIPS
+    out: set[int] = set()
+    for index, ins in enumerate(insns):
+        if skips and ins.opname == skips[0]:
+            for following, name in zip(insns[index:], skips, strict=False):
+                if following.opname != name:
+                    break
+                out.add(following.start)
+    return frozenset(out)

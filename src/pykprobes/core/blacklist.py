@@ -24,8 +24,8 @@ BLACKLIST_MODULES: Final[dict[str, str]] = {
     "warnings": "handler faults are reported through warnings",
     # 3.14+: warnings.py re-exports its Python code from _py_warnings (showwarning, ...).
     "_py_warnings": "handler faults are reported through warnings",
-    "dis": "registration decodes instructions with dis",
-    "opcode": "registration decodes instructions with dis",
+    "dis": "the breakpoint arches read exception tables with dis",
+    "opcode": "registration decodes instructions with opcode's tables (insn.py)",
 }
 
 _nokprobe_codes: dict[int, CodeType] = {}

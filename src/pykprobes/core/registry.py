@@ -23,8 +23,9 @@ from collections.abc import Iterable
 from types import CodeType, FunctionType, MethodType, ModuleType
 from typing import Any, Final
 
+from pykprobes import insn
 from pykprobes.core import codestate, early, kretprobe, resolve
-from pykprobes.core.address import ProbeAddress, instruction_starts, is_entry
+from pykprobes.core.address import ProbeAddress, is_entry
 from pykprobes.core.arch import OptimizerArch, select_breakpoint, select_optimizer
 from pykprobes.core.blacklist import blacklist_reason
 from pykprobes.core.codestate import CodeState, Mechanisms
@@ -247,14 +248,20 @@ def _check_offset_value(offset: object, symbol: str) -> int:
 
 def _check_offset(code: CodeType, offset: int, symbol: str) -> int:
     _check_offset_value(offset, symbol)
-    if is_entry(code, offset):
-        return 0  # anywhere in the prologue is the function's entry
-    if offset not in instruction_starts(code):
+    try:
+        if is_entry(code, offset):
+            return 0  # anywhere in the prologue is the function's entry
+    except ValueError as exc:
+        raise einval(f"{symbol}: {exc}") from exc
+    ins = insn.insn_at(code, offset)
+    if ins is None:
         if offset >= len(code.co_code):
             raise einval(f"{symbol}+{offset}: offset past the end of the code "
                          f"({len(code.co_code)} bytes)")
         raise einval(f"{symbol}+{offset}: offset is not on an instruction boundary")
-    return offset
+    # The offset `dis` shows for an instruction with EXTENDED_ARG prefixes is its opcode's:
+    # the probe is at the instruction, whose address is its first prefix.
+    return ins.start
 
 
 # --------------------------------------------------------------------------- register

@@ -20,16 +20,17 @@ from collections.abc import Mapping, MutableMapping
 from types import CodeType
 from typing import Any, Final
 
-from pykprobes import env
+from pykprobes import env, insn
 from pykprobes.arch.rewrite import assembly, callees, frames, safety
-from pykprobes.arch.rewrite.decode import instructions
 from pykprobes.core.arch import ArchUnavailable, Built, CompiledCall, OptHit, OptReturns
 
 #: The instructions a frame returns by (3.12 added RETURN_CONST).
 RETURNS: Final = frozenset({"RETURN_VALUE", "RETURN_CONST"})
 
-#: The `bytecode` releases inject.py was tested with (a version prefix).
-TESTED_BYTECODE: Final = "0.19."
+#: The `bytecode` release inject.py was tested with, on every supported CPython (pinned in
+#: pyproject.toml): inject.py seeds a private class of it and works around its reading of
+#: 3.14's BUILD_INTERPOLATION, both of which another release may change.
+TESTED_BYTECODE: Final = "0.19.1"
 
 
 class RewriteArch:
@@ -47,9 +48,9 @@ class RewriteArch:
 
             # inject.py seeds a private class of bytecode (see there): only the releases it
             # was tested with are trusted; any other leaves probes to the breakpoint arch.
-            if not bytecode.__version__.startswith(TESTED_BYTECODE):
+            if bytecode.__version__ != TESTED_BYTECODE:
                 raise ArchUnavailable(
-                    f"bytecode {bytecode.__version__} is not a tested release ({TESTED_BYTECODE}x)"
+                    f"bytecode {bytecode.__version__} is not the tested release ({TESTED_BYTECODE})"
                 )
             from pykprobes.arch.rewrite import inject
         except ImportError as exc:
@@ -82,7 +83,7 @@ class RewriteArch:
         if returns is not None:
             # The hooks of a return probe go before each return instruction: the same
             # rules hold there (none refuses a return on 3.11-3.13).
-            for ins in instructions(code):
+            for ins in insn.decode(code):
                 if ins.opname in RETURNS:
                     reason = safety.check_optimizable(code, ins.start)
                     if reason is not None:

@@ -46,9 +46,6 @@ ON_RETURN: Final = Placeholder("ON_RETURN")
 ON_UNWIND: Final = Placeholder("ON_UNWIND")
 #: The constant a RETURN_CONST returns (3.12+).
 CONST: Final = Placeholder("CONST")
-#: The index, in code units, of the prologue's RESUME (the `lasti` an exception raised in
-#: the prologue carries).
-ENTRY: Final = Placeholder("ENTRY")
 #: The callable that turns a StopIteration leaving a generator into the RuntimeError the
 #: interpreter would make of it (3.11, see `ReturnSequences.unwind_generator`).
 CONVERT: Final = Placeholder("CONVERT")
@@ -88,6 +85,11 @@ class CallSequence(NamedTuple):
     depth: int
 
 
+_CALL_313: Final = CallSequence(
+    (("LOAD_CONST", HIT), ("PUSH_NULL", None), ("CALL", 0), ("POP_TOP", None)),
+    depth=2,
+)
+
 CALL_SEQUENCES: Final[dict[tuple[int, int], CallSequence]] = {
     # 3.11: a call is PRECALL + CALL ("PRECALL: prefixes CALL", dis docs), with the
     # callable above a NULL (or below a bound method's self).
@@ -101,10 +103,10 @@ CALL_SEQUENCES: Final[dict[tuple[int, int], CallSequence]] = {
         depth=2,
     ),
     # 3.13: CALL takes callable, self-or-NULL, args: the NULL moved above the callable.
-    (3, 13): CallSequence(
-        (("LOAD_CONST", HIT), ("PUSH_NULL", None), ("CALL", 0), ("POP_TOP", None)),
-        depth=2,
-    ),
+    (3, 13): _CALL_313,
+    # 3.14 and 3.15: the same CALL (bytecodes.c _CALL: callable, self_or_null, args).
+    (3, 14): _CALL_313,
+    (3, 15): _CALL_313,
 }
 
 
@@ -117,6 +119,22 @@ DONE: Final = Mark("done")
 # has put the argument into its cell). `record` returns an exact bool, because from 3.13
 # POP_JUMP_IF_FALSE expects one (the compiler puts TO_BOOL before it otherwise; we need
 # not). `depth` is what it needs without the variables: one slot more per variable.
+_COMPILED_313: Final = CallSequence(
+    (
+        ("LOAD_CONST", RECORD),
+        ("PUSH_NULL", None),
+        ("VARS", None),
+        ("CALL", NARGS),
+        ("POP_JUMP_IF_FALSE", DONE),
+        ("LOAD_CONST", HIT),
+        ("PUSH_NULL", None),
+        ("CALL", 0),
+        ("POP_TOP", None),
+        ("LABEL", DONE),
+    ),
+    depth=2,
+)
+
 COMPILED_CALL_SEQUENCES: Final[dict[tuple[int, int], CallSequence]] = {
     (3, 11): CallSequence(
         (
@@ -150,21 +168,12 @@ COMPILED_CALL_SEQUENCES: Final[dict[tuple[int, int], CallSequence]] = {
         ),
         depth=2,
     ),
-    (3, 13): CallSequence(
-        (
-            ("LOAD_CONST", RECORD),
-            ("PUSH_NULL", None),
-            ("VARS", None),
-            ("CALL", NARGS),
-            ("POP_JUMP_IF_FALSE", DONE),
-            ("LOAD_CONST", HIT),
-            ("PUSH_NULL", None),
-            ("CALL", 0),
-            ("POP_TOP", None),
-            ("LABEL", DONE),
-        ),
-        depth=2,
-    ),
+    (3, 13): _COMPILED_313,
+    # 3.14 and 3.15: the same. The compiler follows each conditional jump with NOT_TAKEN
+    # (the instruction sys.monitoring reports BRANCH_LEFT at), which the jump steps over
+    # when it is there; ours has none, as BRANCH events are about the program's branches.
+    (3, 14): _COMPILED_313,
+    (3, 15): _COMPILED_313,
 }
 
 
@@ -207,11 +216,6 @@ class ReturnSequences(NamedTuple):
     lies outside of). Doing it in the frame, as 3.12 does, lets ON_UNWIND see what the
     caller will see.
 
-    `guard` (3.12+) goes first in the handler when an entry of the code also covers the
-    prologue (the implicit StopIteration handler of generator-like code covers the first
-    RESUME): an exception raised there (by a signal handler, say) reaches UNWIND through
-    that handler although the frame never started, and must not be reported.
-
     `fix` changes an argument that counts the exception handlers around a yield, which
     the outermost handler adds one to. gen.close() skips raising GeneratorExit into a
     generator suspended outside any try block (3.13: the RESUME after the yield carries
@@ -226,7 +230,6 @@ class ReturnSequences(NamedTuple):
     const_tail: tuple[Op, ...] | None
     unwind: tuple[Op, ...]
     unwind_generator: tuple[Op, ...]
-    guard: tuple[Op, ...] | None
     fix: ArgFix | None
     #: Stack slots the code needs: above the depth of a return instruction ([value, NULL,
     #: hook, value]: 3), and in all (the unwind handler's [lasti, exc, NULL, hook, exc]).
@@ -238,7 +241,6 @@ class ReturnSequences(NamedTuple):
 RETURN_GUARD: Final = Mark("return-guard")
 UNWIND: Final = Mark("unwind")
 UNWIND_GUARD: Final = Mark("unwind-guard")
-RERAISE: Final = Mark("reraise")
 RETURN_RAISE: Final = Mark("return-raise")
 UNWIND_RAISE: Final = Mark("unwind-raise")
 
@@ -253,8 +255,84 @@ UNWIND_ENTRY: Final = Handler(UNWIND, 0, True)
 # method (what the core passes) take CALL's generic path: measured per return, +41 ns
 # against +23 ns on 3.11, +44 against +25 on 3.12, +43 against +22 on 3.13.
 #
-# Each `unwind` starts right after LABEL UNWIND (and the `guard`, when there is one) with
-# [lasti, exc] on the stack.
+# Each `unwind` starts right after LABEL UNWIND with [lasti, exc] on the stack. From 3.14
+# lasti is a tagged int, no object (the exception unwinding pushes PyStackRef_TagInt): only
+# RERAISE may read it; an instruction that took it for an object would crash.
+
+# The pieces 3.13 and later share (the tails: 3.12 and later).
+_VALUE_313: Final[tuple[Op, ...]] = (
+    ("TRY", Handler(RETURN_GUARD, 1, False)),
+    ("LOAD_CONST", ON_RETURN),
+    ("PUSH_NULL", None),
+    ("COPY", 3),
+    ("CALL", 1),
+    ("POP_TOP", None),
+    ("END_TRY", None),
+)
+_VALUE_TAIL: Final[tuple[Op, ...]] = (
+    ("LABEL", RETURN_GUARD),  # [value, exception from ON_RETURN]
+    ("LOAD_CONST", Exception),
+    ("CHECK_EXC_MATCH", None),
+    ("POP_JUMP_IF_FALSE", RETURN_RAISE),
+    ("POP_TOP", None),
+    ("RETURN_VALUE", None),
+    ("LABEL", RETURN_RAISE),
+    ("RERAISE", 0),
+)
+_CONST_313: Final[tuple[Op, ...]] = (
+    ("TRY", Handler(RETURN_GUARD, 0, False)),
+    ("LOAD_CONST", ON_RETURN),
+    ("PUSH_NULL", None),
+    ("LOAD_CONST", CONST),
+    ("CALL", 1),
+    ("POP_TOP", None),
+    ("END_TRY", None),
+)
+_CONST_TAIL: Final[tuple[Op, ...]] = (
+    ("LABEL", RETURN_GUARD),  # [exception from ON_RETURN]
+    ("LOAD_CONST", Exception),
+    ("CHECK_EXC_MATCH", None),
+    ("POP_JUMP_IF_FALSE", RETURN_RAISE),
+    ("POP_TOP", None),
+    ("RETURN_CONST", CONST),
+    ("LABEL", RETURN_RAISE),
+    ("RERAISE", 0),
+)
+# [lasti, exc] after the call of ON_UNWIND: re-raise exc; and the handler of that call.
+_UNWIND_TAIL: Final[tuple[Op, ...]] = (
+    ("RERAISE", 1),
+    ("LABEL", UNWIND_GUARD),  # [lasti, exc, exception from the call]
+    ("LOAD_CONST", Exception),
+    ("CHECK_EXC_MATCH", None),
+    ("POP_JUMP_IF_FALSE", UNWIND_RAISE),
+    ("POP_TOP", None),
+    ("RERAISE", 1),
+    ("LABEL", UNWIND_RAISE),
+    ("RERAISE", 0),
+)
+_UNWIND_313: Final[tuple[Op, ...]] = (
+    ("TRY", Handler(UNWIND_GUARD, 2, False)),
+    ("LOAD_CONST", ON_UNWIND),
+    ("PUSH_NULL", None),
+    ("COPY", 3),
+    ("CALL", 1),
+    ("POP_TOP", None),
+    ("END_TRY", None),
+    *_UNWIND_TAIL,
+)
+
+_RETURNS_313: Final = ReturnSequences(
+    value=_VALUE_313,
+    value_tail=_VALUE_TAIL,
+    const=_CONST_313,
+    const_tail=_CONST_TAIL,
+    unwind=_UNWIND_313,
+    unwind_generator=(),  # the same as `unwind`: the implicit handler converts
+    fix=ArgFix("RESUME", clear=4),
+    depth=3,
+    handler_depth=5,
+)
+_RETURNS_314: Final = _RETURNS_313._replace(const=None, const_tail=None)
 
 RETURN_SEQUENCES: Final[dict[tuple[int, int], ReturnSequences]] = {
     (3, 11): ReturnSequences(
@@ -289,7 +367,6 @@ RETURN_SEQUENCES: Final[dict[tuple[int, int], ReturnSequences]] = {
             ("CALL", 1),
             ("POP_TOP", None),
             ("END_TRY", None),
-            ("LABEL", RERAISE),
             ("RERAISE", 1),
             ("LABEL", UNWIND_GUARD),  # [lasti, exc, exception from the call]
             ("LOAD_CONST", Exception),
@@ -317,7 +394,6 @@ RETURN_SEQUENCES: Final[dict[tuple[int, int], ReturnSequences]] = {
             ("CALL", 1),
             ("POP_TOP", None),
             ("END_TRY", None),
-            ("LABEL", RERAISE),
             ("RERAISE", 1),
             ("LABEL", UNWIND_GUARD),  # [lasti, exc, exception from the call]
             ("LOAD_CONST", Exception),
@@ -328,7 +404,6 @@ RETURN_SEQUENCES: Final[dict[tuple[int, int], ReturnSequences]] = {
             ("LABEL", UNWIND_RAISE),
             ("RERAISE", 0),
         ),
-        guard=None,  # 3.11 has no exception-table entry over the prologue
         fix=None,  # 3.11 gen_close always raises GeneratorExit into the frame
         depth=3,
         handler_depth=5,
@@ -343,16 +418,7 @@ RETURN_SEQUENCES: Final[dict[tuple[int, int], ReturnSequences]] = {
             ("POP_TOP", None),
             ("END_TRY", None),
         ),
-        value_tail=(
-            ("LABEL", RETURN_GUARD),  # [value, exception from ON_RETURN]
-            ("LOAD_CONST", Exception),
-            ("CHECK_EXC_MATCH", None),
-            ("POP_JUMP_IF_FALSE", RETURN_RAISE),
-            ("POP_TOP", None),
-            ("RETURN_VALUE", None),
-            ("LABEL", RETURN_RAISE),
-            ("RERAISE", 0),
-        ),
+        value_tail=_VALUE_TAIL,
         const=(
             ("TRY", Handler(RETURN_GUARD, 0, False)),
             ("PUSH_NULL", None),
@@ -362,16 +428,7 @@ RETURN_SEQUENCES: Final[dict[tuple[int, int], ReturnSequences]] = {
             ("POP_TOP", None),
             ("END_TRY", None),
         ),
-        const_tail=(
-            ("LABEL", RETURN_GUARD),  # [exception from ON_RETURN]
-            ("LOAD_CONST", Exception),
-            ("CHECK_EXC_MATCH", None),
-            ("POP_JUMP_IF_FALSE", RETURN_RAISE),
-            ("POP_TOP", None),
-            ("RETURN_CONST", CONST),
-            ("LABEL", RETURN_RAISE),
-            ("RERAISE", 0),
-        ),
+        const_tail=_CONST_TAIL,
         unwind=(
             ("TRY", Handler(UNWIND_GUARD, 2, False)),
             ("PUSH_NULL", None),
@@ -380,99 +437,20 @@ RETURN_SEQUENCES: Final[dict[tuple[int, int], ReturnSequences]] = {
             ("CALL", 1),
             ("POP_TOP", None),
             ("END_TRY", None),
-            ("LABEL", RERAISE),
-            ("RERAISE", 1),
-            ("LABEL", UNWIND_GUARD),  # [lasti, exc, exception from the call]
-            ("LOAD_CONST", Exception),
-            ("CHECK_EXC_MATCH", None),
-            ("POP_JUMP_IF_FALSE", UNWIND_RAISE),
-            ("POP_TOP", None),
-            ("RERAISE", 1),
-            ("LABEL", UNWIND_RAISE),
-            ("RERAISE", 0),
+            *_UNWIND_TAIL,
         ),
         unwind_generator=(),  # the same as `unwind`: the implicit handler converts
-        guard=(
-            # [lasti, exc]: on to RERAISE unless lasti is past the prologue's RESUME.
-            ("COPY", 2),
-            ("LOAD_CONST", ENTRY),
-            ("COMPARE_OP", ">"),
-            ("POP_JUMP_IF_FALSE", RERAISE),
-        ),
         fix=ArgFix("YIELD_VALUE", add=1),
         depth=3,
         handler_depth=5,
     ),
-    (3, 13): ReturnSequences(
-        value=(
-            ("TRY", Handler(RETURN_GUARD, 1, False)),
-            ("LOAD_CONST", ON_RETURN),
-            ("PUSH_NULL", None),
-            ("COPY", 3),
-            ("CALL", 1),
-            ("POP_TOP", None),
-            ("END_TRY", None),
-        ),
-        value_tail=(
-            ("LABEL", RETURN_GUARD),  # [value, exception from ON_RETURN]
-            ("LOAD_CONST", Exception),
-            ("CHECK_EXC_MATCH", None),
-            ("POP_JUMP_IF_FALSE", RETURN_RAISE),
-            ("POP_TOP", None),
-            ("RETURN_VALUE", None),
-            ("LABEL", RETURN_RAISE),
-            ("RERAISE", 0),
-        ),
-        const=(
-            ("TRY", Handler(RETURN_GUARD, 0, False)),
-            ("LOAD_CONST", ON_RETURN),
-            ("PUSH_NULL", None),
-            ("LOAD_CONST", CONST),
-            ("CALL", 1),
-            ("POP_TOP", None),
-            ("END_TRY", None),
-        ),
-        const_tail=(
-            ("LABEL", RETURN_GUARD),  # [exception from ON_RETURN]
-            ("LOAD_CONST", Exception),
-            ("CHECK_EXC_MATCH", None),
-            ("POP_JUMP_IF_FALSE", RETURN_RAISE),
-            ("POP_TOP", None),
-            ("RETURN_CONST", CONST),
-            ("LABEL", RETURN_RAISE),
-            ("RERAISE", 0),
-        ),
-        unwind=(
-            ("TRY", Handler(UNWIND_GUARD, 2, False)),
-            ("LOAD_CONST", ON_UNWIND),
-            ("PUSH_NULL", None),
-            ("COPY", 3),
-            ("CALL", 1),
-            ("POP_TOP", None),
-            ("END_TRY", None),
-            ("LABEL", RERAISE),
-            ("RERAISE", 1),
-            ("LABEL", UNWIND_GUARD),  # [lasti, exc, exception from the call]
-            ("LOAD_CONST", Exception),
-            ("CHECK_EXC_MATCH", None),
-            ("POP_JUMP_IF_FALSE", UNWIND_RAISE),
-            ("POP_TOP", None),
-            ("RERAISE", 1),
-            ("LABEL", UNWIND_RAISE),
-            ("RERAISE", 0),
-        ),
-        unwind_generator=(),  # the same as `unwind`: the implicit handler converts
-        guard=(
-            # [lasti, exc]: on to RERAISE unless lasti is past the prologue's RESUME.
-            ("COPY", 2),
-            ("LOAD_CONST", ENTRY),
-            ("COMPARE_OP", ">"),
-            ("POP_JUMP_IF_FALSE", RERAISE),
-        ),
-        fix=ArgFix("RESUME", clear=4),
-        depth=3,
-        handler_depth=5,
-    ),
+    (3, 13): _RETURNS_313,
+    # 3.14: RETURN_CONST is gone (LOAD_CONST or LOAD_SMALL_INT, then RETURN_VALUE), the rest
+    # is 3.13's; RESUME_OPARG_DEPTH1_MASK is still 4 (Include/internal/pycore_opcode_utils.h).
+    (3, 14): _RETURNS_314,
+    # 3.15: RESUME's argument grew a bit and RESUME_OPARG_DEPTH1_MASK became 8 (a yield
+    # outside any try block compiles to RESUME 9: RESUME_AFTER_YIELD | 8).
+    (3, 15): _RETURNS_314._replace(fix=ArgFix("RESUME", clear=8)),
 }
 
 

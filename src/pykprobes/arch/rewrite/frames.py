@@ -9,13 +9,16 @@ only once no frame runs it any more. A frame runs it if it is
 * the frame of a suspended generator, coroutine or async generator, or of one created but
   not yet started: it will run the old code when resumed. Those frames are on no stack;
   they live inside the generator object, which refers to the code through its frame
-  (3.11: also `gi_code`; 3.12: the frame's `f_code`; 3.13: the frame's `f_executable`), so
+  (3.11: also `gi_code`; 3.12: the frame's `f_code`; 3.13-3.15: the frame's
+  `f_executable`, a stack reference the generator's traverse visits), so
   `gc.get_referrers(code)` finds it. That walks the whole heap, so it is done only for code
   that can make a generator (its CO_GENERATOR, CO_COROUTINE, CO_ASYNC_GENERATOR or
   CO_ITERABLE_COROUTINE flag is set): other code can only run on a stack.
 
 Frames of other interpreters (PEP 684) and of stackful coroutine libraries (greenlet) are
-not visible from here.
+not visible from here. The JIT (3.13+) changes nothing here: an executor runs a frame of the
+code object it was compiled from, and that frame is on its thread's stack or in its
+generator like any other (tests/core/test_jit.py).
 """
 
 from __future__ import annotations

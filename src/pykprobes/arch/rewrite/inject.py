@@ -49,15 +49,14 @@ from types import CodeType
 from typing import Any, Final
 
 import bytecode as _bc
-from bytecode import Bytecode, CellVar, Compare, ConcreteBytecode, Instr, Label
+from bytecode import Bytecode, CellVar, ConcreteBytecode, ConcreteInstr, Instr, Label
 from bytecode.instr import InstrLocation, TryBegin, TryEnd
 
-from pykprobes import env
+from pykprobes import env, insn
 from pykprobes.arch.rewrite import callees
 from pykprobes.arch.rewrite.assembly import (
     CONST,
     CONVERT,
-    ENTRY,
     HIT,
     NARGS,
     ON_RETURN,
@@ -71,7 +70,6 @@ from pykprobes.arch.rewrite.assembly import (
     Placeholder,
     ReturnSequences,
 )
-from pykprobes.arch.rewrite.decode import Instruction, entry_index, instructions
 from pykprobes.arch.rewrite.retprobe import GENERATOR_LIKE, refuse_returns, stop_iteration_error
 from pykprobes.core.arch import CompiledCall, OptHit, OptReturns
 
@@ -119,11 +117,34 @@ class _Converter(_BaseConverter):  # type: ignore[misc]
         return index
 
 
-_NO_LOCATION: Final = InstrLocation(None, None, None, None)
+def _abstract(code: CodeType) -> Bytecode:
+    """`Bytecode.from_code(code)` (with the exception table's stack depths as they are),
+    and BUILD_INTERPOLATION (3.14 t-strings) kept as it is.
 
-#: Arguments that `bytecode` wants as its own types, spelled as strings in assembly.py
-#: (which must not import `bytecode`).
-_ARGS: Final[dict[str, dict[object, object]]] = {"COMPARE_OP": {">": Compare.GT}}
+    bytecode 0.19.1 reads BUILD_INTERPOLATION's argument as (has a format spec,
+    FormatValue(arg >> 1)), where 3.14 puts the conversion in arg >> 2 (and sets bit 1):
+    t"{x!r}" (arg 10) fails to decode, t"{x}" decodes to a wrong conversion, and no tuple
+    encodes again. So each one is decoded as a harmless stand-in, and its abstract
+    instruction then given the original argument as a plain int, which the converter
+    writes back as it is (its last branch: `c_arg = arg`). The n-th abstract instruction
+    is the n-th concrete one, as `_offsets` relies on too."""
+    concrete = ConcreteBytecode.from_code(code)
+    raw: list[int] = []
+    for c_instr in concrete:
+        if isinstance(c_instr, ConcreteInstr) and c_instr.name == "BUILD_INTERPOLATION":
+            raw.append(c_instr.arg)
+            c_instr.arg = c_instr.arg & 1 | 2  # decodes as (bool, FormatValue.STR)
+    abstract = concrete.to_bytecode(conserve_exception_block_stackdepth=True)
+    if raw:
+        found = [i for i in abstract if isinstance(i, Instr) and i.name == "BUILD_INTERPOLATION"]
+        if len(found) != len(raw):
+            raise ValueError(f"{code.co_name}: lost track of BUILD_INTERPOLATION")
+        for instr, arg in zip(found, raw, strict=True):
+            instr._arg = arg  # past Instr's check, which wants the tuple
+    return abstract
+
+
+_NO_LOCATION: Final = InstrLocation(None, None, None, None)
 
 #: An exception-table entry as inject.py tracks it: (handler label, stack depth, lasti).
 Spec = tuple[Label, int, bool]
@@ -169,7 +190,7 @@ class _Assembler:
     def __init__(
         self, values: dict[object, object], named: dict[str, callees.Callee]
     ) -> None:
-        #: Placeholder -> value (ON_RETURN, ON_UNWIND, CONST, ENTRY, CONVERT).
+        #: Placeholder -> value (ON_RETURN, ON_UNWIND, CONST, CONVERT).
         self.values = values
         #: The names the code loads its callables by (callees.py).
         self.named = named
@@ -197,8 +218,6 @@ class _Assembler:
             else:
                 if isinstance(arg, Mark):
                     arg = _label(marks, arg)
-                elif opname in _ARGS:
-                    arg = _ARGS[opname][arg]
                 elif opname == "LOAD_CONST":
                     stand_in = _STAND_INS.get(arg) if isinstance(arg, Placeholder) else None
                     value = self.values.get(arg, arg) if isinstance(arg, Placeholder) else arg
@@ -297,15 +316,16 @@ def _depth(seq: CallSequence, cseq: CallSequence | None, hits: Iterable[Hit]) ->
 
 def plan(
     code: CodeType, hits: Mapping[int, Hit], cseq: CallSequence | None = None
-) -> tuple[list[Instruction], int, list[Hit], dict[int, list[Hit]]]:
+) -> tuple[tuple[insn.Insn, ...], int, list[Hit], dict[int, list[Hit]]]:
     """Where each hit goes: (instructions, index of the first RESUME, entry hits, {instruction
     index: hits before it}). A compiled call stays one at the entry when `_compilable`, and
     is its plain `hit` anywhere else. Raises ValueError for an offset that is no instruction
     start."""
-    instrs = instructions(code)
-    entry = entry_index(instrs)
-    if entry is None:
-        raise ValueError(f"{code.co_name}: no RESUME, not a CPython 3.11+ code object")
+    instrs = insn.decode(code)
+    try:
+        entry = insn.entry_index(instrs)
+    except ValueError as exc:
+        raise ValueError(f"{code.co_name}: {exc}") from exc
     index_of = {ins.start: i for i, ins in enumerate(instrs)}
     at_entry: list[Hit] = []
     before: dict[int, list[Hit]] = {}
@@ -342,7 +362,7 @@ def build(
     if not hits and returns is None:
         # Nothing moves: no need to reassemble.
         same = code.replace(co_consts=tuple(new_consts))
-        return same, {ins.start: ins.start for ins in instructions(code)}
+        return same, {ins.start: ins.start for ins in insn.decode(code)}
     if returns is not None:
         if rseq is None:
             raise ValueError("no return sequences for this Python")
@@ -351,7 +371,7 @@ def build(
             raise ValueError(reason)
 
     instrs, entry, at_entry, before = plan(code, hits, cseq)
-    abstract = Bytecode.from_code(code, conserve_exception_block_stackdepth=True)
+    abstract = _abstract(code)
     items: list[Any] = list(abstract)
     originals = [item for item in items if isinstance(item, Instr)]
     if len(originals) != len(instrs):
@@ -362,7 +382,7 @@ def build(
         )
 
     generator_like = bool(code.co_flags & GENERATOR_LIKE)
-    values: dict[object, object] = {ENTRY: instrs[entry].offset // 2}
+    values: dict[object, object] = {}
     if returns is not None:
         values[ON_RETURN], values[ON_UNWIND] = returns
     named: dict[str, callees.Callee] = {}
@@ -372,7 +392,7 @@ def build(
     if returns is not None:
         unwind = (unwind_label, UNWIND_ENTRY.depth, UNWIND_ENTRY.lasti)
     tails: list[tuple[Instr | Label, Spec | None]] = []
-    guarded = False  # an entry of the code covers the prologue
+    prologue = 0  # how many items of `body` are the prologue
 
     # The body, each instruction with the entry that covers it. The original TryBegin and
     # TryEnd markers are dropped and made again at the end from these (`_flatten`), because
@@ -392,9 +412,7 @@ def build(
             body.append((item, None))  # a Label (SetLineno does not occur: 3.11+ locations)
             continue
         spec = current
-        if k <= entry:
-            guarded = guarded or spec is not None
-        elif spec is None:
+        if k > entry and spec is None:
             spec = unwind  # a gap: only our handler (if any) covers it
         pending = before.get(k)
         if pending:
@@ -408,6 +426,8 @@ def build(
                 assert isinstance(item.arg, int)
                 item.arg = (item.arg + rseq.fix.add) & ~rseq.fix.clear
         body.append((item, spec))
+        if k == entry:
+            prologue = len(body)
         if k == entry and at_entry:
             following = originals[k + 1].location if k + 1 < len(originals) else item.location
             body.extend(
@@ -417,18 +437,12 @@ def build(
         k += 1
 
     if returns is not None and rseq is not None:
-        if guarded and rseq.guard is None:
-            raise ValueError(
-                f"{code.co_name}: an exception handler covers the prologue, "
-                "and this Python has no guard sequence for it"
-            )
+        tails.extend(_own_prologue_handlers(code, body, prologue, unwind))
         ops = rseq.unwind_generator if generator_like and rseq.unwind_generator else rseq.unwind
         if generator_like:
             values[CONVERT] = stop_iteration_error(code)
         marks: dict[Mark, Label] = {UNWIND_ENTRY.mark: unwind_label}
         tails.append((unwind_label, None))
-        if guarded and rseq.guard is not None:
-            tails.extend(asm.assemble(rseq.guard, _NO_LOCATION, None, marks))
         # The handler has no location: it is no line of the source, so tracers see no
         # 'line' event for it, and a hook that asks the frame for f_lineno gets None (the
         # line of the raise is exc.__traceback__.tb_lineno).
@@ -452,12 +466,63 @@ def build(
     new: CodeType = concrete.to_code(stacksize=stacksize, compute_exception_stack_depths=False)
     _check_same_frame(code, new, new_consts)
     callees.publish(new, named)
-    offsets = _offsets(code, instrs, originals, new, body)
-    resume = instrs[entry].start
-    if offsets[resume] != resume:
-        # The guard compares lasti with the RESUME's original offset (ENTRY).
-        raise ValueError(f"{code.co_name}: the prologue moved")
-    return new, offsets
+    return new, _offsets(code, instrs, originals, new, body)
+
+
+def _own_prologue_handlers(
+    code: CodeType,
+    body: list[tuple[Instr | Label, Spec | None]],
+    prologue: int,
+    unwind: Spec | None,
+) -> list[tuple[Instr | Label, Spec | None]]:
+    """Give the prologue (the first `prologue` items of `body`) handlers that UNWIND does
+    not cover, and return them, to go after the code.
+
+    From 3.12 the implicit StopIteration handler of generator-like code also covers the
+    first RESUME, so an exception raised there (by a PY_START callback or a signal
+    handler) goes through that handler, whose final RERAISE lies in a gap that UNWIND
+    covers: the frame, which never started, would be reported ended. So the prologue gets
+    a copy of each handler that covers it: the same instructions (this handler has no
+    jump: CALL_INTRINSIC_1 INTRINSIC_STOPITERATION_ERROR, RERAISE 1), in no entry. (3.12
+    and 3.13 could tell by comparing lasti with the RESUME's offset, but from 3.14 lasti
+    is a tagged int that no instruction but RERAISE may read.)"""
+    copies: dict[Spec, Spec] = {}
+    out: list[tuple[Instr | Label, Spec | None]] = []
+    for n in range(prologue):
+        item, spec = body[n]
+        if spec is None:
+            continue
+        if spec not in copies:
+            label = Label()
+            copies[spec] = (label, spec[1], spec[2])
+            out.append((label, None))
+            out.extend((i, None) for i in _handler_copy(code, body, spec[0], unwind))
+        body[n] = (item, copies[spec])
+    return out
+
+
+def _handler_copy(
+    code: CodeType,
+    body: list[tuple[Instr | Label, Spec | None]],
+    label: Label,
+    unwind: Spec | None,
+) -> list[Instr]:
+    """A copy of the instructions of the handler at `label`, up to its final one; a
+    handler with a jump, or covered by an entry of the code, is refused."""
+    start = next(n for n, (item, _) in enumerate(body) if item is label)
+    out: list[Instr] = []
+    for item, spec in body[start + 1 :]:
+        if not isinstance(item, Instr):
+            continue
+        if item.has_jump() or spec not in (None, unwind):
+            break
+        out.append(item.copy())
+        if item.is_final():
+            return out
+    raise ValueError(
+        f"{code.co_name}: the exception handler that covers the prologue is not a "
+        "straight run of instructions ending the frame"
+    )
 
 
 def _return_hook(
@@ -506,7 +571,7 @@ def _flatten(
 
 def _offsets(
     code: CodeType,
-    instrs: list[Instruction],
+    instrs: tuple[insn.Insn, ...],
     originals: list[Instr],
     new: CodeType,
     body: list[tuple[Instr | Label, Spec | None]],
@@ -514,7 +579,7 @@ def _offsets(
     """Original instruction start -> the start of the same instruction in `new`. `bytecode`
     assembles each abstract instruction into one instruction (with its EXTENDED_ARG
     prefixes and CACHE entries), in order, and the body comes first."""
-    new_instrs = instructions(new)
+    new_instrs = insn.decode(new)
     ids = {id(i) for i in originals}
     emitted = [item for item, _ in body if isinstance(item, Instr)]
     positions = [n for n, item in enumerate(emitted) if id(item) in ids]

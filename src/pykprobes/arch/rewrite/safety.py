@@ -14,12 +14,11 @@ the function's entry, served after that RESUME (see inject.py).
 
 from __future__ import annotations
 
-import weakref
 from types import CodeType
 from typing import Final, NamedTuple
 
-from pykprobes import env
-from pykprobes.arch.rewrite.decode import entry_index, instructions
+from pykprobes import env, insn
+from pykprobes.codecache import cached
 
 
 class Rule(NamedTuple):
@@ -44,9 +43,9 @@ _RESUME_313 = Rule(
     None,
     "a RESUME after the prologue is where a generator or coroutine resumes after "
     "YIELD_VALUE: gen.close() skips raising GeneratorExit into a frame suspended at a "
-    "RESUME outside any try block (3.13 genobject.c gen_close), and _PyGen_yf asserts the "
-    "RESUME is there; with a sequence there, close() would run the frame (visible to "
-    "tracers) where it does not",
+    "RESUME outside any try block (3.13, 3.14 and 3.15 genobject.c gen_close), and "
+    "_PyGen_yf asserts the RESUME is there; with a sequence there, close() would run the "
+    "frame (visible to tracers) where it does not",
 )
 
 _FOR_ITER_EXIT = (
@@ -58,6 +57,61 @@ _FOR_ITER_EXIT_313 = (
     "an exhausted FOR_ITER jumps past its target END_FOR and the POP_TOP after it "
     "(3.13 bytecodes.c FOR_ITER: JUMPBY(oparg + 2)), so a sequence there would be entered "
     "in its middle"
+)
+_FOR_ITER_OVER_GENERATOR = Rule(
+    "FOR_ITER",
+    None,
+    "a loop over a generator reports a StopIteration (PEP 380: a sys.monitoring "
+    "STOP_ITERATION event, an 'exception' event for sys.settrace) when it ends, unless "
+    "FOR_ITER carries the LINE instrumentation, which runs it unspecialized (measured on "
+    "3.13.0, 3.14.10 and 3.15.2; 3.12.1 reports none either way): a sequence before "
+    "FOR_ITER takes that instrumentation, so debuggers would see a StopIteration that "
+    "the original never shows them",
+)
+_FOR_ITER_EXIT_314 = (
+    "an exhausted FOR_ITER jumps past its target END_FOR, onto the POP_ITER after it "
+    "(3.14 and 3.15 bytecodes.c FOR_ITER: JUMPBY(oparg + 1)), so a sequence there would be "
+    "entered in its middle"
+)
+_BRANCH_FROM_SEQUENCE = (
+    "after a sequence, coverage tools would see a branch from the sequence's last "
+    "instruction, where no branch of co_branches() starts"
+)
+_RULES_314: Final = (
+    Rule(
+        "RESUME",
+        None,
+        "a RESUME after the prologue is where a generator or coroutine resumes after "
+        "YIELD_VALUE, and where close() and throw() find it suspended: with a sequence "
+        "there, a close() of a suspended 'yield from' or 'await' shows tracers one 'line' "
+        "event fewer (measured on 3.14.10 and 3.15.2), and close() runs a frame that it "
+        "would otherwise finish without running it (3.14 genobject.c gen_close: a RESUME "
+        "with RESUME_OPARG_DEPTH1_MASK and no tool monitoring PY_UNWIND)",
+    ),
+    Rule("END_FOR", None, _FOR_ITER_EXIT_314),
+    _FOR_ITER_OVER_GENERATOR,
+    Rule(
+        "NOT_TAKEN",
+        None,
+        "sys.monitoring reports a conditional jump that falls through as a BRANCH_LEFT "
+        "event at NOT_TAKEN, from the instruction executed before it (3.14 "
+        "INSTRUMENTED_NOT_TAKEN: prev_instr): " + _BRANCH_FROM_SEQUENCE,
+    ),
+    Rule(
+        "POP_ITER",
+        None,
+        "sys.monitoring reports a loop's exit as a BRANCH_RIGHT event at POP_ITER, from the "
+        "instruction executed before it, the FOR_ITER (3.14 INSTRUMENTED_POP_ITER: "
+        "prev_instr): " + _BRANCH_FROM_SEQUENCE,
+    ),
+    Rule(
+        "END_SEND",
+        None,
+        "an 'async for' loop's exit is a BRANCH_RIGHT event from the END_SEND that its "
+        "END_ASYNC_FOR names (3.14 INSTRUMENTED_END_ASYNC_FOR: this_instr - oparg), and "
+        "co_branches() counts from there to the NOT_TAKEN after it: with a sequence before "
+        "END_SEND, both would start at the sequence instead, and not at the same place",
+    ),
 )
 
 #: Per CPython version. Each rule was seen to matter when forced (a crash, wrong results or
@@ -107,7 +161,10 @@ RULES: Final[dict[tuple[int, int], tuple[Rule, ...]]] = {
         _RESUME_313,
         Rule("END_FOR", None, _FOR_ITER_EXIT_313),
         Rule("POP_TOP", "END_FOR", _FOR_ITER_EXIT_313),
+        _FOR_ITER_OVER_GENERATOR,
     ),
+    (3, 14): _RULES_314,
+    (3, 15): _RULES_314,
 }
 
 
@@ -115,13 +172,16 @@ def rules() -> tuple[Rule, ...]:
     return RULES.get(env.PYVERSION, ())
 
 
-def _reasons(code: CodeType) -> dict[int, str | None]:
+# The core asks about several offsets of one code object in a row, and build() checks every
+# hit again.
+@cached
+def reasons(code: CodeType) -> dict[int, str | None]:
     """Instruction start -> why no call sequence may go there (None: it may)."""
-    instrs = instructions(code)
-    entry = entry_index(instrs)
-    if entry is None:
-        reason = f"{code.co_name}: no RESUME instruction, not CPython 3.11+ bytecode"
-        return {ins.start: reason for ins in instrs}
+    instrs = insn.decode(code)
+    try:
+        entry = insn.entry_index(instrs)
+    except ValueError as exc:
+        return {ins.start: f"{code.co_name}: {exc}" for ins in instrs}
     table = rules()
     out: dict[int, str | None] = {}
     for index, ins in enumerate(instrs):
@@ -136,31 +196,11 @@ def _reasons(code: CodeType) -> dict[int, str | None]:
     return out
 
 
-# The core asks about several offsets of one code object in a row, and build() checks every
-# hit again: remember the last few answers. Keyed by id() and checked through a weak
-# reference, because code objects compare (and hash) by value, and a cache must not keep a
-# code object alive.
-_CACHE_SIZE: Final = 32
-_cache: dict[int, tuple[weakref.ref[CodeType], dict[int, str | None]]] = {}
-
-
-def reasons(code: CodeType) -> dict[int, str | None]:
-    key = id(code)
-    hit = _cache.get(key)
-    if hit is not None and hit[0]() is code:
-        return hit[1]
-    table = _reasons(code)
-    if len(_cache) >= _CACHE_SIZE:
-        _cache.clear()
-    _cache[key] = (weakref.ref(code), table)
-    return table
-
-
 def check_optimizable(code: CodeType, offset: int) -> str | None:
     table = reasons(code)
     if offset in table:
         return table[offset]
-    for ins in instructions(code):
+    for ins in insn.decode(code):
         if ins.start < offset < ins.end:
             return (
                 f"offset {offset} is not an instruction boundary: it is inside "
