@@ -179,8 +179,10 @@ class Peer(Case):
         install: peers.Install,
         needs: str | None = None,
         group: str = "peer",
+        per_call: int = 1,
     ) -> None:
         self.key, self.label, self.kind, self.group = key, label, kind, group
+        self.per_call = per_call
         self.install = install
         self.needs = needs
 
@@ -714,6 +716,8 @@ def hit_cases() -> list[Case]:
              inject("offset"), "bytecode"),
         Peer("I1", "raw injected bytecode: handler(rv) before RETURN_VALUE", "return",
              inject("return"), "bytecode"),
+        Peer("HI1", "raw injected bytecode: handler() after RESUME + handler(rv) at return",
+             "entry+return", peers.install_inject_entry_return, "bytecode", per_call=2),
         ProtoInlineHit(),
     ]
 
@@ -724,6 +728,9 @@ COMPARISONS: list[tuple[str, str, float | None]] = [
     ("K1o", "H", 1.10), ("K2o", "H1", 1.10), ("K3o", "H", 1.10),
     ("K1b", "F", 1.15), ("K2b", "G", 1.15), ("K3b", "G1", 1.15), ("K3b", "G", 1.15),
     ("R1o", "I1", None), ("R1b", "I", None), ("K1b", "E", None),
+    # Issue 13: a kretprobe (empty handlers) at most 2x raw entry + return injection, a
+    # kprobe + kretprobe at most 2.5x.
+    ("R1o", "HI1", 2.00), ("R2o", "HI1", 2.50),
     ("X1", "H", 1.10),
     # Issue 14: a hist-only event costs at most the optimized event; a $duration return
     # event with a .log2 hist at most 4x the unprobed call.

@@ -435,6 +435,8 @@ done:
 typedef struct {
     PyObject_HEAD
     PyObject *rp, *kp, *entry_handler, *handler, *table, *compiled;
+    /* An instance no one else holds, emptied, kept for the next call (NULL: none). */
+    PyObject *spare;
     Py_ssize_t maxactive, inflight;
     long long nhit, nmissed;
 } RetProbe;
@@ -475,12 +477,14 @@ RetProbe_traverse(RetProbe *self, visitproc visit, void *arg)
     Py_VISIT(self->handler);
     Py_VISIT(self->table);
     Py_VISIT(self->compiled);
+    Py_VISIT(self->spare);
     return 0;
 }
 
 static int
 RetProbe_clear(RetProbe *self)
 {
+    Py_CLEAR(self->spare);
     Py_CLEAR(self->rp);
     Py_CLEAR(self->kp);
     Py_CLEAR(self->entry_handler);
@@ -680,7 +684,7 @@ typedef struct {
     Stack *last;
     /* Slot offsets: the Regs' _frame, retval, exception; the instance's. */
     Py_ssize_t r_frame, r_retval, r_exception;
-    Py_ssize_t i_rp, i_thread, i_retval, i_exception;
+    Py_ssize_t i_rp, i_thread, i_retval, i_exception, i_data, i_frame;
 } Rethook;
 
 static PyTypeObject Rethook_Type;
@@ -763,14 +767,16 @@ Rethook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     PyTypeObject *regs_type = Py_TYPE(return_regs);
     PyTypeObject *ri_type = (PyTypeObject *)instance;
-    Py_ssize_t offs[7];
+    Py_ssize_t offs[9];
     if ((offs[0] = slot_offset(regs_type, "_frame")) < 0
         || (offs[1] = slot_offset(regs_type, "retval")) < 0
         || (offs[2] = slot_offset(regs_type, "exception")) < 0
         || (offs[3] = slot_offset(ri_type, "rp")) < 0
         || (offs[4] = slot_offset(ri_type, "thread")) < 0
         || (offs[5] = slot_offset(ri_type, "retval")) < 0
-        || (offs[6] = slot_offset(ri_type, "exception")) < 0) {
+        || (offs[6] = slot_offset(ri_type, "exception")) < 0
+        || (offs[7] = slot_offset(ri_type, "_data")) < 0
+        || (offs[8] = slot_offset(ri_type, "_frame")) < 0) {
         return NULL;
     }
     if (Py_TYPE(entry_regs) != regs_type) {
@@ -795,6 +801,8 @@ Rethook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->i_thread = offs[4];
     self->i_retval = offs[5];
     self->i_exception = offs[6];
+    self->i_data = offs[7];
+    self->i_frame = offs[8];
     return (PyObject *)self;
 }
 
@@ -1007,6 +1015,49 @@ handler_failed(Rethook *self, PyObject *probe, const char *where)
     return 0;
 }
 
+/* A KretprobeInstance of `r` for this thread (`tid`): the spare one, or a new one; NULL with
+ * an error set. */
+static PyObject *
+new_instance(Rethook *self, RetProbe *r, PyObject *tid)
+{
+    PyObject *ri = r->spare;
+    if (ri != NULL) {
+        r->spare = NULL;
+    }
+    else {
+        ri = ((PyTypeObject *)self->instance)->tp_alloc((PyTypeObject *)self->instance, 0);
+        if (ri == NULL) {
+            return NULL;
+        }
+    }
+    slot_set(ri, self->i_rp, r->rp);
+    slot_set(ri, self->i_thread, tid);
+    slot_set(ri, self->i_retval, Py_None);
+    slot_set(ri, self->i_exception, Py_None);
+    return ri;
+}
+
+/* Release the instance `ri` (a reference the caller owns) after its return: kept emptied as
+ * `r`'s spare when no one else holds it (a handler that kept it keeps it as it was). */
+static void
+recycle_instance(Rethook *self, RetProbe *r, PyObject *ri)
+{
+    if (Py_REFCNT(ri) != 1 || r->spare != NULL) {
+        Py_DECREF(ri);
+        return;
+    }
+    /* Emptied: what it held (the value returned, its data) is not kept alive by it. */
+    slot_set(ri, self->i_retval, NULL);
+    slot_set(ri, self->i_exception, NULL);
+    slot_set(ri, self->i_data, NULL);
+    slot_set(ri, self->i_frame, NULL);
+    if (Py_REFCNT(ri) != 1 || r->spare != NULL) { /* what was emptied ran code */
+        Py_DECREF(ri);
+        return;
+    }
+    r->spare = ri;
+}
+
 static PyObject *
 Rethook_entry(Rethook *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1094,21 +1145,24 @@ Rethook_entry(Rethook *self, PyObject *const *args, Py_ssize_t nargs)
             r->inflight++;
             continue;
         }
+        if (r->entry_handler == Py_None) {
+            /* No handler can see the instance before the return: None stands for it, and
+             * the return makes it if its handler needs one. */
+            node = &st->nodes[idx];
+            node_slots(node)[i].obj = Py_NewRef(Py_None);
+            r->inflight++;
+            continue;
+        }
         if (tid == NULL && (tid = ident_obj()) == NULL) {
             goto fail;
         }
-        PyObject *ri = ((PyTypeObject *)self->instance)->tp_alloc((PyTypeObject *)self->instance,
-                                                                  0);
+        PyObject *ri = new_instance(self, r, tid);
         if (ri == NULL) {
             PyErr_Clear();
             r->nmissed++;
             continue;
         }
-        slot_set(ri, self->i_rp, r->rp);
-        slot_set(ri, self->i_thread, tid);
-        slot_set(ri, self->i_retval, Py_None);
-        slot_set(ri, self->i_exception, Py_None);
-        if (r->entry_handler != Py_None) {
+        {
             if (mark(self, &marked, tid, regs, key) < 0) {
                 Py_DECREF(ri);
                 goto fail;
@@ -1248,7 +1302,7 @@ kept_tuple(CompiledReturn *c, PyObject *kept)
  * careful return; a compiled return's call is counted missed (the careful path has none of
  * them). 0, or -1 with an error set (a KeyboardInterrupt: else the calls are missed). */
 static int
-hand_over(Node *node)
+hand_over(Rethook *self, Node *node)
 {
     Slot *slots = node_slots(node);
     PyObject *frame = NULL;
@@ -1259,7 +1313,18 @@ hand_over(Node *node)
             continue;
         }
         r->inflight--;
-        if (s->compiled == NULL) {
+        if (s->compiled == NULL && s->obj == Py_None) {
+            /* Made now (see Rethook_entry). */
+            PyObject *tid = ident_obj();
+            PyObject *ri = tid == NULL ? NULL : new_instance(self, r, tid);
+            if (ri != NULL) {
+                Py_SETREF(s->obj, ri);
+            }
+            else {
+                PyErr_Clear(); /* no memory for it: the call is missed */
+            }
+        }
+        if (s->compiled == NULL && s->obj != Py_None) {
             if (frame == NULL) {
                 frame = (PyObject *)PyEval_GetFrame(); /* borrowed; made if needed */
             }
@@ -1310,7 +1375,7 @@ leave(Rethook *self, PyObject *value, PyObject *exc)
          * (a return inside a handler runs none: nmissed) and gives this return Regs of its
          * own (the one hit of this module that runs handlers keeps `cur_*`); it finds the
          * node's instances where it looks for them. */
-        int handed = hand_over(&node);
+        int handed = hand_over(self, &node);
         node_release(&node);
         if (handed < 0) {
             return NULL;
@@ -1392,13 +1457,27 @@ leave(Rethook *self, PyObject *value, PyObject *exc)
             nh = 3;
         }
         else {
-            slot_set(s.obj, self->i_retval, exc != Py_None ? Py_None : value);
-            slot_set(s.obj, self->i_exception, exc);
             r->nhit++;
             if (r->handler == Py_None) {
                 slot_release(&s);
                 continue;
             }
+            if (s.obj == Py_None) {
+                if (tid == NULL && (tid = ident_obj()) == NULL) {
+                    PyErr_Clear();
+                    slot_release(&s);
+                    continue;
+                }
+                PyObject *ri = new_instance(self, r, tid);
+                if (ri == NULL) {
+                    PyErr_Clear();
+                    slot_release(&s);
+                    continue;
+                }
+                Py_SETREF(s.obj, ri);
+            }
+            slot_set(s.obj, self->i_retval, exc != Py_None ? Py_None : value);
+            slot_set(s.obj, self->i_exception, exc);
             handler = Py_NewRef(r->handler);
             hargs[0] = Py_NewRef(s.obj);
             hargs[1] = regs;
@@ -1429,8 +1508,13 @@ leave(Rethook *self, PyObject *value, PyObject *exc)
         Py_DECREF(hargs[0]);
         if (nh == 3) {
             Py_DECREF(hargs[1]);
+            slot_release(&s);
         }
-        slot_release(&s);
+        else {
+            PyObject *ri = s.obj;
+            s.obj = NULL;
+            recycle_instance(self, r, ri);
+        }
         if (failed) {
             break;
         }
