@@ -189,7 +189,8 @@ def test_a_second_probe_at_the_site_makes_the_site_aggregate(fs: TraceFS) -> Non
     "p:grp/l {m}:other x $comm",          # $comm needs the thread
     "p:grp/l {m}:other x \\5",            # an immediate
     "p:grp/l {m}:other+{off} x",          # not the entry
-    "r:grp/l {m}:other x",                # a return probe
+    "r:grp/l {m}:other local",            # a return probe reading a local
+    "r:grp/l {m}:other x=$retval.real",   # ... or a chain on $retval
 ])
 def test_events_that_are_not_compiled_still_record(fs: TraceFS, text: str) -> None:
     event = _define(fs, text.format(m=__name__, off=AFTER_ENTRY))

@@ -211,13 +211,14 @@ static PyObject *cur_ri = NULL;   /* borrowed */
 typedef struct {
     PyObject_HEAD
     PyObject *record;
-    PyObject *fallback;
+    PyObject *data;
     PyObject *indices;  /* tuple of int */
     PyObject *sources;  /* tuple of int */
     PyObject *convert;  /* None: the int as it is */
     PyObject *fault;
     char caller;
     char stamp;
+    char on; /* 0: the kretprobe's entry goes the plain way (its entry handler runs) */
     Py_ssize_t nindices, nsources;
     Py_ssize_t *index;  /* the indices */
     Py_ssize_t *source; /* the sources */
@@ -259,18 +260,18 @@ int_array(PyObject *tuple, Py_ssize_t *n, Py_ssize_t low)
 static PyObject *
 CompiledReturn_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"record", "fallback", "indices", "sources", "convert", "caller",
+    static char *kwlist[] = {"record", "data", "indices", "sources", "convert", "caller",
                              "fault", NULL};
-    PyObject *record, *fallback, *indices, *sources, *convert, *fault;
+    PyObject *record, *data, *indices, *sources, *convert, *fault;
     int caller;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!O!OpO:CompiledReturn", kwlist, &record,
-                                     &fallback, &PyTuple_Type, &indices, &PyTuple_Type,
+                                     &data, &PyTuple_Type, &indices, &PyTuple_Type,
                                      &sources, &convert, &caller, &fault)) {
         return NULL;
     }
-    if (!PyCallable_Check(record) || !PyCallable_Check(fallback)
+    if (!PyCallable_Check(record) || !PyCallable_Check(data)
         || (convert != Py_None && !PyCallable_Check(convert))) {
-        PyErr_SetString(PyExc_TypeError, "record, fallback and convert must be callable");
+        PyErr_SetString(PyExc_TypeError, "record, data and convert must be callable");
         return NULL;
     }
     Py_ssize_t ni, ns;
@@ -300,7 +301,8 @@ CompiledReturn_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     self->record = Py_NewRef(record);
-    self->fallback = Py_NewRef(fallback);
+    self->data = Py_NewRef(data);
+    self->on = 1;
     self->indices = Py_NewRef(indices);
     self->sources = Py_NewRef(sources);
     self->convert = Py_NewRef(convert);
@@ -318,7 +320,7 @@ static int
 CompiledReturn_traverse(CompiledReturn *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->record);
-    Py_VISIT(self->fallback);
+    Py_VISIT(self->data);
     Py_VISIT(self->convert);
     Py_VISIT(self->fault);
     Py_VISIT(self->caller_code);
@@ -329,7 +331,7 @@ static int
 CompiledReturn_clear(CompiledReturn *self)
 {
     Py_CLEAR(self->record);
-    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->data);
     Py_CLEAR(self->indices);
     Py_CLEAR(self->sources);
     Py_CLEAR(self->convert);
@@ -352,7 +354,8 @@ CompiledReturn_dealloc(CompiledReturn *self)
 
 static PyMemberDef CompiledReturn_members[] = {
     {"record", T_OBJECT, offsetof(CompiledReturn, record), READONLY, NULL},
-    {"fallback", T_OBJECT, offsetof(CompiledReturn, fallback), READONLY, NULL},
+    {"data", T_OBJECT, offsetof(CompiledReturn, data), READONLY, NULL},
+    {"on", T_BOOL, offsetof(CompiledReturn, on), 0, NULL},
     {"indices", T_OBJECT, offsetof(CompiledReturn, indices), READONLY, NULL},
     {"sources", T_OBJECT, offsetof(CompiledReturn, sources), READONLY, NULL},
     {"convert", T_OBJECT, offsetof(CompiledReturn, convert), READONLY, NULL},
@@ -1118,7 +1121,7 @@ Rethook_entry(Rethook *self, PyObject *const *args, Py_ssize_t nargs)
             r->nmissed++;
             continue;
         }
-        if (r->compiled != Py_None) {
+        if (r->compiled != Py_None && ((CompiledReturn *)r->compiled)->on) {
             CompiledReturn *c = (CompiledReturn *)r->compiled;
             PyObject *kept;
             if (c->nindices == 0) {
@@ -1240,7 +1243,7 @@ careful_return(Rethook *self, PyObject *value, PyObject *exc)
 /* The fields of a compiled return (new references into `out`); 0, or -1 with an error. */
 static int
 compiled_fields(CompiledReturn *c, PyObject *kept, PyObject *value, PyObject *exc,
-                int64_t ns, PyObject **out)
+                int64_t ns, int64_t now, PyObject **out)
 {
     for (Py_ssize_t i = 0; i < c->nsources; i++) {
         Py_ssize_t src = c->source[i];
@@ -1253,7 +1256,7 @@ compiled_fields(CompiledReturn *c, PyObject *kept, PyObject *value, PyObject *ex
                 v = Py_NewRef(c->fault);
             }
             else {
-                PyObject *d = PyLong_FromLongLong(monotonic_ns() - ns);
+                PyObject *d = PyLong_FromLongLong(now - ns);
                 if (d == NULL) {
                     v = NULL;
                 }
@@ -1283,7 +1286,7 @@ compiled_fields(CompiledReturn *c, PyObject *kept, PyObject *value, PyObject *ex
     return 0;
 }
 
-/* The kept values as a tuple, for a fallback (new reference). */
+/* The kept values as a tuple, for `data` (new reference). */
 static PyObject *
 kept_tuple(CompiledReturn *c, PyObject *kept)
 {
@@ -1297,6 +1300,41 @@ kept_tuple(CompiledReturn *c, PyObject *kept)
 }
 
 #define MAX_FIELDS 64
+
+/* Turn a compiled return's slot into an instance's (of `r`, for thread `tid`), its `data`
+ * what the compiled return's `data(kept, entry_ns)` makes: what the kretprobe's entry
+ * handler would have kept. 0, or -1 with an error set (the slot as it was). */
+static int
+compiled_to_instance(Rethook *self, RetProbe *r, Slot *s, int64_t ns, PyObject *tid)
+{
+    CompiledReturn *c = s->compiled;
+    PyObject *kept = kept_tuple(c, s->obj);
+    if (kept == NULL) {
+        return -1;
+    }
+    PyObject *when = PyLong_FromLongLong(ns);
+    if (when == NULL) {
+        Py_DECREF(kept);
+        return -1;
+    }
+    PyObject *dargs[2] = {kept, when};
+    PyObject *data = PyObject_Vectorcall(c->data, dargs, 2, NULL);
+    Py_DECREF(kept);
+    Py_DECREF(when);
+    if (data == NULL) {
+        return -1;
+    }
+    PyObject *ri = new_instance(self, r, tid);
+    if (ri == NULL) {
+        Py_DECREF(data);
+        return -1;
+    }
+    slot_set(ri, self->i_data, data);
+    Py_DECREF(data);
+    Py_SETREF(s->obj, ri);
+    Py_CLEAR(s->compiled);
+    return 0;
+}
 
 /* File the node's instances in their kretprobes' tables under the running frame, for the
  * careful return; a compiled return's call is counted missed (the careful path has none of
@@ -1313,6 +1351,17 @@ hand_over(Rethook *self, Node *node)
             continue;
         }
         r->inflight--;
+        if (s->compiled != NULL) {
+            PyObject *tid = ident_obj();
+            if (tid == NULL || compiled_to_instance(self, r, s, node->ns, tid) < 0) {
+                if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+                    slot_release(s);
+                    r->nmissed++;
+                    return -1;
+                }
+                PyErr_Clear();
+            }
+        }
         if (s->compiled == NULL && s->obj == Py_None) {
             /* Made now (see Rethook_entry). */
             PyObject *tid = ident_obj();
@@ -1401,14 +1450,16 @@ leave(Rethook *self, PyObject *value, PyObject *exc)
         }
         r->inflight--;
         PyObject *handler;
-        PyObject *hargs[3];
-        Py_ssize_t nh;
         if (s.compiled != NULL) {
             CompiledReturn *c = s.compiled;
-            PyObject *fields[MAX_FIELDS + 1];
+            PyObject *fields[MAX_FIELDS + 2];
             Py_ssize_t nf = c->nsources;
             int acted = 0;
-            if (nf <= MAX_FIELDS && compiled_fields(c, s.obj, value, exc, node.ns, fields) == 0) {
+            /* One clock reading: the duration's end is the record's time. */
+            int64_t now = monotonic_ns();
+            if (nf <= MAX_FIELDS
+                && compiled_fields(c, s.obj, value, exc, node.ns, now, fields) == 0) {
+                PyObject *when = NULL;
                 if (c->caller) {
                     if (caller == NULL) {
                         caller = caller_text(c);
@@ -1417,12 +1468,19 @@ leave(Rethook *self, PyObject *value, PyObject *exc)
                         PyErr_Clear();
                         caller = Py_NewRef(Py_None);
                     }
+                    when = PyLong_FromLongLong(now);
+                    if (when == NULL) {
+                        PyErr_Clear();
+                        when = Py_NewRef(Py_None); /* refused by the recorder */
+                    }
                     fields[nf++] = caller;
+                    fields[nf++] = when;
                 }
                 PyObject *res = PyObject_Vectorcall(c->record, fields, nf, NULL);
                 for (Py_ssize_t k = 0; k < c->nsources; k++) {
                     Py_DECREF(fields[k]);
                 }
+                Py_XDECREF(when);
                 if (res == NULL) {
                     PyErr_Clear(); /* never raises; if it did: the careful path */
                 }
@@ -1436,53 +1494,42 @@ leave(Rethook *self, PyObject *value, PyObject *exc)
                 slot_release(&s);
                 continue;
             }
-            r->nhit++;
-            handler = Py_NewRef(c->fallback);
-            hargs[0] = kept_tuple(c, s.obj);
-            if (hargs[0] == NULL) {
+            /* Refused: the kretprobe's own handler serves it, from an instance. */
+            if (tid == NULL && (tid = ident_obj()) == NULL) {
                 PyErr_Clear();
-                Py_DECREF(handler);
+                r->nmissed++;
                 slot_release(&s);
                 continue;
             }
-            hargs[1] = PyLong_FromLongLong(node.ns);
-            if (hargs[1] == NULL) {
+            if (compiled_to_instance(self, r, &s, node.ns, tid) < 0) {
                 PyErr_Clear();
-                Py_DECREF(hargs[0]);
-                Py_DECREF(handler);
+                r->nmissed++;
                 slot_release(&s);
                 continue;
             }
-            hargs[2] = regs;
-            nh = 3;
         }
-        else {
-            r->nhit++;
-            if (r->handler == Py_None) {
+        r->nhit++;
+        if (r->handler == Py_None) {
+            slot_release(&s);
+            continue;
+        }
+        if (s.obj == Py_None) {
+            if (tid == NULL && (tid = ident_obj()) == NULL) {
+                PyErr_Clear();
                 slot_release(&s);
                 continue;
             }
-            if (s.obj == Py_None) {
-                if (tid == NULL && (tid = ident_obj()) == NULL) {
-                    PyErr_Clear();
-                    slot_release(&s);
-                    continue;
-                }
-                PyObject *ri = new_instance(self, r, tid);
-                if (ri == NULL) {
-                    PyErr_Clear();
-                    slot_release(&s);
-                    continue;
-                }
-                Py_SETREF(s.obj, ri);
+            PyObject *ri = new_instance(self, r, tid);
+            if (ri == NULL) {
+                PyErr_Clear();
+                slot_release(&s);
+                continue;
             }
-            slot_set(s.obj, self->i_retval, exc != Py_None ? Py_None : value);
-            slot_set(s.obj, self->i_exception, exc);
-            handler = Py_NewRef(r->handler);
-            hargs[0] = Py_NewRef(s.obj);
-            hargs[1] = regs;
-            nh = 2;
+            Py_SETREF(s.obj, ri);
         }
+        slot_set(s.obj, self->i_retval, exc != Py_None ? Py_None : value);
+        slot_set(s.obj, self->i_exception, exc);
+        handler = Py_NewRef(r->handler);
         if (tid == NULL && (tid = ident_obj()) == NULL) {
             failed = 1;
         }
@@ -1496,8 +1543,9 @@ leave(Rethook *self, PyObject *value, PyObject *exc)
             }
         }
         if (!failed) {
-            cur_ri = s.compiled == NULL ? s.obj : NULL;
-            PyObject *res = PyObject_Vectorcall(handler, hargs, nh, NULL);
+            PyObject *hargs[2] = {s.obj, regs};
+            cur_ri = s.obj;
+            PyObject *res = PyObject_Vectorcall(handler, hargs, 2, NULL);
             cur_ri = NULL;
             if (res == NULL) {
                 failed = handler_failed(self, r->rp, "handler") < 0;
@@ -1505,16 +1553,9 @@ leave(Rethook *self, PyObject *value, PyObject *exc)
             Py_XDECREF(res);
         }
         Py_DECREF(handler);
-        Py_DECREF(hargs[0]);
-        if (nh == 3) {
-            Py_DECREF(hargs[1]);
-            slot_release(&s);
-        }
-        else {
-            PyObject *ri = s.obj;
-            s.obj = NULL;
-            recycle_instance(self, r, ri);
-        }
+        PyObject *ri = s.obj;
+        s.obj = NULL;
+        recycle_instance(self, r, ri);
         if (failed) {
             break;
         }

@@ -71,19 +71,22 @@ class CompiledReturn:
     """What a return event offers for its kretprobe on one code object (events.py): the
     entry keeps the parameters at `indices` (of the code's parameters, which the rewritten
     entry passes, all of them, in order), and the return calls `record(*fields)` (+ the
-    caller's `module:qualname` when `caller`), each field taken from `sources`: RETVAL
+    caller's `module:qualname` and the return's time, in ns, when `caller`: what a return
+    record carries), each field taken from `sources`: RETVAL
     (FAULT when an exception left), DURATION (`convert(ns)`, or the int itself), or the
     index of a kept value. `record` returns True when it did not act (the event changed,
-    tracing is off): then `fallback(kept, entry_ns, regs)` runs the careful return (regs:
-    the return's, `retval`/`exception` set)."""
+    tracing is off): then the kretprobe's own handler serves the return, from an instance
+    whose `data` is `data(kept, entry_ns)` (what its entry handler would have kept; entry_ns
+    0 when not stamped). While `on` is false, entries take the plain way (the entry handler
+    runs): the event needs more of the entry than this keeps."""
 
-    __slots__ = ("record", "fallback", "indices", "sources", "convert", "stamp", "caller",
-                 "fault")
+    __slots__ = ("record", "data", "indices", "sources", "convert", "stamp", "caller",
+                 "fault", "on")
 
     def __init__(
         self,
         record: Callable[..., bool],
-        fallback: Callable[[tuple[Any, ...], int, Any], None],
+        data: Callable[[tuple[Any, ...], int], dict[str, Any]],
         indices: tuple[int, ...],
         sources: tuple[int, ...],
         convert: Callable[[int], Any] | None,
@@ -91,7 +94,8 @@ class CompiledReturn:
         fault: object,
     ) -> None:
         self.record = record
-        self.fallback = fallback
+        self.data = data
+        self.on = True
         self.indices = indices
         self.sources = sources
         #: $duration's conversion (None: the int as it is).
@@ -226,7 +230,7 @@ class Rethook:
                     item.nmissed += 1
                     continue
                 compiled = item.compiled
-                if compiled is not None:
+                if compiled is not None and compiled.on:
                     payloads[i] = (compiled, tuple(values[j] for j in compiled.indices))
                     item.inflight += 1
                     continue
@@ -310,23 +314,23 @@ class Rethook:
                 item.inflight -= 1
                 if type(payload) is tuple:
                     compiled, kept = payload
-                    fields = _fields(compiled, kept, value, exc, node[3])
+                    # One clock reading: the duration's end is the record's time.
+                    now = _time_ns()
+                    fields = _fields(compiled, kept, value, exc, node[3], now)
                     if compiled.caller:
                         if caller is None:
                             caller = _caller(frame)
                         fields.append(caller)
+                        fields.append(now)
                     if compiled.record(*fields) is False:
                         continue
-                    item.nhit += 1
-                    handler: Any = compiled.fallback
-                    arguments: tuple[Any, ...] = (kept, node[3], regs)
-                else:
-                    payload.retval = value
-                    payload.exception = exc
-                    payload._frame = frame
-                    item.nhit += 1
-                    handler = item.handler
-                    arguments = (payload, regs)
+                    # Refused: the kretprobe's own handler serves it, from an instance.
+                    payload = self._to_instance(item, payload, frame, node[3])
+                payload.retval = value
+                payload.exception = exc
+                payload._frame = frame
+                item.nhit += 1
+                handler = item.handler
                 if handler is None:
                     continue
                 if not marked:
@@ -336,7 +340,7 @@ class Rethook:
                     regs.exception = exc
                     marked = True
                 try:
-                    handler(*arguments)
+                    handler(payload, regs)
                 except KeyboardInterrupt:
                     raise
                 except BaseException as err:  # noqa: BLE001 - never reaches the program
@@ -349,11 +353,17 @@ class Rethook:
             # A KeyboardInterrupt left a handler: the calls not served yet are missed.
             self._miss(node, i)
 
-    @staticmethod
-    def _hand_over(node: list[Any], frame: FrameType) -> None:
+    def _to_instance(self, item: RetProbe, payload: tuple[Any, Any], frame: FrameType,
+                     entry_ns: int) -> Any:
+        """The instance a compiled return's call becomes when its record refused it."""
+        compiled, kept = payload
+        ri = self.instance(item.rp, frame)
+        ri._data = compiled.data(kept, entry_ns)
+        return ri
+
+    def _hand_over(self, node: list[Any], frame: FrameType) -> None:
         """File the node's instances in their kretprobes' tables under `frame`, for the
-        careful return. A compiled return's call is counted missed: the careful path has no
-        compiled returns (this happens only while another thread runs a handler)."""
+        careful return (a compiled return's call made one)."""
         items, payloads = node[1], node[2]
         for i, payload in enumerate(payloads):
             if payload is None:
@@ -362,9 +372,8 @@ class Rethook:
             item = items[i]
             item.inflight -= 1
             if type(payload) is tuple:
-                item.nmissed += 1
-            else:
-                item.table[frame] = payload
+                payload = self._to_instance(item, payload, frame, node[3])
+            item.table[frame] = payload
 
     @staticmethod
     def _miss(node: list[Any], start: int) -> None:
@@ -394,7 +403,7 @@ class Rethook:
 
 
 def _fields(compiled: CompiledReturn, kept: tuple[Any, ...], value: object,
-            exc: BaseException | None, entry_ns: int) -> list[Any]:
+            exc: BaseException | None, entry_ns: int, now: int) -> list[Any]:
     out: list[Any] = []
     for source in compiled.sources:
         if source == RETVAL:
@@ -403,7 +412,7 @@ def _fields(compiled: CompiledReturn, kept: tuple[Any, ...], value: object,
             if not entry_ns:
                 out.append(compiled.fault)
                 continue
-            ns = _time_ns() - entry_ns
+            ns = now - entry_ns
             convert = compiled.convert
             out.append(ns if convert is None else convert(ns))
         else:
