@@ -1684,7 +1684,68 @@ frames_ok(PyObject *mod, PyObject *Py_UNUSED(ignored))
     return PyBool_FromLong(ok);
 }
 
+/* frame_call(record, frame, names) -> bool: record(*values of `names` in `frame`), its
+ * result; True (not recorded) when a name is unbound or anything fails. core/framecall.py
+ * is the specification. */
+static PyObject *
+frame_call(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyFrame_Check(args[1]) || !PyTuple_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "frame_call(record, frame, names)");
+        return NULL;
+    }
+    PyObject *names = args[2];
+    Py_ssize_t n = PyTuple_GET_SIZE(names);
+    if (n > 16) {
+        Py_RETURN_TRUE;
+    }
+    PyObject *values[16];
+#if PY_VERSION_HEX >= 0x030C0000
+    for (Py_ssize_t i = 0; i < n; i++) {
+        values[i] = PyFrame_GetVar((PyFrameObject *)args[1], PyTuple_GET_ITEM(names, i));
+        if (values[i] == NULL) {
+            PyErr_Clear();
+            for (Py_ssize_t k = 0; k < i; k++) {
+                Py_DECREF(values[k]);
+            }
+            Py_RETURN_TRUE;
+        }
+    }
+#else
+    PyObject *locals = PyFrame_GetLocals((PyFrameObject *)args[1]);
+    if (locals == NULL) {
+        PyErr_Clear();
+        Py_RETURN_TRUE;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        values[i] = PyObject_GetItem(locals, PyTuple_GET_ITEM(names, i));
+        if (values[i] == NULL) {
+            PyErr_Clear();
+            for (Py_ssize_t k = 0; k < i; k++) {
+                Py_DECREF(values[k]);
+            }
+            Py_DECREF(locals);
+            Py_RETURN_TRUE;
+        }
+    }
+    Py_DECREF(locals);
+#endif
+    PyObject *res = PyObject_Vectorcall(args[0], values, n, NULL);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_DECREF(values[i]);
+    }
+    if (res == NULL) {
+        PyErr_Clear(); /* a recorder never raises; if one did: not recorded */
+        Py_RETURN_TRUE;
+    }
+    int recorded = res == Py_False;
+    Py_DECREF(res);
+    return PyBool_FromLong(!recorded);
+}
+
 static PyMethodDef module_methods[] = {
+    {"frame_call", (PyCFunction)(void (*)(void))frame_call, METH_FASTCALL,
+     "frame_call(record, frame, names) -> bool: see core/framecall.py"},
     {"hit_frame", hit_frame, METH_O,
      "hit_frame(regs or instance) -> the probed frame of the C hit in flight, or None"},
     {"frames_ok", frames_ok, METH_NOARGS,

@@ -441,6 +441,8 @@ def _c_module() -> Any:
 
 
 _C: Final = _c_module()
+#: The C twin's module (core/framecall.py uses it too), or None.
+C_MODULE: Final = _C
 
 #: The implementation chosen (C, or this module's).
 RethookImpl: Any = Rethook if _C is None else _C.Rethook
