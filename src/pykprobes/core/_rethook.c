@@ -442,6 +442,7 @@ typedef struct {
     PyObject *spare;
     Py_ssize_t maxactive, inflight;
     long long nhit, nmissed;
+    long long entries; /* hits of the kretprobe's entry probe here (its nhit adds them) */
 } RetProbe;
 
 static PyTypeObject RetProbe_Type;
@@ -543,11 +544,12 @@ INT_GETSET(maxactive, Py_ssize_t, PyLong_AsSsize_t, PyLong_FromSsize_t)
 INT_GETSET(inflight, Py_ssize_t, PyLong_AsSsize_t, PyLong_FromSsize_t)
 INT_GETSET(nhit, long long, PyLong_AsLongLong, PyLong_FromLongLong)
 INT_GETSET(nmissed, long long, PyLong_AsLongLong, PyLong_FromLongLong)
+INT_GETSET(entries, long long, PyLong_AsLongLong, PyLong_FromLongLong)
 
 #define GS(name) {#name, (getter)RetProbe_get_##name, (setter)RetProbe_set_##name, NULL, NULL}
 static PyGetSetDef RetProbe_getset[] = {
     GS(kp), GS(entry_handler), GS(handler), GS(table), GS(compiled),
-    GS(maxactive), GS(inflight), GS(nhit), GS(nmissed),
+    GS(maxactive), GS(inflight), GS(nhit), GS(nmissed), GS(entries),
     {NULL},
 };
 
@@ -577,7 +579,7 @@ static PyTypeObject RetProbe_Type = {
 typedef struct {
     PyObject *p;       /* the kprobe, or the RetProbe */
     PyObject *handler; /* the kprobe's pre-handler, or NULL */
-    Py_ssize_t nhit;   /* offset of the kprobe's (or the RetProbe's entry probe's) nhit */
+    Py_ssize_t nhit;   /* offset of the kprobe's nhit (-1 for a RetProbe) */
     RetProbe *ret;     /* NULL for a kprobe */
 } PlanItem;
 
@@ -936,6 +938,10 @@ Rethook_publish(Rethook *self, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
         plan->n = i + 1;
+        if (pi->ret != NULL) {
+            pi->nhit = -1; /* the RetProbe counts its entry probe's hits (`entries`) */
+            continue;
+        }
         pi->nhit = slot_offset(Py_TYPE(probe), "nhit");
         if (pi->nhit < 0) {
             Py_DECREF(plan);
@@ -1116,7 +1122,7 @@ Rethook_entry(Rethook *self, PyObject *const *args, Py_ssize_t nargs)
             Py_XDECREF(res);
             continue;
         }
-        slot_increment(r->kp, pi->nhit);
+        r->entries++;
         if (PyDict_GET_SIZE(r->table) + r->inflight >= r->maxactive) {
             r->nmissed++;
             continue;
@@ -1699,7 +1705,7 @@ frame_call(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     if (n > 16) {
         Py_RETURN_TRUE;
     }
-    PyObject *values[16];
+    PyObject *values[16] = {NULL};
 #if PY_VERSION_HEX >= 0x030C0000
     for (Py_ssize_t i = 0; i < n; i++) {
         values[i] = PyFrame_GetVar((PyFrameObject *)args[1], PyTuple_GET_ITEM(names, i));

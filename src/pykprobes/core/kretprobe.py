@@ -62,8 +62,21 @@ class _EntryProbe(Kprobe):
     kind = "r"
 
     def __init__(self, rp: Kretprobe, **kwargs: Any) -> None:
-        super().__init__(pre_handler=rp._entry, **kwargs)
         self.rp = rp
+        super().__init__(pre_handler=rp._entry, **kwargs)
+
+    @property  # type: ignore[override]
+    def nhit(self) -> int:
+        """Hits: the careful path's, and the fast path's (core/rethook.py counts them)."""
+        return _NHIT.__get__(self) + self.rp._fast.entries  # type: ignore[no-any-return]
+
+    @nhit.setter
+    def nhit(self, value: int) -> None:
+        _NHIT.__set__(self, value - self.rp._fast.entries)
+
+
+# Kprobe's own `nhit` slot, which _EntryProbe's property stands in front of.
+_NHIT: Final = Kprobe.nhit
 
 
 class Kretprobe:

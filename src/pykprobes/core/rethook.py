@@ -112,8 +112,8 @@ class RetProbe:
     Kretprobe): its entry probe, handlers, maxactive, the calls it holds in flight, and
     the hits and misses it counted (the Kretprobe adds them to its own)."""
 
-    __slots__ = ("compiled", "entry_handler", "handler", "inflight", "kp", "maxactive",
-                 "nhit", "nmissed", "rp", "table")
+    __slots__ = ("compiled", "entries", "entry_handler", "handler", "inflight", "kp",
+                 "maxactive", "nhit", "nmissed", "rp", "table")
 
     def __init__(self, rp: Any) -> None:
         self.rp = rp
@@ -129,6 +129,9 @@ class RetProbe:
         self.nhit = 0
         #: Calls missed here (maxactive, a return inside a handler).
         self.nmissed = 0
+        #: Hits of the kretprobe's entry probe here (its `nhit` adds them: no int object
+        #: per hit on the probe).
+        self.entries = 0
         #: The compiled return of the current plan, or None.
         self.compiled: CompiledReturn | None = None
 
@@ -225,7 +228,7 @@ class Rethook:
                     except BaseException as exc:  # noqa: BLE001 - never reaches the program
                         self.fault(p, "pre_handler", exc)
                     continue
-                item.kp.nhit += 1
+                item.entries += 1
                 if len(item.table) + item.inflight >= item.maxactive:
                     item.nmissed += 1
                     continue
