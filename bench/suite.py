@@ -735,7 +735,9 @@ def hit_cases() -> list[Case]:
 #: (case, reference, goal ratio or None): the comparisons the issue's goals are about,
 #: each computed per round from the two rows measured in that round.
 COMPARISONS: list[tuple[str, str, float | None]] = [
-    ("K1o", "H", 1.10), ("K2o", "H1", 1.10), ("K3o", "H", 1.10),
+    # Issue 13 moved the optimized kprobe's goal from 1.10x to 1.5x raw injection (the
+    # kernel's bookkeeping does not fit in 1.1x in CPython: ANALYSIS.md).
+    ("K1o", "H", 1.50), ("K2o", "H1", 1.50), ("K3o", "H", 1.50),
     ("K1b", "F", 1.15), ("K2b", "G", 1.15), ("K3b", "G1", 1.15), ("K3b", "G", 1.15),
     ("R1o", "I1", None), ("R1b", "I", None), ("K1b", "E", None),
     # Issue 13: a kretprobe (empty handlers) at most 2x raw entry + return injection, a
