@@ -518,3 +518,40 @@ def test_a_return_while_another_thread_runs_a_handler_runs_its_handler(careful: 
     finally:
         kp.unregister_kprobes(probes)
         kp.unregister_kretprobe(rp)
+
+
+def test_keyboard_interrupt_from_a_handler_reaches_the_program() -> None:
+    """Ctrl-C inside a kretprobe handler goes on into the program (never counted as a
+    fault), and the kretprobe keeps serving the calls that follow."""
+    interrupt = {"entry": False, "ret": True}
+    log: list[str] = []
+
+    def entry(ri: kp.KretprobeInstance, regs: kp.Regs) -> None:
+        log.append("entry")
+        if interrupt["entry"]:
+            interrupt["entry"] = False
+            raise KeyboardInterrupt
+
+    def ret(ri: kp.KretprobeInstance, regs: kp.Regs) -> None:
+        log.append(f"ret:{regs.retval}")
+        if interrupt["ret"]:
+            interrupt["ret"] = False
+            raise KeyboardInterrupt
+
+    rp = kp.Kretprobe(addr=targets.add, entry_handler=entry, handler=ret)
+    kp.register_kretprobe(rp)
+    try:
+        _settle()
+        with pytest.raises(KeyboardInterrupt):
+            targets.add(1, 2)
+        assert targets.add(2, 2) == 4
+        interrupt["entry"] = True
+        with pytest.raises(KeyboardInterrupt):
+            targets.add(3, 2)
+        assert targets.add(4, 2) == 6
+        # The interrupted entry handler's call has no return handler.
+        assert log == ["entry", "ret:3", "entry", "ret:4", "entry", "entry", "ret:6"]
+        assert rp.nhit == 3
+        assert rp.nfault == 0
+    finally:
+        kp.unregister_kretprobe(rp)
