@@ -109,9 +109,10 @@ class Kretprobe:
         self._missed = 0
         self._inflight: dict[FrameType, KretprobeInstance] = {}
         self.kp: _EntryProbe | None = None
-        #: Optional: `compile_return(code)` -> a core/rethook.py CompiledReturn or None: what
-        #: a return event offers the fast path (trace/events.py).
-        self.compile_return: Callable[[Any], Any] | None = None
+        #: Optional: `compile_return(code, kit)` -> a core/rethook.py CompiledReturn made with
+        #: `kit.make` (a ReturnKit), or None: what a return event offers the fast path
+        #: (trace/events.py).
+        self.compile_return: Callable[[Any, Any], Any] | None = None
 
     @property
     def handler(self) -> RetHandler | None:

@@ -55,7 +55,8 @@ from pykprobes import accelerator
 if TYPE_CHECKING:
     from pykprobes.core.regs import Regs
 
-__all__ = ["DURATION", "RETVAL", "CompiledReturn", "RetProbe", "Rethook", "hit_frame"]
+__all__ = ["DURATION", "RETURN_KIT", "RETVAL", "CompiledReturn", "RetProbe", "Rethook",
+           "ReturnKit", "hit_frame"]
 
 _getframe = sys._getframe
 _time_ns = time.monotonic_ns
@@ -451,6 +452,23 @@ C_MODULE: Final = _C
 RethookImpl: Any = Rethook if _C is None else _C.Rethook
 RetProbeImpl: Any = RetProbe if _C is None else _C.RetProbe
 CompiledReturnImpl: Any = CompiledReturn if _C is None else _C.CompiledReturn
+
+class ReturnKit:
+    """What the core hands a kretprobe's `compile_return(code, kit)` (trace/events.py), so
+    that the trace layer makes a compiled return without importing the core's internals:
+    `make(record, data, indices, sources, convert, caller, fault)` (the CompiledReturn of the
+    implementation chosen) and the two sources that are not kept values."""
+
+    __slots__ = ("make", "RETVAL", "DURATION")
+
+    def __init__(self, make: Callable[..., Any]) -> None:
+        self.make = make
+        self.RETVAL = RETVAL
+        self.DURATION = DURATION
+
+
+#: The kit `compile_return` gets (core/returns.py).
+RETURN_KIT: Final = ReturnKit(CompiledReturnImpl)
 
 #: `hit_frame(obj)`: the probed frame of the C hit in flight whose Regs or instance `obj`
 #: is (found when asked), or None. Pure Python twin: frames are given eagerly.

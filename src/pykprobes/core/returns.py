@@ -231,7 +231,7 @@ def _offer(rp: Kretprobe, code: Any) -> Any:
     if offer is None:
         return None
     try:
-        return offer(code)
+        return offer(code, rethook.RETURN_KIT)
     except Exception:  # noqa: BLE001 - a bad offer leaves the kretprobe a plain one
         return None
 

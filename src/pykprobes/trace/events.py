@@ -58,7 +58,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 import pykprobes as kp
 from pykprobes import grammar
-from pykprobes.core import rethook
 from pykprobes.core.site import _busy, _held
 from pykprobes.errors import KprobeError, ParseError
 from pykprobes.trace import backend, fetchargs
@@ -690,8 +689,9 @@ class ProbePoint:
         self._refresh(*event._fast())
         return recorder, variables
 
-    def compile_return(self, code: Any) -> Any:
-        """The kretprobes' `compile_return` (core/rethook.py CompiledReturn): the return
+    def compile_return(self, code: Any, kit: Any) -> Any:
+        """The kretprobes' `compile_return` (core/rethook.py CompiledReturn, made with the
+        core's `kit`: its `make`, RETVAL and DURATION): the return
         side compiled as compile_call compiles an entry event, when every fetcharg is
         `$retval` (no chain), `$duration`, or rooted at an argument of `code` (kept at the
         entry, as the entry handler keeps them), and the event writes into a trace buffer
@@ -717,9 +717,9 @@ class ProbePoint:
             convert = describe if d.type is None else TYPES[d.type]
             kind = _KINDS.get(d.type, KIND_CONVERT)
             if d.kind == "retval" and not d.chain:
-                sources.append(rethook.RETVAL)
+                sources.append(kit.RETVAL)
             elif d.kind == "duration":
-                sources.append(rethook.DURATION)
+                sources.append(kit.DURATION)
             else:
                 found = fetchargs.argument_fetch(d, code)
                 if found is None:
@@ -755,8 +755,7 @@ class ProbePoint:
                 out[ENTRY_NS] = entry_ns
             return out
 
-        offer = rethook.CompiledReturnImpl(record, data, tuple(indices), tuple(sources), None,
-                                           caller, FAULT)
+        offer = kit.make(record, data, tuple(indices), tuple(sources), None, caller, FAULT)
         offer.on = self._compiles_entry()
         self._compiled[id(code)] = (code, recorder, offer)
         self._refresh(*event._fast())
