@@ -108,6 +108,14 @@ class Kretprobe:
         self.nfault = 0
         self._missed = 0
         self._inflight: dict[FrameType, KretprobeInstance] = {}
+        #: Run the return handler, with an instance that has no data, for a call whose
+        #: entry this kretprobe did not see (entered before it was armed) where a
+        #: breakpoint sees the return: a return event's `$duration` records (fault) for it
+        #: (trace/events.py). The kernel's kretprobes have no such calls; off by default.
+        self.returns_unentered = False
+        #: id() of the frames whose entry was seen and whose return was not yet, while
+        #: `returns_unentered` (a missed or skipped call is no unentered one).
+        self._entered: set[int] = set()
         self.kp: _EntryProbe | None = None
         #: Optional: `compile_return(code, kit)` -> a core/rethook.py CompiledReturn made with
         #: `kit.make` (a ReturnKit), or None: what a return event offers the fast path
@@ -161,6 +169,8 @@ class Kretprobe:
     def _entry(self, p: Kprobe, regs: Regs) -> None:
         """The entry kprobe's pre_handler (the kernel's pre_handler_kretprobe)."""
         frame = regs.frame  # found on demand (SiteRegs): read it once
+        if self.returns_unentered:
+            self._entered.add(id(frame))
         if len(self._inflight) + self._fast.inflight >= self.maxactive and \
                 not self._evict_silent_end(frame):
             self._missed += 1
@@ -220,6 +230,7 @@ def register_kretprobe(rp: Kretprobe) -> None:
     rp._missed = 0
     rp._fast.nmissed = 0
     rp._inflight.clear()
+    rp._entered.clear()
     kp = _EntryProbe(rp, symbol_name=rp.symbol_name, offset=rp.offset, addr=rp.addr)
     if rp.offset != 0 and kp.symbol_name is not None and \
             registry.module_object(kp.symbol_name.partition(":")[0]) is None:

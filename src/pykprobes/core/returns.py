@@ -163,10 +163,10 @@ class ReturnSite:
         self.rethook.drop(rp._fast)
 
     def bp_return(self, frame: FrameType, value: object) -> None:
-        self._end(frame, value, None)
+        self._end(frame, value, None, True)
 
     def bp_unwind(self, frame: FrameType, exc: BaseException) -> None:
-        self._end(frame, None, exc)
+        self._end(frame, None, exc, True)
 
     def opt_return(self, value: object) -> None:
         self._end(_getframe(1), value, None)
@@ -174,7 +174,11 @@ class ReturnSite:
     def opt_unwind(self, exc: BaseException) -> None:
         self._end(_getframe(1), None, exc)
 
-    def _end(self, frame: FrameType, value: object, exc: BaseException | None) -> None:
+    def _end(self, frame: FrameType, value: object, exc: BaseException | None,
+             every: bool = False) -> None:
+        """The return of `frame`: each kretprobe's instance of it, and its handler. `every`:
+        a breakpoint's return hook, which sees calls entered before the kretprobes were
+        armed too (their `returns_unentered`)."""
         rps = self.rps
         if not rps:
             return
@@ -184,6 +188,7 @@ class ReturnSite:
             if _thread_busy(tid, _getframe(1)):
                 # A return inside a handler: the handler does not run (kernel: nmissed).
                 for rp in rps:
+                    rp._entered.discard(id(frame))
                     if rp._inflight.pop(frame, None) is not None:
                         rp._missed += 1
                 return
@@ -200,6 +205,11 @@ class ReturnSite:
         try:
             for rp in rps:
                 ri = rp._inflight.pop(frame, None)
+                if rp.returns_unentered:
+                    entered = id(frame) in rp._entered
+                    rp._entered.discard(id(frame))
+                    if ri is None and every and not entered:
+                        ri = KretprobeInstance(rp, frame)
                 if ri is None:
                     continue
                 ri.retval = value

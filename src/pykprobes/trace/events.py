@@ -541,6 +541,9 @@ class ProbePoint:
                     handler=self._ret_hit, entry_handler=self._entry_handler(),
                     maxactive=d.maxactive, **spec)
                 rp.compile_return = self.compile_return
+                # A call entered before arming records (fault) for $duration, where a
+                # breakpoint sees its return.
+                rp.returns_unentered = any(a.kind == "duration" for a in d.args)
                 probes.append(rp)
             else:
                 probe = kp.Kprobe(pre_handler=self._hit, flags=flags, **spec)
