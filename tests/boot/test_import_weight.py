@@ -34,7 +34,8 @@ BOOT_PYKPROBES = {
     "pykprobes.core.blacklist", "pykprobes.core.codestate", "pykprobes.core.early",
     "pykprobes.core.kretprobe", "pykprobes.core.modwatch", "pykprobes.core.probe",
     "pykprobes.core.registry", "pykprobes.core.regs", "pykprobes.core.resolve",
-    "pykprobes.core.rethook", "pykprobes.core.returns", "pykprobes.core.site",
+    "pykprobes.core.framecall", "pykprobes.core.rethook", "pykprobes.core.returns",
+    "pykprobes.core.site",
     # who holds a code object (codestate's), and the interpreter facts it asks
     "pykprobes.core.holders", "pykprobes.env",
     # the choice of the C accelerator (codestate's Untraced; the trace backend's)
