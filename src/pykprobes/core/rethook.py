@@ -31,14 +31,18 @@ is counted missed and other threads take the careful path meanwhile.
 
 The kernel's rules hold as on the careful path: beyond maxactive a call is missed; an entry
 handler's truthy result means no return handler; a return inside a handler runs no handler
-(nmissed); unregistering or disarming forgets the calls in flight, counted missed (`drop`);
-disabling leaves them to finish. A handler's exception is counted and reported once, and
-KeyboardInterrupt goes on into the program.
+(nmissed): while any thread runs a handler, a return hands its calls to the careful return
+(`_hand_over`), which tells a return inside a handler from one beside it and gives the
+latter Regs of its own; unregistering or disarming forgets the calls in flight, counted
+missed (`drop`); disabling leaves them to finish. A handler's exception is counted and
+reported once, and KeyboardInterrupt goes on into the program.
 
 `_rethook.c` is the C twin (the accelerator, chosen with the trace layer's, accelerator.py),
 with the very same behaviour; it keys nodes by interpreter frame, so a frame object is made
 only when a handler reads `regs.frame` or `ri.frame` (`hit_frame`). This pure-Python twin
-keys them by frame object.
+keys them by frame object. The C twin also makes no KretprobeInstance for a kretprobe
+without an entry handler until its return handler runs, and reuses the last one when
+nothing else holds it (none of which a handler can tell).
 """
 
 from __future__ import annotations
