@@ -65,4 +65,11 @@ HISTCOUNT = Extension(
     optional=True,
 )
 
-setup(cmdclass={"build_py": BuildPyWithPth}, ext_modules=[SPEEDUPS, HISTCOUNT])
+# The C twin of core/rethook.py, the kretprobe fast path: optional (rethook.py falls back).
+RETHOOK = Extension(
+    "pykprobes.core._rethook",
+    sources=["src/pykprobes/core/_rethook.c"],
+    optional=True,
+)
+
+setup(cmdclass={"build_py": BuildPyWithPth}, ext_modules=[SPEEDUPS, HISTCOUNT, RETHOOK])

@@ -215,6 +215,21 @@ def install_monitoring_return(fn: FunctionType) -> tuple[Callable[..., Any], Cal
     return _monitoring(fn, "PY_RETURN", make)
 
 
+def install_inject_entry_return(
+    fn: FunctionType,
+) -> tuple[Callable[..., Any], Callable[[], None]]:
+    """Raw injected bytecode at both ends of one function: handler() after RESUME and
+    handler(rv) before RETURN_VALUE (what a kretprobe's entry and return hooks are)."""
+    _, restore_entry = install_inject("entry")(fn)
+    _, restore_return = install_inject("return")(fn)
+
+    def teardown() -> None:
+        restore_return()  # back to the entry-injected code ...
+        restore_entry()  # ... and to the original
+
+    return fn, teardown
+
+
 # --------------------------------------------------------------------------- injection
 
 

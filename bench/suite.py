@@ -179,8 +179,10 @@ class Peer(Case):
         install: peers.Install,
         needs: str | None = None,
         group: str = "peer",
+        per_call: int = 1,
     ) -> None:
         self.key, self.label, self.kind, self.group = key, label, kind, group
+        self.per_call = per_call
         self.install = install
         self.needs = needs
 
@@ -345,10 +347,15 @@ class EventCase(Case):
     checks_handler = False
     serial = 0
 
-    def __init__(self, key: str, optimized: bool) -> None:
-        self.key, self.optimized = key, optimized
+    def __init__(self, key: str, optimized: bool, is_return: bool = False) -> None:
+        self.key, self.optimized, self.is_return = key, optimized, is_return
         how = "optimized" if optimized else "breakpoint"
-        self.label = f"event, 2 fetchargs, into a 64 KB trace buffer (overwriting), {how}"
+        if is_return:
+            # Issue 13: `r:... a=$arg1 r=$retval`, the return side compiled as the entry's.
+            self.label = (f"return event, $arg1 (kept at entry) + $retval, into a 64 KB "
+                          f"trace buffer (overwriting), {how}")
+        else:
+            self.label = f"event, 2 fetchargs, into a 64 KB trace buffer (overwriting), {how}"
         self.size_kb = 64
 
     def unavailable(self) -> str | None:
@@ -366,12 +373,15 @@ class EventCase(Case):
         EventCase.serial += 1
         name = f"ev{EventCase.serial}"
         try:
-            event = fs.define(f"p:bench/{name} {targets.main.__name__}:f a=$arg1 b=$arg2")
+            fetch = "r=$retval" if self.is_return else "b=$arg2"
+            event = fs.define(f"{'r' if self.is_return else 'p'}:bench/{name} "
+                              f"{targets.main.__name__}:f a=$arg1 {fetch}")
             assert event is not None
             fs.write(f"events/bench/{name}/enable", "1")
             if self.optimized:
                 kp.wait_for_kprobe_optimizer()
-            _mode_check(event.probes[0], self.optimized, "the event's probe")
+            probe = event.probes[0]
+            _mode_check(getattr(probe, "kp", probe), self.optimized, "the event's probe")
         except BaseException:
             fs.write(f"events/bench/{name}/enable", "0")
             fs.clear()
@@ -387,8 +397,9 @@ class EventCase(Case):
                       + _counter_check("records dropped", buf.dropped, 0)
                       + _counter_check("nmissed", event.nmissed, 0))
             last = buf.snapshot()[-1:] if buf.entries else []
-            if last and tuple(last[0][4]) != (1, 2):
-                errors.append(f"last record's values {last[0][4]!r}, expected (1, 2)")
+            want = (1, 3) if self.is_return else (1, 2)
+            if last and tuple(last[0][4]) != want:
+                errors.append(f"last record's values {last[0][4]!r}, expected {want}")
             return errors
 
         def teardown() -> None:
@@ -692,6 +703,7 @@ def hit_cases() -> list[Case]:
         KretprobeCase("R2b", False, True),
         EventCase("E1o", True),
         EventCase("E1b", False),
+        EventCase("E4o", True, is_return=True),
         HistCase("E2o", True, False),
         HistCase("E3o", True, True),
         Peer("B", "closure decorator (*args, **kwargs), handler(args) then fn", "entry",
@@ -714,6 +726,8 @@ def hit_cases() -> list[Case]:
              inject("offset"), "bytecode"),
         Peer("I1", "raw injected bytecode: handler(rv) before RETURN_VALUE", "return",
              inject("return"), "bytecode"),
+        Peer("HI1", "raw injected bytecode: handler() after RESUME + handler(rv) at return",
+             "entry+return", peers.install_inject_entry_return, "bytecode", per_call=2),
         ProtoInlineHit(),
     ]
 
@@ -721,13 +735,21 @@ def hit_cases() -> list[Case]:
 #: (case, reference, goal ratio or None): the comparisons the issue's goals are about,
 #: each computed per round from the two rows measured in that round.
 COMPARISONS: list[tuple[str, str, float | None]] = [
-    ("K1o", "H", 1.10), ("K2o", "H1", 1.10), ("K3o", "H", 1.10),
+    # Issue 13 moved the optimized kprobe's goal from 1.10x to 1.5x raw injection (the
+    # kernel's bookkeeping does not fit in 1.1x in CPython: ANALYSIS.md).
+    ("K1o", "H", 1.50), ("K2o", "H1", 1.50), ("K3o", "H", 1.50),
     ("K1b", "F", 1.15), ("K2b", "G", 1.15), ("K3b", "G1", 1.15), ("K3b", "G", 1.15),
     ("R1o", "I1", None), ("R1b", "I", None), ("K1b", "E", None),
+    # Issue 13: a kretprobe (empty handlers) at most 2x raw entry + return injection, a
+    # kprobe + kretprobe at most 2.5x.
+    ("R1o", "HI1", 2.00), ("R2o", "HI1", 2.50),
     ("X1", "H", 1.10),
     # Issue 14: a hist-only event costs at most the optimized event; a $duration return
     # event with a .log2 hist at most 4x the unprobed call.
     ("E2o", "E1o", 1.00), ("E3o", "A", 4.00),
+    # Issue 13: a return event ($retval + one entry argument) at most 4x the unprobed call;
+    # an event served by the breakpoint at most 2x a breakpoint kprobe (empty handler).
+    ("E4o", "A", 4.00), ("E1b", "K1b", 2.00),
 ]
 
 # --------------------------------------------------------------------------- timing

@@ -83,7 +83,9 @@ print(json.dumps({
     "calls": calls, "at_conversion": at_conversion, "early": kp.kprobes_is_early(),
     "during": at_conversion - before_init,
     "values": values, "lost_at": batch.lost_at, "buffer_lost": fs.buffer.lost,
-    "nhit": event.probes[0].nhit, "flags": event.probes[0].flags,
+    # The event's hits: its probe's careful hits and its recorder's (a compiled hit, optimized
+    # or served by a breakpoint, is counted by the recorder: kprobe_profile's column).
+    "nhit": event.hits, "flags": event.probes[0].flags,
     "free": early.nr_free_slots(), "slots": early.nr_slots(),
     "kprobe_events": fs.read("kprobe_events"), "enable": fs.read("events/boot/hit/enable"),
 }))

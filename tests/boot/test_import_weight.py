@@ -34,7 +34,8 @@ BOOT_PYKPROBES = {
     "pykprobes.core.blacklist", "pykprobes.core.codestate", "pykprobes.core.early",
     "pykprobes.core.kretprobe", "pykprobes.core.modwatch", "pykprobes.core.probe",
     "pykprobes.core.registry", "pykprobes.core.regs", "pykprobes.core.resolve",
-    "pykprobes.core.returns", "pykprobes.core.site",
+    "pykprobes.core.framecall", "pykprobes.core.rethook", "pykprobes.core.returns",
+    "pykprobes.core.site",
     # who holds a code object (codestate's), and the interpreter facts it asks
     "pykprobes.core.holders", "pykprobes.env",
     # the choice of the C accelerator (codestate's Untraced; the trace backend's)
@@ -49,7 +50,7 @@ BOOT_PYKPROBES = {
     "pykprobes.trace.recorder", "pykprobes.trace.ring",
 }
 #: Loaded with the above when the trace hot path's C accelerator is built and chosen.
-SPEEDUPS = {"pykprobes.trace._speedups"}
+SPEEDUPS = {"pykprobes.trace._speedups", "pykprobes.core._rethook"}
 #: The standard library modules the above may add (the core's imports: typing, threading,
 #: dis, warnings, ...; `re` comes with typing before 3.13; 3.14 moved warnings' Python code
 #: to _py_warnings). A superset over 3.11-3.15. Not annotationlib and ast: on 3.14+ a

@@ -156,7 +156,8 @@ def test_a_boot_event_switches_off_and_on_after_the_conversion(tmp_path: Path) -
         kp.init_kprobes()
         from pykprobes.trace.tracefs import tracefs
         fs = tracefs()
-        probe = fs.event("boot/work").probes[0]
+        event = fs.event("boot/work")
+        probe = event.probes[0]
         work(1)
         fs.write("events/boot/work/enable", "0")
         work(2)
@@ -164,7 +165,7 @@ def test_a_boot_event_switches_off_and_on_after_the_conversion(tmp_path: Path) -
         fs.write("events/boot/work/enable", "1")
         work(3)
         print([r[4] for r in fs.buffer.snapshot() if r[3].name == "work"], off,
-              bool(probe.flags & kp.KPROBE_FLAG_DISABLED), probe.nhit)
+              bool(probe.flags & kp.KPROBE_FLAG_DISABLED), event.hits)
     """)
     traced = run(["prog.py"], events=EVENTS, cwd=tmp_path)
     assert traced.returncode == 0, traced.stderr

@@ -461,3 +461,97 @@ def test_generators_abandoned_at_a_plain_yield_do_not_exhaust_maxactive() -> Non
         assert len(rp._inflight) <= 3
     finally:
         kp.unregister_kretprobe(rp)
+
+
+def _blocking(entered: threading.Event, wait: threading.Event, x: int) -> int:
+    entered.set()
+    wait.wait(10)
+    return x * 2
+
+
+@pytest.mark.parametrize("careful", [False, True], ids=["fast-handler", "careful-handler"])
+def test_a_return_while_another_thread_runs_a_handler_runs_its_handler(careful: bool) -> None:
+    """Thread B enters a kretprobed call, thread A then sits in a probe's handler, and B's
+    call returns meanwhile: B's return handler runs (it is not inside a handler) with its own
+    Regs, counted once. `careful`: A's handler is on the careful path (its probe shares the
+    site with a second one) rather than the fast path."""
+    in_handler = threading.Event()
+    b_returned = threading.Event()
+    b_may_return = threading.Event()
+    b_entered = threading.Event()
+    seen: list[tuple[int, Any, bool]] = []
+
+    def pre(p: kp.Kprobe, regs: kp.Regs) -> None:
+        in_handler.set()
+        b_returned.wait(10)
+
+    def ret(ri: kp.KretprobeInstance, regs: kp.Regs) -> None:
+        seen.append((ri.thread, regs.retval, regs.frame.f_code is _blocking.__code__))
+
+    probes = [kp.Kprobe(addr=targets.kprobe_target, pre_handler=pre)]
+    if careful:
+        probes.append(kp.Kprobe(addr=targets.kprobe_target, pre_handler=lambda p, r: None))
+    rp = kp.Kretprobe(addr=_blocking, handler=ret)
+    kp.register_kretprobe(rp)
+    kp.register_kprobes(probes)
+    try:
+        _settle()
+        results: list[int] = []
+
+        def b() -> None:
+            results.append(_blocking(b_entered, b_may_return, 21))
+            b_returned.set()
+
+        thread_b = threading.Thread(target=b)
+        thread_b.start()
+        assert b_entered.wait(10)
+        thread_a = threading.Thread(target=targets.kprobe_target, args=(5,))
+        thread_a.start()
+        assert in_handler.wait(10)
+        b_may_return.set()
+        thread_b.join(10)
+        thread_a.join(10)
+        assert results == [42]
+        assert seen == [(thread_b.ident, 42, True)]
+        assert rp.nhit == 1 and rp.nmissed == 0 and rp.nfault == 0
+        assert probes[0].nhit == 1 and probes[0].nmissed == 0
+    finally:
+        kp.unregister_kprobes(probes)
+        kp.unregister_kretprobe(rp)
+
+
+def test_keyboard_interrupt_from_a_handler_reaches_the_program() -> None:
+    """Ctrl-C inside a kretprobe handler goes on into the program (never counted as a
+    fault), and the kretprobe keeps serving the calls that follow."""
+    interrupt = {"entry": False, "ret": True}
+    log: list[str] = []
+
+    def entry(ri: kp.KretprobeInstance, regs: kp.Regs) -> None:
+        log.append("entry")
+        if interrupt["entry"]:
+            interrupt["entry"] = False
+            raise KeyboardInterrupt
+
+    def ret(ri: kp.KretprobeInstance, regs: kp.Regs) -> None:
+        log.append(f"ret:{regs.retval}")
+        if interrupt["ret"]:
+            interrupt["ret"] = False
+            raise KeyboardInterrupt
+
+    rp = kp.Kretprobe(addr=targets.add, entry_handler=entry, handler=ret)
+    kp.register_kretprobe(rp)
+    try:
+        _settle()
+        with pytest.raises(KeyboardInterrupt):
+            targets.add(1, 2)
+        assert targets.add(2, 2) == 4
+        interrupt["entry"] = True
+        with pytest.raises(KeyboardInterrupt):
+            targets.add(3, 2)
+        assert targets.add(4, 2) == 6
+        # The interrupted entry handler's call has no return handler.
+        assert log == ["entry", "ret:3", "entry", "ret:4", "entry", "entry", "ret:6"]
+        assert rp.nhit == 3
+        assert rp.nfault == 0
+    finally:
+        kp.unregister_kretprobe(rp)

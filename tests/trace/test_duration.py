@@ -111,8 +111,10 @@ def test_coroutines_interleaved_on_one_thread(fs: TraceFS) -> None:
     assert 20 * MS <= by_pause["0.02"] < 180 * MS
 
 
-def test_a_call_entered_before_arming_records_nothing(fs: TraceFS) -> None:
-    event = fs.define(f"r:t/blocker {__name__}:blocker d=$duration")
+def test_a_call_entered_before_arming_records_a_fault(fs: TraceFS) -> None:
+    """Its return is seen (every mechanism's breakpoint sees the frame's return), its entry
+    was not: no entry time, so `$duration` records (fault), never a wrong duration."""
+    event = fs.define(f"r:t/blocker {__name__}:blocker d=$duration r=$retval")
     assert event is not None
     gate = threading.Event()
     early = threading.Thread(target=blocker, args=(gate,))
@@ -122,10 +124,23 @@ def test_a_call_entered_before_arming_records_nothing(fs: TraceFS) -> None:
     kp.wait_for_kprobe_optimizer()
     gate.set()
     early.join()
-    assert _records(fs) == []
+    assert _records(fs) == [{"d": "(fault)", "r": "1"}]
     blocker(gate)
+    _, second = _records(fs)
+    assert second["d"] != "(fault)" and int(second["d"]) > 0
+    assert event.hits == 2 and event.nmissed == 0
+
+
+def test_a_missed_call_records_nothing(fs: TraceFS) -> None:
+    """A call beyond maxactive was entered while armed: missed (nmissed), not unentered."""
+    event = fs.define(f"r1:t/nest {__name__}:nest d=$duration n=$retval")
+    assert event is not None
+    event.enable()
+    kp.wait_for_kprobe_optimizer()
+    nest(1)
     (record,) = _records(fs)
-    assert int(record["d"]) > 0
+    assert record["n"] == "1" and int(record["d"]) > 0
+    assert event.nmissed == 1
 
 
 def test_duration_as_a_log2_hist_key(fs: TraceFS) -> None:

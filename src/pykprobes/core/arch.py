@@ -167,6 +167,10 @@ class OptimizerArch(Protocol):
     """A mechanism that rewrites code (the kernel's optprobe)."""
 
     name: str
+    #: A CompiledCall at a function's entry is built as one, always, when its variables are
+    #: the function's parameters (the core pairs such an entry with return hooks that rely
+    #: on it: core/rethook.py); False: compiled calls are served as their plain hit.
+    compiles_calls: bool
 
     def check_optimizable(self, code: CodeType, offset: int) -> str | None:
         """None when a call sequence can safely be inserted before this instruction;

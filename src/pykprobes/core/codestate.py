@@ -36,7 +36,7 @@ from types import CodeType, FunctionType, ModuleType
 from typing import TYPE_CHECKING, Final
 
 from pykprobes import accelerator
-from pykprobes.core.arch import opt_call
+from pykprobes.core.arch import CompiledCall, OptHit, opt_call
 from pykprobes.core.holders import Switches
 
 if TYPE_CHECKING:
@@ -193,10 +193,19 @@ def _rebuild(state: CodeState, mech: Mechanisms) -> None:
     returns = state.returns
     ret = bool(opt) and returns is not None and returns.armed
     # A site's one probe may offer a compiled call: a change of its probes changes the call.
-    hits = {
+    hits: dict[int, OptHit | CompiledCall] = {
         off: opt_call(state.sites[off].active, state.sites[off].hit, state.original, off)
         for off in opt
     }
+    hooks = None
+    if ret and returns is not None:
+        if 0 in opt and returns.fast and getattr(mech.optimizer, "compiles_calls", False):
+            # The kretprobe fast path (core/rethook.py): its entry and its returns are built
+            # into this version together, so that every call of it passes both.
+            hits[0] = CompiledCall(returns.entry_hook, returns.variables, state.sites[0].hit)
+            hooks = (returns.ret_hook, returns.unwind_hook)
+        else:
+            hooks = (returns.opt_return, returns.opt_unwind)
     cur = state.current
     same_consts = consts.keys() == cur.consts.keys() and all(
         cur.consts[i] is c for i, c in consts.items()
@@ -213,7 +222,6 @@ def _rebuild(state: CodeState, mech: Mechanisms) -> None:
         version = Version(original.replace(co_consts=tuple(patched)), None, opt, consts)
     else:
         assert mech.optimizer is not None
-        hooks = (returns.opt_return, returns.opt_unwind) if ret and returns else None
         built = mech.optimizer.build(original, hits, consts, hooks)
         version = Version(built.code, dict(built.offsets), opt, consts, ret, hits)
     _install(state, version, mech)

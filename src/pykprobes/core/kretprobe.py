@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 from pykprobes.core import registry
 from pykprobes.core.address import ProbeAddress
 from pykprobes.core.probe import Kprobe
+from pykprobes.core.rethook import RetProbeImpl
 from pykprobes.core.returns import KretprobeInstance, ReturnSite
 from pykprobes.errors import KprobeError, einval
 
@@ -61,8 +62,21 @@ class _EntryProbe(Kprobe):
     kind = "r"
 
     def __init__(self, rp: Kretprobe, **kwargs: Any) -> None:
-        super().__init__(pre_handler=rp._entry, **kwargs)
         self.rp = rp
+        super().__init__(pre_handler=rp._entry, **kwargs)
+
+    @property  # type: ignore[override]
+    def nhit(self) -> int:
+        """Hits: the careful path's, and the fast path's (core/rethook.py counts them)."""
+        return _NHIT.__get__(self) + self.rp._fast.entries  # type: ignore[no-any-return]
+
+    @nhit.setter
+    def nhit(self, value: int) -> None:
+        _NHIT.__set__(self, value - self.rp._fast.entries)
+
+
+# Kprobe's own `nhit` slot, which _EntryProbe's property stands in front of.
+_NHIT: Final = Kprobe.nhit
 
 
 class Kretprobe:
@@ -79,6 +93,9 @@ class Kretprobe:
         data_size: int = 0,
         maxactive: int = 0,
     ) -> None:
+        #: What the fast path of rewritten code (core/rethook.py) needs of this kretprobe,
+        #: and what it counted.
+        self._fast: Any = RetProbeImpl(self)
         self.symbol_name = symbol_name
         self.offset = offset
         self.addr = addr
@@ -86,19 +103,56 @@ class Kretprobe:
         self.entry_handler = entry_handler
         self.data_size = data_size
         self.maxactive = maxactive
-        #: Return handlers run.
-        self.nhit = 0
+        self._nhit = 0
         #: Handler exceptions caught and counted.
         self.nfault = 0
         self._missed = 0
         self._inflight: dict[FrameType, KretprobeInstance] = {}
+        #: Run the return handler, with an instance that has no data, for a call whose
+        #: entry this kretprobe did not see (entered before it was armed) where a
+        #: breakpoint sees the return: a return event's `$duration` records (fault) for it
+        #: (trace/events.py). The kernel's kretprobes have no such calls; off by default.
+        self.returns_unentered = False
+        #: id() of the frames whose entry was seen and whose return was not yet, while
+        #: `returns_unentered` (a missed or skipped call is no unentered one).
+        self._entered: set[int] = set()
         self.kp: _EntryProbe | None = None
+        #: Optional: `compile_return(code, kit)` -> a core/rethook.py CompiledReturn made with
+        #: `kit.make` (a ReturnKit), or None: what a return event offers the fast path
+        #: (trace/events.py).
+        self.compile_return: Callable[[Any, Any], Any] | None = None
+
+    @property
+    def handler(self) -> RetHandler | None:
+        return self._fast.handler  # type: ignore[no-any-return]
+
+    @handler.setter
+    def handler(self, handler: RetHandler | None) -> None:
+        self._fast.handler = handler
+
+    @property
+    def entry_handler(self) -> RetHandler | None:
+        return self._fast.entry_handler  # type: ignore[no-any-return]
+
+    @entry_handler.setter
+    def entry_handler(self, handler: RetHandler | None) -> None:
+        self._fast.entry_handler = handler
+
+    @property
+    def nhit(self) -> int:
+        """Return handlers run."""
+        return self._nhit + self._fast.nhit  # type: ignore[no-any-return]
+
+    @nhit.setter
+    def nhit(self, value: int) -> None:
+        self._nhit = value - self._fast.nhit
 
     @property
     def nmissed(self) -> int:
         """Calls not probed: beyond maxactive, entered or ended while a handler ran on the
         same thread, or in flight when the probe was unregistered or disarmed."""
-        return self._missed + (self.kp.nmissed if self.kp is not None else 0)
+        kp_missed = self.kp.nmissed if self.kp is not None else 0
+        return self._missed + self._fast.nmissed + kp_missed  # type: ignore[no-any-return]
 
     @property
     def flags(self) -> int:
@@ -115,7 +169,10 @@ class Kretprobe:
     def _entry(self, p: Kprobe, regs: Regs) -> None:
         """The entry kprobe's pre_handler (the kernel's pre_handler_kretprobe)."""
         frame = regs.frame  # found on demand (SiteRegs): read it once
-        if len(self._inflight) >= self.maxactive and not self._evict_silent_end(frame):
+        if self.returns_unentered:
+            self._entered.add(id(frame))
+        if len(self._inflight) + self._fast.inflight >= self.maxactive and \
+                not self._evict_silent_end(frame):
             self._missed += 1
             return
         ri = KretprobeInstance(self, frame)
@@ -146,9 +203,11 @@ class Kretprobe:
         self._missed += 1
         return True
 
-    def _drop_inflight(self) -> None:
-        self._missed += len(self._inflight)
+    def _drop_inflight(self, returns: ReturnSite | None) -> None:
+        self._missed += len(self._inflight) + self._fast.inflight
         self._inflight.clear()
+        if returns is not None:
+            returns.drop(self)
 
     def __repr__(self) -> str:
         state = "registered" if self.registered else "unregistered"
@@ -169,7 +228,9 @@ def register_kretprobe(rp: Kretprobe) -> None:
     if rp.maxactive == 0:
         rp.maxactive = DEFAULT_MAXACTIVE
     rp._missed = 0
+    rp._fast.nmissed = 0
     rp._inflight.clear()
+    rp._entered.clear()
     kp = _EntryProbe(rp, symbol_name=rp.symbol_name, offset=rp.offset, addr=rp.addr)
     if rp.offset != 0 and kp.symbol_name is not None and \
             registry.module_object(kp.symbol_name.partition(":")[0]) is None:
@@ -212,17 +273,21 @@ def refresh_locked(state: CodeState) -> None:
     )
     if returns.armed and not armed:
         for rp in returns.rps:
-            rp._drop_inflight()
+            rp._drop_inflight(returns)
     returns.armed = armed
+    returns.publish(state.sites.get(0), state.original)
 
 
 def detach_locked(p: Kprobe, state: CodeState) -> None:
     if not isinstance(p, _EntryProbe) or state.returns is None:
         return
-    state.returns.rps = tuple(rp for rp in state.returns.rps if rp is not p.rp)
-    if not state.returns.rps:
+    returns = state.returns
+    returns.rps = tuple(rp for rp in returns.rps if rp is not p.rp)
+    p.rp._drop_inflight(returns)
+    # The entry site still lists p until the registry refreshes it (which publishes again).
+    returns.publish(None, state.original)
+    if not returns.rps:
         state.returns = None
-    p.rp._drop_inflight()
 
 
 def unregister_kretprobe(rp: Kretprobe) -> None:

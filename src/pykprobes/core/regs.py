@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from types import CodeType, FrameType
 from typing import Any, Final
 
+from pykprobes.core.rethook import hit_frame as _hit_frame
+
 # Code flags (Include/cpython/code.h); spelled out so that the hot path does not import inspect.
 _CO_VARARGS: Final = 0x04
 _CO_VARKEYWORDS: Final = 0x08
@@ -158,6 +160,13 @@ class SiteRegs(Regs):
     def frame(self) -> FrameType:
         if self._frame is not None:
             return self._frame
+        if _hit_frame is not None:
+            # The fast path of kretprobes (core/rethook.py) marks its thread in `busy`, and
+            # its C twin knows the probed frame without a frame object: made now.
+            found = _hit_frame(self)
+            if found is not None:
+                self._frame = found
+                return found
         if self._held[0] is not self:
             raise RuntimeError(_INVALID)
         trampoline = self._trampoline

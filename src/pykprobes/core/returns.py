@@ -7,6 +7,10 @@ and files it under the probed *frame* (a frame is one call: recursion, threads, 
 generators and coroutines each have their own); the mechanism's return hooks (breakpoint:
 `arm_return`; optimized: built into the rewritten code) call `ReturnSite`, which pops the
 frame's instance from every kretprobe on that code and runs its handler.
+
+Where the entry of a plain function is optimized too, rewritten code takes the fast path
+instead (core/rethook.py, the kernel's rethook): entry and return are paired there, and
+the calls it serves never reach `_inflight`; its careful returns come back here.
 """
 
 from __future__ import annotations
@@ -16,40 +20,89 @@ from _thread import get_ident
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from pykprobes.core import rethook
 from pykprobes.core.regs import Regs, SiteRegs
 from pykprobes.core.site import HIT_CODE, HIT_CODES, _busy, _held, _report_fault, _thread_busy
 
 if TYPE_CHECKING:
     from pykprobes.core.kretprobe import Kretprobe
+    from pykprobes.core.site import Site
 
 _getframe = sys._getframe
+_hit_frame = rethook.hit_frame
+
+# CO_GENERATOR | CO_COROUTINE | CO_ASYNC_GENERATOR (Include/cpython/code.h): their frames
+# are suspended and resumed, so their calls do not nest.
+_GENERATOR_LIKE = 0x20 | 0x80 | 0x200
+_CO_OPTIMIZED = 0x01
+_CO_VARARGS = 0x04
+_CO_VARKEYWORDS = 0x08
 
 
 class KretprobeInstance:
-    """One call of a kretprobed function (`struct kretprobe_instance`)."""
+    """One call of a kretprobed function (`struct kretprobe_instance`).
 
-    __slots__ = ("data", "exception", "frame", "retval", "rp", "thread")
+    The fast path (core/rethook.py) makes these in C without `__init__`: `data` is made
+    when first read, and `frame` is found when first read while one of the call's handlers
+    runs (None if it never was)."""
+
+    __slots__ = ("_data", "_frame", "exception", "retval", "rp", "thread")
 
     def __init__(self, rp: Kretprobe, frame: FrameType) -> None:
         #: The kretprobe this call belongs to.
         self.rp = rp
-        #: Private to this call, shared by its entry and return handlers.
-        self.data: dict[str, Any] = {}
         #: The ident of the thread that made the call.
         self.thread = get_ident()
-        self.frame = frame
+        self._frame: FrameType | None = frame
         #: How the call ended: the value it returned, or the exception that left it.
         self.retval: Any = None
         self.exception: BaseException | None = None
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """Private to this call, shared by its entry and return handlers."""
+        try:
+            return self._data
+        except AttributeError:
+            data: dict[str, Any] = {}
+            self._data = data
+            return data
+
+    @property
+    def frame(self) -> FrameType | None:
+        """The call's frame."""
+        try:
+            return self._frame
+        except AttributeError:
+            frame = _hit_frame(self) if _hit_frame is not None else None
+            if frame is not None:
+                self._frame = frame
+            return frame
+
+    @frame.setter
+    def frame(self, frame: FrameType | None) -> None:
+        self._frame = frame
 
     def __repr__(self) -> str:
         return f"<KretprobeInstance {self.rp.symbol} thread={self.thread}>"
 
 
+def parameters(code: Any) -> tuple[str, ...]:
+    """The parameter names of a function's code, in order (positional, keyword-only,
+    `*args`, `**kwargs`): what a rewritten entry passes to a compiled return."""
+    flags = code.co_flags
+    if not flags & _CO_OPTIMIZED:
+        return ()
+    count = code.co_argcount + code.co_kwonlyargcount
+    count += bool(flags & _CO_VARARGS) + bool(flags & _CO_VARKEYWORDS)
+    return tuple(code.co_varnames[:count])
+
+
 class ReturnSite:
     """The kretprobes on one code object and its return hooks."""
 
-    __slots__ = ("armed", "regs", "rps")
+    __slots__ = ("armed", "entry_hook", "fast", "regs", "ret_hook", "rethook", "rps",
+                 "unwind_hook", "variables")
 
     def __init__(self) -> None:
         #: The kretprobes whose returns are watched (registered, not gone), in order.
@@ -58,12 +111,62 @@ class ReturnSite:
         self.armed = False
         #: The fast path's Regs (frame given), as a Site's.
         self.regs = SiteRegs(0, HIT_CODE, HIT_CODES, _held, _busy)
+        #: The fast path of rewritten code (core/rethook.py), its three calls (kept: the
+        #: registry compares what a version calls by identity), and what its entry passes.
+        self.rethook: Any = rethook.RethookImpl(
+            _busy, _held, self.regs, self.regs, self._end, KretprobeInstance, _report_fault)
+        self.entry_hook = self.rethook.entry
+        self.ret_hook = self.rethook.ret
+        self.unwind_hook = self.rethook.unwind
+        self.variables: tuple[str, ...] = ()
+        #: Whether the fast path may serve this code (a published plan: see `publish`).
+        self.fast = False
+
+    def publish(self, site: Site | None, code: Any) -> None:
+        """Give the fast path its plan: the entry site's active probes (under the registry
+        lock, whenever they or the kretprobes change). None for generator-like code, whose
+        calls do not nest, or while returns are not armed."""
+        hook = self.rethook
+        if site is None or not self.armed or not site.active or \
+                code.co_flags & _GENERATOR_LIKE or not code.co_flags & _CO_OPTIMIZED:
+            hook.publish(None, 0)
+            self.fast = False
+            self.variables = ()
+            return
+        items: list[Any] = []
+        compiled = False
+        for p in site.active:
+            rp = getattr(p, "rp", None)
+            if rp is not None:
+                if rp not in self.rps:  # being detached: the registry publishes again
+                    hook.publish(None, 0)
+                    self.fast = False
+                    self.variables = ()
+                    return
+                item = rp._fast
+                item.kp = p
+                item.table = rp._inflight
+                item.maxactive = rp.maxactive
+                item.compiled = _offer(rp, code)
+                compiled = compiled or item.compiled is not None
+                items.append(item)
+            else:
+                items.append((p, p.pre_handler))
+        names = parameters(code)
+        hook.set_entry_regs(site.regs)
+        hook.publish(tuple(items), len(names))
+        self.fast = True
+        self.variables = names if compiled else ()
+
+    def drop(self, rp: Kretprobe) -> None:
+        """Forget the fast path's calls of `rp` in flight (counted missed by the caller)."""
+        self.rethook.drop(rp._fast)
 
     def bp_return(self, frame: FrameType, value: object) -> None:
-        self._end(frame, value, None)
+        self._end(frame, value, None, True)
 
     def bp_unwind(self, frame: FrameType, exc: BaseException) -> None:
-        self._end(frame, None, exc)
+        self._end(frame, None, exc, True)
 
     def opt_return(self, value: object) -> None:
         self._end(_getframe(1), value, None)
@@ -71,7 +174,11 @@ class ReturnSite:
     def opt_unwind(self, exc: BaseException) -> None:
         self._end(_getframe(1), None, exc)
 
-    def _end(self, frame: FrameType, value: object, exc: BaseException | None) -> None:
+    def _end(self, frame: FrameType, value: object, exc: BaseException | None,
+             every: bool = False) -> None:
+        """The return of `frame`: each kretprobe's instance of it, and its handler. `every`:
+        a breakpoint's return hook, which sees calls entered before the kretprobes were
+        armed too (their `returns_unentered`)."""
         rps = self.rps
         if not rps:
             return
@@ -81,6 +188,7 @@ class ReturnSite:
             if _thread_busy(tid, _getframe(1)):
                 # A return inside a handler: the handler does not run (kernel: nmissed).
                 for rp in rps:
+                    rp._entered.discard(id(frame))
                     if rp._inflight.pop(frame, None) is not None:
                         rp._missed += 1
                 return
@@ -97,6 +205,11 @@ class ReturnSite:
         try:
             for rp in rps:
                 ri = rp._inflight.pop(frame, None)
+                if rp.returns_unentered:
+                    entered = id(frame) in rp._entered
+                    rp._entered.discard(id(frame))
+                    if ri is None and every and not entered:
+                        ri = KretprobeInstance(rp, frame)
                 if ri is None:
                     continue
                 ri.retval = value
@@ -119,6 +232,18 @@ class ReturnSite:
             else:
                 del _busy[tid]
                 regs.invalidate()
+
+
+def _offer(rp: Kretprobe, code: Any) -> Any:
+    """The compiled return `rp` offers for `code` (a return event's), or None. An offer that
+    raises is no offer."""
+    offer = rp.compile_return
+    if offer is None:
+        return None
+    try:
+        return offer(code, rethook.RETURN_KIT)
+    except Exception:  # noqa: BLE001 - a bad offer leaves the kretprobe a plain one
+        return None
 
 
 # A frame of `_end` on a thread's stack means a return handler runs there.

@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterator
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, Final
 
+from pykprobes.core.arch import CompiledCall, opt_call
+from pykprobes.core.framecall import frame_call
 from pykprobes.core.regs import CAREFUL_CODES, CodeIds, Regs, SiteRegs, probed_frame
 
 if TYPE_CHECKING:
@@ -237,6 +239,7 @@ class Site:
         "addr",
         "entry_event",
         "fast",
+        "compiled",
         "hit",
         "optimized",
         "posts",
@@ -265,6 +268,10 @@ class Site:
         #: with a pre-handler and no post-handler), else None; the trampoline's cell holds
         #: the same.
         self.fast: tuple[Kprobe, Any, SiteRegs] | None = None
+        #: (record, variable names) of the compiled call the fast path's probe offers at a
+        #: function's entry (an event's recorder: core/framecall.py), or None: what a
+        #: breakpoint hit calls instead of the probe's handler.
+        self.compiled: tuple[Callable[..., bool], tuple[str, ...]] | None = None
         #: The no-argument hit that rewritten code calls.
         self.hit: Callable[[], None] = _make_trampoline(self)
 
@@ -277,8 +284,14 @@ class Site:
         self.active = active
         self.posts = tuple(p for p in active if p.post_handler is not None)
         fast = None
+        compiled = None
         if len(active) == 1 and not self.posts and active[0].pre_handler is not None:
             fast = (active[0], active[0].pre_handler, self.regs)
+            if self.addr.offset == 0:
+                call = opt_call(active, self.hit, self.addr.code, 0)
+                if isinstance(call, CompiledCall):
+                    compiled = (call.record, call.variables)
+        self.compiled = compiled
         self.fast = fast
         cell = self.hit.__closure__[_FAST_CELL]  # type: ignore[index]
         cell.cell_contents = fast
@@ -305,6 +318,18 @@ class Site:
                 self._run(frame or probed_frame(_getframe(0)), None)
             return
         p, handler, regs = fast
+        compiled = self.compiled
+        if compiled is not None:
+            # An event's recorder reads the arguments itself (core/framecall.py); when it
+            # refuses, the handler runs as for any hit.
+            if frame is None:
+                # A mechanism's callback called us for the probed frame: most often directly
+                # (sys._getframe makes the frame object of the depth asked for only).
+                frame = _getframe(2)
+                if frame.f_code is not self.addr.code:
+                    frame = probed_frame(_getframe(0))
+            if not frame_call(compiled[0], frame, compiled[1]):
+                return
         _held[0] = regs
         regs._frame = frame
         try:

@@ -3,13 +3,15 @@
  * table, keyed by one of them (hist.py's docstrings are the contract; the pure-Python
  * closures are the fallback, chosen with the rest of the trace core by backend.py).
  *
- *   HistCounter(busy, held, entries, insert, convert, nargs, index)
+ *   HistCounter(busy, held, entries, insert, convert, nargs, index, log2=False)
  *   counter(*values) -> True: the careful path must run instead (off, a handler running in
  *                       some thread, not the values it was made for, or anything failed);
  *                       False: counted (entries[key][0] += 1, or a drop counted by insert)
  *
  * The key is values[index] when it is an exact int, else convert(values[index]) (the
- * fetcharg's conversion: no object of the program is kept). A key not in `entries` goes
+ * fetcharg's conversion: no object of the program is kept). With `log2` (the key's .log2
+ * modifier: hist.py _log2, ilog2(roundup_pow_of_two(v))), an int key from 0 to 2**63-1 is
+ * counted under its log2; any other key goes to the careful path. A key not in `entries` goes
  * through `insert(key)` (HistMap.insert: the table's bound and its drops), the rare path.
  * The GIL makes each call atomic with respect to the other hit paths (the build that has no
  * GIL takes the Python fallback).
@@ -26,6 +28,7 @@ typedef struct {
     long long nhit;
     Py_ssize_t nargs;
     Py_ssize_t index;
+    char log2;
     PyObject *busy;    /* core.site._busy */
     PyObject *held;    /* core.site._held */
     PyObject *entries; /* HistMap.entries */
@@ -82,6 +85,21 @@ HistCounter_call(HistCounter *self, PyObject *const *args, size_t nargsf, PyObje
             Py_RETURN_TRUE;
         }
     }
+    if (self->log2) {
+        int overflow = 0;
+        long long v = PyLong_CheckExact(key) ? PyLong_AsLongLongAndOverflow(key, &overflow) : -1;
+        Py_DECREF(key);
+        if (v < 0 || overflow) { /* not an int, negative or huge: the careful path's */
+            PyErr_Clear();
+            Py_RETURN_TRUE;
+        }
+        long bits = v > 1 ? 64 - __builtin_clzll((unsigned long long)(v - 1)) : 0;
+        key = PyLong_FromLong(bits);
+        if (key == NULL) {
+            PyErr_Clear();
+            Py_RETURN_TRUE;
+        }
+    }
     PyObject *entry = PyDict_GetItemWithError(self->entries, key);
     if (entry != NULL) {
         Py_INCREF(entry);
@@ -107,6 +125,7 @@ HistCounter_call(HistCounter *self, PyObject *const *args, size_t nargsf, PyObje
     }
     Py_DECREF(key);
     int failed = count_one(entry);
+
     Py_DECREF(entry);
     if (failed) {
         PyErr_Clear();
@@ -120,12 +139,13 @@ static PyObject *
 HistCounter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"busy", "held", "entries", "insert", "convert", "nargs", "index",
-                             NULL};
+                             "log2", NULL};
     PyObject *busy, *held, *entries, *insert, *convert;
     Py_ssize_t nargs, index;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!OOnn:HistCounter", kwlist,
+    int log2 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!OOnn|p:HistCounter", kwlist,
                                      &PyDict_Type, &busy, &PyList_Type, &held, &PyDict_Type,
-                                     &entries, &insert, &convert, &nargs, &index)) {
+                                     &entries, &insert, &convert, &nargs, &index, &log2)) {
         return NULL;
     }
     /* Never resized by its owner (core/site.py): item 0 is read without a check. */
@@ -148,6 +168,7 @@ HistCounter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->vectorcall = (vectorcallfunc)HistCounter_call;
     self->nargs = nargs;
     self->index = index;
+    self->log2 = (char)log2;
     self->busy = Py_NewRef(busy);
     self->held = Py_NewRef(held);
     self->entries = Py_NewRef(entries);

@@ -27,6 +27,7 @@
 #define OVERHEAD 24   /* buffer.py RECORD_OVERHEAD */
 #define SCALAR 8      /* buffer.py SCALAR_SIZE */
 #define DATA_LOC 4    /* buffer.py DATA_LOC_SIZE */
+#define RETURN_EXTRA 8 /* buffer.py RETURN_OVERHEAD: a return record's caller */
 #define STR_CAP 256   /* safe.py STR_CAP */
 
 enum { KIND_CONVERT, KIND_DESCRIBE, KIND_INT, KIND_FLOAT, KIND_STR };
@@ -489,6 +490,7 @@ typedef struct {
     unsigned char *kind;  /* the kinds, as bytes */
     Py_ssize_t n;
     Py_ssize_t size;
+    char caller;          /* a return record's: the caller text follows the values */
 } Recorder;
 
 static PyObject *
@@ -496,6 +498,21 @@ Recorder_call(Recorder *self, PyObject *const *args, size_t nargsf, PyObject *kw
 {
     Py_ssize_t n = PyVectorcall_NARGS(nargsf);
     Ring *ring = self->ring;
+    PyObject *caller = Py_None;
+    int64_t ts = 0;
+    if (self->caller) {
+        /* A return record's: its caller and time follow the values. */
+        if (n != self->n + 2) {
+            Py_RETURN_TRUE;
+        }
+        caller = args[n - 2];
+        ts = PyLong_CheckExact(args[n - 1]) ? PyLong_AsLongLong(args[n - 1]) : -1;
+        if ((caller != Py_None && !PyUnicode_CheckExact(caller)) || ts <= 0) {
+            PyErr_Clear();
+            Py_RETURN_TRUE;
+        }
+        n -= 2;
+    }
     if (!self->fast || !ring->tracing_on || PyDict_GET_SIZE(self->busy)
         || PyList_GET_ITEM(self->held, 0) != Py_None || kwnames != NULL || n != self->n) {
         Py_RETURN_TRUE;
@@ -549,6 +566,9 @@ Recorder_call(Recorder *self, PyObject *const *args, size_t nargsf, PyObject *kw
         }
         PyTuple_SET_ITEM(values, i, v);
     }
+    if (caller != Py_None) {
+        size += RETURN_EXTRA;
+    }
     if (self->size >= 0) {
         size = self->size;
     }
@@ -557,7 +577,7 @@ Recorder_call(Recorder *self, PyObject *const *args, size_t nargsf, PyObject *kw
         Py_DECREF(values);
         Py_RETURN_TRUE;
     }
-    ring_put(ring, monotonic_ns(), key, self->event, values, Py_None, size);
+    ring_put(ring, self->caller ? ts : monotonic_ns(), key, self->event, values, caller, size);
     Py_DECREF(values);
     self->nhit++;
     Py_RETURN_FALSE;
@@ -567,12 +587,13 @@ static PyObject *
 Recorder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"event", "ring", "busy", "held", "kinds", "converters", "size",
-                             NULL};
+                             "caller", NULL};
     PyObject *event, *ring, *busy, *held, *kinds, *converters;
     Py_ssize_t size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO!O!n:Recorder", kwlist, &event, &ring,
+    int caller = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO!O!n|p:Recorder", kwlist, &event, &ring,
                                      &busy, &held, &PyTuple_Type, &kinds, &PyTuple_Type,
-                                     &converters, &size)) {
+                                     &converters, &size, &caller)) {
         return NULL;
     }
     if (!PyObject_TypeCheck(ring, &Ring_Type)) {
@@ -628,6 +649,7 @@ Recorder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->kind = kind;
     self->n = n;
     self->size = size;
+    self->caller = (char)caller;
     return (PyObject *)self;
 }
 

@@ -537,9 +537,14 @@ class ProbePoint:
         flags = 0 if early else kp.KPROBE_FLAG_DISABLED
         for spec in specs:
             if self.is_return:
-                probes.append(kp.Kretprobe(
+                rp = kp.Kretprobe(
                     handler=self._ret_hit, entry_handler=self._entry_handler(),
-                    maxactive=d.maxactive, **spec))
+                    maxactive=d.maxactive, **spec)
+                rp.compile_return = self.compile_return
+                # A call entered before arming records (fault) for $duration, where a
+                # breakpoint sees its return.
+                rp.returns_unentered = any(a.kind == "duration" for a in d.args)
+                probes.append(rp)
             else:
                 probe = kp.Kprobe(pre_handler=self._hit, flags=flags, **spec)
                 probe.compile_call = self.compile_call
@@ -568,6 +573,15 @@ class ProbePoint:
             handler = self._entry_handler()
             for rp in self.probes:
                 rp.entry_handler = handler
+            # A compiled return keeps the arguments and the entry time only: an entry that
+            # must do more (a span, a stamp for the summary) takes the entry handler.
+            on = self._compiles_entry()
+            for _, _, offer in list(self._compiled.values()):
+                offer.on = on
+
+    def _compiles_entry(self) -> bool:
+        event = self.event
+        return event is not None and not (event.stamped or event.span_mode)
 
     def release(self) -> None:
         _forget(self)
@@ -678,9 +692,85 @@ class ProbePoint:
         self._refresh(*event._fast())
         return recorder, variables
 
+    def compile_return(self, code: Any, kit: Any) -> Any:
+        """The kretprobes' `compile_return` (core/rethook.py CompiledReturn, made with the
+        core's `kit`: its `make`, RETVAL and DURATION): the return
+        side compiled as compile_call compiles an entry event, when every fetcharg is
+        `$retval` (no chain), `$duration`, or rooted at an argument of `code` (kept at the
+        entry, as the entry handler keeps them), and the event writes into a trace buffer
+        or is hist-only with one compilable trigger; else None. A recorder that refuses
+        (tracing off, a filter, a handler running) hands the return to `_ret_hit`. One per
+        code object, kept while the point lives. Called under the registry lock."""
+        cached = self._compiled.get(id(code))
+        if cached is not None and cached[0] is code:
+            return cached[2]
+        event = self.event
+        if event is None or not self.is_return or not self.args:
+            return None
+        ring = getattr(event.buffer, "ring", None)
+        trigger = event._hist_only()
+        if ring is None and trigger is None:
+            return None
+        params = fetchargs.parameters(code)
+        indices: list[int] = []
+        sources: list[int] = []
+        kinds: list[int] = []
+        converters: list[Any] = []
+        for d in self.args:
+            convert = describe if d.type is None else TYPES[d.type]
+            kind = _KINDS.get(d.type, KIND_CONVERT)
+            if d.kind == "retval" and not d.chain:
+                sources.append(kit.RETVAL)
+            elif d.kind == "duration":
+                sources.append(kit.DURATION)
+            else:
+                found = fetchargs.argument_fetch(d, code)
+                if found is None:
+                    return None
+                name, convert, chained = found
+                if chained:
+                    kind = KIND_CONVERT
+                at = params.index(name)
+                if at not in indices:
+                    indices.append(at)
+                sources.append(indices.index(at))
+            kinds.append(kind)
+            converters.append(convert)
+        recorder: Any
+        if trigger is not None:
+            from pykprobes.trace.hist import HistRecorder
+
+            recorder = HistRecorder(trigger, converters, _busy, _held)
+            record, caller = recorder.call, False
+        else:
+            size = -1 if event.size is None else event.size
+            recorder = backend.Recorder(self, ring, _busy, _held, tuple(kinds),
+                                        tuple(converters), size, True)
+            record, caller = recorder, True
+        names = tuple(params[i] for i in indices)
+
+        def data(kept: tuple[Any, ...], entry_ns: int) -> dict[str, Any]:
+            """What _ret_entry would have kept of the call (the return is `_ret_hit`'s)."""
+            out: dict[str, Any] = {}
+            if self._entry:
+                out[_ENTRY] = dict(zip(names, kept, strict=True))
+            if entry_ns:
+                out[ENTRY_NS] = entry_ns
+            return out
+
+        offer = kit.make(record, data, tuple(indices), tuple(sources), None, caller, FAULT)
+        offer.on = self._compiles_entry()
+        self._compiled[id(code)] = (code, recorder, offer)
+        self._refresh(*event._fast())
+        return offer
+
     def _refresh(self, record: bool, count: Any) -> None:
         """Which recorders may act alone: the ring recorders when `record`; a hist recorder
-        when its trigger is `count` (Event._fast)."""
+        when its trigger is `count` (Event._fast). A return event's while no latency is
+        summarized either (the careful return counts it)."""
+        event = self.event
+        if self.is_return and event is not None and event.latency is not None:
+            record, count = False, None
         for _, recorder, _ in list(self._compiled.values()):
             trigger = getattr(recorder, "trigger", None)  # a hist.HistRecorder's
             if trigger is not None:

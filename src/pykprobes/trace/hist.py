@@ -752,14 +752,16 @@ class HistRecorder:
         nargs = len(converters)
         simple = (len(spec.keys) == 1 and not spec.vals
                   and spec.keys[0].modifier in (None, "hex"))
+        # A latency histogram's key (`d.log2`): the C twin counts it too.
+        log2 = len(spec.keys) == 1 and not spec.vals and spec.keys[0].modifier == "log2"
         index = spec.keys[0].index
         self.call: Callable[..., bool]
         self._counter: Any = None
-        counter_type = _counter_type() if simple else None
+        counter_type = _counter_type() if simple or log2 else None
         if counter_type is not None:
             # The C twin (_histcount.c): one C call from the rewritten code.
             self._counter = counter_type(busy, held, hist_map.entries, insert,
-                                         converters[index], nargs, index)
+                                         converters[index], nargs, index, log2)
             self.call = self._counter
         elif simple and nargs == 1 and index == 0:
             (convert,) = converters

@@ -20,7 +20,10 @@ else goes through the fetcharg's conversion (trace/safe.py, trace/types.py), whi
 keeps it either. It never raises.
 
 Per value, `kinds[i]` says which values pass as they are, `converters[i]` converts the rest
-(for a fetcharg with a chain, `converters[i]` applies the chain and then the type):
+(for a fetcharg with a chain, `converters[i]` applies the chain and then the type): see the
+KIND_ constants. A return event's recorder (`caller`, called by core/rethook.py) takes the
+caller's `module:qualname` (or None) and the return's time after the values: what a return
+record carries (the time its $duration ends at).
 """
 
 from __future__ import annotations
@@ -56,12 +59,15 @@ KIND_STR: Final = 4
 _time_ns: Final = time.monotonic_ns
 # The size estimate of buffer.py: 24 per record, 8 per value, a str or bytes 4 + its length.
 _OVERHEAD: Final = 24
+# buffer.py RETURN_OVERHEAD: a return record's caller.
+_RETURN_EXTRA: Final = 8
 
 
 class Recorder:
     """`rec(*values) -> bool`: see the module docstring."""
 
-    __slots__ = ("fast", "nhit", "event", "ring", "busy", "held", "kinds", "converters", "size")
+    __slots__ = ("fast", "nhit", "event", "ring", "busy", "held", "kinds", "converters", "size",
+                 "caller")
 
     def __init__(
         self,
@@ -72,6 +78,7 @@ class Recorder:
         kinds: tuple[int, ...],
         converters: tuple[Callable[[Any], Any], ...],
         size: int,
+        caller: bool = False,
     ) -> None:
         if len(kinds) != len(converters):
             raise ValueError("one kind per converter")
@@ -96,11 +103,22 @@ class Recorder:
         self.converters = converters
         #: The size estimate of every record (buffer.fixed_size), or -1: per record.
         self.size = size
+        #: A return event's: the caller follows the values.
+        self.caller = caller
 
     def __call__(self, *values: Any) -> bool:
         if not self.fast or not self.ring.tracing_on or self.busy or self.held[0] is not None:
             return True
         kinds = self.kinds
+        caller = None
+        ts = 0
+        if self.caller:
+            if len(values) != len(kinds) + 2:
+                return True
+            caller, ts = values[-2], values[-1]
+            if (caller is not None and type(caller) is not str) or type(ts) is not int:
+                return True
+            values = values[:-2]
         if len(values) != len(kinds):
             return True  # not what the event was compiled for: let the careful path fetch
         out = []
@@ -131,9 +149,12 @@ class Recorder:
             if tp is str or tp is bytes:
                 size += len(value) - 4
             out.append(value)
+        if caller is not None:
+            size += _RETURN_EXTRA
         if self.size >= 0:
             size = self.size
-        self.ring.append(_time_ns(), py_thread_key(), self.event, tuple(out), None, size)
+        self.ring.append(ts if self.caller else _time_ns(), py_thread_key(), self.event,
+                         tuple(out), caller, size)
         self.nhit += 1
         return False
 

@@ -65,6 +65,8 @@ class RewriteArch:
         self._returns = assembly.return_sequences()
         # None on a Python without one: compiled calls are then served as plain hits.
         self._compiled = assembly.compiled_call_sequence()
+        #: Compiled calls at a function's entry are built as such (core/arch.py).
+        self.compiles_calls = self._compiled is not None
 
     def check_optimizable(self, code: CodeType, offset: int) -> str | None:
         return safety.check_optimizable(code, offset)
