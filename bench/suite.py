@@ -1033,7 +1033,9 @@ def _heap_walks() -> int | None:
     None if this pykprobes does not count them (--src of an older commit)."""
     from pykprobes.core import registry
 
-    walks = getattr(registry._m(), "walks", None)
+    view = getattr(registry, "table_view", None)
+    mech = view().mechanisms if view is not None else registry._m()  # older commits: _m()
+    walks = getattr(mech, "walks", None)
     return walks if isinstance(walks, int) else None
 
 

@@ -49,7 +49,7 @@ def _breakpoint_capabilities() -> dict[str, bool]:
     from pykprobes.core import registry
 
     registry.init_kprobes()
-    return dict(registry._m().breakpoint.capabilities)
+    return dict(registry.table_view().mechanisms.breakpoint.capabilities)
 
 
 def _breakpoint_sees_handler_hits() -> bool:

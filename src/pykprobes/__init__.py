@@ -27,8 +27,8 @@ _EXPORTS: dict[str, str] = {
     "resolve_line": "pykprobes.core.lines",
     "line_symbols": "pykprobes.core.lines",
     "code_before_import": "pykprobes.core.lines",
-    "register_module_notifier": "pykprobes.core.modwatch",
-    "unregister_module_notifier": "pykprobes.core.modwatch",
+    "register_module_notifier": "pykprobes.core.registry",
+    "unregister_module_notifier": "pykprobes.core.registry",
     "register_kprobe": "pykprobes.core.registry",
     "unregister_kprobe": "pykprobes.core.registry",
     "register_kprobes": "pykprobes.core.registry",
@@ -70,7 +70,6 @@ if TYPE_CHECKING:
         unregister_kretprobes,
     )
     from pykprobes.core.lines import code_before_import, line_symbols, resolve_line
-    from pykprobes.core.modwatch import register_module_notifier, unregister_module_notifier
     from pykprobes.core.probe import (
         KPROBE_FLAG_DISABLED,
         KPROBE_FLAG_EARLY,
@@ -90,9 +89,11 @@ if TYPE_CHECKING:
         list_kprobes,
         register_kprobe,
         register_kprobes,
+        register_module_notifier,
         set_optimization,
         unregister_kprobe,
         unregister_kprobes,
+        unregister_module_notifier,
         wait_for_kprobe_optimizer,
     )
     from pykprobes.core.regs import Regs

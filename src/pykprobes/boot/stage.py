@@ -24,7 +24,7 @@ import os
 import sys
 
 from pykprobes.boot.buffer import EarlyBuffer
-from pykprobes.core import early
+from pykprobes.core import early_kprobes, registry
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: this runs at start-up
 if TYPE_CHECKING:
@@ -57,13 +57,14 @@ def run(value: str) -> None:
 def _run(value: str) -> None:
     global _buffer, _output
     env = os.environ
-    slots = _env_int("PYKPROBES_EARLY_SLOTS", early.NR_EARLY_KPROBES_SLOTS_DEFAULT,
-                     early.NR_EARLY_KPROBES_SLOTS_MIN, early.NR_EARLY_KPROBES_SLOTS_MAX)
+    slots = _env_int("PYKPROBES_EARLY_SLOTS", early_kprobes.NR_EARLY_KPROBES_SLOTS_DEFAULT,
+                     early_kprobes.NR_EARLY_KPROBES_SLOTS_MIN,
+                     early_kprobes.NR_EARLY_KPROBES_SLOTS_MAX)
     entries = _env_int("PYKPROBES_EARLY_BUFFER", EARLY_BUFFER_DEFAULT, 1, EARLY_BUFFER_MAX)
     panic = env.get("PYKPROBES_PANIC_ON_UNSAFE", "").strip() in ("1", "y", "Y")
     _output = env.get("PYKPROBES_OUTPUT") or None
     mode, path0 = _program()
-    if not early.start(slots, panic=panic, path0=path0):
+    if not registry.start_early_kprobes(slots, panic=panic, path0=path0):
         return  # the core is initialised already (the stage was started by hand, late)
     _buffer = EarlyBuffer(entries)
 
@@ -73,8 +74,6 @@ def _run(value: str) -> None:
     probes = [d for _, d in definitions if isinstance(d, grammar.ProbeDef)]
     if probes and mode is not None and any(
             d.module == "__main__" or d.target_kind == "line" for d in probes):
-        from pykprobes.core import registry
-
         # The program's code reaches the core through the main hook, not the import system:
         # its probes wait for it even though a `__main__` module exists now (and a line of
         # the script is a line of `__main__`).
@@ -87,14 +86,11 @@ def _run(value: str) -> None:
             _remove(text, d)
         else:
             _fail(text, 22, f"{d.message} (column {d.pos})")
-    if mode is not None and "pykprobes.core.registry" in sys.modules:
-        from pykprobes.core import registry
+    if mode is not None and "__main__" in registry.pending_modules():
+        from pykprobes.boot import mainhook
 
-        if "__main__" in registry.pending_modules():
-            from pykprobes.boot import mainhook
-
-            mainhook.install(mode)
-    early.on_convert(_handover)
+        mainhook.install(mode)
+    registry.on_early_conversion(_handover)
     os.register_at_fork(after_in_child=_buffer.after_fork_in_child)
     import atexit
 
@@ -197,7 +193,7 @@ def _code_before_import(symbol: str) -> Any:
 def _on_program_path(fn: Any, arg: str) -> Any:
     """fn(arg) with the directory the program will find first on sys.path: the boot stage
     runs before Python puts it there (nothing is imported meanwhile)."""
-    path0 = early.main_path0
+    path0 = registry.early_main_path0()
     if not path0 or path0 in sys.path:
         return fn(arg)
     sys.path.insert(0, path0)
@@ -278,7 +274,7 @@ def _write_at_exit() -> None:
     """A process still early at exit writes its early events where PYKPROBES_OUTPUT says
     (what it writes is taken out of the early buffer: a second call writes only what came
     after the first)."""
-    if not early.is_early() or _buffer is None:
+    if not registry.kprobes_is_early() or _buffer is None:
         return
     from pykprobes.core.site import kprobe_busy
 
@@ -314,6 +310,7 @@ def _write_early_events(buffer: EarlyBuffer) -> None:
 def status() -> dict[str, Any]:
     """What the boot stage did: for `pykprobes` tools and the tests."""
     buf = _buffer
+    early = registry.early_status
     return {
         "early": early.is_early(),
         "booted": early.was_early(),

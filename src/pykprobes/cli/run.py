@@ -362,34 +362,29 @@ def _main_module() -> types.ModuleType:
 
 
 def _exec_main(program: _Program, registry: Any, hold: Callable[[], None]) -> int:
-    from pykprobes.core.site import kprobe_busy
-
     code = program.code
     sys.modules["__main__"] = program.module
-    with kprobe_busy():  # rewriting the program's code is pykprobes' work, not the program's
-        if program.real_name is not None:
-            registry.module_code_loaded(program.real_name, code)
-        run = registry.module_code_loaded("__main__", code)
-    try:
-        exec(run, vars(program.module))
-    except SystemExit as exc:
-        return _exit_code(exc)
-    except BaseException as exc:  # noqa: BLE001 - reported as python reports it
-        tb = exc.__traceback__
-        # Drop our own frame: the traceback starts at the program's code, as under python.
-        if tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        hold()
-        _print_uncaught(exc, tb)
-        if isinstance(exc, KeyboardInterrupt):
-            from pykprobes.boot import mainhook
+    if program.real_name is not None:
+        registry.module_code_loaded(program.real_name, code)
+    with registry.loading("__main__", code) as run:
+        try:
+            exec(run, vars(program.module))
+        except SystemExit as exc:
+            return _exit_code(exc)
+        except BaseException as exc:  # noqa: BLE001 - reported as python reports it
+            tb = exc.__traceback__
+            # Drop our own frame: the traceback starts at the program's code, as under
+            # python.
+            if tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            hold()
+            _print_uncaught(exc, tb)
+            if isinstance(exc, KeyboardInterrupt):
+                from pykprobes.boot import mainhook
 
-            mainhook.end_by_sigint()  # at the very end of exit, after the trace is written
-            return 130
-        return 1
-    finally:
-        with kprobe_busy():
-            registry.module_executed("__main__", code)
+                mainhook.end_by_sigint()  # at the very end of exit, after the trace is written
+                return 130
+            return 1
     return 0
 
 

@@ -50,7 +50,7 @@ class CompiledCall:
     call at the function's entry only, where every argument is bound, and anywhere else (or
     for a name that is no argument) calls `hit()` as for any probe.
 
-    Two compiled calls are equal when they would be assembled the same: the registry
+    Two compiled calls are equal when they would be assembled the same: the table
     rebuilds a code object when its sites' calls change (a second probe, a disable).
     """
 

@@ -7,7 +7,7 @@ quadratic (bench/results/ANALYSIS.md, "Scale"). So:
 
 * Switches are batched: `Switches` collects, for each code state, the versions its holders
   must leave; `flush()` points them at the state's current version with one heap walk for
-  the whole batch, at most. A batch is flushed before the registry lock is released and
+  the whole batch, at most. A batch is flushed before the table lock is released and
   before any retired version is forgotten: until then the versions being left stay covered
   (their call sequences, or breakpoints armed on them as on any retired version).
 * A walk's result is kept (weak references to the functions found) and reused without a
@@ -23,7 +23,7 @@ quadratic (bench/results/ANALYSIS.md, "Scale"). So:
   count a reference that is not there, so each one is checked, and what `getrefcount`
   itself adds is measured once, at import, on a code object with a single known reference.
 
-Every function here expects the registry lock to be held.
+Every function here expects the table lock to be held.
 """
 
 from __future__ import annotations

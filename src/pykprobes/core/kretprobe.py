@@ -31,11 +31,10 @@ from typing import TYPE_CHECKING, Any, Final
 from pykprobes.core import registry
 from pykprobes.core.address import ProbeAddress
 from pykprobes.core.probe import Kprobe
-from pykprobes.core.returns import KretprobeInstance, ReturnSite
+from pykprobes.core.returns import EntryProbe, KretprobeInstance
 from pykprobes.errors import KprobeError, einval
 
 if TYPE_CHECKING:
-    from pykprobes.core.codestate import CodeState
     from pykprobes.core.regs import Regs
 
 KRETPROBE_MAX_DATA_SIZE: Final = 4096
@@ -53,16 +52,6 @@ def _close_reports_end() -> bool:
     frame, so that its end is reported (capability `return_at_generator_close`)."""
     caps = registry.mechanisms_capabilities()
     return caps.get("return_at_generator_close", True)
-
-
-class _EntryProbe(Kprobe):
-    """The kprobe a kretprobe puts at its function's entry; listed as `r`."""
-
-    kind = "r"
-
-    def __init__(self, rp: Kretprobe, **kwargs: Any) -> None:
-        super().__init__(pre_handler=rp._entry, **kwargs)
-        self.rp = rp
 
 
 class Kretprobe:
@@ -92,7 +81,7 @@ class Kretprobe:
         self.nfault = 0
         self._missed = 0
         self._inflight: dict[FrameType, KretprobeInstance] = {}
-        self.kp: _EntryProbe | None = None
+        self.kp: EntryProbe | None = None
 
     @property
     def nmissed(self) -> int:
@@ -170,7 +159,7 @@ def register_kretprobe(rp: Kretprobe) -> None:
         rp.maxactive = DEFAULT_MAXACTIVE
     rp._missed = 0
     rp._inflight.clear()
-    kp = _EntryProbe(rp, symbol_name=rp.symbol_name, offset=rp.offset, addr=rp.addr)
+    kp = EntryProbe(rp, symbol_name=rp.symbol_name, offset=rp.offset, addr=rp.addr)
     if rp.offset != 0 and kp.symbol_name is not None and \
             registry.module_object(kp.symbol_name.partition(":")[0]) is None:
         # Not imported yet: only offset 0 is known to be the entry before the import.
@@ -182,47 +171,11 @@ def register_kretprobe(rp: Kretprobe) -> None:
         rp.kp = None
         raise
     if isinstance(kp.addr, ProbeAddress):
-        if kp.addr.offset != 0:  # the registry folds any prologue offset into 0
+        if kp.addr.offset != 0:  # the table folds any prologue offset into 0
             registry.unregister_kprobe(kp)
             rp.kp = None
             raise einval("Retprobe address must be an function entry")
         rp.addr = kp.addr
-
-
-def attach_locked(p: Kprobe, state: CodeState) -> None:
-    """Called by the registry, with its lock held, once a kretprobe's entry probe has a site
-    (at once, or when its module is imported): watch the code's returns."""
-    if not isinstance(p, _EntryProbe):
-        return
-    if state.returns is None:
-        state.returns = ReturnSite()
-    if p.rp not in state.returns.rps:
-        state.returns.rps = (*state.returns.rps, p.rp)
-    refresh_locked(state)
-
-
-def refresh_locked(state: CodeState) -> None:
-    """Whether the code's returns must be reported: not while everything is disarmed or its
-    kretprobes are gone. Calls in flight when reporting stops are counted as missed."""
-    returns = state.returns
-    if returns is None:
-        return
-    armed = not registry.kprobes_all_disarmed() and any(
-        rp.kp is not None and not rp.kp.is_gone() for rp in returns.rps
-    )
-    if returns.armed and not armed:
-        for rp in returns.rps:
-            rp._drop_inflight()
-    returns.armed = armed
-
-
-def detach_locked(p: Kprobe, state: CodeState) -> None:
-    if not isinstance(p, _EntryProbe) or state.returns is None:
-        return
-    state.returns.rps = tuple(rp for rp in state.returns.rps if rp is not p.rp)
-    if not state.returns.rps:
-        state.returns = None
-    p.rp._drop_inflight()
 
 
 def unregister_kretprobe(rp: Kretprobe) -> None:

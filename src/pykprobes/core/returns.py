@@ -16,10 +16,12 @@ from _thread import get_ident
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from pykprobes.core.probe import Kprobe
 from pykprobes.core.regs import Regs, SiteRegs
 from pykprobes.core.site import HIT_CODE, HIT_CODES, _busy, _held, _report_fault, _thread_busy
 
 if TYPE_CHECKING:
+    from pykprobes.core.codestate import CodeState
     from pykprobes.core.kretprobe import Kretprobe
 
 _getframe = sys._getframe
@@ -123,3 +125,53 @@ class ReturnSite:
 
 # A frame of `_end` on a thread's stack means a return handler runs there.
 HIT_CODES.add(ReturnSite._end.__code__)
+
+
+class EntryProbe(Kprobe):
+    """The kprobe a kretprobe puts at its function's entry; listed as `r`."""
+
+    __slots__ = ("rp",)
+    kind = "r"
+
+    def __init__(self, rp: Kretprobe, **kwargs: Any) -> None:
+        super().__init__(pre_handler=rp._entry, **kwargs)
+        self.rp = rp
+
+
+# The table's side (core/table.py), with its lock held.
+
+
+def attach(p: Kprobe, state: CodeState, all_disarmed: bool) -> None:
+    """A kretprobe's entry probe has a site (at once, or when its module is imported):
+    watch the code's returns."""
+    if not isinstance(p, EntryProbe):
+        return
+    if state.returns is None:
+        state.returns = ReturnSite()
+    if p.rp not in state.returns.rps:
+        state.returns.rps = (*state.returns.rps, p.rp)
+    refresh(state, all_disarmed)
+
+
+def refresh(state: CodeState, all_disarmed: bool) -> None:
+    """Whether the code's returns must be reported: not while everything is disarmed or its
+    kretprobes are gone. Calls in flight when reporting stops are counted as missed."""
+    returns = state.returns
+    if returns is None:
+        return
+    armed = not all_disarmed and any(
+        rp.kp is not None and not rp.kp.is_gone() for rp in returns.rps
+    )
+    if returns.armed and not armed:
+        for rp in returns.rps:
+            rp._drop_inflight()
+    returns.armed = armed
+
+
+def detach(p: Kprobe, state: CodeState) -> None:
+    if not isinstance(p, EntryProbe) or state.returns is None:
+        return
+    state.returns.rps = tuple(rp for rp in state.returns.rps if rp is not p.rp)
+    if not state.returns.rps:
+        state.returns = None
+    p.rp._drop_inflight()

@@ -164,7 +164,7 @@ def _fast_frames() -> dict[int, FrameType]:
 def synchronize_hits(timeout: float = 10.0) -> None:
     """Wait until every hit in flight in another thread has finished (the kernel waits with
     synchronize_rcu() after unregistering). Hits that start later read the new tables. Call
-    it without holding the registry lock: a handler may register probes."""
+    it without holding the table lock: a handler may register probes."""
     me = get_ident()
     # A thread in kprobe_busy runs no handler: nothing of it to wait for.
     inflight = {tid: regs for tid, regs in list(_busy.items())
@@ -251,7 +251,7 @@ class Site:
         self.symbol = symbol
         self.probes: list[Kprobe] = []
         #: The enabled, armed probes, in registration order: what a hit runs. Replaced
-        #: (never mutated) under the registry lock by `set_active`, so that a hit reads a
+        #: (never mutated) under the table lock by `set_active`, so that a hit reads a
         #: consistent tuple.
         self.active: tuple[Kprobe, ...] = ()
         #: The active probes that have a post_handler.
@@ -273,7 +273,7 @@ class Site:
         return len(self.probes) > 1
 
     def set_active(self, active: tuple[Kprobe, ...]) -> None:
-        """Publish what a hit runs (under the registry lock)."""
+        """Publish what a hit runs (under the table lock)."""
         self.active = active
         self.posts = tuple(p for p in active if p.post_handler is not None)
         fast = None

@@ -640,7 +640,7 @@ class ProbePoint:
         names)` when every fetcharg is rooted at an argument of `code` and the event writes
         into a trace buffer or is hist-only with one compilable trigger; else None. One
         recorder per code object, kept while the point lives, so that the registry sees the
-        same call each time it rebuilds. Called under the registry lock: takes no lock."""
+        same call each time it rebuilds. Called under the table lock: takes no lock."""
         cached = self._compiled.get(id(code))
         if cached is not None and cached[0] is code:
             recorder = cached[1]
