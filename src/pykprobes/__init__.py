@@ -22,7 +22,7 @@ _EXPORTS: dict[str, str] = {
     "ProbeAddress": "pykprobes.core.address",
     "Regs": "pykprobes.core.regs",
     "KprobeError": "pykprobes.errors",
-    "KprobeHandlerWarning": "pykprobes.core.site",
+    "KprobeFaultWarning": "pykprobes.core.guard",
     "nokprobe": "pykprobes.core.blacklist",
     "resolve_line": "pykprobes.core.lines",
     "line_symbols": "pykprobes.core.lines",
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
     from pykprobes.core.address import ProbeAddress
     from pykprobes.core.blacklist import nokprobe
+    from pykprobes.core.guard import KprobeFaultWarning
     from pykprobes.core.kretprobe import (
         Kretprobe,
         disable_kretprobe,
@@ -98,7 +99,6 @@ if TYPE_CHECKING:
     )
     from pykprobes.core.regs import Regs
     from pykprobes.core.returns import KretprobeInstance
-    from pykprobes.core.site import KprobeHandlerWarning
     from pykprobes.errors import KprobeError
 
 

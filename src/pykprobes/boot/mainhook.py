@@ -159,7 +159,7 @@ def _mp_main_ran() -> None:
     loading, _mp_main = _mp_main, None
     loading.executed()
     from pykprobes.core import registry
-    from pykprobes.core.site import kprobe_busy
+    from pykprobes.core.guard import kprobe_busy
 
     with kprobe_busy():
         registry.wait_for_kprobe_optimizer()

@@ -48,7 +48,7 @@ _next_id = 0
 def run(value: str) -> None:
     # The boot stage's work is pykprobes' own (kprobe_busy): an early probe on a module it
     # runs (re, functools, enum, typing, os.path...) is not hit by it.
-    from pykprobes.core.site import kprobe_busy
+    from pykprobes.core.guard import kprobe_busy
 
     with kprobe_busy():
         _run(value)
@@ -240,7 +240,7 @@ def _warn(message: str) -> None:
 def _handover() -> None:
     """Called by init_kprobes() once the early probes are normal ones: the events join the
     process's tracefs, and the early buffer moves into its trace buffer."""
-    from pykprobes.core.site import kprobe_busy
+    from pykprobes.core.guard import kprobe_busy
 
     with kprobe_busy():
         _move_to_tracefs()
@@ -276,7 +276,7 @@ def _write_at_exit() -> None:
     after the first)."""
     if not registry.kprobes_is_early() or _buffer is None:
         return
-    from pykprobes.core.site import kprobe_busy
+    from pykprobes.core.guard import kprobe_busy
 
     with kprobe_busy():
         _write_early_events(_buffer)

@@ -525,7 +525,7 @@ class _Writer:
             self.running.release()
 
     def _drain(self, timeout: float) -> None:
-        from pykprobes.core.site import kprobe_busy
+        from pykprobes.core.guard import kprobe_busy
 
         batch = self.fs.buffer.read(block=timeout > 0, timeout=timeout)
         if not batch and not batch.lost_at:
@@ -604,7 +604,7 @@ class _Writer:
         what could not be written, if anything."""
         if self.done:
             return
-        from pykprobes.core.site import kprobe_busy
+        from pykprobes.core.guard import kprobe_busy
 
         self.hold()
         self.done = True

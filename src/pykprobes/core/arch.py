@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping, MutableMapping
 from types import CodeType, FrameType
 from typing import Any, Protocol
 
+from pykprobes.core.guard import CURRENT_KPROBE
+
 #: pre(frame, offset): called before the instruction at `offset` executes, in the probed
 #: frame's thread, with that frame. It never raises. A mechanism whose callback CPython
 #: calls for the probed frame may pass None instead, having added the callback's code to
@@ -82,13 +84,17 @@ def opt_call(
     probes: tuple[Any, ...], hit: OptHit, code: CodeType, offset: int
 ) -> OptHit | CompiledCall:
     """What the optimizer should call at a site whose active probes are `probes`: the
-    compiled call its one probe offers (`compile_call(code, offset)` -> `(record,
-    variables)` or None), or else the site's `hit`. An offer that raises is no offer."""
+    compiled call its one probe offers (`compile_call(code, offset, current)` -> `(record,
+    variables)` or None), or else the site's `hit`. An offer that raises is no offer.
+
+    `current` is core/guard.py's CURRENT_KPROBE: the marks a record must test before it
+    does the probe's work alone (a handler running in some thread sends the hit to `hit`,
+    the careful path, which applies the reentrancy rule)."""
     if len(probes) == 1:
         offer = getattr(probes[0], "compile_call", None)
         if offer is not None:
             try:
-                got = offer(code, offset)
+                got = offer(code, offset, CURRENT_KPROBE)
             except Exception:  # noqa: BLE001 - a bad offer leaves the probe a plain one
                 got = None
             if got is not None:

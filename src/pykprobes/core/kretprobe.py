@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pykprobes.core import registry
 from pykprobes.core.address import ProbeAddress
+from pykprobes.core.guard import report_fault
 from pykprobes.core.probe import Kprobe
 from pykprobes.core.returns import EntryProbe, KretprobeInstance
 from pykprobes.errors import KprobeError, einval
@@ -116,9 +117,7 @@ class Kretprobe:
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:  # noqa: BLE001 - never reaches the program
-                from pykprobes.core.site import _report_fault
-
-                _report_fault(self, "entry_handler", exc)  # type: ignore[arg-type]
+                report_fault(self, "entry_handler", exc)
                 return
         self._inflight[frame] = ri
 

@@ -33,11 +33,10 @@ from typing import TYPE_CHECKING
 
 from pykprobes.core import codestate, resolve
 from pykprobes.core.blacklist import blacklist_reason
-from pykprobes.core.guard import warn
+from pykprobes.core.guard import kprobe_busy, warn
 from pykprobes.core.kprobe_addr import check_offset, check_offset_value, refuse_class
 from pykprobes.core.modwatch import ImportWatch
 from pykprobes.core.probe import KPROBE_FLAG_GONE, Kprobe
-from pykprobes.core.site import kprobe_busy
 from pykprobes.errors import einval
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ import threading
 from typing import TYPE_CHECKING, Final
 
 from pykprobes.core import codestate
-from pykprobes.core.site import kprobe_busy
+from pykprobes.core.guard import kprobe_busy
 
 if TYPE_CHECKING:
     from pykprobes.core.codestate import CodeState, Mechanisms

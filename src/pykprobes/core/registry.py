@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from types import CodeType, ModuleType
 from typing import Any
 
+from pykprobes.core.guard import synchronize_hits
 from pykprobes.core.modules import Loading, NoAddr
 from pykprobes.core.optimizer import OPTIMIZE_DELAY, RETIRE_RECHECK
 from pykprobes.core.probe import (
@@ -19,7 +20,7 @@ from pykprobes.core.probe import (
     KPROBE_FLAG_OPTIMIZED,
     Kprobe,
 )
-from pykprobes.core.site import Site, synchronize_hits
+from pykprobes.core.site import Site
 from pykprobes.core.table import TABLE, TableView
 
 # --------------------------------------------------------------------------- init

@@ -16,9 +16,12 @@ from _thread import get_ident
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from pykprobes.core.guard import HIT_CODES, report_fault, thread_busy
+from pykprobes.core.guard import busy as _busy
+from pykprobes.core.guard import held as _held
 from pykprobes.core.probe import Kprobe
 from pykprobes.core.regs import Regs, SiteRegs
-from pykprobes.core.site import HIT_CODE, HIT_CODES, _busy, _held, _report_fault, _thread_busy
+from pykprobes.core.site import HIT_CODE
 
 if TYPE_CHECKING:
     from pykprobes.core.codestate import CodeState
@@ -80,7 +83,7 @@ class ReturnSite:
         fast = not _busy and _held[0] is None
         if not fast:
             tid = get_ident()
-            if _thread_busy(tid, _getframe(1)):
+            if thread_busy(tid, _getframe(1)):
                 # A return inside a handler: the handler does not run (kernel: nmissed).
                 for rp in rps:
                     if rp._inflight.pop(frame, None) is not None:
@@ -112,7 +115,7 @@ class ReturnSite:
                     except KeyboardInterrupt:
                         raise
                     except BaseException as err:  # noqa: BLE001 - never reaches the program
-                        _report_fault(rp, "handler", err)
+                        report_fault(rp, "handler", err)
         finally:
             regs.retval = regs.exception = None
             if fast:

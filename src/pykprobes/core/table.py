@@ -34,7 +34,7 @@ from pykprobes.core.address import ProbeAddress
 from pykprobes.core.arch import OptimizerArch, select_breakpoint, select_optimizer
 from pykprobes.core.codestate import CodeState, Mechanisms
 from pykprobes.core.early_kprobes import EarlyKprobes
-from pykprobes.core.guard import warn, write_stderr
+from pykprobes.core.guard import synchronize_hits, warn, write_stderr
 from pykprobes.core.kprobe_addr import (
     check_kprobe_address_safe,
     check_offset,
@@ -51,7 +51,7 @@ from pykprobes.core.probe import (
     KPROBE_FLAG_OPTIMIZED,
     Kprobe,
 )
-from pykprobes.core.site import Site, synchronize_hits
+from pykprobes.core.site import Site
 from pykprobes.errors import KprobeError, einval
 
 if TYPE_CHECKING:

@@ -26,8 +26,8 @@ typedef struct {
     long long nhit;
     Py_ssize_t nargs;
     Py_ssize_t index;
-    PyObject *busy;    /* core.site._busy */
-    PyObject *held;    /* core.site._held */
+    PyObject *busy;    /* core.guard.busy */
+    PyObject *held;    /* core.guard.held */
     PyObject *entries; /* HistMap.entries */
     PyObject *insert;  /* HistMap.insert */
     PyObject *convert; /* the key fetcharg's converter */

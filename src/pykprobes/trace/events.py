@@ -28,8 +28,8 @@ CompiledCall): the rewritten code loads the arguments itself and calls the point
 recorder (backend.Recorder: C, or its Python fallback) with them, which records without a
 frame object, a Regs or f_locals. The recorder hands the hit back to the careful path
 (the probe's handler, `_hit`) whenever that path has something to do: a filter, tracing
-off, a probe handler running in some thread (the reentrancy rule: `core.site._busy` and
-`_held`).
+off, a probe handler running in some thread (the reentrancy rule: the marks of core/guard.py,
+handed to the recorders with the offer).
 
 Triggers (trace/hist.py) belong to the event: every hit of any of its points runs them,
 whether or not the event is enabled; its probes are armed while it is enabled *or* has a
@@ -58,7 +58,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 import pykprobes as kp
 from pykprobes import grammar
-from pykprobes.core.site import _busy, _held
 from pykprobes.errors import KprobeError, ParseError
 from pykprobes.trace import backend, fetchargs
 from pykprobes.trace.buffer import TraceBuffer, fixed_size, values_size
@@ -635,8 +634,10 @@ class ProbePoint:
 
     # ------------------------------------------------------------------ compiled event
 
-    def compile_call(self, code: Any, offset: int) -> tuple[Any, tuple[str, ...]] | None:
-        """The probes' `compile_call` (core/arch.py CompiledCall): `(recorder, argument
+    def compile_call(self, code: Any, offset: int, current: Any
+                     ) -> tuple[Any, tuple[str, ...]] | None:
+        """The probes' `compile_call` (core/arch.py CompiledCall; `current`, the core's
+        current_kprobe marks, is what the recorders test): `(recorder, argument
         names)` when every fetcharg is rooted at an argument of `code` and the event writes
         into a trace buffer or is hist-only with one compilable trigger; else None. One
         recorder per code object, kept while the point lives, so that the registry sees the
@@ -667,13 +668,13 @@ class ProbePoint:
         if trigger is not None:
             from pykprobes.trace.hist import HistRecorder
 
-            counter = HistRecorder(trigger, converters, _busy, _held)
+            counter = HistRecorder(trigger, converters, current.busy, current.held)
             self._compiled[id(code)] = (code, counter, variables)
             self._refresh(*event._fast())
             return counter.call, variables
         size = -1 if event.size is None else event.size
-        recorder = backend.Recorder(self, ring, _busy, _held, tuple(kinds), tuple(converters),
-                                    size)
+        recorder = backend.Recorder(self, ring, current.busy, current.held, tuple(kinds),
+                                    tuple(converters), size)
         self._compiled[id(code)] = (code, recorder, variables)
         self._refresh(*event._fast())
         return recorder, variables

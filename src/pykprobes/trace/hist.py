@@ -729,7 +729,7 @@ class HistRecorder:
     trace/recorder.py Recorder, and it counts the hit into the trigger's table with no
     frame, Regs or record. Like a Recorder, it returns True (the careful path must run
     instead) when `fast` is off (the event was enabled, or got another trigger, a filter,
-    a pause), or a probe handler runs in some thread (core.site's `_busy` and `_held`),
+    a pause), or a probe handler runs in some thread (core/guard.py's `busy` and `held`),
     and False when it counted. A value that is not an exact int goes through its
     fetcharg's converter first, so that no object of the program is kept as a key.
 
