@@ -14,12 +14,16 @@ Then the events wait for one of two ends:
 * exit, if the process is still early: `_write_at_exit()` appends the early events to
   `PYKPROBES_OUTPUT` (or writes them to stderr) in the trace format, with the lost count.
 
-Each definition is prepared as tracefs prepares it (`ProbePoint.prepare(early=True)`), except
-that the probes are registered enabled: an early probe cannot be registered DISABLED (the seed).
+Each definition is registered through the tracefs file's entry
+(trace/events.py `register_trace_kprobe(early=True)`), as the kernel's `kprobe_event=` goes
+through trace_kprobe_create() like a write to kprobe_events, except that the probes are
+registered enabled: an early probe cannot be registered DISABLED (the seed).
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
 import sys
 
@@ -42,7 +46,7 @@ _events: dict[tuple[str, str], Event] = {}
 _buffer: EarlyBuffer | None = None
 _output: str | None = None
 _warnings: list[str] = []
-_next_id = 0
+_new_id = itertools.count(1).__next__
 
 
 def run(value: str) -> None:
@@ -85,7 +89,7 @@ def _run(value: str) -> None:
         elif isinstance(d, grammar.RemoveDef):
             _remove(text, d)
         else:
-            _fail(text, 22, f"{d.message} (column {d.pos})")
+            _fail(text, errno.EINVAL, f"{d.message} (column {d.pos})")
     if mode is not None and "__main__" in registry.pending_modules():
         from pykprobes.boot import mainhook
 
@@ -142,38 +146,18 @@ def _program() -> tuple[str | None, str | None]:
 
 def _define(text: str, d: ProbeDef) -> None:
     """One `p`/`r` definition: an enabled event whose probes are early probes (or a probe
-    point appended to the event of that name, as the kernel's kprobe_event= does)."""
-    global _next_id
-    from pykprobes import errors
-    from pykprobes.trace.events import Event, ProbePoint
+    point appended to the event of that name), through the tracefs file's entry."""
+    from pykprobes.trace.events import DefinitionError, register_trace_kprobe
 
     assert _buffer is not None
-    point = ProbePoint(d)
     try:
-        point.prepare(early=True, line_symbols=_line_symbols,
-                      code_before_import=_code_before_import)
-    except errors.ParseError as exc:
-        _fail(text, 22, f"{exc.message} (column {exc.pos})")
-        return
-    except errors.KprobeError as exc:
-        _fail(text, exc.errno, str(exc.args[0]) if exc.args else str(exc))
-        return
-    key = (d.group, d.event)
-    event = _events.get(key)
-    if event is None:
-        _next_id += 1
-        event = Event.of(point, _buffer, _next_id)  # type: ignore[arg-type]
-        event.armed_early()
-        _events[key] = event
-        return
-    refusal = event.refusal(point)
-    if refusal is not None:
-        point.release()
-        code, pos = refusal
-        _fail(text, 17, f"{errors.ERRORS[code]} (column {pos})")
-        return
-    point.event = event  # its probes are enabled already (early ones cannot be disabled)
-    event.points.append(point)
+        register_trace_kprobe(_events, d, _buffer, _new_id,  # type: ignore[arg-type]
+                              early=True, line_symbols=_line_symbols,
+                              code_before_import=_code_before_import)
+    except DefinitionError as exc:
+        target = exc.target_error
+        _fail(text, exc.errno, f"{exc.args[0]} (column {exc.pos})" if target is None
+              else str(target.args[0]))
 
 
 def _line_symbols(spec: str) -> list[tuple[str, str, int]]:
@@ -213,10 +197,10 @@ def _remove(text: str, d: RemoveDef) -> None:
     for key, event in list(_events.items()):
         if (d.event is None or key[1] == d.event) and (d.group is None or key[0] == d.group):
             del _events[key]
-            event.release()
+            event.unregister()
             found = True
     if not found:
-        _fail(text, 2, f"no event {d.event!r}")
+        _fail(text, errno.ENOENT, f"no event {d.event!r}")
 
 
 def _fail(text: str, err: int, reason: str) -> None:

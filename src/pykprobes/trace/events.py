@@ -48,6 +48,7 @@ supplied by the hit path, not fetched from the frame, so that a compiled return 
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import threading
@@ -58,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import pykprobes as kp
 from pykprobes import grammar
-from pykprobes.errors import KprobeError, ParseError
+from pykprobes.errors import ERRORS, KprobeError, ParseError
 from pykprobes.trace import backend, fetchargs
 from pykprobes.trace.buffer import TraceBuffer, fixed_size, values_size
 from pykprobes.trace.cmdlines import resolve
@@ -169,7 +170,7 @@ class Event:
 
     @classmethod
     def of(cls, point: ProbePoint, buffer: TraceBuffer, event_id: int) -> Event:
-        """A new event whose first point is `point` (prepared)."""
+        """A new event whose first point is `point` (registered)."""
         d = point.definition
         event = cls(d.group, d.event, point.args, point.is_return, buffer, event_id)
         event.add(point)
@@ -191,7 +192,7 @@ class Event:
         self._refresh()
 
     def refusal(self, point: ProbePoint) -> tuple[str, int] | None:
-        """Why `point` (prepared) cannot join this event (kernel append_trace_kprobe()), as
+        """Why `point` (registered) cannot join this event (kernel append_trace_kprobe()), as
         (error code, column), or None. The kind of probe must be the event's (caret at 0);
         the arguments must be the event's, name for name and type for type
         (trace_probe_compare_arg_type(): the caret at the first that differs, past the end
@@ -233,9 +234,9 @@ class Event:
 
     # ------------------------------------------------------------------ switches
 
-    def release(self) -> None:
+    def unregister(self) -> None:
         for point in self.points:
-            point.release()
+            point.unregister()
         self.enabled = False
         self.triggers = []
         self._armed = False
@@ -414,7 +415,7 @@ class ProbePoint:
         self.definition = definition
         self.is_return: bool = definition.kind == "r"
         self.event: Event | None = None
-        #: The fetchargs, `$arg*` expanded (prepare()), their field names and types.
+        #: The fetchargs, `$arg*` expanded (register()), their field names and types.
         self.args: list[grammar.FetchArgDef] = definition.args
         self.fields: tuple[str, ...] = ()
         self.types: tuple[str | None, ...] = ()
@@ -489,7 +490,7 @@ class ProbePoint:
         self.offset = addrs[0].offset
         return [{"addr": a} for a in addrs], addrs[0].code
 
-    def prepare(self, *, early: bool = False,
+    def register(self, *, early: bool = False,
                 line_symbols: Callable[[str], list[tuple[str, str, int]]] | None = None,
                 code_before_import: Callable[[str], Any] | None = None) -> None:
         """Resolve the target, register the probes (disabled, or `early`: enabled early
@@ -502,7 +503,7 @@ class ProbePoint:
         # Whether a return event reads arguments (taken at entry): known from the text.
         self._entry = self.is_return and any(a.kind in _VARIABLE_KINDS or a.kind == "args"
                                              for a in d.args)
-        self.probes = self._register(specs, early)
+        self.probes = self._register_probes(specs, early)
         try:
             resolved = getattr(self.probes[0], "addr", None)
             if isinstance(resolved, kp.ProbeAddress):
@@ -524,11 +525,12 @@ class ProbePoint:
             self._fetch = fetchargs.compile_fetchargs(self.args, is_return=self.is_return,
                                                       text=d.text, code=code)
         except (ParseError, KprobeError):
-            self.release()
+            self.unregister()
             raise
         self._watch()
 
-    def _register(self, specs: list[dict[str, Any]], early: bool = False) -> list[Any]:
+    def _register_probes(self, specs: list[dict[str, Any]], early: bool = False
+                         ) -> list[Any]:
         """New probes at `specs`, registered (all or none) disabled, or enabled when
         `early` (an early probe cannot be registered DISABLED: the seed)."""
         d = self.definition
@@ -568,7 +570,7 @@ class ProbePoint:
             for rp in self.probes:
                 rp.entry_handler = handler
 
-    def release(self) -> None:
+    def unregister(self) -> None:
         _forget(self)
         if self.is_return:
             kp.unregister_kretprobes(self.probes)
@@ -627,7 +629,7 @@ class ProbePoint:
             kp.unregister_kprobes(old)
         # While early (the boot stage's events), probes are registered enabled (the seed).
         early = kp.kprobes_is_early()
-        self.probes = self._register(specs, early)
+        self.probes = self._register_probes(specs, early)
         event = self.event
         if event is not None and event._armed and not early:
             self.enable()
@@ -778,11 +780,80 @@ class ProbePoint:
         return f"<ProbePoint {self.group}/{self.name} {self.definition.text!r}>"
 
 
+# --------------------------------------------------------------------------- the entry
+
+
+class DefinitionError(KprobeError):
+    """A definition that cannot be registered: `.errno` is what the kernel's write returns,
+    `.code` names the message (errors.ERRORS), `.pos` is the column of the caret, and
+    `.target_error` the core's own error for a bad target (None otherwise)."""
+
+    def __init__(self, err: int, code: str, pos: int,
+                 target_error: KprobeError | None = None) -> None:
+        super().__init__(err, ERRORS.get(code, code))
+        self.code = code
+        self.pos = pos
+        self.target_error = target_error
+
+
+def register_trace_kprobe(
+        events: dict[tuple[str, str], Event], d: grammar.ProbeDef, buffer: TraceBuffer,
+        new_id: Callable[[], int], *, early: bool = False,
+        line_symbols: Callable[[str], list[tuple[str, str, int]]] | None = None,
+        code_before_import: Callable[[str], Any] | None = None) -> Event:
+    """The one way from a definition to a registered event, for the tracefs file and the
+    boot stage alike, as the kernel's kprobe_events writes and its `kprobe_event=` boot
+    parameter both go through trace_kprobe_create(): a new event `d.group/d.event` put into
+    `events` (numbered `new_id()`), or a point appended to the event of that name
+    (append_trace_kprobe()). `early`: the boot stage's, whose probes are early probes,
+    registered enabled (an early probe cannot be registered DISABLED: the seed), so that a
+    new event is enabled and armed as it stands; `line_symbols` and `code_before_import` as
+    for ProbePoint.register. Raises DefinitionError, with nothing left registered."""
+    key = (d.group, d.event)
+    event = events.get(key)
+    if event is not None and event.is_return != (d.kind == "r"):
+        # Before the probes are registered, as the kernel's register_trace_kprobe().
+        raise DefinitionError(errno.EEXIST, "DIFF_PROBE_TYPE", 0)
+    point = ProbePoint(d)
+    try:
+        point.register(early=early, line_symbols=line_symbols,
+                       code_before_import=code_before_import)
+    except ParseError as exc:
+        # trace_uprobe.c returns kern_path()'s -ENOENT with FILE_NOT_FOUND.
+        err = errno.ENOENT if exc.code == "FILE_NOT_FOUND" else errno.EINVAL
+        raise DefinitionError(err, exc.code, exc.pos) from exc
+    except KprobeError as exc:
+        code = "NON_UNIQ_SYMBOL" if exc.errno == errno.EADDRNOTAVAIL else "BAD_PROBE_ADDR"
+        raise DefinitionError(exc.errno, code, _target_pos(d.text), exc) from exc
+    if event is None:
+        event = Event.of(point, buffer, new_id())
+        if early:
+            event.armed_early()
+        events[key] = event
+        return event
+    refusal = event.refusal(point)
+    if refusal is not None:
+        point.unregister()
+        raise DefinitionError(errno.EEXIST, *refusal)
+    if early:
+        point.event = event  # its probes are enabled already
+        event.points.append(point)
+    else:
+        event.add(point)
+    return event
+
+
+def _target_pos(text: str) -> int:
+    """The column of a definition's target (the caret under a bad one)."""
+    space = text.find(" ")
+    return space + 1 if space >= 0 else 0
+
+
 # --------------------------------------------------------------------------- modules
 
 #: module name -> the points with probes on it (the kernel walks its trace_kprobes).
 _by_module: dict[str, weakref.WeakSet[ProbePoint]] = {}
-#: Guards the table, and serializes a point's rearm() with its release().
+#: Guards the table, and serializes a point's rearm() with its unregister().
 _modules_lock = threading.RLock()
 _notifier_registered = False
 
