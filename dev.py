@@ -6,7 +6,7 @@
 
 `test` lints once, then runs the whole suite three times per Python version: once per mechanism
 (PYKPROBES_ARCH=breakpoint, then optimized), then once more optimized with the trace hot path's
-pure-Python fallback forced (PYKPROBES_CORE=python, arch "optimized-pycore": the C accelerator
+pure-Python fallback forced (PYKPROBES_ACCELERATOR=off, arch "optimized-pycore": the C accelerator
 and its fallback must behave the same). On a Python built with the JIT (sys._jit, 3.14+) it
 runs both mechanisms once more with PYTHON_JIT=1 ("breakpoint-jit", "optimized-jit"); the
 other runs there get PYTHON_JIT=0, so that each row says what it tested whatever the build's
@@ -41,7 +41,8 @@ MIN_VERSION = (3, 11)
 # python3.N names looked up on PATH; 20 leaves room for releases to come.
 MINORS = range(MIN_VERSION[1], 21)
 ARCHES = ("breakpoint", "optimized", "optimized-pycore", "breakpoint-jit", "optimized-jit")
-# A run name -> (PYKPROBES_ARCH, PYKPROBES_CORE or None: the backend's own choice, PYTHON_JIT).
+# A run name -> (PYKPROBES_ARCH, PYKPROBES_ACCELERATOR or None: the backend's own choice,
+# PYTHON_JIT).
 # The JIT runs are both mechanisms and not the pycore one: the JIT changes how the probed code
 # runs (Tier 2 traces over rewritten code objects; traces and sys.monitoring, which the
 # breakpoint arch and the frames still running old code use: cpython#156319, PR #142842), not
@@ -49,7 +50,7 @@ ARCHES = ("breakpoint", "optimized", "optimized-pycore", "breakpoint-jit", "opti
 RUN_ENV = {
     "breakpoint": ("breakpoint", None, False),
     "optimized": ("optimized", None, False),
-    "optimized-pycore": ("optimized", "python", False),
+    "optimized-pycore": ("optimized", "off", False),
     "breakpoint-jit": ("breakpoint", None, True),
     "optimized-jit": ("optimized", None, True),
 }
@@ -85,7 +86,7 @@ STRIPPED_ENV = (
     "PIP_PREFIX",  # ... nor another prefix
     "PYKPROBES_EVENTS",  # would arm early probes in every interpreter the suite starts
     "PYKPROBES_ARCH",  # set per run by `test`
-    "PYKPROBES_CORE",  # likewise
+    "PYKPROBES_ACCELERATOR",  # likewise
     "PYTHON_JIT",  # likewise: set per run on a Python that has a JIT
     "PYKPROBES_CONTROL",  # would serve a control socket from every interpreter the suite starts
 )
@@ -444,10 +445,10 @@ def run_suite(
     env = venv_env(venv)
     env["PYKPROBES_ARCH"], core, jit = RUN_ENV[arch]
     if core is not None:
-        env["PYKPROBES_CORE"] = core
+        env["PYKPROBES_ACCELERATOR"] = core
     if interp.jit:
         env["PYTHON_JIT"] = "1" if jit else "0"
-    shown = ("PYKPROBES_ARCH", "PYKPROBES_CORE", "PYTHON_JIT")
+    shown = ("PYKPROBES_ARCH", "PYKPROBES_ACCELERATOR", "PYTHON_JIT")
     how = " ".join(f"{k}={env[k]}" for k in shown if k in env)
     say(f"=== Python {interp.tag} ({interp.full_version}), {arch}: {how} ===")
     start = time.monotonic()
@@ -602,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="lint, then run the suite on every CPython >= 3.11, once per mechanism",
         description="Run ruff once, then the whole pytest suite on every CPython >= 3.11 "
         "found, once with PYKPROBES_ARCH=breakpoint, once with PYKPROBES_ARCH=optimized, once "
-        "optimized with PYKPROBES_CORE=python, and on a Python with a JIT both mechanisms "
+        "optimized with PYKPROBES_ACCELERATOR=off, and on a Python with a JIT both mechanisms "
         "again with PYTHON_JIT=1. Other arguments (or everything after --) go to pytest.",
         allow_abbrev=False,  # a pytest option must never be taken for an abbreviation of ours
     )

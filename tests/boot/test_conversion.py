@@ -143,7 +143,7 @@ def test_an_overflowing_early_buffer_is_counted_exactly(tmp_path: Path) -> None:
     assert isinstance(out["buffer_lost"], int) and out["buffer_lost"] > 0
 
 
-@pytest.mark.skipif(not BREAKPOINT_CAPS.get("running_frames_other_threads", False),
+@pytest.mark.skipif(not BREAKPOINT_CAPS.running_frames_other_threads,
                     reason="capability: the breakpoint arch cannot reach a thread that is "
                            "already running (settrace)")
 def test_unoptimized_after_conversion_still_exact(tmp_path: Path) -> None:

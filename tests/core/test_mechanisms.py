@@ -33,7 +33,7 @@ def _line_of(func: object, marker: str) -> int:
     return first + next(i for i, line in enumerate(src) if marker in line)
 
 
-@pytest.mark.skipif(not BREAKPOINT_CAPS["running_frames_other_threads"],
+@pytest.mark.skipif(not BREAKPOINT_CAPS.running_frames_other_threads,
                     reason="capability: the breakpoint arch (settrace) cannot reach frames "
                            "already running in other threads")
 def test_probe_on_a_loop_already_running_in_another_thread() -> None:
@@ -230,7 +230,7 @@ def test_no_hit_lost_while_unoptimizing_under_a_running_thread() -> None:
 
     if not OPTIMIZED:
         pytest.skip("capability: this run keeps optimization off for the whole suite")
-    if not BREAKPOINT_CAPS["running_frames_other_threads"]:
+    if not BREAKPOINT_CAPS.running_frames_other_threads:
         pytest.skip("capability: the breakpoint arch (settrace) cannot reach a thread that is "
                     "already running")
     p = kp.Kprobe(addr=targets.kprobe_target2)

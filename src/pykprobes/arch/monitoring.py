@@ -146,7 +146,14 @@ from pykprobes.arch import frametable
 from pykprobes.arch.frametable import PENDING_CAP
 from pykprobes.arch.monitoring_caps import instruction_events_shared, local_unwind
 from pykprobes.arch.successors import Flow, analyze, generator_close_runs_frame
-from pykprobes.core.arch import ArchUnavailable, PostHit, PreHit, ReturnHit, UnwindHit
+from pykprobes.core.arch import (
+    ArchUnavailable,
+    Capabilities,
+    PostHit,
+    PreHit,
+    ReturnHit,
+    UnwindHit,
+)
 from pykprobes.core.regs import CALLBACK_CODES
 from pykprobes.errors import KprobeError
 
@@ -269,36 +276,34 @@ class MonitoringArch:
     #: and unwind_* ones, tests/arch/test_monitoring_returns.py). An instance adds what it
     #: measures on this interpreter: `return_at_generator_close` (module docstring),
     #: `local_unwind` and `instruction_events_shared` (monitoring_caps.py).
-    CAPABILITIES: ClassVar[dict[str, bool]] = {
-        "running_frames_this_thread": True,
-        "running_frames_other_threads": True,
-        "threads_started_earlier": True,
-        "threads_started_later": True,
-        "unprobed_code_untaxed": True,
-        "entry_event": True,
-        "post_handler": True,
-        "hits_inside_handlers": False,
+    CAPABILITIES: ClassVar[Capabilities] = Capabilities(
+        running_frames_this_thread=True,
+        running_frames_other_threads=True,
+        threads_started_earlier=True,
+        threads_started_later=True,
+        unprobed_code_untaxed=True,
+        entry_event=True,
+        post_handler=True,
+        hits_inside_handlers=False,
         # Return hooks: frames already running when armed, in this thread and in others,
         # and generators suspended when armed, report their end.
-        "return_of_running_frames_this_thread": True,
-        "return_of_running_frames_other_threads": True,
-        "return_of_suspended_generators": True,
+        return_of_running_frames_this_thread=True,
+        return_of_running_frames_other_threads=True,
+        return_of_suspended_generators=True,
         # on_unwind gets the very exception the caller sees (PY_UNWIND passes it).
-        "unwind_exception_exact": True,
+        unwind_exception_exact=True,
         # A frame ending inside a handler is not seen (tstate->tracing).
-        "returns_inside_handlers": False,
-    }
-    capabilities: dict[str, bool]
+        returns_inside_handlers=False,
+    )
+    capabilities: Capabilities
 
     def __init__(self) -> None:
         mon = getattr(sys, "monitoring", None)
         if mon is None:
             raise ArchUnavailable("sys.monitoring does not exist before 3.12 (PEP 669)")
         self._mon: Any = mon
-        self.capabilities = {
-            **self.CAPABILITIES,
-            "return_at_generator_close": generator_close_runs_frame(),
-        }
+        self.capabilities = self.CAPABILITIES._replace(
+            return_at_generator_close=generator_close_runs_frame())
         events = mon.events
         self._E_INS: int = events.INSTRUCTION
         self._E_START: int = events.PY_START
@@ -322,8 +327,8 @@ class MonitoringArch:
         self.tool: int = tool
         self._local_unwind = local_unwind(mon, tool)
         self._ins_shared = instruction_events_shared(mon, tool)
-        self.capabilities["local_unwind"] = self._local_unwind
-        self.capabilities["instruction_events_shared"] = self._ins_shared
+        self.capabilities = self.capabilities._replace(
+            local_unwind=self._local_unwind, instruction_events_shared=self._ins_shared)
         self._lock = threading.Lock()
         self._codes: dict[int, _CodeModel] = {}
         #: id(code) of the models that need the global PY_UNWIND event.

@@ -125,7 +125,7 @@ from pykprobes.arch import frametable
 from pykprobes.arch.frametable import PENDING_CAP
 from pykprobes.arch.successors import Exits, exits, generator_close_runs_frame
 from pykprobes.codecache import cached
-from pykprobes.core.arch import ReturnHit, UnwindHit
+from pykprobes.core.arch import Capabilities, ReturnHit, UnwindHit
 from pykprobes.errors import KprobeError
 
 __all__ = ["RETURN_HOOKS", "SettraceArch"]
@@ -256,32 +256,30 @@ class SettraceArch:
     #: Measured on 3.11.7, 3.12.1 and 3.13.0 (tests/arch/test_settrace.py and, for the
     #: return_* and unwind_* ones, tests/arch/test_settrace_returns.py). An instance adds
     #: `return_at_generator_close`, measured on this interpreter (module docstring).
-    CAPABILITIES: ClassVar[dict[str, bool]] = {
-        "running_frames_this_thread": True,
-        "running_frames_other_threads": False,
-        "threads_started_earlier": False,
-        "threads_started_later": True,
-        "unprobed_code_untaxed": False,
-        "entry_event": True,
-        "post_handler": True,
-        "hits_inside_handlers": False,
+    CAPABILITIES: ClassVar[Capabilities] = Capabilities(
+        running_frames_this_thread=True,
+        running_frames_other_threads=False,
+        threads_started_earlier=False,
+        threads_started_later=True,
+        unprobed_code_untaxed=False,
+        entry_event=True,
+        post_handler=True,
+        hits_inside_handlers=False,
         # Return hooks: frames already running in the arming thread report their end,
         # those of other threads do not; suspended generators do from their next
         # resumption in a traced thread.
-        "return_of_running_frames_this_thread": True,
-        "return_of_running_frames_other_threads": False,
-        "return_of_suspended_generators": True,
+        return_of_running_frames_this_thread=True,
+        return_of_running_frames_other_threads=False,
+        return_of_suspended_generators=True,
         # on_unwind gets the last exception raised in the frame (module docstring).
-        "unwind_exception_exact": False,
-        "returns_inside_handlers": False,
-    }
-    capabilities: dict[str, bool]
+        unwind_exception_exact=False,
+        returns_inside_handlers=False,
+    )
+    capabilities: Capabilities
 
     def __init__(self) -> None:
-        self.capabilities = {
-            **self.CAPABILITIES,
-            "return_at_generator_close": generator_close_runs_frame(),
-        }
+        self.capabilities = self.CAPABILITIES._replace(
+            return_at_generator_close=generator_close_runs_frame())
         self._lock = threading.Lock()
         self._codes: dict[int, _CodeModel] = {}
         self._installed = False

@@ -22,9 +22,44 @@ import importlib
 import os
 from collections.abc import Callable, Mapping, MutableMapping
 from types import CodeType, FrameType
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from pykprobes.core.guard import CURRENT_KPROBE
+
+
+class Capabilities(NamedTuple):
+    """What a breakpoint arch can reach, measured by its tests (the tests skip on these,
+    never on the Python version; `pykprobes info` prints them). A NamedTuple, not a
+    dataclass: the boot stage imports this module, and dataclasses costs start-up time."""
+
+    #: Frames already running when an address is armed: in the arming thread, in others.
+    running_frames_this_thread: bool = False
+    running_frames_other_threads: bool = False
+    #: Threads started before the first probe was armed, and after.
+    threads_started_earlier: bool = False
+    threads_started_later: bool = False
+    #: Code with no probe runs at full speed.
+    unprobed_code_untaxed: bool = False
+    entry_event: bool = False
+    post_handler: bool = False
+    #: A probe hit by a handler is seen (and counted missed).
+    hits_inside_handlers: bool = False
+    #: Return hooks: frames running when armed (this thread, others) and generators
+    #: suspended when armed report their end; on_unwind gets the very exception the caller
+    #: sees; a frame ending inside a handler is seen.
+    return_of_running_frames_this_thread: bool = False
+    return_of_running_frames_other_threads: bool = False
+    return_of_suspended_generators: bool = False
+    unwind_exception_exact: bool = False
+    returns_inside_handlers: bool = False
+    #: Closing a suspended generator runs its frame, so that its end is reported (measured
+    #: at start: False on CPython 3.13.0).
+    return_at_generator_close: bool = False
+    #: sys.monitoring only (measured at start): a local PY_UNWIND event; INSTRUCTION
+    #: events shared with another tool of the same code.
+    local_unwind: bool = False
+    instruction_events_shared: bool = False
+
 
 #: pre(frame, offset): called before the instruction at `offset` executes, in the probed
 #: frame's thread, with that frame. It never raises. A mechanism whose callback CPython
@@ -132,13 +167,8 @@ class BreakpointArch(Protocol):
     """
 
     name: str
-    #: What it can reach, measured by its tests: running_frames_this_thread,
-    #: running_frames_other_threads, threads_started_earlier, threads_started_later,
-    #: unprobed_code_untaxed, entry_event, post_handler, hits_inside_handlers; for return
-    #: hooks: return_of_running_frames_this_thread, return_of_running_frames_other_threads,
-    #: return_of_suspended_generators, unwind_exception_exact, returns_inside_handlers,
-    #: return_at_generator_close (measured at start: False on CPython 3.13.0).
-    capabilities: dict[str, bool]
+    #: What it can reach (see Capabilities).
+    capabilities: Capabilities
 
     def arm(self, code: CodeType, offset: int, pre: PreHit, post: PostHit | None) -> None:
         """From now on call `pre` before every execution of the instruction at `offset` of

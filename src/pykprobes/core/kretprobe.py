@@ -51,8 +51,7 @@ _GENERATOR_LIKE: Final = 0x20 | 0x80 | 0x200
 def _close_reports_end() -> bool:
     """Whether the breakpoint arch measured that closing a suspended generator runs its
     frame, so that its end is reported (capability `return_at_generator_close`)."""
-    caps = registry.mechanisms_capabilities()
-    return caps.get("return_at_generator_close", True)
+    return registry.mechanisms_capabilities().return_at_generator_close
 
 
 class Kretprobe:
@@ -78,7 +77,7 @@ class Kretprobe:
         self.maxactive = maxactive
         #: Return handlers run.
         self.nhit = 0
-        #: Handler exceptions caught and counted.
+        #: Faults: handler exceptions caught and counted.
         self.nfault = 0
         self._missed = 0
         self._inflight: dict[FrameType, KretprobeInstance] = {}

@@ -61,7 +61,7 @@ class Kprobe:
         self.flags = flags
         self.nhit = 0
         self.nmissed = 0
-        #: Handler exceptions caught and counted (the program never sees them).
+        #: Faults: handler exceptions caught and counted (the program never sees them).
         self.nfault = 0
         #: Optional: `compile_call(code, offset, current)` -> `(record, variable names)` or
         #: None, a compiled call the optimizer may use while this probe is alone at its

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from types import CodeType, ModuleType
 from typing import Any
 
+from pykprobes.core.arch import Capabilities
 from pykprobes.core.guard import synchronize_hits
 from pykprobes.core.modules import Loading, NoAddr
 from pykprobes.core.optimizer import OPTIMIZE_DELAY, RETIRE_RECHECK
@@ -40,9 +41,9 @@ def kprobes_is_early() -> bool:
     return TABLE.early.is_early()
 
 
-def mechanisms_capabilities() -> dict[str, bool]:
+def mechanisms_capabilities() -> Capabilities:
     """The breakpoint arch's measured capabilities."""
-    caps: dict[str, bool] = getattr(TABLE.mechanisms().breakpoint, "capabilities", {})
+    caps: Capabilities = TABLE.mechanisms().breakpoint.capabilities
     return caps
 
 
