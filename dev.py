@@ -67,6 +67,10 @@ INSTALL_INPUTS = (
     *sorted((ROOT / "src" / "pykprobes").rglob("*.c")),
 )
 STAMP = "pykprobes-dev.json"
+# The type checker of the lint step (pyproject.toml [tool.mypy]: strict, on src/pykprobes),
+# installed into the lint venv only: the suite does not need it, and one pinned release keeps
+# the verdict from changing under an unchanged tree.
+MYPY = ("mypy", "2.4.1")
 QUERY_TIMEOUT = 30.0
 
 # Variables removed from every child's environment, because each one would make the child
@@ -344,6 +348,29 @@ def _run_quiet(cmd: Sequence[str], what: str, env: dict[str, str]) -> None:
         raise DevError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}")
 
 
+def ensure_mypy(venv: Path) -> None:
+    """MYPY in `venv`, installed if another release (or none) is there."""
+    python = str(venv_python(venv))
+    name, version = MYPY
+    proc = subprocess.run(
+        [python, "-c", f"import importlib.metadata as m; print(m.version({name!r}))"],
+        cwd=str(ROOT),
+        env=venv_env(venv),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode == 0 and proc.stdout.strip() == version:
+        return
+    say(f"{venv.relative_to(ROOT)}: installing {name}=={version} (the lint step's)")
+    _run_quiet(
+        [python, "-m", "pip", "install", "--quiet", "--no-input",
+         "--disable-pip-version-check", f"{name}=={version}"],
+        f"installing {name}",
+        venv_env(venv),
+    )
+
+
 def ensure_venv(interp: Interpreter) -> Path:
     """The venv .venv/py3.N for this interpreter, with `.[test]` installed in editable mode;
     reused as it is while the interpreter and the install inputs have not changed."""
@@ -546,6 +573,16 @@ def cmd_test(args: argparse.Namespace, pytest_args: list[str]) -> int:
         stdin=subprocess.DEVNULL,
     )
     say()
+    # The import contracts are a test of the suite (tests/test_house_rules.py).
+    ensure_mypy(first_venv)
+    say(f"=== mypy (pyproject.toml [tool.mypy], Python {first_interp.tag}) ===")
+    mypy_code = subprocess.call(
+        [str(venv_python(first_venv)), "-m", "mypy"],
+        cwd=str(ROOT),
+        env=venv_env(first_venv),
+        stdin=subprocess.DEVNULL,
+    )
+    say()
 
     results: list[RunResult] = []
     with tempfile.TemporaryDirectory(prefix="pykprobes-junit-") as junit_dir:
@@ -557,10 +594,11 @@ def cmd_test(args: argparse.Namespace, pytest_args: list[str]) -> int:
     passed = sum(r.passed for r in results)
     failed = sum(r.failed for r in results)
     skipped = sum(r.skipped for r in results)
-    if lint_code != 0:
-        failed += 1  # the lint step, for the same reason as a run that failed on its own
+    # Each lint step that failed counts, for the same reason as a run that failed on its own.
+    failed += (lint_code != 0) + (mypy_code != 0)
     print_table(results)
     say(f"ruff check: {'ok' if lint_code == 0 else f'failed (exit {lint_code})'}")
+    say(f"mypy: {'ok' if mypy_code == 0 else f'failed (exit {mypy_code})'}")
     say(f"summary: {passed} passed, {failed} failed, {skipped} skipped")
     return 0 if failed == 0 else 1
 
@@ -601,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     test = commands.add_parser(
         "test",
         help="lint, then run the suite on every CPython >= 3.11, once per mechanism",
-        description="Run ruff once, then the whole pytest suite on every CPython >= 3.11 "
+        description="Run ruff and mypy once, then the whole pytest suite on every CPython >= 3.11 "
         "found, once with PYKPROBES_ARCH=breakpoint, once with PYKPROBES_ARCH=optimized, once "
         "optimized with PYKPROBES_ACCELERATOR=off, and on a Python with a JIT both mechanisms "
         "again with PYTHON_JIT=1. Other arguments (or everything after --) go to pytest.",

@@ -53,7 +53,49 @@ _EXPORTS: dict[str, str] = {
     "disable_kretprobe": "pykprobes.core.kretprobe",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+# A literal list, so that type checkers see what the package exports
+# (tests/test_house_rules.py checks that it names _EXPORTS).
+__all__ = [
+    "KPROBE_FLAG_DISABLED",
+    "KPROBE_FLAG_EARLY",
+    "KPROBE_FLAG_FTRACE",
+    "KPROBE_FLAG_GONE",
+    "KPROBE_FLAG_OPTIMIZED",
+    "Kprobe",
+    "KprobeError",
+    "KprobeFaultWarning",
+    "Kretprobe",
+    "KretprobeInstance",
+    "ProbeAddress",
+    "Regs",
+    "__version__",
+    "arm_all_kprobes",
+    "code_before_import",
+    "disable_kprobe",
+    "disable_kretprobe",
+    "disarm_all_kprobes",
+    "enable_kprobe",
+    "enable_kretprobe",
+    "get_kprobe",
+    "init_kprobes",
+    "kprobes_is_early",
+    "line_symbols",
+    "list_kprobes",
+    "nokprobe",
+    "register_kprobe",
+    "register_kprobes",
+    "register_kretprobe",
+    "register_kretprobes",
+    "register_module_notifier",
+    "resolve_line",
+    "set_optimization",
+    "unregister_kprobe",
+    "unregister_kprobes",
+    "unregister_kretprobe",
+    "unregister_kretprobes",
+    "unregister_module_notifier",
+    "wait_for_kprobe_optimizer",
+]
 
 if TYPE_CHECKING:
     from typing import Any

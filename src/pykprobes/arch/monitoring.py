@@ -217,11 +217,11 @@ class _Hub(_Site):
     that this replaced had to be cloned whole at every arm (38,512 clones to register 1,000
     probes; bench/results/ANALYSIS.md, "Scale")."""
 
-    __slots__ = ("peers",)  # type: ignore[misc]  # shadows the class-level empty mapping
+    __slots__ = ("peers",)  # shadows the class-level empty mapping
 
     def __init__(self, peers: dict[int, _Site]) -> None:
         super().__init__(_HUB_CODE)
-        self.peers: dict[int, _Site] = peers  # type: ignore[misc]
+        self.peers: dict[int, _Site] = peers
 
 
 #: A hub's `code`: a code object no callback is ever called for, so that `site.code is

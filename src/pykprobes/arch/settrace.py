@@ -376,14 +376,14 @@ class SettraceArch:
             else:
                 if windows:
                     windows.pop(frame, None)
-                exc = lastexc.pop(frame, None) if lastexc else None
-                if exc is None:
+                raised = lastexc.pop(frame, None) if lastexc else None
+                if raised is None:
                     unknown()
                     return
                 uhook = r.on_unwind
                 if uhook is not None:
                     try:
-                        uhook(frame, exc)
+                        uhook(frame, raised)
                     except BaseException as err:  # never reaches the program
                         if err.__class__ is KeyboardInterrupt:
                             raise
@@ -418,7 +418,7 @@ class SettraceArch:
                         # A YIELD_VALUE runs: the exception thrown in at a yield was handled.
                         if (
                             (r is None or lasti in r.exits.yields)
-                            and windows.pop(frame, None)
+                            and windows.pop(frame, False)
                             and not (per_code or m.opcodes)
                         ):
                             frame.f_trace_opcodes = False

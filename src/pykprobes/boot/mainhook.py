@@ -83,7 +83,7 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
     except ValueError:
         caller = None
     if caller is None:
-        if _mode not in ("script", "-c") or getattr(sys.flags, "inspect", 0):
+        if _mode not in ("script", "-c") or sys.flags.inspect:
             return
         if _mode == "-c" and _is_multiprocessing_stub(code):
             _mp_child = True  # the program is the parent's `__main__`, run as `__mp_main__`

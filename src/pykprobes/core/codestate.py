@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import CodeType, FunctionType, ModuleType
 from typing import TYPE_CHECKING, Final
@@ -58,7 +58,7 @@ class Version:
         opt: frozenset[int],
         consts: dict[int, CodeType],
         ret: bool = False,
-        hits: dict[int, object] | None = None,
+        hits: Mapping[int, object] | None = None,
     ) -> None:
         self.code = code
         #: What the call sequence at each optimized offset calls (core/arch.py opt_call).
@@ -298,7 +298,7 @@ UNTRACED: Final = getattr(accelerator.MODULE, "Untraced", None)
 
 
 def _untraced(hit: Callable[..., None]) -> Callable[..., None]:
-    return hit if UNTRACED is None else UNTRACED(hit)  # type: ignore[no-any-return]
+    return hit if UNTRACED is None else UNTRACED(hit)
 
 
 def _parent_may_make(state: CodeState, v: Version) -> bool:

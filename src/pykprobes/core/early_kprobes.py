@@ -389,8 +389,7 @@ class EarlyKprobes:
             m.optimizer = opt
         reports: list[str] = []
         for site in list(self.sites.values()):
-            state = table.states.get(id(site.addr.code))
-            reason = self._address_unsafe(site, state)
+            reason = self._address_unsafe(site, table.states.get(id(site.addr.code)))
             if reason is None:
                 continue
             message = f"Insert kprobe at {site.symbol}+{site.addr.offset} is not safe! " \

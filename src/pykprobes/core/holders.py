@@ -80,10 +80,10 @@ class Switches:
         self.walks += 1
         for obj in gc.get_referrers(*olds):
             if type(obj) is FunctionType:
-                state = walk.get(id(obj.__code__))
-                if state is not None:
-                    obj.__code__ = state.current.code
-                    remember(state, obj)
+                held = walk.get(id(obj.__code__))
+                if held is not None:
+                    obj.__code__ = held.current.code
+                    remember(held, obj)
         del olds
         for state in {id(s): s for s in walk.values()}.values():
             _forget_dead(state)
@@ -153,6 +153,7 @@ class _Holder:
     """Holds `code` in a slot, as Version does."""
 
     __slots__ = ("code",)
+    code: CodeType
 
 
 def _call_refs() -> int | None:

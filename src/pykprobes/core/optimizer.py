@@ -104,7 +104,7 @@ class KprobeOptimizer:
 
     def _recheck_delay(self) -> float:
         self.rechecks += 1
-        return RETIRE_RECHECK * 2 ** min(self.rechecks - 1, 6)
+        return RETIRE_RECHECK * (1 << min(self.rechecks - 1, 6))
 
     def run_pass(self) -> bool:
         """One optimizer pass (kprobe_optimizer), table lock held: optimize the queued

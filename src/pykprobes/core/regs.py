@@ -154,7 +154,7 @@ class SiteRegs(Regs):
         self._held = held
         self._busy = busy
 
-    @property  # type: ignore[override]
+    @property
     def frame(self) -> FrameType:
         if self._frame is not None:
             return self._frame

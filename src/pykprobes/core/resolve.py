@@ -145,9 +145,9 @@ def _lookup(obj: Any, name: str) -> Any:
                 raise KeyError(name)
             return value
         raise KeyError(name)
-    ns = getattr(obj, "__dict__", None)
-    if isinstance(ns, dict) and name in ns:
-        return ns[name]
+    namespace = getattr(obj, "__dict__", None)
+    if isinstance(namespace, dict) and name in namespace:
+        return namespace[name]
     raise KeyError(name)
 
 

@@ -304,10 +304,10 @@ class KprobeTable:
                     resolved.append((p, *target, given))
             with self.lock, codestate.switching(m):
                 try:
-                    for p, target, symbol, _ in resolved:
+                    for p, where, symbol, _ in resolved:
                         if p.registered:  # listed twice
                             raise einval(f"probe {p.symbol} is already registered")
-                        self.register_aggr_kprobe(p, target, symbol, m)
+                        self.register_aggr_kprobe(p, where, symbol, m)
                         done.append(p)
                 except BaseException:
                     for p in reversed(done):

@@ -700,7 +700,8 @@ class ProbePoint:
     @property
     def hits(self) -> int:
         """Hits of the careful path (the probes' nhit) and of the recorders."""
-        return sum(p.nhit for p in self.probes) + self._recorded()
+        careful: int = sum(p.nhit for p in self.probes)
+        return careful + self._recorded()
 
     def _recorded(self) -> int:
         return sum(int(r.nhit) for _, r, _ in list(self._compiled.values()))

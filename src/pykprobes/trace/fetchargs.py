@@ -60,7 +60,7 @@ import threading
 from _thread import get_ident
 from collections.abc import Callable, Sequence
 from types import CodeType, FrameType
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from pykprobes.errors import ParseError
 from pykprobes.grammar import FetchArgDef, parse_fetcharg
@@ -68,7 +68,7 @@ from pykprobes.trace.safe import FAULT, STR_CAP, Fault, Opaque, describe, get_at
 from pykprobes.trace.types import TYPES, Converter
 
 if TYPE_CHECKING:
-    from pykprobes.core.regs import Regs
+    from pykprobes import Regs
 
 __all__ = [
     "FAULT",
@@ -424,7 +424,7 @@ def _compile(d: FetchArgDef, text: str, code: CodeType | None) -> Fetcher:
         return Fetcher(d.body, type_name, kind, False, lambda regs, f_locals: value, value)
     needs_locals = kind in ("local", "argname", "arg")
     if kind == "local" or kind == "argname":
-        root = sys.intern(root)  # type: ignore[arg-type]  # as in _chain_fetch
+        root = sys.intern(cast(str, root))  # as in _chain_fetch
     if (kind == "local" or kind == "argname") and not chain:
         fetch = _local_fetch(root, convert)  # type: ignore[arg-type]
     elif kind == "arg" and not chain:
@@ -451,7 +451,7 @@ def argument_fetch(
             return None
         name: str = names[d.root - 1]  # type: ignore[operator]
     elif d.kind in ("local", "argname") and d.root in names:
-        name = d.root  # type: ignore[assignment]
+        name = d.root
     else:
         return None
     convert: Converter = describe if d.type is None else TYPES[d.type]

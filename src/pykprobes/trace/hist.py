@@ -317,6 +317,7 @@ def _parse_field(piece: str, pos: int, fields: Mapping[str, str | None], text: s
     BAD_FIELD_MODIFIER at the modifier."""
     name, dot, mod = piece.partition(".")
     mpos = pos + len(name) + 1
+    ftype: str | None
     if name in _SPECIAL:
         source, index, ftype = _SPECIAL[name], -1, "str" if name == "common_comm" else "int"
     elif name in fields and name not in ("hitcount",):
