@@ -8,7 +8,7 @@
                                                                and the memory part, each in a
                                                                fresh process
 
-Method (../shared/docs/ANCHOR-COSTS.md): the target is `def f(a, b): return a + b`, called as
+Method (docs/architecture.md, "Costs"): the target is `def f(a, b): return a + b`, called as
 `fn(1, 2)` in `for _ in range(n)` inside a function. Every technique calls the same handler,
 which counts its calls. Each timed run uses fresh code objects for f and the loop, warms up,
 runs with gc disabled, and is preceded by a timed run of the unprobed call (row A) with its

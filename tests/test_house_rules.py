@@ -6,7 +6,7 @@ of the package, no dependency): the layers and what may import what (docs/archit
       < core (pykprobes.core, and the package's public API, `pykprobes`)
       < arch | trace (neither imports the other; trace reaches the core only through the
         public API)
-      < boot | control | cli
+      < boot < control < cli
 
 and: no module imports another module's `_private` name (or reads one off a module it
 imported); core/modwatch.py (the import watcher) knows nothing of the registry.
@@ -28,7 +28,10 @@ LEAVES = frozenset({
     "pykprobes.codecache", "pykprobes.accelerator", "pykprobes._version",
 })
 #: Layer -> rank: a module imports only modules of a lower rank, or of its own layer.
-RANKS = {"leaf": 0, "core": 1, "arch": 2, "trace": 2, "boot": 3, "control": 3, "cli": 3}
+RANKS = {"leaf": 0, "core": 1, "arch": 2, "trace": 2, "boot": 3, "control": 4, "cli": 5}
+#: The one edge up the layers: the boot stage starts the control socket when
+#: PYKPROBES_CONTROL asks for it, importing it inside that branch only.
+UPWARD = frozenset({("pykprobes.boot", "pykprobes.control")})
 
 
 def _modules() -> dict[str, Path]:
@@ -115,7 +118,8 @@ def test_leaves_import_only_leaves() -> None:
 
 def test_no_layer_imports_a_higher_one() -> None:
     bad = [f"{_where(i)}  ({layer(i.importer)} -> {layer(i.target)})" for i in IMPORTS
-           if i.target not in EXTENSIONS and RANKS[layer(i.target)] > RANKS[layer(i.importer)]]
+           if i.target not in EXTENSIONS and (i.importer, i.target) not in UPWARD
+           and RANKS[layer(i.target)] > RANKS[layer(i.importer)]]
     assert not bad, "\n".join(bad)
 
 
@@ -188,6 +192,8 @@ def test_the_public_api_lists_what_it_serves() -> None:
     ("pykprobes.trace.x", "pykprobes.core.table"),
     ("pykprobes.errors", "pykprobes.core.probe"),
     ("pykprobes.core.x", "pykprobes.trace.events"),
+    ("pykprobes.boot.stage", "pykprobes.cli.run"),
+    ("pykprobes.control.server", "pykprobes.cli.main"),
 ])
 def test_the_layer_rules_catch_a_bad_import(rule: tuple[str, str]) -> None:
     importer, target = rule

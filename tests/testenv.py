@@ -1,7 +1,7 @@
 """What the suite runs against: the mechanism chosen by PYKPROBES_ARCH, and capability flags.
 
-Tests ask these flags, never the Python version (STYLE.md rules 4 and 12). `dev.py test` runs
-the whole suite once per arch; a plain `pytest` runs it with the default.
+Tests ask these flags, never the Python version (docs/architecture.md, rules 4 and 12).
+`dev.py test` runs the whole suite once per arch; a plain `pytest` runs it with the default.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ Limits
 ------
 * The global trace function is called for every call of every function in traced
   threads, and on 3.12 every instruction of every code object fires an INSTRUCTION event
-  while it is installed: unprobed code is taxed (5-15x per call, ANCHOR-COSTS.md row J).
+  while it is installed: unprobed code is taxed (5-15x per call: docs/architecture.md, "Costs").
 * Threads that were already running when the first probe was armed have no trace function:
   neither their running frames nor their new calls are ever hit.
 * Only one trace function per thread exists: if another one is installed (`sys.gettrace()`

@@ -99,7 +99,7 @@ def start_from_environ() -> None:
     if control and control.strip() != "0" and not _control_tried:
         _control_tried = True  # once: a directory refused once is refused again
         try:
-            # The one edge up the layers (DESIGN.md section 5): lazy, and only when asked.
+            # The one edge up the layers (docs/architecture.md, "Layers"): lazy, only when asked.
             from pykprobes.control import serve
 
             serve()

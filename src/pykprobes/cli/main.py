@@ -1,6 +1,6 @@
 """The `pykprobes` command line.
 
-Subcommands import what they need inside their own function (DESIGN.md, import rules), so
+Subcommands import what they need inside their own function (docs/architecture.md, "Layers"), so
 that `pykprobes --help` loads neither the core nor a mechanism.
 """
 

@@ -755,7 +755,7 @@ class ProbePoint:
             # The arguments as they were at entry, over the variables as they are now.
             try:
                 variables = dict(frame.f_locals)
-            except Exception:  # noqa: BLE001 - the hot path never raises (STYLE.md rule 7)
+            except Exception:  # noqa: BLE001 - the hot path never raises (docs/architecture.md, rule 7)
                 variables = {}
             variables.update(entry)
             values = self._fetch(regs, variables)

@@ -99,7 +99,7 @@ _dict_get: Final = dict.get
 
 def _locals_type() -> type:
     # What frame.f_locals is for a function's frame: dict before PEP 667 (3.13), a
-    # FrameLocalsProxy from it. Asked of a frame, not of the version (STYLE.md rule 4).
+    # FrameLocalsProxy from it. Asked of a frame, not of the version (docs/architecture.md, rule 4).
     return type(sys._getframe().f_locals)
 
 
@@ -155,7 +155,7 @@ def entry_arguments(frame: FrameType) -> dict[str, Any]:
             if value is not FAULT:
                 out[name] = value
         return out
-    except Exception:  # noqa: BLE001 - the hot path never raises (STYLE.md rule 7)
+    except Exception:  # noqa: BLE001 - the hot path never raises (docs/architecture.md, rule 7)
         return {}
 
 
@@ -294,7 +294,7 @@ def _chain_fetch(
             try:
                 value = root_fetch(regs, f_locals)
                 return FAULT if value is FAULT else convert(value)
-            except Exception:  # noqa: BLE001 - the hot path never raises (STYLE.md rule 7)
+            except Exception:  # noqa: BLE001 - the hot path never raises (docs/architecture.md, rule 7)
                 return FAULT
 
         return fetch
@@ -307,7 +307,7 @@ def _chain_fetch(
                     return FAULT
                 value = step(value, arg)
             return FAULT if value is FAULT else convert(value)
-        except Exception:  # noqa: BLE001 - the hot path never raises (STYLE.md rule 7)
+        except Exception:  # noqa: BLE001 - the hot path never raises (docs/architecture.md, rule 7)
             return FAULT
 
     return fetch_chain
@@ -336,7 +336,7 @@ def _arg_fetch(number: int, convert: Converter) -> FetchFn:
             else:
                 value = _read_local(f_locals, name)
             return FAULT if value is FAULT else convert(value)
-        except Exception:  # noqa: BLE001 - the hot path never raises (STYLE.md rule 7)
+        except Exception:  # noqa: BLE001 - the hot path never raises (docs/architecture.md, rule 7)
             return FAULT
 
     return fetch
@@ -353,7 +353,7 @@ def _local_fetch(name: str, convert: Converter) -> FetchFn:
             else:
                 value = _read_local(f_locals, name)
             return FAULT if value is FAULT else convert(value)
-        except Exception:  # noqa: BLE001 - the hot path never raises (STYLE.md rule 7)
+        except Exception:  # noqa: BLE001 - the hot path never raises (docs/architecture.md, rule 7)
             return FAULT
 
     return fetch

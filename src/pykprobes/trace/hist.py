@@ -505,7 +505,7 @@ class HistTrigger:
             entry[0] += 1
             for i, get in enumerate(self._vals, 1):
                 add_value(entry, i, get(values, tkey, ts, regs))
-        except Exception:  # noqa: BLE001 - the hot path never raises (STYLE.md rule 7)
+        except Exception:  # noqa: BLE001 - the hot path never raises (docs/architecture.md, rule 7)
             return
 
     @property
