@@ -302,7 +302,7 @@ class MonitoringArch:
         if mon is None:
             raise ArchUnavailable("sys.monitoring does not exist before 3.12 (PEP 669)")
         self._mon: Any = mon
-        self.capabilities = self.CAPABILITIES._replace(
+        self.capabilities = self.CAPABILITIES.replace(
             return_at_generator_close=generator_close_runs_frame())
         events = mon.events
         self._E_INS: int = events.INSTRUCTION
@@ -327,7 +327,7 @@ class MonitoringArch:
         self.tool: int = tool
         self._local_unwind = local_unwind(mon, tool)
         self._ins_shared = instruction_events_shared(mon, tool)
-        self.capabilities = self.capabilities._replace(
+        self.capabilities = self.capabilities.replace(
             local_unwind=self._local_unwind, instruction_events_shared=self._ins_shared)
         self._lock = threading.Lock()
         self._codes: dict[int, _CodeModel] = {}

@@ -278,7 +278,7 @@ class SettraceArch:
     capabilities: Capabilities
 
     def __init__(self) -> None:
-        self.capabilities = self.CAPABILITIES._replace(
+        self.capabilities = self.CAPABILITIES.replace(
             return_at_generator_close=generator_close_runs_frame())
         self._lock = threading.Lock()
         self._codes: dict[int, _CodeModel] = {}

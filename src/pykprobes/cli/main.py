@@ -60,7 +60,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         for name, reason in rejected.items():
             print(f"  rejected {name}: {reason}")
         capabilities: Capabilities | None = getattr(arch, "capabilities", None)
-        for cap, value in (capabilities._asdict() if capabilities is not None else {}).items():
+        for cap, value in (capabilities.as_dict() if capabilities is not None else {}).items():
             print(f"  {cap}: {'yes' if value else 'no'}")
         # Selecting instantiates the mechanism, which may claim something (a sys.monitoring
         # tool id); give it back, since `info` only looks.
