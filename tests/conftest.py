@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,15 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"sys.monitoring: {'yes' if testenv.HAS_SYS_MONITORING else 'no'}, "
         f"jit: {'on' if env.JIT_ENABLED else 'off' if env.JIT_AVAILABLE else 'not built in'}"
     ]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started from a background job (`cmd &` in a script, nohup) inherits SIGINT
+    ignored, and so would every child it runs: the tests of Ctrl-C (KeyboardInterrupt in
+    this process, a child killed by SIGINT, the -p PID client's interrupt) need the default
+    Python disposition, as the terminal gives it."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

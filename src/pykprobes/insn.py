@@ -18,7 +18,7 @@ from __future__ import annotations
 import opcode
 from collections.abc import Mapping
 from types import CodeType
-from typing import Final, NamedTuple
+from typing import Final
 
 from pykprobes.codecache import cached
 
@@ -38,18 +38,28 @@ _EXTENDED_ARG: Final = opcode.EXTENDED_ARG
 _JUMPS: Final = frozenset(opcode.opname[op] for op in (*opcode.hasjrel, *opcode.hasjabs))
 
 
-class Insn(NamedTuple):
-    """One instruction of `co_code`."""
+class Insn:
+    """One instruction of `co_code`. A plain class, not a typing.NamedTuple: making a
+    NamedTuple class imports annotationlib, ast and enum on 3.14+ (typing's NamedTupleMeta
+    reads the class's annotations through annotationlib), and the boot stage imports this
+    module."""
 
-    #: Offset of its first EXTENDED_ARG prefix, or of the opcode when it has none.
-    start: int
-    #: Offset of the opcode itself (what `dis` shows for it).
-    offset: int
-    opname: str
-    #: The full argument (prefixes included); 0 for opcodes that take none.
-    arg: int
-    #: Offset just past it and its CACHE entries: the next instruction's start.
-    end: int
+    __slots__ = ("start", "offset", "opname", "arg", "end")
+
+    def __init__(self, start: int, offset: int, opname: str, arg: int, end: int) -> None:
+        #: Offset of its first EXTENDED_ARG prefix, or of the opcode when it has none.
+        self.start = start
+        #: Offset of the opcode itself (what `dis` shows for it).
+        self.offset = offset
+        self.opname = opname
+        #: The full argument (prefixes included); 0 for opcodes that take none.
+        self.arg = arg
+        #: Offset just past it and its CACHE entries: the next instruction's start.
+        self.end = end
+
+    def __repr__(self) -> str:
+        return (f"Insn(start={self.start}, offset={self.offset}, opname={self.opname!r}, "
+                f"arg={self.arg}, end={self.end})")
 
     @property
     def jump_target(self) -> int | None:
@@ -91,19 +101,23 @@ def decode(code: CodeType) -> tuple[Insn, ...]:
 
 
 def entry_index(insns: tuple[Insn, ...] | list[Insn]) -> int:
-    """Index of the first RESUME: the end of the prologue (MAKE_CELL, COPY_FREE_VARS,
-    RETURN_GENERATOR, POP_TOP), after which the frame really starts to run. Every code
-    object 3.11+ compiles has one; ValueError for one that has not (made by hand, or for
-    another interpreter): nothing about it can be trusted."""
+    """Index of the RESUME that ends the prologue (MAKE_CELL, COPY_FREE_VARS,
+    RETURN_GENERATOR, POP_TOP), after which the frame really starts to run: the first
+    whose argument is 0 (RESUME_AT_FUNC_START), where PY_START fires. It is the first
+    RESUME, except in a 3.15 generator expression, which starts with a RESUME 4
+    (RESUME_AT_GEN_EXPR_START) and gets the iterator of its argument (LOAD_FAST .0,
+    GET_ITER) before RETURN_GENERATOR (measured: PY_START at the RESUME 0 after it). Every
+    code object 3.11+ compiles has one; ValueError for one that has not (made by hand, or
+    for another interpreter): nothing about it can be trusted."""
     for index, ins in enumerate(insns):
-        if ins.opname == "RESUME":
+        if ins.opname == "RESUME" and ins.arg == 0:
             return index
     raise ValueError("no RESUME instruction: not bytecode this interpreter compiled")
 
 
 def entry_offset(code: CodeType) -> int:
-    """Offset of the first RESUME: every offset up to it is the function's entry.
-    ValueError as `entry_index`."""
+    """Offset of the RESUME that ends the prologue (`entry_index`): every offset up to it
+    is the function's entry. ValueError as `entry_index`."""
     insns = decode(code)
     return insns[entry_index(insns)].offset
 

@@ -42,6 +42,7 @@ import pytest
 
 from pykprobes import insn
 from pykprobes.arch.rewrite import RewriteArch, inject
+from pykprobes.core.address import line_of
 from tests.arch import test_rewrite_corpus as corpus
 from tests.arch.test_rewrite_corpus import (
     CASES,
@@ -434,20 +435,48 @@ def trace_events(case: Case, code: types.CodeType) -> list[tuple[str, int | None
     return out
 
 
+def _prefixed_loops(code: types.CodeType) -> set[int | None]:
+    """The lines of the FOR_ITERs of `code` that carry an EXTENDED_ARG (a loop body longer
+    than 255 code units)."""
+    return {
+        line_of(code, ins.offset)
+        for ins in insn.decode(code)
+        if ins.opname == "FOR_ITER" and ins.start != ins.offset
+    }
+
+
+def _loop_stop_iterations(code: types.CodeType, new: types.CodeType) -> set[Any]:
+    """The 'exception' events CPython 3.13+ itself shows a tracer when a loop over a
+    generator ends at a FOR_ITER with an EXTENDED_ARG, which the call sequences can give a
+    loop that had none. The line event of the loop's head is on the EXTENDED_ARG then, so
+    the FOR_ITER after it specializes to FOR_ITER_GEN under tracing, and the exhausted
+    generator returns to the END_FOR, whose instrumented form reports a STOP_ITERATION
+    (an 'exception' event); a FOR_ITER that carries the line event itself stays generic and
+    jumps over the END_FOR (measured: 3.13-3.15 print the event for such a loop of their
+    own compiling, 3.12 does not; gh-116090: the event depends on specialization)."""
+    return {("exception", line, "StopIteration")
+            for line in _prefixed_loops(new) - _prefixed_loops(code)}
+
+
 @pytest.mark.parametrize("case", FUNCTION_CASES, ids=[c.name for c in FUNCTION_CASES])
 def test_trace_events_unchanged_with_returns(case: Case) -> None:
     """A debugger sees the same 'call', 'line', 'return' and 'exception' events, except, on
     3.13, a close() of a generator suspended outside any try block: the original is not
-    run (gen_close's shortcut), the rebuilt code is (see assembly.ReturnSequences.fix)."""
+    run (gen_close's shortcut), the rebuilt code is (see assembly.ReturnSequences.fix); and
+    what CPython shows for a loop over a generator grown past an EXTENDED_ARG
+    (`_loop_stop_iterations`)."""
     p = prepare(case)
     hits = {p.instrs[i].start: NOOP for i in traced(case, p)}
     new = ARCH.build(case.code, hits, {}, Ends().returns).code
     before, after = trace_events(case, case.code), trace_events(case, new)
+    grown = _loop_stop_iterations(case.code, new)
     matcher = difflib.SequenceMatcher(a=before, b=after, autojunk=False)
     for op, a1, a2, b1, b2 in matcher.get_opcodes():
         if op == "equal":
             continue
         added = after[b1:b2]
+        if op == "insert" and set(added) <= grown:
+            continue
         assert op == "insert" and FAST_CLOSE, (op, before[a1:a2], added)
         for i in range(0, len(added), 3):
             (call, exc, ret) = added[i : i + 3]

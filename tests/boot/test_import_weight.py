@@ -54,7 +54,9 @@ BOOT_PYKPROBES = {
 SPEEDUPS = {"pykprobes.trace._speedups"}
 #: The standard library modules the above may add (the core's imports: typing, threading,
 #: dis, warnings, ...; `re` comes with typing before 3.13; 3.14 moved warnings' Python code
-#: to _py_warnings). A superset over 3.11-3.15.
+#: to _py_warnings). A superset over 3.11-3.15. Not annotationlib and ast: on 3.14+ a
+#: typing.NamedTuple class imports them (and enum) when it is made, so the boot stage's
+#: modules define none (insn.Insn); CPython's own start-up imports neither.
 BOOT_STDLIB = {
     "__future__", "_collections", "_contextvars", "_functools", "_opcode", "_opcode_metadata",
     "_operator", "_py_warnings", "_sre", "_types", "_typing", "_weakrefset", "atexit",

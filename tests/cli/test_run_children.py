@@ -9,6 +9,7 @@ methods."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.boot.conftest import run as run_python
 from tests.cli.test_run import run, trace_lines
 
 CHILDREN = textwrap.dedent('''
@@ -64,8 +64,10 @@ def _check(records: list[tuple[int, int]], parent: int) -> None:
     assert tid[3] != parent and tid[4] != parent
 
 
-@pytest.mark.parametrize("method", ["fork"])
-def test_run_forked_children_write_their_own_records(tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_run_children_write_their_own_records(tmp_path: Path, method: str) -> None:
+    """Forked children write through their own writer; children started by exec (spawn,
+    forkserver) through the boot stage, from the definitions run passes in the environment."""
     (tmp_path / "kids.py").write_text(CHILDREN)
     out = tmp_path / "trace.txt"
     for args in ([], ["-o", str(out)]):
@@ -76,23 +78,56 @@ def test_run_forked_children_write_their_own_records(tmp_path: Path, method: str
         _check(_records(text), parent)
         profile = [ln.split() for ln in text.splitlines() if re.match(r"^  w\s+\d", ln)]
         assert profile == [["w", "2", "0"]], "one profile, the parent's hits"
+        if args:
+            assert "pykprobes" not in res.stderr, "a child printed into the program's stderr"
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_early_probes_in_forked_and_spawned_children(tmp_path: Path, method: str) -> None:
+def test_run_passes_its_events_to_a_python_subprocess(tmp_path: Path) -> None:
+    """A child started with subprocess runs another program: an event on one of its modules
+    records there, one on `__main__:work` (the parent's) waits and prints nothing."""
+    (tmp_path / "parent.py").write_text(textwrap.dedent('''
+        import os, subprocess, sys, textwrap
+        def work(n):
+            return n
+        work(1)
+        code = ("import textwrap, os; textwrap.dedent('  a'); "
+                "print('env', 'PYKPROBES_EVENTS' in os.environ)")
+        subprocess.run([sys.executable, "-c", code], check=True)
+    '''))
+    out = tmp_path / "trace.txt"
+    res = run("-e", "p:t/w __main__:work n", "-e", "p:t/d textwrap:dedent text",
+              "-o", str(out), "--", "parent.py", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "env True\n"
+    assert res.stderr == ""
+    events = sorted((m["event"], m["args"].strip()) for m in trace_lines(out.read_text()))
+    assert events == [("d", "text=\"  a\""), ("w", "n=1")]
+
+
+@pytest.mark.parametrize("option", [["--format", "json"], ["--summary"],
+                                    ["--trigger", "w=hist:keys=n"]])
+def test_run_traces_no_exec_child_where_its_records_could_not_join(
+        tmp_path: Path, option: list[str]) -> None:
+    """JSON lines, a summary or a hist table cannot be made by a child's boot stage: run
+    passes nothing on, and a spawned child records nothing and prints nothing."""
     (tmp_path / "kids.py").write_text(CHILDREN)
-    out = tmp_path / "early.txt"
-    for env in ({}, {"PYKPROBES_OUTPUT": str(out)}):
-        res = run_python(["kids.py", method], events="p:t/w __main__:work n", cwd=tmp_path,
-                         env=env)
-        assert res.returncode == 0, res.stderr
-        parent = int(res.stdout.split()[-1])
-        text = out.read_text() if env else res.stderr
-        _check(_records(text), parent)
-        # Nothing but trace lines from pykprobes: no warning from a child whose `__main__`
-        # is multiprocessing's (the program is its `__mp_main__`).
-        others = [ln for ln in res.stderr.splitlines() if not re.match(r"^\s+\S+-\d+ +\[000\]", ln)]
-        assert others == [], res.stderr
+    out = tmp_path / "t"
+    res = run("-e", "p:t/w __main__:work n", *option, "-o", str(out), "--",
+              "kids.py", "spawn", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "pykprobes" not in res.stderr  # (3.12+ warns of the fork in a threaded process)
+    text = out.read_text()
+    # The forked child (n=1) has the events and writer of its own; the spawned ones, 2 to 4,
+    # have nothing.
+    if option[0] == "--format":
+        assert sorted(json.loads(ln)["fields"]["n"] for ln in text.splitlines()
+                      if ln.startswith("{")) == [0, 1, 5]
+    elif option[0] == "--summary":
+        assert "t/w: 2 hits, 0 missed" in text
+    else:
+        assert set(re.findall(r"\{ n: +(\d+) \}", text)) <= {"0", "1", "5"}
+        assert {"0", "5"} <= set(re.findall(r"\{ n: +(\d+) \}", text))
+    assert not trace_lines(text)
 
 
 def test_os_exit_in_a_forked_child_loses_only_that_childs_last_records(tmp_path: Path) -> None:

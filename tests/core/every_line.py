@@ -78,6 +78,7 @@ class Census:
     def addresses(self) -> list[tuple[str, Any, kp.ProbeAddress]]:
         """(key, module, address) of every line address, in source order."""
         found = []
+        seen: set[str] = set()
         for mod in self.mods:
             lines = sorted({line for top in iter_module_functions(mod) for c in _tree(top)
                             for _, _, line in c.co_lines() if line is not None})
@@ -91,7 +92,11 @@ class Census:
                         self.wrong.append(f"resolve_line {mod.__name__}:{line}: {addr!r}")
                         continue
                     key = f"{mod.__name__}:{self.names[id(addr.code)]}+{addr.offset}"
-                    found.append((key, mod, addr))
+                    if key not in seen:
+                        # Two lines can give one address: the entry, for the lines of a
+                        # prologue (3.15: a generator expression gets its iterator there).
+                        seen.add(key)
+                        found.append((key, mod, addr))
         return found
 
     def register(self, key: str, p: kp.Kprobe, addr: kp.ProbeAddress) -> int:

@@ -144,3 +144,84 @@ def test_a_for_line_is_probed_where_its_instructions_run() -> None:
     finally:
         kp.unregister_kprobes(probes)
     assert [p.nhit for p in probes] == [5] * len(probes)
+
+
+def _kinds() -> dict[str, Any]:
+    """A function of each kind whose prologue differs (3.15: a generator expression's
+    starts with RESUME_AT_GEN_EXPR_START and gets its iterator before RETURN_GENERATOR)."""
+
+    def plain(a: int) -> int:
+        return a + 1
+
+    def gen(a: int) -> Any:
+        yield a
+
+    def cells(a: int) -> int:
+        def inner() -> int:
+            return a
+
+        return inner()
+
+    def genexpr(xs: list[int]) -> int:
+        return sum(x * 2 for x in xs)
+
+    return {"plain": plain, "gen": gen, "cells": cells, "genexpr": genexpr}
+
+
+def _codes(code: CodeType) -> list[CodeType]:
+    """`code` and the code objects nested in it that run (no __annotate__, PEP 649)."""
+    out = [code]
+    for const in code.co_consts:
+        if isinstance(const, CodeType) and const.co_name != "__annotate__":
+            out.extend(_codes(const))
+    return out
+
+
+def _run(func: Any) -> None:
+    result = func(1) if func.__name__ != "genexpr" else func([1, 2])
+    if hasattr(result, "__next__"):
+        list(result)
+
+
+@pytest.mark.skipif(not env.HAS_SYS_MONITORING, reason="capability: no sys.monitoring")
+def test_the_prologue_ends_where_py_start_fires() -> None:
+    """insn.entry_offset() is the RESUME that PY_START reports, for every kind of code:
+    what both mechanisms serve an entry probe at."""
+    import sys
+
+    monitoring = sys.monitoring  # type: ignore[attr-defined]
+    tool = next(i for i in range(6) if monitoring.get_tool(i) is None)
+    starts: dict[CodeType, int] = {}
+    kinds = _kinds()
+    monitoring.use_tool_id(tool, "pykprobes-test")
+    try:
+        monitoring.register_callback(
+            tool, monitoring.events.PY_START, lambda code, off: starts.setdefault(code, off)
+        )
+        codes = [code for func in kinds.values() for code in _codes(func.__code__)]
+        for code in codes:
+            monitoring.set_local_events(tool, code, monitoring.events.PY_START)
+        for func in kinds.values():
+            _run(func)
+    finally:
+        monitoring.free_tool_id(tool)
+    assert {c.co_qualname: starts.get(c) for c in codes} == \
+        {c.co_qualname: insn.entry_offset(c) for c in codes}
+
+
+def test_every_prologue_offset_of_a_generator_expression_is_its_entry() -> None:
+    """Each offset up to the prologue's RESUME registers as the entry (offset 0) and hits
+    once per run of the generator, under either mechanism."""
+    genexpr = _kinds()["genexpr"]
+    nested = next(c for c in genexpr.__code__.co_consts if isinstance(c, CodeType))
+    prologue = [ins.start for ins in insn.decode(nested) if ins.start <= insn.entry_offset(nested)]
+    probes = [kp.Kprobe(addr=nested, offset=offset) for offset in prologue]
+    kp.register_kprobes(probes)
+    try:
+        assert {p.addr.offset for p in probes if p.addr is not None} == {0}
+        assert genexpr([1, 2]) == 6
+        kp.wait_for_kprobe_optimizer()
+        assert genexpr([1, 2]) == 6
+    finally:
+        kp.unregister_kprobes(probes)
+    assert [p.nhit for p in probes] == [2] * len(probes)

@@ -29,12 +29,15 @@ cloudpickle = pytest.importorskip("cloudpickle")
 #: Runs a pickled call in a new interpreter where importing pykprobes fails.
 ELSEWHERE = textwrap.dedent("""
     import sys
-    sys.modules["pykprobes"] = None  # any import of pykprobes raises ImportError
+    # Any import of pykprobes raises ImportError; what site imported at start-up (3.15's
+    # _pykprobes.start, PEP 829, imports pykprobes.boot) is made unimportable too.
+    for name in ["pykprobes", *(m for m in sys.modules if m.startswith("pykprobes."))]:
+        sys.modules[name] = None
     import pickle
     func, args = pickle.loads(sys.stdin.buffer.read())
     result = func(*args)
     print(repr(list(result) if hasattr(result, "__next__") else result))
-    assert not [m for m in sys.modules if m.startswith("pykprobes.")]
+    assert not [m for m, mod in sys.modules.items() if m.startswith("pykprobes") and mod]
 """)
 
 

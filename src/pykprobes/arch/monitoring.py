@@ -7,12 +7,13 @@ How an address (code object, offset) is armed
 * An ordinary offset is served by the INSTRUCTION event. Its callback returns
   `sys.monitoring.DISABLE` for every offset of that code that is not armed, so after the
   first run of the code only the armed offsets cost a callback.
-* An offset in the prologue (offset 0, or anything up to and including the first RESUME:
-  MAKE_CELL, COPY_FREE_VARS, RETURN_GENERATOR, POP_TOP, RESUME) never fires INSTRUCTION
-  events (it lies before `_co_firsttraceable`), so it is served by PY_START and
-  `uses_entry_event()` is True for it (the core sets KPROBE_FLAG_FTRACE). For generators and
-  coroutines PY_START fires at the *first resumption* (first `next()`/`send()`), not when
-  the generator object is created by the call. The pre-handler gets the armed offset.
+* An offset in the prologue (offset 0, or anything up to and including its RESUME,
+  insn.entry_index: MAKE_CELL, COPY_FREE_VARS, RETURN_GENERATOR, POP_TOP, RESUME) never
+  fires INSTRUCTION events (it lies before `_co_firsttraceable`), so it is served by
+  PY_START and `uses_entry_event()` is True for it (the core sets KPROBE_FLAG_FTRACE). For
+  generators and coroutines PY_START fires at the *first resumption* (first
+  `next()`/`send()`), not when the generator object is created by the call. The
+  pre-handler gets the armed offset.
 * A RESUME after a `yield`/`await` never fires INSTRUCTION events either: it is served by
   PY_RESUME. END_FOR never runs with an event (an exhausted FOR_ITER jumps over it), so it
   cannot be probed (EINVAL).
@@ -135,6 +136,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import opcode
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -144,7 +146,12 @@ from typing import Any, ClassVar, Final
 from pykprobes import insn
 from pykprobes.arch import frametable
 from pykprobes.arch.frametable import PENDING_CAP
-from pykprobes.arch.monitoring_caps import instruction_events_shared, local_unwind
+from pykprobes.arch.monitoring_caps import (
+    free_tool_id,
+    instruction_events_shared,
+    jit_records_instrumented,
+    local_unwind,
+)
 from pykprobes.arch.successors import Flow, analyze, generator_close_runs_frame
 from pykprobes.core.arch import (
     ArchUnavailable,
@@ -329,6 +336,11 @@ class MonitoringArch:
         self._ins_shared = instruction_events_shared(mon, tool)
         self.capabilities = self.capabilities.replace(
             local_unwind=self._local_unwind, instruction_events_shared=self._ins_shared)
+        #: id(code) -> the offsets of its JUMP_BACKWARDs, which keep their INSTRUCTION event
+        #: where the JIT's recording would double our events (monitoring_caps.py); else None.
+        self._backjumps: dict[int, frozenset[int]] | None = (
+            {} if jit_records_instrumented() else None
+        )
         self._lock = threading.Lock()
         self._codes: dict[int, _CodeModel] = {}
         #: id(code) of the models that need the global PY_UNWIND event.
@@ -366,6 +378,7 @@ class MonitoringArch:
         self._ins, self._start, self._resume, self._leave = ins, start, resume, leave
         self._unwind, self._pending, self._epoch = unwind, pending, epoch
         DISABLE = self._mon.DISABLE
+        backjumps = self._backjumps
         fail = self._fail
         fail_ret = self._fail_ret
         trim = self._trim_pending
@@ -388,11 +401,15 @@ class MonitoringArch:
                 # No switch point between the lookup and the DISABLE (subscript, no call;
                 # 3.12+ runs the GC only at eval-breaker checks): a concurrent arm() is
                 # either already visible or toggles after this DISABLE is applied.
+                if backjumps is not None and offset in backjumps.get(id(code), ()):
+                    return None
                 return DISABLE
             if site.code is not code:
                 e = epoch[0]  # read before any switch point can happen
                 site = site.peers.get(id(code))  # type: ignore[assignment]
                 if site is None or site.code is not code:
+                    if backjumps is not None and offset in backjumps.get(id(code), ()):
+                        return None
                     return DISABLE if epoch[0] == e else None
             # A frame object costs as much as a handler call: made only for a post-handler;
             # pre() finds it itself if a handler asks (core/arch.py PreHit).
@@ -692,7 +709,7 @@ class MonitoringArch:
                 ):
                     mon.register_callback(tool, ev, None)
             finally:
-                mon.free_tool_id(tool)
+                free_tool_id(mon, tool)
 
     # ------------------------------------------------------------------ tables
 
@@ -821,6 +838,11 @@ class MonitoringArch:
         if model.ret is not None:
             self._unwind[id(code)] = model.ret
         mon, tool = self._mon, self.tool
+        if self._backjumps is not None:
+            if events & self._E_INS:
+                self._backjumps[id(code)] = _backward_jumps(code)
+            else:
+                self._backjumps.pop(id(code), None)
         grew = force_toggle or not new_keys <= old_keys
         if events == 0:
             if model.events:
@@ -900,3 +922,13 @@ class MonitoringArch:
 # Markers for where a post runs when the instruction leaves the frame.
 _LEAVE: Final[frozenset[int]] = frozenset({-1})
 _UNWIND: Final[frozenset[int]] = frozenset({-2})
+
+
+_JUMP_BACKWARD: Final = opcode.opmap["JUMP_BACKWARD"]
+
+
+def _backward_jumps(code: CodeType) -> frozenset[int]:
+    """The offsets of `code`'s JUMP_BACKWARDs (co_code has its caches zeroed: an even byte
+    equal to the opcode is one)."""
+    raw = code.co_code
+    return frozenset(i for i in range(0, len(raw), 2) if raw[i] == _JUMP_BACKWARD)

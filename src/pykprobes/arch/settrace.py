@@ -14,7 +14,7 @@ event of that frame. Frames of armed code that are already running in the arming
 When nothing is armed any more the trace function is removed (`sys.settrace(None)`,
 `threading.settrace(None)`), and other threads remove it themselves at their next call.
 
-A probe in the prologue (offset 0 up to and including the first RESUME) is served by the
+A probe in the prologue (offset 0 up to and including its RESUME, insn.entry_index) is served by the
 'call' event when `f_lasti` is in the prologue, i.e. at the first start of a generator or
 coroutine, not at its creation nor at later resumptions: `uses_entry_event()` is True for
 it, as for the monitoring arch. A RESUME after a `yield` is served by the 'call' event of

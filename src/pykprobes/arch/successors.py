@@ -13,7 +13,7 @@ instructions that never fire one are looked through (`_silent_opcodes`):
   (`_Py_Instrument` in 3.12, `force_instrument_lock_held` in 3.13, Python/instrumentation.c:
   "if (opcode == RESUME || opcode == END_FOR) continue");
 * the prologue (`MAKE_CELL`, `COPY_FREE_VARS`, `RETURN_GENERATOR`, `POP_TOP`, up to and
-  including the first `RESUME`) lies before `co->_co_firsttraceable` and is never
+  including its `RESUME`, insn.entry_index) lies before `co->_co_firsttraceable` and is never
   instrumented either: a probe there is served by the PY_START event instead.
 
 An exhausted `FOR_ITER` does not jump to its `dis` target but past it

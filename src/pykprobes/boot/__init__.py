@@ -17,6 +17,9 @@ Environment:
     PYKPROBES_EARLY_BUFFER      the early buffer's size in events (1..1048576, default 16384);
                                 when it is full, further events are counted lost
     PYKPROBES_PANIC_ON_UNSAFE   1: an early probe found unsafe at conversion aborts the process
+    PYKPROBES_MAIN              the file of the program `__main__:...` targets mean: another
+                                program (a subprocess's) leaves them waiting, silently;
+                                `pykprobes run` sets it for the children it traces
     PYKPROBES_CONTROL           1 (any value but 0): serve the process's tracefs on its control
                                 socket from start-up (pykprobes/control/server.py), so that
                                 `pykprobes -p PID ...` can reach it on any Python; its first

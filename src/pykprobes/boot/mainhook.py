@@ -95,7 +95,7 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
     elif not _is_runpy_main(caller):
         return
     _done = True
-    if _own_cli(code):
+    if _own_cli(code) or not _is_named_main(code):
         return
     from pykprobes.core import registry
 
@@ -117,6 +117,16 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
     finally:
         loading.executed()
     raise SystemExit  # the program ran: the original code must not run
+
+
+def _is_named_main(code: CodeType) -> bool:
+    """PYKPROBES_MAIN, where set, is the file of the program that `__main__:...` definitions
+    mean (`pykprobes run` sets it for the children it passes its events to): another
+    program, such as a subprocess the program starts, leaves them waiting, silently."""
+    import os
+
+    main = os.environ.get("PYKPROBES_MAIN")
+    return not main or os.path.realpath(code.co_filename) == main
 
 
 def _is_multiprocessing_stub(code: CodeType) -> bool:

@@ -35,8 +35,11 @@ A child writes what it recorded when it exits through Python's shutdown (threadi
 multiprocessing runs before `os._exit()`, or atexit); what it recorded in its last moments
 before an `os._exit()` of its own or a fatal signal cannot be written by a process that is
 gone, nor counted by one that never saw it: that is lost, as a kernel's per-CPU buffer is
-when the machine stops. A child started with `exec` (`subprocess`, multiprocessing's spawn)
-is another program: `PYKPROBES_EVENTS` traces it (boot/__init__.py).
+when the machine stops. A child started with `exec` (`subprocess`, multiprocessing's spawn
+and forkserver) is a new interpreter: run puts its definitions in the environment the
+program's children inherit (`_pass_to_children`), so that the boot stage of a Python child
+arms them as early probes and appends the child's records at its exit to the same stderr or
+FILE (boot/__init__.py).
 
 With `--control` the program's tracefs is served on its control socket (control/server.py)
 from the start, so that `pykprobes -p PID ...` can trace it on any Python; without `-e`,
@@ -209,7 +212,38 @@ def cmd_run(args: argparse.Namespace) -> int:
             return loaded
         loaded.enter()
         target = loaded
+    _pass_to_children(args, target.code.co_filename)
     return _exec_main(target, registry, hold)
+
+
+def _pass_to_children(args: argparse.Namespace, main: str) -> None:
+    """Put the definitions where a child started by exec finds them: PYKPROBES_EVENTS (and
+    PYKPROBES_OUTPUT for -o) in the environment the program's children inherit, which the
+    program sees too (os.environ), as coverage.py's COVERAGE_PROCESS_START is seen.
+    PYKPROBES_MAIN names the program's file: `__main__:...` means this program, which a
+    multiprocessing child runs as `__mp_main__`, and not whatever a subprocess runs.
+
+    Only what the boot stage can write the same way is passed on: trace lines, unfiltered.
+    A child's records could not join the parent's hist tables, summary, Perfetto file or
+    OTLP export, and the boot stage has no filters; with those options, and with a
+    definition holding the boot separator `;`, children started by exec are not traced
+    (README: Child processes)."""
+    if (not args.event or args.format != "text" or args.filter or args.trigger
+            or args.summary or args.otlp or any(";" in d for d in args.event)):
+        return
+    os.environ["PYKPROBES_EVENTS"] = ";".join(args.event)
+    os.environ["PYKPROBES_MAIN"] = os.path.realpath(main)
+    if args.output:
+        os.environ["PYKPROBES_OUTPUT"] = os.path.abspath(args.output)
+    else:
+        os.environ.pop("PYKPROBES_OUTPUT", None)
+    from pykprobes.core import early_kprobes as early
+
+    if len(args.event) > early.NR_EARLY_KPROBES_SLOTS_DEFAULT:
+        # One early slot per probe point, as far as the seed's table goes; beyond it the
+        # child warns of a full slot table, in the kernel's words.
+        os.environ["PYKPROBES_EARLY_SLOTS"] = str(
+            min(len(args.event), early.NR_EARLY_KPROBES_SLOTS_MAX))
 
 
 def _no_writer() -> None:

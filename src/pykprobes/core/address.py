@@ -7,7 +7,6 @@ same text have equal code objects, and a probe on one must not fire in the other
 from __future__ import annotations
 
 from types import CodeType
-from typing import NamedTuple
 
 from pykprobes import env, insn
 from pykprobes.codecache import cached
@@ -93,13 +92,18 @@ def line_addresses(code: CodeType, lineno: int) -> list[int]:
     return offsets
 
 
-class _LineTable(NamedTuple):
-    #: Every line some instruction of the code has.
-    lines: frozenset[int | None]
-    #: The line of each code unit.
-    by_unit: dict[int, int | None]
-    #: The starts of the instructions that never run as themselves (`_never_run`).
-    never: frozenset[int]
+class _LineTable:
+    """(A plain class: a typing.NamedTuple imports annotationlib on 3.14+, see insn.Insn.)"""
+
+    __slots__ = ("lines", "by_unit", "never")
+
+    def __init__(self, by_unit: dict[int, int | None], never: frozenset[int]) -> None:
+        #: Every line some instruction of the code has.
+        self.lines = frozenset(by_unit.values())
+        #: The line of each code unit.
+        self.by_unit = by_unit
+        #: The starts of the instructions that never run as themselves (`_never_run`).
+        self.never = never
 
 
 @cached
@@ -110,7 +114,7 @@ def _line_table(code: CodeType) -> _LineTable:
     for start, end, line in code.co_lines():
         for unit in range(start, end, 2):
             by_unit[unit] = line
-    return _LineTable(frozenset(by_unit.values()), by_unit, _never_run(insn.decode(code)))
+    return _LineTable(by_unit, _never_run(insn.decode(code)))
 
 
 def _never_run(insns: tuple[insn.Insn, ...]) -> frozenset[int]:

@@ -71,7 +71,7 @@ NO_SLOT_MESSAGE = "No enough early kprobe slots."
 EARLY_NEEDED = ("zipimport",)
 
 #: The standard library modules that loading the rewrite arch imports (bytecode's inspect,
-#: dataclasses...: measured on 3.11-3.13 by tests/boot/test_import_weight.py). An early
+#: dataclasses...: measured on 3.11-3.15 by tests/boot/test_import_weight.py). An early
 #: probe waiting for one of them loads the optimizer when it is registered: loaded at the
 #: module's own import, the optimizer would import it again halfway through.
 OPTIMIZER_IMPORTS = frozenset(
@@ -80,7 +80,11 @@ OPTIMIZER_IMPORTS = frozenset(
      # the core's blacklist anyway.
      "dis",
      # 3.14+: dataclasses and inspect read annotations through it (PEP 649/749).
-     "annotationlib"))
+     "annotationlib",
+     # 3.14+: the interpreter starts without the io module (it uses _io); tokenize imports it.
+     "io",
+     # bytecode's (the core decodes with opcode's tables, insn.py); blacklisted anyway.
+     "dis"))
 
 
 def imported_by_optimizer(module: str) -> bool:

@@ -27,7 +27,7 @@ import threading
 import types
 from collections.abc import Iterable
 from types import CodeType, ModuleType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from pykprobes.core import codestate, resolve, returns
 from pykprobes.core.address import ProbeAddress
@@ -58,21 +58,29 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 
-class TableView(NamedTuple):
+class TableView:
     """A read-only view of a table's state (tests, `pykprobes info`): live mappings that
-    cannot be written through."""
+    cannot be written through. (A plain class, not a typing.NamedTuple: the boot stage
+    imports this module, and a NamedTuple class imports annotationlib, ast and enum on
+    3.14+.)"""
 
-    sites: Mapping[tuple[int, int], Site]
-    early_sites: Mapping[tuple[int, int], Site]
-    states: Mapping[int, CodeState]
-    pending: Mapping[str, list[tuple[Kprobe, str]]]
-    opt_reasons: Mapping[tuple[int, int], str | None]
-    versions: Mapping[int, CodeState]
-    retiring: Mapping[int, CodeState]
-    mechanisms: Mechanisms
-    #: The bytes each of those dicts holds now (an emptied dict keeps what it grew to
-    #: until cleared: KprobeTable.sync_emptied gives it back).
-    allocated: Mapping[str, int]
+    __slots__ = ("sites", "early_sites", "states", "pending", "opt_reasons", "versions",
+                 "retiring", "mechanisms", "allocated")
+
+    def __init__(self, tables: Mapping[str, dict[Any, Any]], mechanisms: Mechanisms) -> None:
+        proxy = types.MappingProxyType
+        self.sites: Mapping[tuple[int, int], Site] = proxy(tables["sites"])
+        self.early_sites: Mapping[tuple[int, int], Site] = proxy(tables["early_sites"])
+        self.states: Mapping[int, CodeState] = proxy(tables["states"])
+        self.pending: Mapping[str, list[tuple[Kprobe, str]]] = proxy(tables["pending"])
+        self.opt_reasons: Mapping[tuple[int, int], str | None] = proxy(tables["opt_reasons"])
+        self.versions: Mapping[int, CodeState] = proxy(tables["versions"])
+        self.retiring: Mapping[int, CodeState] = proxy(tables["retiring"])
+        self.mechanisms = mechanisms
+        #: The bytes each of those dicts holds now (an emptied dict keeps what it grew to
+        #: until cleared: KprobeTable.sync_emptied gives it back).
+        self.allocated: Mapping[str, int] = {name: sys.getsizeof(t)
+                                             for name, t in tables.items()}
 
 
 class KprobeTable:
@@ -111,9 +119,7 @@ class KprobeTable:
             "sites": self.sites, "early_sites": self.early.sites, "states": self.states,
             "pending": self.pending, "opt_reasons": self.optimizer.reasons,
             "versions": m.versions, "retiring": m.retiring}
-        proxy = types.MappingProxyType
-        return TableView(**{name: proxy(t) for name, t in tables.items()}, mechanisms=m,
-                         allocated={name: sys.getsizeof(t) for name, t in tables.items()})
+        return TableView(tables, m)
 
     # ------------------------------------------------------------------ init
 

@@ -14,10 +14,10 @@ Where an instruction X gets a call sequence, the sequence goes right before X, s
 * each injected instruction carries X's location, so `co_lines()`, `co_positions()`,
   tracebacks and `frame.f_lineno` show X's line while the hit runs.
 
-An entry hit (an offset in the prologue, up to and including the first RESUME) goes right
-after that RESUME, so a loop whose head is the first instruction of the body does not run it
-again on each iteration; it carries the location of the first body instruction, as a
-sequence before that instruction would (the prologue's own location is the `def` line,
+An entry hit (an offset in the prologue, up to and including its RESUME: insn.entry_index)
+goes right after that RESUME, so a loop whose head is the first instruction of the body does
+not run it again on each iteration; it carries the location of the first body instruction,
+as a sequence before that instruction would (the prologue's own location is the `def` line,
 which 3.12+ would otherwise report as an extra LINE event).
 
 The exception table is flat: each instruction has one handler at most, the innermost
@@ -317,7 +317,7 @@ def _depth(seq: CallSequence, cseq: CallSequence | None, hits: Iterable[Hit]) ->
 def plan(
     code: CodeType, hits: Mapping[int, Hit], cseq: CallSequence | None = None
 ) -> tuple[tuple[insn.Insn, ...], int, list[Hit], dict[int, list[Hit]]]:
-    """Where each hit goes: (instructions, index of the first RESUME, entry hits, {instruction
+    """Where each hit goes: (instructions, index of the prologue's RESUME, entry hits, {instruction
     index: hits before it}). A compiled call stays one at the entry when `_compilable`, and
     is its plain `hit` anywhere else. Raises ValueError for an offset that is no instruction
     start."""
@@ -479,7 +479,7 @@ def _own_prologue_handlers(
     not cover, and return them, to go after the code.
 
     From 3.12 the implicit StopIteration handler of generator-like code also covers the
-    first RESUME, so an exception raised there (by a PY_START callback or a signal
+    prologue's RESUME, so an exception raised there (by a PY_START callback or a signal
     handler) goes through that handler, whose final RERAISE lies in a gap that UNWIND
     covers: the frame, which never started, would be reported ended. So the prologue gets
     a copy of each handler that covers it: the same instructions (this handler has no

@@ -8,8 +8,8 @@ confirmed by `tests/arch/test_rewrite_corpus.py` (every accepted offset of a cor
 code, run until specialized) and `tests/arch/test_rewrite_safety.py` (each refusal of the
 breaking kind shown to break when forced).
 
-The prologue (up to and including the first RESUME) is not refused: an offset there means
-the function's entry, served after that RESUME (see inject.py).
+The prologue (up to and including its RESUME: insn.entry_index) is not refused: an offset
+there means the function's entry, served after that RESUME (see inject.py).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def reasons(code: CodeType) -> dict[int, str | None]:
     for index, ins in enumerate(instrs):
         out[ins.start] = None
         if index <= entry:
-            continue  # the function's entry: served right after the first RESUME
+            continue  # the function's entry: served right after the prologue's RESUME
         previous = instrs[index - 1].opname
         for rule in table:
             if rule.opname == ins.opname and (rule.after is None or rule.after == previous):
