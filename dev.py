@@ -6,7 +6,7 @@
 
 `test` lints once, then runs the whole suite three times per Python version: once per mechanism
 (PYKPROBES_ARCH=breakpoint, then optimized), then once more optimized with the trace hot path's
-pure-Python fallback forced (PYKPROBES_CORE=python, arch "optimized-pycore": the C accelerator
+pure-Python fallback forced (PYKPROBES_ACCELERATOR=off, arch "optimized-pycore": the C accelerator
 and its fallback must behave the same). On a Python built with the JIT (sys._jit, 3.14+) it
 runs both mechanisms once more with PYTHON_JIT=1 ("breakpoint-jit", "optimized-jit"); the
 other runs there get PYTHON_JIT=0, so that each row says what it tested whatever the build's
@@ -41,7 +41,8 @@ MIN_VERSION = (3, 11)
 # python3.N names looked up on PATH; 20 leaves room for releases to come.
 MINORS = range(MIN_VERSION[1], 21)
 ARCHES = ("breakpoint", "optimized", "optimized-pycore", "breakpoint-jit", "optimized-jit")
-# A run name -> (PYKPROBES_ARCH, PYKPROBES_CORE or None: the backend's own choice, PYTHON_JIT).
+# A run name -> (PYKPROBES_ARCH, PYKPROBES_ACCELERATOR or None: the backend's own choice,
+# PYTHON_JIT).
 # The JIT runs are both mechanisms and not the pycore one: the JIT changes how the probed code
 # runs (Tier 2 traces over rewritten code objects; traces and sys.monitoring, which the
 # breakpoint arch and the frames still running old code use: cpython#156319, PR #142842), not
@@ -49,7 +50,7 @@ ARCHES = ("breakpoint", "optimized", "optimized-pycore", "breakpoint-jit", "opti
 RUN_ENV = {
     "breakpoint": ("breakpoint", None, False),
     "optimized": ("optimized", None, False),
-    "optimized-pycore": ("optimized", "python", False),
+    "optimized-pycore": ("optimized", "off", False),
     "breakpoint-jit": ("breakpoint", None, True),
     "optimized-jit": ("optimized", None, True),
 }
@@ -66,6 +67,10 @@ INSTALL_INPUTS = (
     *sorted((ROOT / "src" / "pykprobes").rglob("*.c")),
 )
 STAMP = "pykprobes-dev.json"
+# The type checker of the lint step (pyproject.toml [tool.mypy]: strict, on src/pykprobes),
+# installed into the lint venv only: the suite does not need it, and one pinned release keeps
+# the verdict from changing under an unchanged tree.
+MYPY = ("mypy", "2.4.1")
 QUERY_TIMEOUT = 30.0
 
 # Variables removed from every child's environment, because each one would make the child
@@ -85,7 +90,7 @@ STRIPPED_ENV = (
     "PIP_PREFIX",  # ... nor another prefix
     "PYKPROBES_EVENTS",  # would arm early probes in every interpreter the suite starts
     "PYKPROBES_ARCH",  # set per run by `test`
-    "PYKPROBES_CORE",  # likewise
+    "PYKPROBES_ACCELERATOR",  # likewise
     "PYTHON_JIT",  # likewise: set per run on a Python that has a JIT
     "PYKPROBES_CONTROL",  # would serve a control socket from every interpreter the suite starts
 )
@@ -343,6 +348,29 @@ def _run_quiet(cmd: Sequence[str], what: str, env: dict[str, str]) -> None:
         raise DevError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}")
 
 
+def ensure_mypy(venv: Path) -> None:
+    """MYPY in `venv`, installed if another release (or none) is there."""
+    python = str(venv_python(venv))
+    name, version = MYPY
+    proc = subprocess.run(
+        [python, "-c", f"import importlib.metadata as m; print(m.version({name!r}))"],
+        cwd=str(ROOT),
+        env=venv_env(venv),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode == 0 and proc.stdout.strip() == version:
+        return
+    say(f"{venv.relative_to(ROOT)}: installing {name}=={version} (the lint step's)")
+    _run_quiet(
+        [python, "-m", "pip", "install", "--quiet", "--no-input",
+         "--disable-pip-version-check", f"{name}=={version}"],
+        f"installing {name}",
+        venv_env(venv),
+    )
+
+
 def ensure_venv(interp: Interpreter) -> Path:
     """The venv .venv/py3.N for this interpreter, with `.[test]` installed in editable mode;
     reused as it is while the interpreter and the install inputs have not changed."""
@@ -444,10 +472,10 @@ def run_suite(
     env = venv_env(venv)
     env["PYKPROBES_ARCH"], core, jit = RUN_ENV[arch]
     if core is not None:
-        env["PYKPROBES_CORE"] = core
+        env["PYKPROBES_ACCELERATOR"] = core
     if interp.jit:
         env["PYTHON_JIT"] = "1" if jit else "0"
-    shown = ("PYKPROBES_ARCH", "PYKPROBES_CORE", "PYTHON_JIT")
+    shown = ("PYKPROBES_ARCH", "PYKPROBES_ACCELERATOR", "PYTHON_JIT")
     how = " ".join(f"{k}={env[k]}" for k in shown if k in env)
     say(f"=== Python {interp.tag} ({interp.full_version}), {arch}: {how} ===")
     start = time.monotonic()
@@ -545,6 +573,16 @@ def cmd_test(args: argparse.Namespace, pytest_args: list[str]) -> int:
         stdin=subprocess.DEVNULL,
     )
     say()
+    # The import contracts are a test of the suite (tests/test_house_rules.py).
+    ensure_mypy(first_venv)
+    say(f"=== mypy (pyproject.toml [tool.mypy], Python {first_interp.tag}) ===")
+    mypy_code = subprocess.call(
+        [str(venv_python(first_venv)), "-m", "mypy"],
+        cwd=str(ROOT),
+        env=venv_env(first_venv),
+        stdin=subprocess.DEVNULL,
+    )
+    say()
 
     results: list[RunResult] = []
     with tempfile.TemporaryDirectory(prefix="pykprobes-junit-") as junit_dir:
@@ -556,10 +594,11 @@ def cmd_test(args: argparse.Namespace, pytest_args: list[str]) -> int:
     passed = sum(r.passed for r in results)
     failed = sum(r.failed for r in results)
     skipped = sum(r.skipped for r in results)
-    if lint_code != 0:
-        failed += 1  # the lint step, for the same reason as a run that failed on its own
+    # Each lint step that failed counts, for the same reason as a run that failed on its own.
+    failed += (lint_code != 0) + (mypy_code != 0)
     print_table(results)
     say(f"ruff check: {'ok' if lint_code == 0 else f'failed (exit {lint_code})'}")
+    say(f"mypy: {'ok' if mypy_code == 0 else f'failed (exit {mypy_code})'}")
     say(f"summary: {passed} passed, {failed} failed, {skipped} skipped")
     return 0 if failed == 0 else 1
 
@@ -600,9 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     test = commands.add_parser(
         "test",
         help="lint, then run the suite on every CPython >= 3.11, once per mechanism",
-        description="Run ruff once, then the whole pytest suite on every CPython >= 3.11 "
+        description="Run ruff and mypy once, then the whole pytest suite on every CPython >= 3.11 "
         "found, once with PYKPROBES_ARCH=breakpoint, once with PYKPROBES_ARCH=optimized, once "
-        "optimized with PYKPROBES_CORE=python, and on a Python with a JIT both mechanisms "
+        "optimized with PYKPROBES_ACCELERATOR=off, and on a Python with a JIT both mechanisms "
         "again with PYTHON_JIT=1. Other arguments (or everything after --) go to pytest.",
         allow_abbrev=False,  # a pytest option must never be taken for an abbreviation of ours
     )

@@ -1,9 +1,10 @@
 """What a Python user would use instead of a probe, each as a benchmark technique.
 
 Every technique runs the same handler, `handler()`, which counts its calls in `HITS`, so that
-a run whose probe did not fire the expected number of times is caught (ANCHOR-COSTS.md).
+a run whose probe did not fire the expected number of times is caught (docs/architecture.md,
+"Costs").
 The raw injected bytecode is written here with the `bytecode` library directly (the
-per-version call sequences of ANCHOR-COSTS.md row H), not through pykprobes' rewrite arch,
+per-version call sequences measured before the design), not through pykprobes' rewrite arch,
 so that the peer stays the same whatever the arch's internals become.
 
 Runs in the benchmarked interpreter (CPython >= 3.11).
@@ -242,7 +243,8 @@ def offset_of(code: CodeType, opname: str) -> int:
 
 def call_ops(func: object, args: list[Any], nargs: int) -> list[Any]:
     """Instructions that call the constant `func` with the `nargs` values the instruction
-    list `args` pushes, leaving its result on the stack (ANCHOR-COSTS.md row H)."""
+    list `args` pushes, leaving its result on the stack (the injected call of
+    docs/architecture.md, "Costs")."""
     from bytecode import Instr
 
     version = sys.version_info[:2]

@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall time per Python: "
         + ", ".join(f"{t} {s:.0f} s" for t, s in walls.items())
         + f", total {total:.0f} s (set-up included). pykprobes measured: {measured}. "
-        "Method: ../shared/docs/ANCHOR-COSTS.md "
+        "Method: docs/architecture.md, \"Costs\" "
         "(fresh code objects for every timed run, gc off, each run preceded by an unprobed "
         "run: ratio = median of T / A_adjacent, +ns = median of T - A_adjacent; rows "
         "shuffled every round). Every handler counts its calls and every probe's counters "

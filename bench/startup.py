@@ -22,7 +22,7 @@ installed by pip, which byte-compiles them; the start-up hook files `_pykprobes.
                                  (imported by the program: their code is rewritten at import)
 
 `any-start`, `unset` and `early16` are compared with `bare`, `early16+imp` with `bare+imp`.
-The method is that of ../shared/docs/ANCHOR-COSTS.md section K: every PYTHON* (and
+The method is that of docs/architecture.md, "Costs": every PYTHON* (and
 PYKPROBES_*) variable is removed from the children's environment (PYTHONDONTWRITEBYTECODE
 would make a hook module recompile at every start), the site-packages are byte-compiled,
 every variant is run a few times to warm up, then ROUNDS rounds run every variant RUNS times
@@ -112,7 +112,7 @@ def say(text: str = "") -> None:
 
 
 def clean_env() -> dict[str, str]:
-    """No PYTHON* (ANCHOR-COSTS.md K: PYTHONDONTWRITEBYTECODE), no PYKPROBES_*, no venv."""
+    """No PYTHON* (PYTHONDONTWRITEBYTECODE would recompile the hook), no PYKPROBES_*, no venv."""
     return {k: v for k, v in os.environ.items()
             if not k.startswith(("PYTHON", "PYKPROBES_")) and k != "VIRTUAL_ENV"}
 

@@ -8,7 +8,7 @@
                                                                and the memory part, each in a
                                                                fresh process
 
-Method (../shared/docs/ANCHOR-COSTS.md): the target is `def f(a, b): return a + b`, called as
+Method (docs/architecture.md, "Costs"): the target is `def f(a, b): return a + b`, called as
 `fn(1, 2)` in `for _ in range(n)` inside a function. Every technique calls the same handler,
 which counts its calls. Each timed run uses fresh code objects for f and the loop, warms up,
 runs with gc disabled, and is preceded by a timed run of the unprobed call (row A) with its
@@ -1055,7 +1055,9 @@ def _heap_walks() -> int | None:
     None if this pykprobes does not count them (--src of an older commit)."""
     from pykprobes.core import registry
 
-    walks = getattr(registry._m(), "walks", None)
+    view = getattr(registry, "table_view", None)
+    mech = view().mechanisms if view is not None else registry._m()  # older commits: _m()
+    walks = getattr(mech, "walks", None)
     return walks if isinstance(walks, int) else None
 
 

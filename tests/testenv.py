@@ -1,7 +1,7 @@
 """What the suite runs against: the mechanism chosen by PYKPROBES_ARCH, and capability flags.
 
-Tests ask these flags, never the Python version (STYLE.md rules 4 and 12). `dev.py test` runs
-the whole suite once per arch; a plain `pytest` runs it with the default.
+Tests ask these flags, never the Python version (docs/architecture.md, rules 4 and 12).
+`dev.py test` runs the whole suite once per arch; a plain `pytest` runs it with the default.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import os
 import subprocess
 from typing import Final, Protocol
 
+from pykprobes.core.arch import Capabilities
 from pykprobes.env import HAS_SYS_MONITORING
 
 __all__ = [
@@ -43,13 +44,14 @@ class RunPython(Protocol):
     ) -> subprocess.CompletedProcess[str]: ...
 
 
-def _breakpoint_capabilities() -> dict[str, bool]:
+def _breakpoint_capabilities() -> Capabilities:
     # The chosen breakpoint arch says what it can reach; tests skip on these, never on
     # the Python version.
     from pykprobes.core import registry
 
     registry.init_kprobes()
-    return dict(registry._m().breakpoint.capabilities)
+    caps: Capabilities = registry.table_view().mechanisms.breakpoint.capabilities
+    return caps
 
 
 def _breakpoint_sees_handler_hits() -> bool:
@@ -59,13 +61,13 @@ def _breakpoint_sees_handler_hits() -> bool:
 
 
 #: The chosen breakpoint arch's capabilities (see core/arch.py BreakpointArch).
-BREAKPOINT_CAPS: Final[dict[str, bool]] = _breakpoint_capabilities()
+BREAKPOINT_CAPS: Final[Capabilities] = _breakpoint_capabilities()
 
 
 #: A probe hit by a handler that a breakpoint runs (from a sys.monitoring or settrace
 #: callback, where CPython reports no event: tstate->tracing) is seen and counted missed:
 #: when the C accelerator lowers the tracing flag around the hit (core/codestate.py
-#: UNTRACED). Without it (PYKPROBES_CORE=python, or no compiler) the hit is not seen at all.
+#: UNTRACED). Without it (PYKPROBES_ACCELERATOR=off, or no compiler) the hit is not seen at all.
 BREAKPOINT_SEES_HANDLER_HITS: Final[bool] = _breakpoint_sees_handler_hits()
 
 #: What `nmissed` counts for one probe hit inside a handler of a pre-handler-only probe: the

@@ -22,13 +22,13 @@ _EXPORTS: dict[str, str] = {
     "ProbeAddress": "pykprobes.core.address",
     "Regs": "pykprobes.core.regs",
     "KprobeError": "pykprobes.errors",
-    "KprobeHandlerWarning": "pykprobes.core.site",
+    "KprobeFaultWarning": "pykprobes.core.guard",
     "nokprobe": "pykprobes.core.blacklist",
     "resolve_line": "pykprobes.core.lines",
     "line_symbols": "pykprobes.core.lines",
     "code_before_import": "pykprobes.core.lines",
-    "register_module_notifier": "pykprobes.core.modwatch",
-    "unregister_module_notifier": "pykprobes.core.modwatch",
+    "register_module_notifier": "pykprobes.core.registry",
+    "unregister_module_notifier": "pykprobes.core.registry",
     "register_kprobe": "pykprobes.core.registry",
     "unregister_kprobe": "pykprobes.core.registry",
     "register_kprobes": "pykprobes.core.registry",
@@ -53,13 +53,56 @@ _EXPORTS: dict[str, str] = {
     "disable_kretprobe": "pykprobes.core.kretprobe",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+# A literal list, so that type checkers see what the package exports
+# (tests/test_house_rules.py checks that it names _EXPORTS).
+__all__ = [
+    "KPROBE_FLAG_DISABLED",
+    "KPROBE_FLAG_EARLY",
+    "KPROBE_FLAG_FTRACE",
+    "KPROBE_FLAG_GONE",
+    "KPROBE_FLAG_OPTIMIZED",
+    "Kprobe",
+    "KprobeError",
+    "KprobeFaultWarning",
+    "Kretprobe",
+    "KretprobeInstance",
+    "ProbeAddress",
+    "Regs",
+    "__version__",
+    "arm_all_kprobes",
+    "code_before_import",
+    "disable_kprobe",
+    "disable_kretprobe",
+    "disarm_all_kprobes",
+    "enable_kprobe",
+    "enable_kretprobe",
+    "get_kprobe",
+    "init_kprobes",
+    "kprobes_is_early",
+    "line_symbols",
+    "list_kprobes",
+    "nokprobe",
+    "register_kprobe",
+    "register_kprobes",
+    "register_kretprobe",
+    "register_kretprobes",
+    "register_module_notifier",
+    "resolve_line",
+    "set_optimization",
+    "unregister_kprobe",
+    "unregister_kprobes",
+    "unregister_kretprobe",
+    "unregister_kretprobes",
+    "unregister_module_notifier",
+    "wait_for_kprobe_optimizer",
+]
 
 if TYPE_CHECKING:
     from typing import Any
 
     from pykprobes.core.address import ProbeAddress
     from pykprobes.core.blacklist import nokprobe
+    from pykprobes.core.guard import KprobeFaultWarning
     from pykprobes.core.kretprobe import (
         Kretprobe,
         disable_kretprobe,
@@ -70,7 +113,6 @@ if TYPE_CHECKING:
         unregister_kretprobes,
     )
     from pykprobes.core.lines import code_before_import, line_symbols, resolve_line
-    from pykprobes.core.modwatch import register_module_notifier, unregister_module_notifier
     from pykprobes.core.probe import (
         KPROBE_FLAG_DISABLED,
         KPROBE_FLAG_EARLY,
@@ -90,14 +132,15 @@ if TYPE_CHECKING:
         list_kprobes,
         register_kprobe,
         register_kprobes,
+        register_module_notifier,
         set_optimization,
         unregister_kprobe,
         unregister_kprobes,
+        unregister_module_notifier,
         wait_for_kprobe_optimizer,
     )
     from pykprobes.core.regs import Regs
     from pykprobes.core.returns import KretprobeInstance
-    from pykprobes.core.site import KprobeHandlerWarning
     from pykprobes.errors import KprobeError
 
 

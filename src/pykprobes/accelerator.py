@@ -8,8 +8,8 @@ per process with its reason (coverage.py's CTracer / PyTracer choice), for its t
 
 Choice, in order:
 
-1. `PYKPROBES_CORE=python` forces the pure-Python side (`=c` insists on C: the reason says why
-   it is not there when it is not);
+1. `PYKPROBES_ACCELERATOR=off` forces the pure-Python side (`=on` insists on C: the reason
+   says why it is not there when it is not);
 2. a free-threaded build takes the Python side: the C ring relies on the GIL to make each of
    its operations atomic;
 3. the C accelerator when its extension was built (`setup.py` builds it as an optional
@@ -31,16 +31,16 @@ __all__ = ["MODULE", "NAME", "REASON"]
 
 
 def _select() -> tuple[str, str, ModuleType | None]:
-    wanted = os.environ.get("PYKPROBES_CORE", "").strip().lower()
-    if wanted == "python":
-        return "python", "forced by PYKPROBES_CORE=python", None
+    wanted = os.environ.get("PYKPROBES_ACCELERATOR", "").strip().lower()
+    if wanted == "off":
+        return "python", "forced by PYKPROBES_ACCELERATOR=off", None
     if env.FREE_THREADED:
         return "python", "free-threaded build: the C ring relies on the GIL", None
     try:
         from pykprobes.trace import _speedups  # type: ignore[attr-defined]
     except ImportError as exc:
         return "python", f"the C accelerator is not built ({exc})", None
-    why = "forced by PYKPROBES_CORE=c" if wanted == "c" else "the C accelerator is built"
+    why = "forced by PYKPROBES_ACCELERATOR=on" if wanted == "on" else "the C accelerator is built"
     return "c", why, _speedups
 
 

@@ -1,7 +1,7 @@
 """Interpreter facts, each with the reason it matters.
 
 Only this module and the arch layer look at the Python version; everything else asks
-for a capability (STYLE.md rule 4).
+for a capability (docs/architecture.md, rule 4).
 """
 
 from __future__ import annotations

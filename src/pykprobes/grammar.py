@@ -841,8 +841,7 @@ def parse(line: str) -> ProbeDef | RemoveDef:
             raise ParseError("BAD_RETPROBE", tpos, text)
         module = left
 
-    group: str | None = None
-    event: str | None = None
+    group = event = None
     if colon >= 0:
         group, event = _parse_event_name(text, head[colon + 1 :], hpos + colon + 1, False)
     if event is None:

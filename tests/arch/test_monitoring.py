@@ -530,7 +530,7 @@ def unwinding():
             lambda fr, o: seen.append(("pre", fr.f_code.co_name)),
             lambda fr, o: seen.append(("post", fr.f_code.co_name)),
         )
-    if arch.capabilities["local_unwind"]:
+    if arch.capabilities.local_unwind:
         # 3.15: a local event of the code whose raise leaves the frame, not global.
         assert M.get_events(arch.tool) == 0
         assert M.get_local_events(arch.tool, unwinding.__code__) & E.PY_UNWIND
@@ -678,7 +678,7 @@ def test_a_second_instruction_tool_on_one_code(arch: Any, we_first: bool) -> Non
             arch.arm(f.__code__, off, lambda fr, o: ours.append(o), None)
         f(3)
         assert other  # the other tool keeps its events in both orders
-        if we_first and not arch.capabilities["instruction_events_shared"]:
+        if we_first and not arch.capabilities.instruction_events_shared:
             assert ours == []
         else:
             assert ours == [off] * 3
@@ -701,7 +701,7 @@ def test_instruction_events_shared_is_what_two_raw_tools_see(arch: Any) -> None:
         M.set_local_events(first, f.__code__, E.INSTRUCTION)
         M.set_local_events(second, f.__code__, E.INSTRUCTION)
         f(2)
-        assert bool(seen) is arch.capabilities["instruction_events_shared"]
+        assert bool(seen) is arch.capabilities.instruction_events_shared
     finally:
         for tool in (first, second):
             M.set_local_events(tool, f.__code__, 0)
@@ -871,7 +871,7 @@ def test_hits_inside_a_handler_are_not_seen(arch: Any) -> None:
     assert inner.npre == 0  # sys.monitoring runs no callback inside a callback
     g(3)
     assert inner.npre == 3
-    assert MonitoringArch.CAPABILITIES["hits_inside_handlers"] is False
+    assert MonitoringArch.CAPABILITIES.hits_inside_handlers is False
 
 
 # ---------------------------------------------------------------- threads
@@ -911,7 +911,7 @@ def spin(state):
     finally:
         state["stop"] = True
         t.join()
-    assert MonitoringArch.CAPABILITIES["running_frames_other_threads"]
+    assert MonitoringArch.CAPABILITIES.running_frames_other_threads
 
 
 def test_a_running_frame_of_this_thread_hits_at_once(arch: Any) -> None:
@@ -1018,4 +1018,4 @@ def test_capabilities_table() -> None:
         "threads_started_later",
         "unprobed_code_untaxed",
     ):
-        assert caps[key] is True
+        assert getattr(caps, key) is True

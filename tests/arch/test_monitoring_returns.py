@@ -47,7 +47,7 @@ def assert_unwind_on(arch: MonitoringArch, *codes: Any, off: tuple[Any, ...] = (
     """PY_UNWIND is on for `codes` and not for `off`: a local event of each where it can be
     one (`local_unwind`, 3.15), else the one global event, on while some code needs it."""
     tool = arch.tool
-    if arch.capabilities["local_unwind"]:
+    if arch.capabilities.local_unwind:
         assert M.get_events(tool) == 0
         for code in codes:
             assert M.get_local_events(tool, code) & E.PY_UNWIND
@@ -102,7 +102,7 @@ def test_an_exception_elsewhere_costs_no_callback_where_unwind_is_local(
     finally:
         M.register_callback(monitoring_arch.tool, E.PY_UNWIND, hook)
     assert [k for k, _ in rec.kinds()] == ["unwind"]
-    if monitoring_arch.capabilities["local_unwind"]:
+    if monitoring_arch.capabilities.local_unwind:
         assert calls == ["<returns>"]
     else:
         assert calls == ["<elsewhere>", "<returns>"]
@@ -195,7 +195,7 @@ def test_threads_started_before_arming_report_their_calls(
     assert counts == [24]
     assert rec.kinds() == [("return", v) for v in (1, 2, 6, 24)]
     assert {e[3] for e in rec.events} == {t.ident}
-    assert monitoring_arch.capabilities["threads_started_earlier"]
+    assert monitoring_arch.capabilities.threads_started_earlier
 
 
 # ---------------------------------------------------------------- CPython behaviour relied on
@@ -224,7 +224,7 @@ def test_cpython_disable_from_a_global_py_unwind(
     cb = lambda code, off, exc: M.DISABLE  # noqa: E731
     M.register_callback(other_tool, E.PY_UNWIND, cb)
     M.set_events(other_tool, E.PY_UNWIND)
-    if monitoring_arch.capabilities["local_unwind"]:
+    if monitoring_arch.capabilities.local_unwind:
         with pytest.raises(KeyError):
             boom()
         assert M.register_callback(other_tool, E.PY_UNWIND, None) is cb
@@ -276,7 +276,7 @@ def test_cpython_close_at_a_plain_yield(other_tool: int, with_yield_events: bool
         M.set_events(other_tool, 0)
     a = MonitoringArch()
     try:
-        runs = a.capabilities["return_at_generator_close"]
+        runs = a.capabilities.return_at_generator_close
     finally:
         a.close()
     assert seen == (["PY_THROW", "PY_UNWIND"] if runs else [])

@@ -23,6 +23,7 @@ from pykprobes.arch.rewrite.assembly import (
     compiled_call_sequence,
 )
 from pykprobes.core.arch import CompiledCall, opt_call
+from pykprobes.core.guard import CURRENT_KPROBE
 
 VERSIONS = sorted(COMPILED_CALL_SEQUENCES)
 
@@ -120,16 +121,21 @@ def test_opt_call_takes_the_offer_of_a_lone_probe_only() -> None:
     def rec(*v: Any) -> bool:
         return False
 
-    def offer(code: Any, offset: int) -> Any:
+    given: list[Any] = []
+
+    def offer(code: Any, offset: int, current: Any) -> Any:
+        given.append(current)
         return rec, ["a"]
 
-    def bad(code: Any, offset: int) -> Any:
+    def bad(code: Any, offset: int, current: Any) -> Any:
         raise RuntimeError("no")
 
     code = target.__code__
     assert opt_call((_Probe(offer),), hit, code, 0) == CompiledCall(rec, ("a",), hit)
+    # The offer is handed the core's current_kprobe marks, which its record must test.
+    assert given == [CURRENT_KPROBE]
     assert opt_call((_Probe(offer), _Probe(offer)), hit, code, 0) is hit
     assert opt_call((_Probe(None),), hit, code, 0) is hit
     assert opt_call((_Probe(bad),), hit, code, 0) is hit
-    assert opt_call((_Probe(lambda c, o: None),), hit, code, 0) is hit
+    assert opt_call((_Probe(lambda c, o, current: None),), hit, code, 0) is hit
     assert CompiledCall(rec, ("a",), hit) != CompiledCall(rec, ("b",), hit)

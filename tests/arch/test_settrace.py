@@ -442,7 +442,7 @@ def test_hits_inside_a_handler_are_not_seen(arch: Any) -> None:
     assert inner.npre == 0  # no tracing inside a trace function
     g(3)
     assert inner.npre == 3
-    assert SettraceArch.CAPABILITIES["hits_inside_handlers"] is False
+    assert SettraceArch.CAPABILITIES.hits_inside_handlers is False
 
 
 # ---------------------------------------------------------------- frames and threads
@@ -463,7 +463,7 @@ def walk(arm, n):
     rec = Recorder(False)
     walk(lambda: arch.arm(walk.__code__, off, rec.pre, None), 6)
     assert rec.npre == 4  # iterations 2..5, in the frame that was already running
-    assert SettraceArch.CAPABILITIES["running_frames_this_thread"]
+    assert SettraceArch.CAPABILITIES.running_frames_this_thread
 
 
 def test_threads_started_later_hit_concurrently(arch: Any) -> None:
@@ -483,7 +483,7 @@ def test_threads_started_later_hit_concurrently(arch: Any) -> None:
     for t in threads:
         t.join()
     assert rec.npre == rec.npost == nthreads * calls * n
-    assert SettraceArch.CAPABILITIES["threads_started_later"]
+    assert SettraceArch.CAPABILITIES.threads_started_later
 
 
 def _thread_running(target: Any, *args: Any) -> tuple[threading.Thread, threading.Event]:
@@ -525,7 +525,7 @@ def spin(started, state, f):
         state["stop"] = True
         t.join()
     caps = SettraceArch.CAPABILITIES
-    assert not caps["running_frames_other_threads"] and not caps["threads_started_earlier"]
+    assert not caps.running_frames_other_threads and not caps.threads_started_earlier
 
 
 def test_other_threads_drop_the_trace_function_at_their_next_call(arch: Any) -> None:
@@ -555,7 +555,7 @@ def test_unprobed_code_is_taxed_while_armed(arch: Any) -> None:
     f = fresh(LOOP_SRC, "f")
     arch.arm(f.__code__, offset_of(f, "BINARY_OP"), lambda fr, o: None, None)
     assert sys.gettrace() is not None
-    assert SettraceArch.CAPABILITIES["unprobed_code_untaxed"] is False
+    assert SettraceArch.CAPABILITIES.unprobed_code_untaxed is False
 
 
 # ---------------------------------------------------------------- interpreter crashes

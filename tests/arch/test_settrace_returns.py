@@ -264,7 +264,7 @@ def within(cm):
         g = gen(3)
         next(g)
         g.close()
-        if arch.capabilities["return_at_generator_close"]:
+        if arch.capabilities.return_at_generator_close:
             assert [(k, type(v)) for k, v in rec.kinds()] == [("unwind", GeneratorExit)]
         else:
             assert rec.kinds() == []
@@ -299,7 +299,7 @@ def polite():
         for _ in gen(5):  # break out: the generator is dropped unfinished
             break
         gc.collect()
-        if arch.capabilities["return_at_generator_close"]:
+        if arch.capabilities.return_at_generator_close:
             assert [(k, type(v)) for k, v in rec.kinds()] == [("unwind", GeneratorExit)]
         else:
             assert rec.kinds() == []
@@ -331,7 +331,7 @@ def polite():
         [(kind, exc)] = rec.kinds()
         assert kind == "unwind"
         assert exc is info.value or exc is info.value.__cause__
-        if arch.capabilities["unwind_exception_exact"]:
+        if arch.capabilities.unwind_exception_exact:
             assert exc is info.value
 
     def test_yield_from_delegation(self, arch: Any) -> None:
@@ -490,7 +490,7 @@ def walk(arm, n):
 """
         walk, rec = fresh(src, "walk"), Rec()
         assert walk(lambda: arch.arm_return(walk.__code__, rec.on_return, rec.on_unwind), 5) == 10
-        if arch.capabilities["return_of_running_frames_this_thread"]:
+        if arch.capabilities.return_of_running_frames_this_thread:
             assert rec.kinds() == [("return", 10)]
         else:
             assert rec.kinds() == []
@@ -515,7 +515,7 @@ def spin(state):
         finally:
             state["stop"] = True
             t.join()
-        if arch.capabilities["return_of_running_frames_other_threads"]:
+        if arch.capabilities.return_of_running_frames_other_threads:
             assert rec.kinds() == [("return", "spun")]
             assert rec.events[0][3] == t.ident
         else:
@@ -531,7 +531,7 @@ def spin(state):
         arch.arm_return(gen_try.__code__, rec.on_return, rec.on_unwind)
         assert list(g) == [1, 2]
         h.close()
-        if arch.capabilities["return_of_suspended_generators"]:
+        if arch.capabilities.return_of_suspended_generators:
             assert [(k, v if k == "return" else type(v)) for k, v in rec.kinds()] == [
                 ("return", 0),
                 ("unwind", GeneratorExit),
@@ -762,7 +762,7 @@ def f(x):
         arch.arm_return(g.__code__, inner.on_return, inner.on_unwind)
         arch.arm_return(f.__code__, lambda fr, v: g(2), lambda fr, e: None)
         f(1)
-        assert not arch.capabilities["returns_inside_handlers"]
+        assert not arch.capabilities.returns_inside_handlers
         assert inner.events == []
         g(1)
         assert inner.kinds() == [("return", 1)]
@@ -826,7 +826,7 @@ def test_threads_started_earlier_are_not_reached(settrace_arch: SettraceArch) ->
     go.set()
     t.join()
     assert done.is_set() and rec.events == []
-    assert not settrace_arch.capabilities["threads_started_earlier"]
+    assert not settrace_arch.capabilities.threads_started_earlier
 
 
 def test_unwind_reports_the_last_exception_raised_in_the_frame(
@@ -850,7 +850,7 @@ def f():
         f()
     [(kind, exc)] = rec.kinds()
     assert kind == "unwind" and isinstance(exc, ValueError)
-    assert not settrace_arch.capabilities["unwind_exception_exact"]
+    assert not settrace_arch.capabilities.unwind_exception_exact
 
 
 def test_an_exception_raised_before_the_frame_was_traced_is_counted(

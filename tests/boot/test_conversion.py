@@ -22,7 +22,7 @@ def work(i):
 RACE = """
 import json, sys, threading, time
 import pykprobes as kp
-from pykprobes.core import early
+from pykprobes.core.registry import early_status as early
 import racemod
 
 before, after = int(sys.argv[1]), int(sys.argv[2])
@@ -51,7 +51,8 @@ def hits_during_conversion():
     while calls < start + 200:
         time.sleep(0.0001)
 
-early._notifiers.insert(0, hits_during_conversion)
+from pykprobes.core.table import TABLE
+TABLE.early.notifiers.insert(0, hits_during_conversion)
 sys.setswitchinterval(1e-5)  # the GIL changes hands often: hits land in every phase
 thread = threading.Thread(target=loop)
 thread.start()
@@ -144,7 +145,7 @@ def test_an_overflowing_early_buffer_is_counted_exactly(tmp_path: Path) -> None:
     assert isinstance(out["buffer_lost"], int) and out["buffer_lost"] > 0
 
 
-@pytest.mark.skipif(not BREAKPOINT_CAPS.get("running_frames_other_threads", False),
+@pytest.mark.skipif(not BREAKPOINT_CAPS.running_frames_other_threads,
                     reason="capability: the breakpoint arch cannot reach a thread that is "
                            "already running (settrace)")
 def test_unoptimized_after_conversion_still_exact(tmp_path: Path) -> None:
@@ -163,8 +164,8 @@ kp.init_kprobes()
 print("after", kp.kprobes_is_early(), repr(kp.list_kprobes()),
       target.work.__code__ is target.work.__code__.replace(), flush=True)
 from pykprobes.trace.tracefs import tracefs
-print(sorted(tracefs().events), [p for p in __import__("pykprobes.core.early",
-      fromlist=["x"]).slot_probes()])
+print(sorted(tracefs().events), [p for p in __import__("pykprobes.core.registry",
+      fromlist=["x"]).early_status.slot_probes()])
 target.work(2)
 """
 
@@ -218,7 +219,8 @@ def test_concurrent_init_converts_once(tmp_path: Path) -> None:
             "early": kp.kprobes_is_early(),
             "records": [r[4] for r in fs.buffer.snapshot()],
             "events": sorted("/".join(k) for k in fs.events),
-            "table": len(registry._table), "early_table": len(registry._early_table),
+            "table": len(registry.table_view().sites),
+            "early_table": len(registry.table_view().early_sites),
         }))
     """)
     traced = run(["main.py"], events="p:boot/w target:work i", cwd=tmp_path)

@@ -41,7 +41,7 @@ def test_slot_exhaustion_two_work_one_warning(tmp_path: Path) -> None:
 SITECUSTOMIZE = """
 import errno, json, sys
 import pykprobes as kp
-from pykprobes.core import early
+from pykprobes.core.registry import early_status as early
 
 out = {"early": kp.kprobes_is_early(), "free_before": early.nr_free_slots()}
 
@@ -73,7 +73,8 @@ sys.modules["__early_test__"].__dict__.update(out=out, good=good, hits=hits, ext
 MAIN = """
 import json, sys, warnings
 import pykprobes as kp
-from pykprobes.core import early, registry
+from pykprobes.core import registry
+from pykprobes.core.registry import early_status as early
 import target
 t = sys.modules["__early_test__"]
 out = t.out
@@ -81,16 +82,16 @@ target.g(5)
 out["hits"] = list(t.hits)
 out["good_flags"] = t.good.flags
 out["get_kprobe_early"] = kp.get_kprobe(target.g) is t.good
-out["in_early_table"] = any(t.good in s.probes for s in registry._early_table.values())
-out["in_main_table"] = any(t.good in s.probes for s in registry._table.values())
+out["in_early_table"] = any(t.good in s.probes for s in registry.table_view().early_sites.values())
+out["in_main_table"] = any(t.good in s.probes for s in registry.table_view().sites.values())
 out["list"] = kp.list_kprobes()
 kp.init_kprobes()
 kp.init_kprobes()  # idempotent
 out["early_after"] = kp.kprobes_is_early()
 out["free_after_init"] = [early.nr_free_slots(), early.nr_slots()]
 out["get_kprobe_after"] = kp.get_kprobe(target.g) is t.good
-out["in_main_table_after"] = any(t.good in s.probes for s in registry._table.values())
-out["early_table_after"] = len(registry._early_table)
+out["in_main_table_after"] = any(t.good in s.probes for s in registry.table_view().sites.values())
+out["early_table_after"] = len(registry.table_view().early_sites)
 out["good_flags_after"] = t.good.flags
 target.g(6)
 out["hits_after"] = list(t.hits)
@@ -155,7 +156,7 @@ def test_no_slot_through_the_api_is_enomem_with_the_seeds_words(tmp_path: Path) 
     write(tmp_path / "main.py", """
         import errno
         import pykprobes as kp
-        from pykprobes.core import early
+        from pykprobes.core.registry import early_status as early
         p = kp.Kprobe(symbol_name="target:h")
         try:
             kp.register_kprobe(p)
@@ -171,7 +172,7 @@ def test_preparation_failure_frees_the_slot(tmp_path: Path) -> None:
     write(tmp_path / "target.py", TARGET)
     write(tmp_path / "main.py", """
         import pykprobes as kp
-        from pykprobes.core import early
+        from pykprobes.core.registry import early_status as early
         import target
         free = early.nr_free_slots()
         for kwargs in ({"offset": 1}, {"offset": 10_000}):
@@ -196,7 +197,7 @@ def test_probes_on_modules_the_boot_stage_needs_wait_for_the_conversion(tmp_path
     write(tmp_path / "main.py", """
         import errno
         import pykprobes as kp
-        from pykprobes.core import early
+        from pykprobes.core.registry import early_status as early
         print(sorted(early.blacklisted_modules())[:1] != [], end=" ")
         p = kp.Kprobe(symbol_name="zipimport:zipimporter.get_code")
         try:
@@ -216,7 +217,7 @@ def test_a_process_without_the_boot_stage_is_never_early(tmp_path: Path) -> None
     write(tmp_path / "main.py", """
         import pykprobes as kp
         from pykprobes import boot
-        from pykprobes.core import early
+        from pykprobes.core.registry import early_status as early
         before = kp.kprobes_is_early()
         p = kp.Kprobe(symbol_name="target:f", post_handler=lambda p, regs: None)
         kp.register_kprobe(p)  # the first use initialises the core

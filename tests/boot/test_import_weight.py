@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pykprobes
 from pykprobes.boot.pth import PTH_LINE, START_ENTRY
-from pykprobes.core import early as early_module
+from pykprobes.core import early_kprobes as early_module
 from tests.boot.conftest import SITE_RUNS_START_FILES, run, warnings_of
 
 #: No import in the child's program: json is a target below.
@@ -31,11 +31,13 @@ BOOT_PYKPROBES = {
     "pykprobes.boot", "pykprobes.boot.buffer", "pykprobes.boot.stage",
     # the seed's early registration: the core's registry and what it imports
     "pykprobes.core", "pykprobes.core.address", "pykprobes.core.arch",
-    "pykprobes.core.blacklist", "pykprobes.core.codestate", "pykprobes.core.early",
-    "pykprobes.core.kretprobe", "pykprobes.core.modwatch", "pykprobes.core.probe",
-    "pykprobes.core.registry", "pykprobes.core.regs", "pykprobes.core.resolve",
-    "pykprobes.core.framecall", "pykprobes.core.rethook", "pykprobes.core.returns",
-    "pykprobes.core.site",
+    "pykprobes.core.blacklist", "pykprobes.core.codestate", "pykprobes.core.early_kprobes",
+    "pykprobes.core.framecall", "pykprobes.core.rethook",
+    "pykprobes.core.guard", "pykprobes.core.kprobe_addr",
+    "pykprobes.core.modules", "pykprobes.core.modwatch", "pykprobes.core.optimizer",
+    "pykprobes.core.probe", "pykprobes.core.registry", "pykprobes.core.regs",
+    "pykprobes.core.resolve", "pykprobes.core.returns", "pykprobes.core.site",
+    "pykprobes.core.table",
     # who holds a code object (codestate's), and the interpreter facts it asks
     "pykprobes.core.holders", "pykprobes.env",
     # the choice of the C accelerator (codestate's Untraced; the trace backend's)
@@ -131,9 +133,9 @@ def test_set_loads_the_listed_modules_and_nothing_heavy(tmp_path: Path) -> None:
 
 def test_the_optimizer_imports_only_what_early_knows(tmp_path: Path) -> None:
     """Loading the rewrite arch imports these standard library modules: an early probe
-    waiting for one of them loads it at registration (core/early.py OPTIMIZER_IMPORTS)."""
+    waiting for one of them loads it at registration (core/early_kprobes.py OPTIMIZER_IMPORTS)."""
     code = ("import sys; before = set(sys.modules);"
-            "from pykprobes.core import registry; registry._load_early_optimizer();"
+            "from pykprobes.core.table import TABLE; TABLE.early.load_optimizer();"
             "print(sorted({m.partition('.')[0] for m in set(sys.modules) - before}))")
     added = set(ast.literal_eval(
         run(["-c", code], events="p:boot/a json:loads", cwd=tmp_path).stdout.splitlines()[-1]))

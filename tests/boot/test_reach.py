@@ -2,7 +2,7 @@
 (issue 16, item 12): re, functools, collections, contextlib, enum, typing, textwrap, os.path.
 The early machinery's own calls into them are not recorded (kprobe_busy: they count
 nmissed); only the program's are. What stays out of reach while early is the import
-machinery and pykprobes' own dependencies (core/blacklist.py, core/early.py)."""
+machinery and pykprobes' own dependencies (core/blacklist.py, core/early_kprobes.py)."""
 
 from __future__ import annotations
 

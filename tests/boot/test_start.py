@@ -243,3 +243,38 @@ def test_line_targets_in_the_script_and_beside_it(tmp_path: Path) -> None:
         assert [(m["event"], m["args"]) for m in trace_lines(traced.stderr)] == [
             ("loop", " i=0 total=0"), ("loop", " i=1 total=0"), ("loop", " i=2 total=1"),
             ("h", " b=2"), ("h", " b=10")]
+
+
+def test_boot_refuses_a_definition_as_the_tracefs_file_does(tmp_path: Path) -> None:
+    """The boot stage registers through the tracefs file's entry (the kernel's kprobe_event=
+    and kprobe_events both go through trace_kprobe_create()): the same bad definitions fail
+    with the same errno and message at start-up as written to kprobe_events."""
+    import errno
+
+    from pykprobes.trace.tracefs import TraceFS, TraceWriteError
+
+    missing = tmp_path / "missing.py"
+    bad = [
+        "p:boot/same json:dumps",
+        "r:boot/same json:loads",  # another kind of probe for an existing event
+        f"p:boot/nofile {missing}:3",
+    ]
+    write(tmp_path / "main.py", "print('ran')\n")
+    traced = run(["main.py"], events=";".join(bad), cwd=tmp_path)
+    assert traced.returncode == 0 and traced.stdout == "ran\n", traced.stderr
+    fs = TraceFS()
+    expected = []
+    try:
+        fs.define(bad[0])
+        for text in bad[1:]:
+            with pytest.raises(TraceWriteError) as caught:
+                fs.define(text)
+            assert caught.value.code is not None and caught.value.pos is not None
+            message = str(caught.value.args[0]).splitlines()[0]
+            expected.append(f"pykprobes: Failed to add event(-{caught.value.errno}): {text} "
+                            f"({message} (column {caught.value.pos}))")
+    finally:
+        fs.clear()
+    assert [e.split("(")[1].split(")")[0] for e in expected] == \
+        [f"-{errno.EEXIST}", f"-{errno.ENOENT}"]
+    assert warnings_of(traced.stderr) == expected

@@ -143,21 +143,21 @@ def test_os_exit_in_a_forked_child_loses_only_that_childs_last_records(tmp_path:
 
 def test_a_forked_child_drops_the_brackets_of_threads_it_does_not_have(tmp_path: Path) -> None:
     """The writer's and other threads' brackets do not follow a child: its hits take the fast
-    path again (core/site.py `_busy` is emptied of the threads the child does not have)."""
+    path again (core/guard.py `busy` is emptied of the threads the child does not have)."""
     (tmp_path / "f.py").write_text(textwrap.dedent('''
         import os, threading
-        from pykprobes.core import site
+        from pykprobes.core import guard
         inside = threading.Event(); release = threading.Event()
         def hold():
-            with site.kprobe_busy():
+            with guard.kprobe_busy():
                 inside.set(); release.wait()
         t = threading.Thread(target=hold); t.start(); inside.wait()
         pid = os.fork()
         if pid == 0:
-            os.write(1, f"child busy={len(site._busy)}\\n".encode()); os._exit(0)
+            os.write(1, f"child busy={len(guard.busy)}\\n".encode()); os._exit(0)
         os.waitpid(pid, 0)
         release.set(); t.join()
-        print("parent busy", len(site._busy))
+        print("parent busy", len(guard.busy))
     '''))
     res = subprocess.run([sys.executable, "f.py"], capture_output=True, text=True,
                          cwd=tmp_path, timeout=60, env={**os.environ})

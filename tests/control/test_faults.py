@@ -188,7 +188,7 @@ def test_a_client_that_does_not_read(start_target: Any, runtime_dir: Path) -> No
     """A streaming client that stops reading: its records are dropped and counted once its
     backlog is full, the program goes on (its HTTP server answers), and the client is told
     how many it lost when it reads again."""
-    if not BREAKPOINT_CAPS["running_frames_other_threads"]:
+    if not BREAKPOINT_CAPS.running_frames_other_threads:
         pytest.skip("needs a breakpoint arch that reaches a loop already running in another "
                     "thread (3.11's settrace does not)")
     target = start_target(SERVICE, serve="api", env={"MAX_BACKLOG": "65536"})

@@ -138,7 +138,7 @@ def test_trace_a_live_http_server_and_cpu_workers(start_target: Any) -> None:
         reader = Reader(proc)
         # A loop already running in other threads is reached by a breakpoint arch that
         # reaches running frames there (sys.monitoring; not 3.11's settrace).
-        events = {"get", "loop"} if BREAKPOINT_CAPS["running_frames_other_threads"] \
+        events = {"get", "loop"} if BREAKPOINT_CAPS.running_frames_other_threads \
             else {"get"}
         t0 = time.monotonic()
         while not events <= set(reader.first):

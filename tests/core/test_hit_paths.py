@@ -9,7 +9,7 @@ import threading
 import pytest
 
 import pykprobes as kp
-from pykprobes.core import site as site_mod
+from pykprobes.core import guard
 from tests.core import targets
 from tests.testenv import NESTED_MISS_SEEN
 
@@ -35,7 +35,7 @@ def test_regs_frame_is_the_probed_frame_and_valid_only_in_the_handler() -> None:
     assert kept[0] is kept[1]
     with pytest.raises(RuntimeError, match="only while their handler runs"):
         _ = kept[0].frame
-    assert not site_mod._busy and site_mod._held[0] is None
+    assert not guard.busy and guard.held[0] is None
 
 
 def test_fast_path_handler_in_one_thread_does_not_make_other_threads_miss() -> None:
@@ -64,7 +64,7 @@ def test_fast_path_handler_in_one_thread_does_not_make_other_threads_miss() -> N
         t1 = threading.Thread(target=targets.kprobe_target, args=(1,))
         t1.start()
         assert inside1.wait(10)
-        assert site_mod._held[0] is not None  # thread 1 is in its fast-path handler
+        assert guard.held[0] is not None  # thread 1 is in its fast-path handler
         t2 = threading.Thread(target=targets.kprobe_target2, args=(2,))
         t2.start()
         t2.join(10)
@@ -79,12 +79,12 @@ def test_fast_path_handler_in_one_thread_does_not_make_other_threads_miss() -> N
     finally:
         release1.set()
         kp.unregister_kprobes([slow, outer, inner])
-    assert not site_mod._busy and site_mod._held[0] is None
+    assert not guard.busy and guard.held[0] is None
 
 
 def test_nested_hit_in_a_fast_path_handler_is_missed_in_the_same_thread() -> None:
     def outer_handler(p: kp.Kprobe, regs: kp.Regs) -> None:
-        assert site_mod.in_handler()
+        assert guard.in_handler()
         targets.add(3, 4)
 
     outer = kp.Kprobe(addr=targets.kprobe_target, pre_handler=outer_handler)
@@ -92,7 +92,7 @@ def test_nested_hit_in_a_fast_path_handler_is_missed_in_the_same_thread() -> Non
     kp.register_kprobes([outer, inner])
     try:
         kp.wait_for_kprobe_optimizer()
-        assert not site_mod.in_handler()
+        assert not guard.in_handler()
         targets.kprobe_target(5)
         assert (outer.nhit, outer.nfault) == (1, 0)
         assert (inner.nhit, inner.nmissed) == (0, NESTED_MISS_SEEN)

@@ -175,7 +175,7 @@ def spin(state: list[Any]) -> None:
     state[2] = count
 
 
-@pytest.mark.skipif(not BREAKPOINT_CAPS["running_frames_other_threads"],
+@pytest.mark.skipif(not BREAKPOINT_CAPS.running_frames_other_threads,
                     reason="capability: the breakpoint arch (settrace) cannot reach frames "
                            "already running in other threads")
 def test_a_compiled_loop_already_running_misses_no_hit() -> None:

@@ -121,7 +121,7 @@ def test_kprobe_missed() -> None:
 @pytest.mark.skipif(BREAKPOINT_SEES_HANDLER_HITS,
                     reason="capability: the C accelerator lowers CPython's tracing flag")
 def test_kprobe_missed_without_the_accelerator_is_not_seen() -> None:
-    """Without the C accelerator (PYKPROBES_CORE=python, no compiler), a hit inside a handler
+    """Without the C accelerator (PYKPROBES_ACCELERATOR=off, no compiler), a hit inside a handler
     that a breakpoint runs is not reported by CPython at all (tstate->tracing): not counted,
     and still no handler runs for it (README, "Known limits")."""
     p = kp.Kprobe(symbol_name="tests.core.targets:kprobe_recursed_target",

@@ -426,7 +426,7 @@ def test_handler_fault_is_counted() -> None:
     kp.register_kretprobe(rp)
     try:
         _settle()
-        with pytest.warns(kp.KprobeHandlerWarning):
+        with pytest.warns(kp.KprobeFaultWarning):
             assert targets.add(1, 2) == 3
         assert rp.nfault == 1  # the entry handler failed: no return handler for that call
     finally:

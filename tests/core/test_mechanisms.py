@@ -33,7 +33,7 @@ def _line_of(func: object, marker: str) -> int:
     return first + next(i for i, line in enumerate(src) if marker in line)
 
 
-@pytest.mark.skipif(not BREAKPOINT_CAPS["running_frames_other_threads"],
+@pytest.mark.skipif(not BREAKPOINT_CAPS.running_frames_other_threads,
                     reason="capability: the breakpoint arch (settrace) cannot reach frames "
                            "already running in other threads")
 def test_probe_on_a_loop_already_running_in_another_thread() -> None:
@@ -79,7 +79,7 @@ def test_optimized_probe_covers_frames_still_running_old_code() -> None:
         assert bool(p.flags & kp.KPROBE_FLAG_OPTIMIZED) == OPTIMIZED
         if OPTIMIZED:
             assert targets.counter.__code__ is not code
-            state = registry._states[id(code)]
+            state = registry.table_view().states[id(code)]
             assert any(v.code is code for v in state.retired), "old code still covered"
         assert next(gen) == 1 and next(gen) == 2
         assert p.nhit == 2, "frames running the old code still hit the probe"
@@ -88,7 +88,8 @@ def test_optimized_probe_covers_frames_still_running_old_code() -> None:
         gen.close()
         kp.wait_for_kprobe_optimizer()
         if OPTIMIZED:
-            assert not registry._states[id(code)].retired, "old code forgotten once unused"
+            state = registry.table_view().states[id(code)]
+            assert not state.retired, "old code forgotten once unused"
     finally:
         kp.unregister_kprobe(p)
     assert targets.counter.__code__ is code
@@ -131,7 +132,7 @@ def test_recursion_and_many_offsets() -> None:
         if OPTIMIZED:
             # Every probe the rewrite accepts is optimized, the entry and the first body
             # instruction included (two call sequences in a row).
-            opt = registry._m().optimizer
+            opt = registry.table_view().mechanisms.optimizer
             assert opt is not None
             accepted = [p for p in probes if opt.check_optimizable(p.addr.code, p.addr.offset)
                         is None]
@@ -160,7 +161,7 @@ def test_unregister_restores_the_very_same_code_objects() -> None:
     kp.wait_for_kprobe_optimizer()
     assert [f.__code__ for f in funcs] == before
     assert all(a is b for a, b in zip((f.__code__ for f in funcs), before, strict=True))
-    assert not registry._states, "every code state is dropped"
+    assert not registry.table_view().states, "every code state is dropped"
 
 
 def test_set_optimization_off_and_on() -> None:
@@ -209,8 +210,8 @@ def test_unregistering_leaves_no_table_entry_behind() -> None:
     """Every version and cached check of a code object goes with its last probe: nothing
     grows with register/unregister cycles, and a later code object reusing the id of a
     freed one gets no stale answer."""
-    m = registry._m()
-    before = (len(m.versions), len(registry._opt_reasons), len(registry._states))
+    view = registry.table_view()
+    before = (len(view.versions), len(view.opt_reasons), len(view.states))
     for _ in range(3):
         probes = [kp.Kprobe(addr=f) for f in (targets.add, targets.loop_sum, targets.outer)]
         probes.append(kp.Kprobe(symbol_name="tests.core.targets:outer.<locals>.inner"))
@@ -219,7 +220,7 @@ def test_unregistering_leaves_no_table_entry_behind() -> None:
         targets.outer(2)
         kp.unregister_kprobes(probes)
         kp.wait_for_kprobe_optimizer()
-    assert (len(m.versions), len(registry._opt_reasons), len(registry._states)) == before
+    assert (len(view.versions), len(view.opt_reasons), len(view.states)) == before
 
 
 def test_no_hit_lost_while_unoptimizing_under_a_running_thread() -> None:
@@ -229,7 +230,7 @@ def test_no_hit_lost_while_unoptimizing_under_a_running_thread() -> None:
 
     if not OPTIMIZED:
         pytest.skip("capability: this run keeps optimization off for the whole suite")
-    if not BREAKPOINT_CAPS["running_frames_other_threads"]:
+    if not BREAKPOINT_CAPS.running_frames_other_threads:
         pytest.skip("capability: the breakpoint arch (settrace) cannot reach a thread that is "
                     "already running")
     p = kp.Kprobe(addr=targets.kprobe_target2)

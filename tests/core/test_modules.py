@@ -153,10 +153,10 @@ def test_an_imported_module_leaves_no_table_entry_behind(fresh_module: str) -> N
     goes when the body has run, and with it its versions."""
     from pykprobes.core import registry
 
-    m = registry._m()
+    view = registry.table_view()
 
     def entries() -> list[object]:
-        states = [*registry._states.values(), *m.versions.values(), *m.retiring.values()]
+        states = [*view.states.values(), *view.versions.values(), *view.retiring.values()]
         return [s for s in states if s.module == fresh_module]
 
     work = kp.Kprobe(symbol_name=f"{fresh_module}:work")

@@ -196,11 +196,12 @@ def test_register_kprobes_is_all_or_nothing_and_leaves_the_probes_as_given() -> 
 
 
 def test_register_unregister_cycles_leave_no_table_entry_behind() -> None:
-    m = registry._m()
+    view = registry.table_view()
+    m = view.mechanisms
 
     def sizes() -> tuple[int, ...]:
-        return (len(m.versions), len(registry._opt_reasons), len(registry._states),
-                len(m.retiring), len(registry._table),
+        return (len(view.versions), len(view.opt_reasons), len(view.states),
+                len(view.retiring), len(view.sites),
                 len(m.breakpoint.armed_addresses()))  # type: ignore[attr-defined]
 
     before = sizes()
@@ -220,19 +221,22 @@ def test_register_unregister_cycles_leave_no_table_entry_behind() -> None:
         kp.wait_for_kprobe_optimizer()
     assert sizes() == before
     # An emptied table gives back the size it grew to (a dict keeps it until cleared).
-    tables = {"_table": registry._table, "_states": registry._states,
-              "_opt_reasons": registry._opt_reasons, "versions": m.versions}
-    tables["breakpoint"] = m.breakpoint._codes  # type: ignore[attr-defined]
+    view = registry.table_view()
+    allocated = {name: view.allocated[name]
+                 for name in ("sites", "states", "opt_reasons", "versions")
+                 if not getattr(view, name)}
+    if not m.breakpoint._codes:  # type: ignore[attr-defined]
+        allocated["breakpoint"] = sys.getsizeof(m.breakpoint._codes)  # type: ignore[attr-defined]
     empty = sys.getsizeof({})
-    assert {name: sys.getsizeof(t) for name, t in tables.items() if not t} == {
-        name: empty for name, t in tables.items() if not t}
+    assert {name: size for name, size in allocated.items() if size > empty} == {}
 
 
 @needs_optimizer
 def test_no_cached_optimization_check_outlives_its_site(monkeypatch: pytest.MonkeyPatch) -> None:
     """The check is cached per address (id of the code, offset): once the site is gone the
     optimizer is asked again, so a code object reusing a freed id gets its own answer."""
-    m = registry._m()
+    view = registry.table_view()
+    m = view.mechanisms
     assert m.optimizer is not None
     asked: list[int] = []
     real = m.optimizer.check_optimizable
@@ -249,9 +253,9 @@ def test_no_cached_optimization_check_outlives_its_site(monkeypatch: pytest.Monk
         kp.wait_for_kprobe_optimizer()
         assert p.is_optimized()
         key = p.addr.key
-        assert key in registry._opt_reasons
+        assert key in view.opt_reasons
         kp.unregister_kprobe(p)
-        assert key not in registry._opt_reasons
+        assert key not in view.opt_reasons
         assert len(asked) == expected
 
 
@@ -289,7 +293,7 @@ def test_the_optimizer_thread_runs_untraced() -> None:
     import threading
     import time
 
-    if registry._m().breakpoint.name == "settrace":
+    if registry.table_view().mechanisms.breakpoint.name == "settrace":
         pytest.skip("capability: the breakpoint arch owns the trace function of new threads")
     _, (f,) = generated(1)
     called: list[str] = []
@@ -307,8 +311,8 @@ def test_the_optimizer_thread_runs_untraced() -> None:
     finally:
         threading.settrace(None)  # type: ignore[arg-type]
         kp.unregister_kprobe(p)
-    assert "_optimizer_work" in called  # the timer thread was traced up to there
-    assert "_optimize_locked" not in called
+    assert "_work" in called  # the timer thread was traced up to there
+    assert "run_pass" not in called
 
 
 def test_register_kprobes_with_a_probe_listed_twice_registers_none() -> None:

@@ -116,7 +116,7 @@ def test_handler_exception_never_reaches_the_program(exc: BaseException) -> None
                 assert targets.loop_sum(4) == 6
         assert p.nfault == 6 and q.nfault == 3
         assert p.nhit == 3 and q.nhit == 3
-        reports = [w for w in caught if issubclass(w.category, kp.KprobeHandlerWarning)]
+        reports = [w for w in caught if issubclass(w.category, kp.KprobeFaultWarning)]
         assert len(reports) == 2, [str(w.message) for w in reports]  # once per probe
     finally:
         kp.unregister_kprobes([p, q])

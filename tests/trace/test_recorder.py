@@ -107,11 +107,11 @@ def test_the_backend_choice_is_forced_by_the_environment_and_shown_by_info() -> 
     import sys
 
     code = "from pykprobes.trace import backend; print(backend.NAME, '|', backend.REASON)"
-    env = {"PYKPROBES_CORE": "python", "PATH": ""}
+    env = {"PYKPROBES_ACCELERATOR": "off", "PATH": ""}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=60, check=True).stdout
-    assert out.strip() == "python | forced by PYKPROBES_CORE=python"
+    assert out.strip() == "python | forced by PYKPROBES_ACCELERATOR=off"
     info = subprocess.run([sys.executable, "-m", "pykprobes", "info"], env=env,
                           capture_output=True, text=True, timeout=60, check=True).stdout
-    assert "trace core: python (forced by PYKPROBES_CORE=python)" in info
+    assert "trace core: python (forced by PYKPROBES_ACCELERATOR=off)" in info
     assert "hits inside breakpoint handlers: not seen (no C accelerator)" in info

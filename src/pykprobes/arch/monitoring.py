@@ -153,7 +153,14 @@ from pykprobes.arch.monitoring_caps import (
     local_unwind,
 )
 from pykprobes.arch.successors import Flow, analyze, generator_close_runs_frame
-from pykprobes.core.arch import ArchUnavailable, PostHit, PreHit, ReturnHit, UnwindHit
+from pykprobes.core.arch import (
+    ArchUnavailable,
+    Capabilities,
+    PostHit,
+    PreHit,
+    ReturnHit,
+    UnwindHit,
+)
 from pykprobes.core.regs import CALLBACK_CODES
 from pykprobes.errors import KprobeError
 
@@ -217,11 +224,11 @@ class _Hub(_Site):
     that this replaced had to be cloned whole at every arm (38,512 clones to register 1,000
     probes; bench/results/ANALYSIS.md, "Scale")."""
 
-    __slots__ = ("peers",)  # type: ignore[misc]  # shadows the class-level empty mapping
+    __slots__ = ("peers",)  # shadows the class-level empty mapping
 
     def __init__(self, peers: dict[int, _Site]) -> None:
         super().__init__(_HUB_CODE)
-        self.peers: dict[int, _Site] = peers  # type: ignore[misc]
+        self.peers: dict[int, _Site] = peers
 
 
 #: A hub's `code`: a code object no callback is ever called for, so that `site.code is
@@ -276,36 +283,34 @@ class MonitoringArch:
     #: and unwind_* ones, tests/arch/test_monitoring_returns.py). An instance adds what it
     #: measures on this interpreter: `return_at_generator_close` (module docstring),
     #: `local_unwind` and `instruction_events_shared` (monitoring_caps.py).
-    CAPABILITIES: ClassVar[dict[str, bool]] = {
-        "running_frames_this_thread": True,
-        "running_frames_other_threads": True,
-        "threads_started_earlier": True,
-        "threads_started_later": True,
-        "unprobed_code_untaxed": True,
-        "entry_event": True,
-        "post_handler": True,
-        "hits_inside_handlers": False,
+    CAPABILITIES: ClassVar[Capabilities] = Capabilities(
+        running_frames_this_thread=True,
+        running_frames_other_threads=True,
+        threads_started_earlier=True,
+        threads_started_later=True,
+        unprobed_code_untaxed=True,
+        entry_event=True,
+        post_handler=True,
+        hits_inside_handlers=False,
         # Return hooks: frames already running when armed, in this thread and in others,
         # and generators suspended when armed, report their end.
-        "return_of_running_frames_this_thread": True,
-        "return_of_running_frames_other_threads": True,
-        "return_of_suspended_generators": True,
+        return_of_running_frames_this_thread=True,
+        return_of_running_frames_other_threads=True,
+        return_of_suspended_generators=True,
         # on_unwind gets the very exception the caller sees (PY_UNWIND passes it).
-        "unwind_exception_exact": True,
+        unwind_exception_exact=True,
         # A frame ending inside a handler is not seen (tstate->tracing).
-        "returns_inside_handlers": False,
-    }
-    capabilities: dict[str, bool]
+        returns_inside_handlers=False,
+    )
+    capabilities: Capabilities
 
     def __init__(self) -> None:
         mon = getattr(sys, "monitoring", None)
         if mon is None:
             raise ArchUnavailable("sys.monitoring does not exist before 3.12 (PEP 669)")
         self._mon: Any = mon
-        self.capabilities = {
-            **self.CAPABILITIES,
-            "return_at_generator_close": generator_close_runs_frame(),
-        }
+        self.capabilities = self.CAPABILITIES.replace(
+            return_at_generator_close=generator_close_runs_frame())
         events = mon.events
         self._E_INS: int = events.INSTRUCTION
         self._E_START: int = events.PY_START
@@ -329,8 +334,8 @@ class MonitoringArch:
         self.tool: int = tool
         self._local_unwind = local_unwind(mon, tool)
         self._ins_shared = instruction_events_shared(mon, tool)
-        self.capabilities["local_unwind"] = self._local_unwind
-        self.capabilities["instruction_events_shared"] = self._ins_shared
+        self.capabilities = self.capabilities.replace(
+            local_unwind=self._local_unwind, instruction_events_shared=self._ins_shared)
         #: id(code) -> the offsets of its JUMP_BACKWARDs, which keep their INSTRUCTION event
         #: where the JIT's recording would double our events (monitoring_caps.py); else None.
         self._backjumps: dict[int, frozenset[int]] | None = (

@@ -93,7 +93,7 @@ Limits
 ------
 * The global trace function is called for every call of every function in traced
   threads, and on 3.12 every instruction of every code object fires an INSTRUCTION event
-  while it is installed: unprobed code is taxed (5-15x per call, ANCHOR-COSTS.md row J).
+  while it is installed: unprobed code is taxed (5-15x per call: docs/architecture.md, "Costs").
 * Threads that were already running when the first probe was armed have no trace function:
   neither their running frames nor their new calls are ever hit.
 * Only one trace function per thread exists: if another one is installed (`sys.gettrace()`
@@ -125,7 +125,7 @@ from pykprobes.arch import frametable
 from pykprobes.arch.frametable import PENDING_CAP
 from pykprobes.arch.successors import Exits, exits, generator_close_runs_frame
 from pykprobes.codecache import cached
-from pykprobes.core.arch import ReturnHit, UnwindHit
+from pykprobes.core.arch import Capabilities, ReturnHit, UnwindHit
 from pykprobes.errors import KprobeError
 
 __all__ = ["RETURN_HOOKS", "SettraceArch"]
@@ -256,32 +256,30 @@ class SettraceArch:
     #: Measured on 3.11.7, 3.12.1 and 3.13.0 (tests/arch/test_settrace.py and, for the
     #: return_* and unwind_* ones, tests/arch/test_settrace_returns.py). An instance adds
     #: `return_at_generator_close`, measured on this interpreter (module docstring).
-    CAPABILITIES: ClassVar[dict[str, bool]] = {
-        "running_frames_this_thread": True,
-        "running_frames_other_threads": False,
-        "threads_started_earlier": False,
-        "threads_started_later": True,
-        "unprobed_code_untaxed": False,
-        "entry_event": True,
-        "post_handler": True,
-        "hits_inside_handlers": False,
+    CAPABILITIES: ClassVar[Capabilities] = Capabilities(
+        running_frames_this_thread=True,
+        running_frames_other_threads=False,
+        threads_started_earlier=False,
+        threads_started_later=True,
+        unprobed_code_untaxed=False,
+        entry_event=True,
+        post_handler=True,
+        hits_inside_handlers=False,
         # Return hooks: frames already running in the arming thread report their end,
         # those of other threads do not; suspended generators do from their next
         # resumption in a traced thread.
-        "return_of_running_frames_this_thread": True,
-        "return_of_running_frames_other_threads": False,
-        "return_of_suspended_generators": True,
+        return_of_running_frames_this_thread=True,
+        return_of_running_frames_other_threads=False,
+        return_of_suspended_generators=True,
         # on_unwind gets the last exception raised in the frame (module docstring).
-        "unwind_exception_exact": False,
-        "returns_inside_handlers": False,
-    }
-    capabilities: dict[str, bool]
+        unwind_exception_exact=False,
+        returns_inside_handlers=False,
+    )
+    capabilities: Capabilities
 
     def __init__(self) -> None:
-        self.capabilities = {
-            **self.CAPABILITIES,
-            "return_at_generator_close": generator_close_runs_frame(),
-        }
+        self.capabilities = self.CAPABILITIES.replace(
+            return_at_generator_close=generator_close_runs_frame())
         self._lock = threading.Lock()
         self._codes: dict[int, _CodeModel] = {}
         self._installed = False
@@ -378,14 +376,14 @@ class SettraceArch:
             else:
                 if windows:
                     windows.pop(frame, None)
-                exc = lastexc.pop(frame, None) if lastexc else None
-                if exc is None:
+                raised = lastexc.pop(frame, None) if lastexc else None
+                if raised is None:
                     unknown()
                     return
                 uhook = r.on_unwind
                 if uhook is not None:
                     try:
-                        uhook(frame, exc)
+                        uhook(frame, raised)
                     except BaseException as err:  # never reaches the program
                         if err.__class__ is KeyboardInterrupt:
                             raise
@@ -420,7 +418,7 @@ class SettraceArch:
                         # A YIELD_VALUE runs: the exception thrown in at a yield was handled.
                         if (
                             (r is None or lasti in r.exits.yields)
-                            and windows.pop(frame, None)
+                            and windows.pop(frame, False)
                             and not (per_code or m.opcodes)
                         ):
                             frame.f_trace_opcodes = False

@@ -177,7 +177,7 @@ _RETURNS: Final = frozenset({"RETURN_VALUE", "RETURN_CONST"})
 #: (3.12+): `CALL_INTRINSIC_1 INTRINSIC_STOPITERATION_ERROR; RERAISE 1` (the argument as
 #: `dis` names it; 3.11 has no CALL_INTRINSIC_1).
 _WRAPPER_INTRINSIC: Final = (
-    opcode._intrinsic_1_descs.index("INTRINSIC_STOPITERATION_ERROR")  # type: ignore[attr-defined]
+    opcode._intrinsic_1_descs.index("INTRINSIC_STOPITERATION_ERROR")
     if hasattr(opcode, "_intrinsic_1_descs")
     else -1
 )

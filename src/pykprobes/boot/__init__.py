@@ -59,7 +59,7 @@ as `__mp_main__` (boot/mainhook.py).
 The boot stage's own work (parsing, registering, arming at import, loading the rewrite arch,
 writing the events) runs in `kprobe_busy` (core/site.py): an early probe on a module it uses
 (re, functools, enum, os.path...) records only the program's calls. Early probes may not
-target the import machinery (core/early.py EARLY_NEEDED) nor what no probe may target
+target the import machinery (core/early_kprobes.py EARLY_NEEDED) nor what no probe may target
 (core/blacklist.py).
 
 When `PYKPROBES_EVENTS` and `PYKPROBES_CONTROL` are unset, the `.pth` line imports nothing;
@@ -102,7 +102,7 @@ def start_from_environ() -> None:
     if control and control.strip() != "0" and not _control_tried:
         _control_tried = True  # once: a directory refused once is refused again
         try:
-            # The one edge up the layers (DESIGN.md section 5): lazy, and only when asked.
+            # The one edge up the layers (docs/architecture.md, "Layers"): lazy, only when asked.
             from pykprobes.control import serve
 
             serve()

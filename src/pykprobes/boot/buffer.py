@@ -62,7 +62,8 @@ class EarlyBuffer:
                 return False
         finally:
             lock.release()
-        return forward.append(ts, key, event, values, caller, size)
+        kept: bool = forward.append(ts, key, event, values, caller, size)
+        return kept
 
     def write(self, record: Record) -> bool:
         """Keep a whole record (its tid and comm as given)."""

@@ -45,6 +45,10 @@ from __future__ import annotations
 import sys
 from types import CodeType, FrameType, TracebackType
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: this runs at start-up
+if TYPE_CHECKING:
+    from pykprobes.core.modules import Loading
+
 _mode: str | None = None
 _done = False
 _installed = False
@@ -79,7 +83,7 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
     except ValueError:
         caller = None
     if caller is None:
-        if _mode not in ("script", "-c") or getattr(sys.flags, "inspect", 0):
+        if _mode not in ("script", "-c") or sys.flags.inspect:
             return
         if _mode == "-c" and _is_multiprocessing_stub(code):
             _mp_child = True  # the program is the parent's `__main__`, run as `__mp_main__`
@@ -94,12 +98,10 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
     if _own_cli(code) or not _is_named_main(code):
         return
     from pykprobes.core import registry
-    from pykprobes.core.site import kprobe_busy
 
-    with kprobe_busy():  # arming is pykprobes' work; the program's code runs outside
-        original = registry._original(code)  # -m: the module notifier may have rewritten it
-        run = registry.module_code_loaded("__main__", original)
-    if run is original or run is code:
+    loading = registry.loading("__main__", code)
+    run = loading.run
+    if run is loading.original or run is code:
         return  # no early probe in it: the program runs as Python runs it
     # The program runs here, in this frame (the only one of ours its traceback can show).
     try:
@@ -113,8 +115,7 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
             raise SystemExit(130) from None
         raise SystemExit(1) from None
     finally:
-        with kprobe_busy():
-            registry.module_executed("__main__", original)
+        loading.executed()
     raise SystemExit  # the program ran: the original code must not run
 
 
@@ -143,7 +144,7 @@ def _is_runpy_code(frame: FrameType, mod_name: str) -> bool:
 #: In a multiprocessing child: the code of the parent's `__main__`, run as `__mp_main__`,
 #: until it has run.
 _mp_child = False
-_mp_main: CodeType | None = None
+_mp_main: Loading | None = None
 
 
 def _mp_main_loaded(code: CodeType) -> None:
@@ -154,12 +155,8 @@ def _mp_main_loaded(code: CodeType) -> None:
     to the probed code once it has run (`_mp_main_ran`), before the child calls them."""
     global _mp_main
     from pykprobes.core import registry
-    from pykprobes.core.site import kprobe_busy
 
-    with kprobe_busy():
-        original = registry._original(code)
-        registry.module_code_loaded("__main__", original)
-    _mp_main = original
+    _mp_main = registry.loading("__main__", code)
 
 
 def _mp_main_ran() -> None:
@@ -169,12 +166,12 @@ def _mp_main_ran() -> None:
     main = sys.modules.get("__main__")
     if main is None or main is not sys.modules.get("__mp_main__") or _mp_main is None:
         return
-    code, _mp_main = _mp_main, None
+    loading, _mp_main = _mp_main, None
+    loading.executed()
     from pykprobes.core import registry
-    from pykprobes.core.site import kprobe_busy
+    from pykprobes.core.guard import kprobe_busy
 
     with kprobe_busy():
-        registry.module_executed("__main__", code)
         registry.wait_for_kprobe_optimizer()
 
 

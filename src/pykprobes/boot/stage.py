@@ -14,17 +14,21 @@ Then the events wait for one of two ends:
 * exit, if the process is still early: `_write_at_exit()` appends the early events to
   `PYKPROBES_OUTPUT` (or writes them to stderr) in the trace format, with the lost count.
 
-Each definition is prepared as tracefs prepares it (`ProbePoint.prepare(early=True)`), except
-that the probes are registered enabled: an early probe cannot be registered DISABLED (the seed).
+Each definition is registered through the tracefs file's entry
+(trace/events.py `register_trace_kprobe(early=True)`), as the kernel's `kprobe_event=` goes
+through trace_kprobe_create() like a write to kprobe_events, except that the probes are
+registered enabled: an early probe cannot be registered DISABLED (the seed).
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
 import sys
 
 from pykprobes.boot.buffer import EarlyBuffer
-from pykprobes.core import early
+from pykprobes.core import early_kprobes, registry
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: this runs at start-up
 if TYPE_CHECKING:
@@ -42,13 +46,13 @@ _events: dict[tuple[str, str], Event] = {}
 _buffer: EarlyBuffer | None = None
 _output: str | None = None
 _warnings: list[str] = []
-_next_id = 0
+_new_id = itertools.count(1).__next__
 
 
 def run(value: str) -> None:
     # The boot stage's work is pykprobes' own (kprobe_busy): an early probe on a module it
     # runs (re, functools, enum, typing, os.path...) is not hit by it.
-    from pykprobes.core.site import kprobe_busy
+    from pykprobes.core.guard import kprobe_busy
 
     with kprobe_busy():
         _run(value)
@@ -57,13 +61,14 @@ def run(value: str) -> None:
 def _run(value: str) -> None:
     global _buffer, _output
     env = os.environ
-    slots = _env_int("PYKPROBES_EARLY_SLOTS", early.NR_EARLY_KPROBES_SLOTS_DEFAULT,
-                     early.NR_EARLY_KPROBES_SLOTS_MIN, early.NR_EARLY_KPROBES_SLOTS_MAX)
+    slots = _env_int("PYKPROBES_EARLY_SLOTS", early_kprobes.NR_EARLY_KPROBES_SLOTS_DEFAULT,
+                     early_kprobes.NR_EARLY_KPROBES_SLOTS_MIN,
+                     early_kprobes.NR_EARLY_KPROBES_SLOTS_MAX)
     entries = _env_int("PYKPROBES_EARLY_BUFFER", EARLY_BUFFER_DEFAULT, 1, EARLY_BUFFER_MAX)
     panic = env.get("PYKPROBES_PANIC_ON_UNSAFE", "").strip() in ("1", "y", "Y")
     _output = env.get("PYKPROBES_OUTPUT") or None
     mode, path0 = _program()
-    if not early.start(slots, panic=panic, path0=path0):
+    if not registry.start_early_kprobes(slots, panic=panic, path0=path0):
         return  # the core is initialised already (the stage was started by hand, late)
     _buffer = EarlyBuffer(entries)
 
@@ -73,8 +78,6 @@ def _run(value: str) -> None:
     probes = [d for _, d in definitions if isinstance(d, grammar.ProbeDef)]
     if probes and mode is not None and any(
             d.module == "__main__" or d.target_kind == "line" for d in probes):
-        from pykprobes.core import registry
-
         # The program's code reaches the core through the main hook, not the import system:
         # its probes wait for it even though a `__main__` module exists now (and a line of
         # the script is a line of `__main__`).
@@ -86,15 +89,12 @@ def _run(value: str) -> None:
         elif isinstance(d, grammar.RemoveDef):
             _remove(text, d)
         else:
-            _fail(text, 22, f"{d.message} (column {d.pos})")
-    if mode is not None and "pykprobes.core.registry" in sys.modules:
-        from pykprobes.core import registry
+            _fail(text, errno.EINVAL, f"{d.message} (column {d.pos})")
+    if mode is not None and "__main__" in registry.pending_modules():
+        from pykprobes.boot import mainhook
 
-        if "__main__" in registry.pending_modules():
-            from pykprobes.boot import mainhook
-
-            mainhook.install(mode)
-    early.on_convert(_handover)
+        mainhook.install(mode)
+    registry.on_early_conversion(_handover)
     os.register_at_fork(after_in_child=_buffer.after_fork_in_child)
     import atexit
 
@@ -146,38 +146,18 @@ def _program() -> tuple[str | None, str | None]:
 
 def _define(text: str, d: ProbeDef) -> None:
     """One `p`/`r` definition: an enabled event whose probes are early probes (or a probe
-    point appended to the event of that name, as the kernel's kprobe_event= does)."""
-    global _next_id
-    from pykprobes import errors
-    from pykprobes.trace.events import Event, ProbePoint
+    point appended to the event of that name), through the tracefs file's entry."""
+    from pykprobes.trace.events import DefinitionError, register_trace_kprobe
 
     assert _buffer is not None
-    point = ProbePoint(d)
     try:
-        point.prepare(early=True, line_symbols=_line_symbols,
-                      code_before_import=_code_before_import)
-    except errors.ParseError as exc:
-        _fail(text, 22, f"{exc.message} (column {exc.pos})")
-        return
-    except errors.KprobeError as exc:
-        _fail(text, exc.errno, str(exc.args[0]) if exc.args else str(exc))
-        return
-    key = (d.group, d.event)
-    event = _events.get(key)
-    if event is None:
-        _next_id += 1
-        event = Event.of(point, _buffer, _next_id)  # type: ignore[arg-type]
-        event.armed_early()
-        _events[key] = event
-        return
-    refusal = event.refusal(point)
-    if refusal is not None:
-        point.release()
-        code, pos = refusal
-        _fail(text, 17, f"{errors.ERRORS[code]} (column {pos})")
-        return
-    point.event = event  # its probes are enabled already (early ones cannot be disabled)
-    event.points.append(point)
+        register_trace_kprobe(_events, d, _buffer, _new_id,  # type: ignore[arg-type]
+                              early=True, line_symbols=_line_symbols,
+                              code_before_import=_code_before_import)
+    except DefinitionError as exc:
+        target = exc.target_error
+        _fail(text, exc.errno, f"{exc.args[0]} (column {exc.pos})" if target is None
+              else str(target.args[0]))
 
 
 def _line_symbols(spec: str) -> list[tuple[str, str, int]]:
@@ -197,7 +177,7 @@ def _code_before_import(symbol: str) -> Any:
 def _on_program_path(fn: Any, arg: str) -> Any:
     """fn(arg) with the directory the program will find first on sys.path: the boot stage
     runs before Python puts it there (nothing is imported meanwhile)."""
-    path0 = early.main_path0
+    path0 = registry.early_main_path0()
     if not path0 or path0 in sys.path:
         return fn(arg)
     sys.path.insert(0, path0)
@@ -217,10 +197,10 @@ def _remove(text: str, d: RemoveDef) -> None:
     for key, event in list(_events.items()):
         if (d.event is None or key[1] == d.event) and (d.group is None or key[0] == d.group):
             del _events[key]
-            event.release()
+            event.unregister()
             found = True
     if not found:
-        _fail(text, 2, f"no event {d.event!r}")
+        _fail(text, errno.ENOENT, f"no event {d.event!r}")
 
 
 def _fail(text: str, err: int, reason: str) -> None:
@@ -244,7 +224,7 @@ def _warn(message: str) -> None:
 def _handover() -> None:
     """Called by init_kprobes() once the early probes are normal ones: the events join the
     process's tracefs, and the early buffer moves into its trace buffer."""
-    from pykprobes.core.site import kprobe_busy
+    from pykprobes.core.guard import kprobe_busy
 
     with kprobe_busy():
         _move_to_tracefs()
@@ -278,9 +258,9 @@ def _write_at_exit() -> None:
     """A process still early at exit writes its early events where PYKPROBES_OUTPUT says
     (what it writes is taken out of the early buffer: a second call writes only what came
     after the first)."""
-    if not early.is_early() or _buffer is None:
+    if not registry.kprobes_is_early() or _buffer is None:
         return
-    from pykprobes.core.site import kprobe_busy
+    from pykprobes.core.guard import kprobe_busy
 
     with kprobe_busy():
         _write_early_events(_buffer)
@@ -314,6 +294,7 @@ def _write_early_events(buffer: EarlyBuffer) -> None:
 def status() -> dict[str, Any]:
     """What the boot stage did: for `pykprobes` tools and the tests."""
     buf = _buffer
+    early = registry.early_status
     return {
         "early": early.is_early(),
         "booted": early.was_early(),

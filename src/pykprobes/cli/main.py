@@ -1,6 +1,6 @@
 """The `pykprobes` command line.
 
-Subcommands import what they need inside their own function (DESIGN.md, import rules), so
+Subcommands import what they need inside their own function (docs/architecture.md, "Layers"), so
 that `pykprobes --help` loads neither the core nor a mechanism.
 """
 
@@ -17,7 +17,12 @@ from pykprobes._version import __version__
 def _cmd_info(args: argparse.Namespace) -> int:
     """Print the interpreter, its capabilities and the mechanisms that would be chosen."""
     from pykprobes import env
-    from pykprobes.core.arch import ArchUnavailable, select_breakpoint, select_optimizer
+    from pykprobes.core.arch import (
+        ArchUnavailable,
+        Capabilities,
+        select_breakpoint,
+        select_optimizer,
+    )
     from pykprobes.errors import KprobeError
 
     print(f"pykprobes {__version__}")
@@ -54,8 +59,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"{kind}: {getattr(arch, 'name', type(arch).__name__)}")
         for name, reason in rejected.items():
             print(f"  rejected {name}: {reason}")
-        capabilities: dict[str, bool] = getattr(arch, "capabilities", {})
-        for cap, value in capabilities.items():
+        capabilities: Capabilities | None = getattr(arch, "capabilities", None)
+        for cap, value in (capabilities.as_dict() if capabilities is not None else {}).items():
             print(f"  {cap}: {'yes' if value else 'no'}")
         # Selecting instantiates the mechanism, which may claim something (a sys.monitoring
         # tool id); give it back, since `info` only looks.

@@ -129,7 +129,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _check_waiting(event: Any) -> None:
     """An event on a module not imported yet registers probes that wait for the import,
     which alone would find a missing symbol, a bad offset, an unknown variable or $argN:
-    find them now as the import will, from the module's compiled source (core/registry.py
+    find them now as the import will, from the module's compiled source (core/modules.py
     check_waiting_target). Raises TraceWriteError as a bad definition does."""
     from pykprobes import errors
     from pykprobes.core import registry, resolve

@@ -237,7 +237,7 @@ def _pass_to_children(args: argparse.Namespace, main: str) -> None:
         os.environ["PYKPROBES_OUTPUT"] = os.path.abspath(args.output)
     else:
         os.environ.pop("PYKPROBES_OUTPUT", None)
-    from pykprobes.core import early
+    from pykprobes.core import early_kprobes as early
 
     if len(args.event) > early.NR_EARLY_KPROBES_SLOTS_DEFAULT:
         # One early slot per probe point, as far as the seed's table goes; beyond it the
@@ -396,34 +396,29 @@ def _main_module() -> types.ModuleType:
 
 
 def _exec_main(program: _Program, registry: Any, hold: Callable[[], None]) -> int:
-    from pykprobes.core.site import kprobe_busy
-
     code = program.code
     sys.modules["__main__"] = program.module
-    with kprobe_busy():  # rewriting the program's code is pykprobes' work, not the program's
-        if program.real_name is not None:
-            registry.module_code_loaded(program.real_name, code)
-        run = registry.module_code_loaded("__main__", code)
-    try:
-        exec(run, vars(program.module))
-    except SystemExit as exc:
-        return _exit_code(exc)
-    except BaseException as exc:  # noqa: BLE001 - reported as python reports it
-        tb = exc.__traceback__
-        # Drop our own frame: the traceback starts at the program's code, as under python.
-        if tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        hold()
-        _print_uncaught(exc, tb)
-        if isinstance(exc, KeyboardInterrupt):
-            from pykprobes.boot import mainhook
+    if program.real_name is not None:
+        registry.module_code_loaded(program.real_name, code)
+    with registry.loading("__main__", code) as run:
+        try:
+            exec(run, vars(program.module))
+        except SystemExit as exc:
+            return _exit_code(exc)
+        except BaseException as exc:  # noqa: BLE001 - reported as python reports it
+            tb = exc.__traceback__
+            # Drop our own frame: the traceback starts at the program's code, as under
+            # python.
+            if tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            hold()
+            _print_uncaught(exc, tb)
+            if isinstance(exc, KeyboardInterrupt):
+                from pykprobes.boot import mainhook
 
-            mainhook.end_by_sigint()  # at the very end of exit, after the trace is written
-            return 130
-        return 1
-    finally:
-        with kprobe_busy():
-            registry.module_executed("__main__", code)
+                mainhook.end_by_sigint()  # at the very end of exit, after the trace is written
+                return 130
+            return 1
     return 0
 
 
@@ -564,7 +559,7 @@ class _Writer:
             self.running.release()
 
     def _drain(self, timeout: float) -> None:
-        from pykprobes.core.site import kprobe_busy
+        from pykprobes.core.guard import kprobe_busy
 
         batch = self.fs.buffer.read(block=timeout > 0, timeout=timeout)
         if not batch and not batch.lost_at:
@@ -643,7 +638,7 @@ class _Writer:
         what could not be written, if anything."""
         if self.done:
             return
-        from pykprobes.core.site import kprobe_busy
+        from pykprobes.core.guard import kprobe_busy
 
         self.hold()
         self.done = True

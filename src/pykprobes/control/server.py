@@ -199,7 +199,7 @@ class Server:
     # ------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
-        # The optimizer's thread does the same (core/registry.py): a trace function a
+        # The optimizer's thread does the same (core/optimizer.py): a trace function a
         # debugger or the 3.11 breakpoint arch installs for new threads has nothing to do
         # in NOPROBE code.
         sys.settrace(None)

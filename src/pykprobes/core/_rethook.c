@@ -1,6 +1,6 @@
 /* The C twin of core/rethook.py: the kretprobe fast path of rewritten code (the kernel's
  * rethook). rethook.py's docstrings are the specification; tests/core run both (dev.py
- * runs the suite once more with PYKPROBES_CORE=python).
+ * runs the suite once more with PYKPROBES_ACCELERATOR=off).
  *
  * Where the Python twin keys a call's node by its frame object, this one keys it by the
  * frame's interpreter frame (`_PyInterpreterFrame *`, which the thread state names in a

@@ -24,6 +24,97 @@ from collections.abc import Callable, Mapping, MutableMapping
 from types import CodeType, FrameType
 from typing import Any, Protocol
 
+from pykprobes.core.guard import CURRENT_KPROBE
+
+
+class Capabilities:
+    """What a breakpoint arch can reach, measured by its tests (the tests skip on these,
+    never on the Python version; `pykprobes info` prints them). A plain class, not a
+    dataclass or a typing.NamedTuple: the boot stage imports this module, and both cost
+    start-up time (a NamedTuple class imports annotationlib, ast and enum on 3.14+)."""
+
+    __slots__ = (
+        "running_frames_this_thread",
+        "running_frames_other_threads",
+        "threads_started_earlier",
+        "threads_started_later",
+        "unprobed_code_untaxed",
+        "entry_event",
+        "post_handler",
+        "hits_inside_handlers",
+        "return_of_running_frames_this_thread",
+        "return_of_running_frames_other_threads",
+        "return_of_suspended_generators",
+        "unwind_exception_exact",
+        "returns_inside_handlers",
+        "return_at_generator_close",
+        "local_unwind",
+        "instruction_events_shared",
+    )
+
+    def __init__(
+        self,
+        *,
+        running_frames_this_thread: bool = False,
+        running_frames_other_threads: bool = False,
+        threads_started_earlier: bool = False,
+        threads_started_later: bool = False,
+        unprobed_code_untaxed: bool = False,
+        entry_event: bool = False,
+        post_handler: bool = False,
+        hits_inside_handlers: bool = False,
+        return_of_running_frames_this_thread: bool = False,
+        return_of_running_frames_other_threads: bool = False,
+        return_of_suspended_generators: bool = False,
+        unwind_exception_exact: bool = False,
+        returns_inside_handlers: bool = False,
+        return_at_generator_close: bool = False,
+        local_unwind: bool = False,
+        instruction_events_shared: bool = False,
+    ) -> None:
+        #: Frames already running when an address is armed: in the arming thread, in others.
+        self.running_frames_this_thread = running_frames_this_thread
+        self.running_frames_other_threads = running_frames_other_threads
+        #: Threads started before the first probe was armed, and after.
+        self.threads_started_earlier = threads_started_earlier
+        self.threads_started_later = threads_started_later
+        #: Code with no probe runs at full speed.
+        self.unprobed_code_untaxed = unprobed_code_untaxed
+        self.entry_event = entry_event
+        self.post_handler = post_handler
+        #: A probe hit by a handler is seen (and counted missed).
+        self.hits_inside_handlers = hits_inside_handlers
+        #: Return hooks: frames running when armed (this thread, others) and generators
+        #: suspended when armed report their end; on_unwind gets the very exception the caller
+        #: sees; a frame ending inside a handler is seen.
+        self.return_of_running_frames_this_thread = return_of_running_frames_this_thread
+        self.return_of_running_frames_other_threads = return_of_running_frames_other_threads
+        self.return_of_suspended_generators = return_of_suspended_generators
+        self.unwind_exception_exact = unwind_exception_exact
+        self.returns_inside_handlers = returns_inside_handlers
+        #: Closing a suspended generator runs its frame, so that its end is reported (measured
+        #: at start: False on CPython 3.13.0).
+        self.return_at_generator_close = return_at_generator_close
+        #: sys.monitoring only (measured at start): a local PY_UNWIND event; INSTRUCTION
+        #: events shared with another tool of the same code.
+        self.local_unwind = local_unwind
+        self.instruction_events_shared = instruction_events_shared
+
+    def replace(self, **changes: bool) -> Capabilities:
+        """A copy with `changes` (an arch adds what it measures on this interpreter)."""
+        unknown = set(changes) - set(self.__slots__)
+        if unknown:
+            raise TypeError(f"no capabilities {sorted(unknown)}")
+        return Capabilities(**{**self.as_dict(), **changes})
+
+    def as_dict(self) -> dict[str, bool]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v}" for k, v in self.as_dict().items())
+        return f"Capabilities({shown})"
+
+
 #: pre(frame, offset): called before the instruction at `offset` executes, in the probed
 #: frame's thread, with that frame. It never raises. A mechanism whose callback CPython
 #: calls for the probed frame may pass None instead, having added the callback's code to
@@ -50,7 +141,7 @@ class CompiledCall:
     call at the function's entry only, where every argument is bound, and anywhere else (or
     for a name that is no argument) calls `hit()` as for any probe.
 
-    Two compiled calls are equal when they would be assembled the same: the registry
+    Two compiled calls are equal when they would be assembled the same: the table
     rebuilds a code object when its sites' calls change (a second probe, a disable).
     """
 
@@ -82,13 +173,17 @@ def opt_call(
     probes: tuple[Any, ...], hit: OptHit, code: CodeType, offset: int
 ) -> OptHit | CompiledCall:
     """What the optimizer should call at a site whose active probes are `probes`: the
-    compiled call its one probe offers (`compile_call(code, offset)` -> `(record,
-    variables)` or None), or else the site's `hit`. An offer that raises is no offer."""
+    compiled call its one probe offers (`compile_call(code, offset, current)` -> `(record,
+    variables)` or None), or else the site's `hit`. An offer that raises is no offer.
+
+    `current` is core/guard.py's CURRENT_KPROBE: the marks a record must test before it
+    does the probe's work alone (a handler running in some thread sends the hit to `hit`,
+    the careful path, which applies the reentrancy rule)."""
     if len(probes) == 1:
         offer = getattr(probes[0], "compile_call", None)
         if offer is not None:
             try:
-                got = offer(code, offset)
+                got = offer(code, offset, CURRENT_KPROBE)
             except Exception:  # noqa: BLE001 - a bad offer leaves the probe a plain one
                 got = None
             if got is not None:
@@ -126,13 +221,8 @@ class BreakpointArch(Protocol):
     """
 
     name: str
-    #: What it can reach, measured by its tests: running_frames_this_thread,
-    #: running_frames_other_threads, threads_started_earlier, threads_started_later,
-    #: unprobed_code_untaxed, entry_event, post_handler, hits_inside_handlers; for return
-    #: hooks: return_of_running_frames_this_thread, return_of_running_frames_other_threads,
-    #: return_of_suspended_generators, unwind_exception_exact, returns_inside_handlers,
-    #: return_at_generator_close (measured at start: False on CPython 3.13.0).
-    capabilities: dict[str, bool]
+    #: What it can reach (see Capabilities).
+    capabilities: Capabilities
 
     def arm(self, code: CodeType, offset: int, pre: PreHit, post: PostHit | None) -> None:
         """From now on call `pre` before every execution of the instruction at `offset` of

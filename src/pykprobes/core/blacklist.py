@@ -18,9 +18,9 @@ BLACKLIST_MODULES: Final[dict[str, str]] = {
     "importlib": "the import machinery the module notifier runs in",
     "_frozen_importlib": "the import machinery the module notifier runs in",
     "_frozen_importlib_external": "the import machinery the module notifier runs in",
-    "threading": "the optimizer's thread and the registry lock",
-    "_weakrefset": "weak references kept by the registry",
-    "weakref": "weak references kept by the registry",
+    "threading": "the optimizer's thread and the table lock",
+    "_weakrefset": "weak references kept by the kprobes table",
+    "weakref": "weak references kept by the kprobes table",
     "warnings": "handler faults are reported through warnings",
     # 3.14+: warnings.py re-exports its Python code from _py_warnings (showwarning, ...).
     "_py_warnings": "handler faults are reported through warnings",

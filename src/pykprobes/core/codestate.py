@@ -1,7 +1,7 @@
 """Which version of a probed code object runs, and who holds it.
 
 For every code object with probes (and every code object enclosing one, when the optimizer
-has to replace a nested function's code in its parent's constants) the registry keeps a
+has to replace a nested function's code in its parent's constants) the table keeps a
 `CodeState`: the *original* code (what the program compiled; the identity probe addresses
 refer to), the *current* version its holders hold (the original, or a rewritten copy with
 call sequences for the optimized sites and/or rewritten nested code in its constants), and
@@ -22,15 +22,15 @@ are retired, hence covered where they lack a call sequence, and the optimizer fo
 retired versions only after its batch ended; the one exception is the last probe of a code
 being unregistered, whose versions are forgotten at once: they have nothing left to cover.
 
-Every function here expects the registry lock to be held (hence `_locked`-free names: this
-module is private to the registry).
+Every function here expects the table lock to be held (hence `_locked`-free names: this
+module is private to the table, core/table.py).
 """
 
 from __future__ import annotations
 
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import CodeType, FunctionType, ModuleType
 from typing import TYPE_CHECKING, Final
@@ -58,7 +58,7 @@ class Version:
         opt: frozenset[int],
         consts: dict[int, CodeType],
         ret: bool = False,
-        hits: dict[int, object] | None = None,
+        hits: Mapping[int, object] | None = None,
     ) -> None:
         self.code = code
         #: What the call sequence at each optimized offset calls (core/arch.py opt_call).
@@ -274,7 +274,7 @@ def prune_retired(state: CodeState, mech: Mechanisms) -> bool:
     version stays retired (covered by breakpoints where it lacks a call sequence) while a
     retired parent version holding it may still run, and the functions made of it
     meanwhile are switched before it is forgotten. The caller must not have a batch of
-    switches open (registry._optimize_locked)."""
+    switches open (optimizer.py run_pass)."""
     if not state.retired:
         return False
     opt = mech.optimizer
@@ -306,7 +306,7 @@ UNTRACED: Final = getattr(accelerator.MODULE, "Untraced", None)
 
 
 def _untraced(hit: Callable[..., None]) -> Callable[..., None]:
-    return hit if UNTRACED is None else UNTRACED(hit)  # type: ignore[no-any-return]
+    return hit if UNTRACED is None else UNTRACED(hit)
 
 
 def _parent_may_make(state: CodeState, v: Version) -> bool:
@@ -344,7 +344,7 @@ def reconcile_breakpoints(state: CodeState, mech: Mechanisms) -> None:
             bp.arm(code, phys, _untraced(site.pre), _untraced(site.post) if post else None)
             state.armed[key] = entry
     for off, site in state.sites.items():
-        # Only a site at offset 0 can be: the registry puts every probe in the prologue
+        # Only a site at offset 0 can be: the table puts every probe in the prologue
         # there. Asking the arch about every site decodes the code for each (a sync of a
         # code with n sites cost n decodings).
         site.entry_event = off == 0 and off not in cur.opt and bool(site.active) and \

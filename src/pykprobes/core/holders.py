@@ -7,7 +7,7 @@ quadratic (bench/results/ANALYSIS.md, "Scale"). So:
 
 * Switches are batched: `Switches` collects, for each code state, the versions its holders
   must leave; `flush()` points them at the state's current version with one heap walk for
-  the whole batch, at most. A batch is flushed before the registry lock is released and
+  the whole batch, at most. A batch is flushed before the table lock is released and
   before any retired version is forgotten: until then the versions being left stay covered
   (their call sequences, or breakpoints armed on them as on any retired version).
 * A walk's result is kept (weak references to the functions found) and reused without a
@@ -23,7 +23,7 @@ quadratic (bench/results/ANALYSIS.md, "Scale"). So:
   count a reference that is not there, so each one is checked, and what `getrefcount`
   itself adds is measured once, at import, on a code object with a single known reference.
 
-Every function here expects the registry lock to be held.
+Every function here expects the table lock to be held.
 """
 
 from __future__ import annotations
@@ -80,10 +80,10 @@ class Switches:
         self.walks += 1
         for obj in gc.get_referrers(*olds):
             if type(obj) is FunctionType:
-                state = walk.get(id(obj.__code__))
-                if state is not None:
-                    obj.__code__ = state.current.code
-                    remember(state, obj)
+                held = walk.get(id(obj.__code__))
+                if held is not None:
+                    obj.__code__ = held.current.code
+                    remember(held, obj)
         del olds
         for state in {id(s): s for s in walk.values()}.values():
             _forget_dead(state)
@@ -153,6 +153,7 @@ class _Holder:
     """Holds `code` in a slot, as Version does."""
 
     __slots__ = ("code",)
+    code: CodeType
 
 
 def _call_refs() -> int | None:

@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pykprobes.core import registry
 from pykprobes.core.address import ProbeAddress
+from pykprobes.core.guard import report_fault
 from pykprobes.core.probe import Kprobe
 from pykprobes.core.rethook import RetProbeImpl
-from pykprobes.core.returns import KretprobeInstance, ReturnSite
+from pykprobes.core.returns import EntryProbe, KretprobeInstance, ReturnSite
 from pykprobes.errors import KprobeError, einval
 
 if TYPE_CHECKING:
-    from pykprobes.core.codestate import CodeState
     from pykprobes.core.regs import Regs
 
 KRETPROBE_MAX_DATA_SIZE: Final = 4096
@@ -52,31 +52,7 @@ _GENERATOR_LIKE: Final = 0x20 | 0x80 | 0x200
 def _close_reports_end() -> bool:
     """Whether the breakpoint arch measured that closing a suspended generator runs its
     frame, so that its end is reported (capability `return_at_generator_close`)."""
-    caps = registry.mechanisms_capabilities()
-    return caps.get("return_at_generator_close", True)
-
-
-class _EntryProbe(Kprobe):
-    """The kprobe a kretprobe puts at its function's entry; listed as `r`."""
-
-    kind = "r"
-
-    def __init__(self, rp: Kretprobe, **kwargs: Any) -> None:
-        self.rp = rp
-        super().__init__(pre_handler=rp._entry, **kwargs)
-
-    @property  # type: ignore[override]
-    def nhit(self) -> int:
-        """Hits: the careful path's, and the fast path's (core/rethook.py counts them)."""
-        return _NHIT.__get__(self) + self.rp._fast.entries  # type: ignore[no-any-return]
-
-    @nhit.setter
-    def nhit(self, value: int) -> None:
-        _NHIT.__set__(self, value - self.rp._fast.entries)
-
-
-# Kprobe's own `nhit` slot, which _EntryProbe's property stands in front of.
-_NHIT: Final = Kprobe.nhit
+    return registry.mechanisms_capabilities().return_at_generator_close
 
 
 class Kretprobe:
@@ -95,7 +71,7 @@ class Kretprobe:
     ) -> None:
         #: What the fast path of rewritten code (core/rethook.py) needs of this kretprobe,
         #: and what it counted.
-        self._fast: Any = RetProbeImpl(self)
+        self.fast: Any = RetProbeImpl(self)
         self.symbol_name = symbol_name
         self.offset = offset
         self.addr = addr
@@ -104,7 +80,7 @@ class Kretprobe:
         self.data_size = data_size
         self.maxactive = maxactive
         self._nhit = 0
-        #: Handler exceptions caught and counted.
+        #: Faults: handler exceptions caught and counted.
         self.nfault = 0
         self._missed = 0
         self._inflight: dict[FrameType, KretprobeInstance] = {}
@@ -116,7 +92,7 @@ class Kretprobe:
         #: id() of the frames whose entry was seen and whose return was not yet, while
         #: `returns_unentered` (a missed or skipped call is no unentered one).
         self._entered: set[int] = set()
-        self.kp: _EntryProbe | None = None
+        self.kp: EntryProbe | None = None
         #: Optional: `compile_return(code, kit)` -> a core/rethook.py CompiledReturn made with
         #: `kit.make` (a ReturnKit), or None: what a return event offers the fast path
         #: (trace/events.py).
@@ -124,35 +100,35 @@ class Kretprobe:
 
     @property
     def handler(self) -> RetHandler | None:
-        return self._fast.handler  # type: ignore[no-any-return]
+        return self.fast.handler  # type: ignore[no-any-return]
 
     @handler.setter
     def handler(self, handler: RetHandler | None) -> None:
-        self._fast.handler = handler
+        self.fast.handler = handler
 
     @property
     def entry_handler(self) -> RetHandler | None:
-        return self._fast.entry_handler  # type: ignore[no-any-return]
+        return self.fast.entry_handler  # type: ignore[no-any-return]
 
     @entry_handler.setter
     def entry_handler(self, handler: RetHandler | None) -> None:
-        self._fast.entry_handler = handler
+        self.fast.entry_handler = handler
 
     @property
     def nhit(self) -> int:
         """Return handlers run."""
-        return self._nhit + self._fast.nhit  # type: ignore[no-any-return]
+        return self._nhit + self.fast.nhit  # type: ignore[no-any-return]
 
     @nhit.setter
     def nhit(self, value: int) -> None:
-        self._nhit = value - self._fast.nhit
+        self._nhit = value - self.fast.nhit
 
     @property
     def nmissed(self) -> int:
         """Calls not probed: beyond maxactive, entered or ended while a handler ran on the
         same thread, or in flight when the probe was unregistered or disarmed."""
         kp_missed = self.kp.nmissed if self.kp is not None else 0
-        return self._missed + self._fast.nmissed + kp_missed  # type: ignore[no-any-return]
+        return self._missed + self.fast.nmissed + kp_missed  # type: ignore[no-any-return]
 
     @property
     def flags(self) -> int:
@@ -171,7 +147,7 @@ class Kretprobe:
         frame = regs.frame  # found on demand (SiteRegs): read it once
         if self.returns_unentered:
             self._entered.add(id(frame))
-        if len(self._inflight) + self._fast.inflight >= self.maxactive and \
+        if len(self._inflight) + self.fast.inflight >= self.maxactive and \
                 not self._evict_silent_end(frame):
             self._missed += 1
             return
@@ -184,9 +160,7 @@ class Kretprobe:
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:  # noqa: BLE001 - never reaches the program
-                from pykprobes.core.site import _report_fault
-
-                _report_fault(self, "entry_handler", exc)  # type: ignore[arg-type]
+                report_fault(self, "entry_handler", exc)
                 return
         self._inflight[frame] = ri
 
@@ -204,7 +178,7 @@ class Kretprobe:
         return True
 
     def _drop_inflight(self, returns: ReturnSite | None) -> None:
-        self._missed += len(self._inflight) + self._fast.inflight
+        self._missed += len(self._inflight) + self.fast.inflight
         self._inflight.clear()
         if returns is not None:
             returns.drop(self)
@@ -228,10 +202,10 @@ def register_kretprobe(rp: Kretprobe) -> None:
     if rp.maxactive == 0:
         rp.maxactive = DEFAULT_MAXACTIVE
     rp._missed = 0
-    rp._fast.nmissed = 0
+    rp.fast.nmissed = 0
     rp._inflight.clear()
     rp._entered.clear()
-    kp = _EntryProbe(rp, symbol_name=rp.symbol_name, offset=rp.offset, addr=rp.addr)
+    kp = EntryProbe(rp, symbol_name=rp.symbol_name, offset=rp.offset, addr=rp.addr)
     if rp.offset != 0 and kp.symbol_name is not None and \
             registry.module_object(kp.symbol_name.partition(":")[0]) is None:
         # Not imported yet: only offset 0 is known to be the entry before the import.
@@ -243,51 +217,11 @@ def register_kretprobe(rp: Kretprobe) -> None:
         rp.kp = None
         raise
     if isinstance(kp.addr, ProbeAddress):
-        if kp.addr.offset != 0:  # the registry folds any prologue offset into 0
+        if kp.addr.offset != 0:  # the table folds any prologue offset into 0
             registry.unregister_kprobe(kp)
             rp.kp = None
             raise einval("Retprobe address must be an function entry")
         rp.addr = kp.addr
-
-
-def attach_locked(p: Kprobe, state: CodeState) -> None:
-    """Called by the registry, with its lock held, once a kretprobe's entry probe has a site
-    (at once, or when its module is imported): watch the code's returns."""
-    if not isinstance(p, _EntryProbe):
-        return
-    if state.returns is None:
-        state.returns = ReturnSite()
-    if p.rp not in state.returns.rps:
-        state.returns.rps = (*state.returns.rps, p.rp)
-    refresh_locked(state)
-
-
-def refresh_locked(state: CodeState) -> None:
-    """Whether the code's returns must be reported: not while everything is disarmed or its
-    kretprobes are gone. Calls in flight when reporting stops are counted as missed."""
-    returns = state.returns
-    if returns is None:
-        return
-    armed = not registry.kprobes_all_disarmed() and any(
-        rp.kp is not None and not rp.kp.is_gone() for rp in returns.rps
-    )
-    if returns.armed and not armed:
-        for rp in returns.rps:
-            rp._drop_inflight(returns)
-    returns.armed = armed
-    returns.publish(state.sites.get(0), state.original)
-
-
-def detach_locked(p: Kprobe, state: CodeState) -> None:
-    if not isinstance(p, _EntryProbe) or state.returns is None:
-        return
-    returns = state.returns
-    returns.rps = tuple(rp for rp in returns.rps if rp is not p.rp)
-    p.rp._drop_inflight(returns)
-    # The entry site still lists p until the registry refreshes it (which publishes again).
-    returns.publish(None, state.original)
-    if not returns.rps:
-        state.returns = None
 
 
 def unregister_kretprobe(rp: Kretprobe) -> None:

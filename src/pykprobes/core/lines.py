@@ -10,6 +10,7 @@ from types import CodeType
 
 from pykprobes.core import resolve
 from pykprobes.core.address import ProbeAddress, line_addresses
+from pykprobes.core.table import TABLE
 from pykprobes.errors import enoent
 
 
@@ -30,8 +31,6 @@ def resolve_line(spec: str) -> list[ProbeAddress]:
     already run and give none. Raises ENOENT if the file is not an imported module's or
     no function has code on that line.
     """
-    from pykprobes.core.registry import _original
-
     path, lineno = resolve.split_line_spec(spec)
     mod = resolve.module_of_file(path)
     if mod is None:
@@ -39,7 +38,7 @@ def resolve_line(spec: str) -> list[ProbeAddress]:
     addresses: list[ProbeAddress] = []
     seen: set[int] = set()
     for top in resolve.iter_module_functions(mod):
-        for code in _walk(_original(top)):
+        for code in _walk(TABLE.original(top)):
             if id(code) in seen or code.co_filename != top.co_filename:
                 continue
             seen.add(id(code))
@@ -50,21 +49,12 @@ def resolve_line(spec: str) -> list[ProbeAddress]:
     return addresses
 
 
-#: realpath -> module name, for source files whose code will be handed over by
-#: `registry.module_code_loaded()` rather than imported under a name sys.path tells.
-_expected_files: dict[str, str] = {}
-
-
-def expect_file(path: str, module: str) -> None:
-    _expected_files[os.path.realpath(path)] = module
-
-
 def module_name_for_file(path: str) -> str | None:
     """The name a source file that is not imported yet will be imported under: declared by
     `pykprobes run` for its script (`__main__`), or the dotted path below a sys.path entry."""
     real = os.path.realpath(path)
-    if real in _expected_files:
-        return _expected_files[real]
+    if real in TABLE.modules.expected_files:
+        return TABLE.modules.expected_files[real]
     stem, ext = os.path.splitext(real)
     if ext not in (".py", ".pyw"):
         return None
@@ -133,7 +123,7 @@ def module_code_before_import(module: str, what: str | None = None) -> CodeType 
     import importlib.machinery
 
     what = what or module
-    declared = [path for path, name in _expected_files.items() if name == module]
+    declared = [path for path, name in TABLE.modules.expected_files.items() if name == module]
     if declared:
         return _compile_file(declared[0], what)
     spec = resolve.find_spec(module)

@@ -61,12 +61,13 @@ class Kprobe:
         self.flags = flags
         self.nhit = 0
         self.nmissed = 0
-        #: Handler exceptions caught and counted (the program never sees them).
+        #: Faults: handler exceptions caught and counted (the program never sees them).
         self.nfault = 0
-        #: Optional: `compile_call(code, offset)` -> `(record, variable names)` or None, a
-        #: compiled call the optimizer may use while this probe is alone at its site
-        #: (core/arch.py CompiledCall). Probe events offer one (trace/events.py).
-        self.compile_call: Callable[[CodeType, int], Any] | None = None
+        #: Optional: `compile_call(code, offset, current)` -> `(record, variable names)` or
+        #: None, a compiled call the optimizer may use while this probe is alone at its
+        #: site (core/arch.py CompiledCall, opt_call: `current` is guard.CURRENT_KPROBE).
+        #: Probe events offer one (trace/events.py).
+        self.compile_call: Callable[[CodeType, int, Any], Any] | None = None
         self._site: Any = None
 
     @property

@@ -156,17 +156,17 @@ class SiteRegs(Regs):
         self._held = held
         self._busy = busy
 
-    @property  # type: ignore[override]
+    @property
     def frame(self) -> FrameType:
         if self._frame is not None:
             return self._frame
         if _hit_frame is not None:
             # The fast path of kretprobes (core/rethook.py) marks its thread in `busy`, and
             # its C twin knows the probed frame without a frame object: made now.
-            found = _hit_frame(self)
-            if found is not None:
-                self._frame = found
-                return found
+            made = _hit_frame(self)
+            if made is not None:
+                self._frame = made
+                return made
         if self._held[0] is not self:
             raise RuntimeError(_INVALID)
         trampoline = self._trampoline

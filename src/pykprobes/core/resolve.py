@@ -48,8 +48,8 @@ _CO_OPTIMIZED = 0x01
 #: Py_TPFLAGS_HEAPTYPE: a class created by a class statement (or type()), not by C code.
 _HEAPTYPE = 1 << 9
 
-#: Maps a code object a function holds now to the one the program compiled (the registry's
-#: `_original`: pykprobes may have switched the function to a rewritten copy).
+#: Maps a code object a function holds now to the one the program compiled (the table's
+#: `original`: pykprobes may have switched the function to a rewritten copy).
 Original = Callable[[CodeType], CodeType]
 
 
@@ -145,9 +145,9 @@ def _lookup(obj: Any, name: str) -> Any:
                 raise KeyError(name)
             return value
         raise KeyError(name)
-    ns = getattr(obj, "__dict__", None)
-    if isinstance(ns, dict) and name in ns:
-        return ns[name]
+    namespace = getattr(obj, "__dict__", None)
+    if isinstance(namespace, dict) and name in namespace:
+        return namespace[name]
     raise KeyError(name)
 
 

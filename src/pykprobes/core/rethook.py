@@ -26,7 +26,7 @@ The *plan* (`publish`) is the entry site's active probes, in order, each a `(kpr
 pre_handler)` pair or a kretprobe's `RetProbe`. `entry` runs them as the careful path
 would (every probe's nhit, each pre-handler, each kretprobe's maxactive check and entry
 handler), and stamps the entry time when a compiled return needs it. Handlers run with the
-thread marked in `core.site._busy` (as careful hits are), so that a probe hit inside them
+thread marked in `core.guard.busy` (as careful hits are), so that a probe hit inside them
 is counted missed and other threads take the careful path meanwhile.
 
 The kernel's rules hold as on the careful path: beyond maxactive a call is missed; an entry
@@ -59,8 +59,8 @@ from pykprobes import accelerator
 if TYPE_CHECKING:
     from pykprobes.core.regs import Regs
 
-__all__ = ["DURATION", "RETURN_KIT", "RETVAL", "CompiledReturn", "RetProbe", "Rethook",
-           "ReturnKit", "hit_frame"]
+__all__ = ["DURATION", "RETVAL", "CompiledReturn", "RetProbe", "Rethook", "ReturnKit",
+           "hit_frame"]
 
 _getframe = sys._getframe
 _time_ns = time.monotonic_ns
@@ -461,18 +461,19 @@ class ReturnKit:
     """What the core hands a kretprobe's `compile_return(code, kit)` (trace/events.py), so
     that the trace layer makes a compiled return without importing the core's internals:
     `make(record, data, indices, sources, convert, caller, fault)` (the CompiledReturn of the
-    implementation chosen) and the two sources that are not kept values."""
+    implementation chosen), the two sources that are not kept values, and the
+    current_kprobe marks the recorders test (core/guard.py), as compile_call's `current`."""
 
-    __slots__ = ("make", "RETVAL", "DURATION")
+    __slots__ = ("make", "RETVAL", "DURATION", "busy", "held")
 
-    def __init__(self, make: Callable[..., Any]) -> None:
+    def __init__(self, make: Callable[..., Any], busy: Any, held: Any) -> None:
         self.make = make
         self.RETVAL = RETVAL
         self.DURATION = DURATION
+        self.busy = busy
+        self.held = held
 
 
-#: The kit `compile_return` gets (core/returns.py).
-RETURN_KIT: Final = ReturnKit(CompiledReturnImpl)
 
 #: `hit_frame(obj)`: the probed frame of the C hit in flight whose Regs or instance `obj`
 #: is (found when asked), or None. Pure Python twin: frames are given eagerly.

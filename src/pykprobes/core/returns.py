@@ -18,13 +18,18 @@ from __future__ import annotations
 import sys
 from _thread import get_ident
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from pykprobes.core import rethook
+from pykprobes.core.guard import HIT_CODES, report_fault, thread_busy
+from pykprobes.core.guard import busy as _busy
+from pykprobes.core.guard import held as _held
+from pykprobes.core.probe import Kprobe
 from pykprobes.core.regs import Regs, SiteRegs
-from pykprobes.core.site import HIT_CODE, HIT_CODES, _busy, _held, _report_fault, _thread_busy
+from pykprobes.core.site import HIT_CODE
 
 if TYPE_CHECKING:
+    from pykprobes.core.codestate import CodeState
     from pykprobes.core.kretprobe import Kretprobe
     from pykprobes.core.site import Site
 
@@ -47,6 +52,7 @@ class KretprobeInstance:
     runs (None if it never was)."""
 
     __slots__ = ("_data", "_frame", "exception", "retval", "rp", "thread")
+    _data: dict[str, Any]  # made when first asked for (`data`)
 
     def __init__(self, rp: Kretprobe, frame: FrameType) -> None:
         #: The kretprobe this call belongs to.
@@ -114,7 +120,7 @@ class ReturnSite:
         #: The fast path of rewritten code (core/rethook.py), its three calls (kept: the
         #: registry compares what a version calls by identity), and what its entry passes.
         self.rethook: Any = rethook.RethookImpl(
-            _busy, _held, self.regs, self.regs, self._end, KretprobeInstance, _report_fault)
+            _busy, _held, self.regs, self.regs, self._end, KretprobeInstance, report_fault)
         self.entry_hook = self.rethook.entry
         self.ret_hook = self.rethook.ret
         self.unwind_hook = self.rethook.unwind
@@ -143,7 +149,7 @@ class ReturnSite:
                     self.fast = False
                     self.variables = ()
                     return
-                item = rp._fast
+                item = rp.fast
                 item.kp = p
                 item.table = rp._inflight
                 item.maxactive = rp.maxactive
@@ -160,7 +166,7 @@ class ReturnSite:
 
     def drop(self, rp: Kretprobe) -> None:
         """Forget the fast path's calls of `rp` in flight (counted missed by the caller)."""
-        self.rethook.drop(rp._fast)
+        self.rethook.drop(rp.fast)
 
     def bp_return(self, frame: FrameType, value: object) -> None:
         self._end(frame, value, None, True)
@@ -185,7 +191,7 @@ class ReturnSite:
         fast = not _busy and _held[0] is None
         if not fast:
             tid = get_ident()
-            if _thread_busy(tid, _getframe(1)):
+            if thread_busy(tid, _getframe(1)):
                 # A return inside a handler: the handler does not run (kernel: nmissed).
                 for rp in rps:
                     rp._entered.discard(id(frame))
@@ -223,7 +229,7 @@ class ReturnSite:
                     except KeyboardInterrupt:
                         raise
                     except BaseException as err:  # noqa: BLE001 - never reaches the program
-                        _report_fault(rp, "handler", err)
+                        report_fault(rp, "handler", err)
         finally:
             regs.retval = regs.exception = None
             if fast:
@@ -234,6 +240,10 @@ class ReturnSite:
                 regs.invalidate()
 
 
+#: The kit a kretprobe's `compile_return` gets (core/rethook.py ReturnKit).
+RETURN_KIT: Final = rethook.ReturnKit(rethook.CompiledReturnImpl, _busy, _held)
+
+
 def _offer(rp: Kretprobe, code: Any) -> Any:
     """The compiled return `rp` offers for `code` (a return event's), or None. An offer that
     raises is no offer."""
@@ -241,10 +251,77 @@ def _offer(rp: Kretprobe, code: Any) -> Any:
     if offer is None:
         return None
     try:
-        return offer(code, rethook.RETURN_KIT)
+        return offer(code, RETURN_KIT)
     except Exception:  # noqa: BLE001 - a bad offer leaves the kretprobe a plain one
         return None
 
 
 # A frame of `_end` on a thread's stack means a return handler runs there.
 HIT_CODES.add(ReturnSite._end.__code__)
+
+
+class EntryProbe(Kprobe):
+    """The kprobe a kretprobe puts at its function's entry; listed as `r`."""
+
+    __slots__ = ("rp",)
+    kind = "r"
+
+    def __init__(self, rp: Kretprobe, **kwargs: Any) -> None:
+        self.rp = rp  # first: Kprobe's __init__ sets nhit, which reads it
+        super().__init__(pre_handler=rp._entry, **kwargs)
+
+    @property
+    def nhit(self) -> int:
+        """Hits: the careful path's, and the fast path's (core/rethook.py counts them)."""
+        return _NHIT.__get__(self) + self.rp.fast.entries  # type: ignore[no-any-return]
+
+    @nhit.setter
+    def nhit(self, value: int) -> None:
+        _NHIT.__set__(self, value - self.rp.fast.entries)
+
+
+# Kprobe's own `nhit` slot, which EntryProbe's property stands in front of.
+_NHIT: Final[Any] = Kprobe.__dict__["nhit"]
+
+
+# The table's side (core/table.py), with its lock held.
+
+
+def attach(p: Kprobe, state: CodeState, all_disarmed: bool) -> None:
+    """A kretprobe's entry probe has a site (at once, or when its module is imported):
+    watch the code's returns."""
+    if not isinstance(p, EntryProbe):
+        return
+    if state.returns is None:
+        state.returns = ReturnSite()
+    if p.rp not in state.returns.rps:
+        state.returns.rps = (*state.returns.rps, p.rp)
+    refresh(state, all_disarmed)
+
+
+def refresh(state: CodeState, all_disarmed: bool) -> None:
+    """Whether the code's returns must be reported: not while everything is disarmed or its
+    kretprobes are gone. Calls in flight when reporting stops are counted as missed."""
+    returns = state.returns
+    if returns is None:
+        return
+    armed = not all_disarmed and any(
+        rp.kp is not None and not rp.kp.is_gone() for rp in returns.rps
+    )
+    if returns.armed and not armed:
+        for rp in returns.rps:
+            rp._drop_inflight(returns)
+    returns.armed = armed
+    returns.publish(state.sites.get(0), state.original)
+
+
+def detach(p: Kprobe, state: CodeState) -> None:
+    if not isinstance(p, EntryProbe) or state.returns is None:
+        return
+    returns = state.returns
+    returns.rps = tuple(rp for rp in returns.rps if rp is not p.rp)
+    p.rp._drop_inflight(returns)
+    # The entry site still lists p until the table refreshes it (which publishes again).
+    returns.publish(None, state.original)
+    if not returns.rps:
+        state.returns = None

@@ -22,60 +22,32 @@ Two paths serve a hit:
   delete cost ~50 (bench ladder).
 * the **careful path** otherwise: `_busy` is keyed by thread ident, and a thread that finds
   `_held[0]` set tells whether it is itself inside that fast-path handler by looking for a
-  hit frame on its own stack (`_fast_hit_on_stack`) — the only per-thread fact the fast
+  hit frame on its own stack (guard.fast_hit_on_stack) — the only per-thread fact the fast
   path leaves behind. That walk is paid only when hits meet a handler in flight.
+
+The two marks are core/guard.py's (the kernel's current_kprobe), read here as globals.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-import time
-import warnings
 from _thread import get_ident
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, Final
 
 from pykprobes.core.arch import CompiledCall, opt_call
 from pykprobes.core.framecall import frame_call
-from pykprobes.core.regs import CAREFUL_CODES, CodeIds, Regs, SiteRegs, probed_frame
+from pykprobes.core.guard import HIT_CODES, report_fault, thread_busy
+from pykprobes.core.guard import busy as _busy
+from pykprobes.core.guard import held as _held
+from pykprobes.core.regs import CAREFUL_CODES, Regs, SiteRegs, probed_frame
 
 if TYPE_CHECKING:
     from pykprobes.core.address import ProbeAddress
     from pykprobes.core.probe import Kprobe
 
-#: Threads now running a handler on the careful path (the per-CPU `current_kprobe`), each
-#: with the Regs of the hit it runs: a dict keyed by thread ident is cheaper than a
-#: threading.local attribute, and the Regs object tells one careful hit from the next
-#: (synchronize_hits).
-_busy: Final[dict[int, Regs]] = {}
-
-#: The fast path's mark: the Regs of the hit whose handler runs, or None. Never resized
-#: (the C recorder of trace/ reads item 0 unchecked).
-_held: Final[list[Regs | None]] = [None]
-
 _getframe = sys._getframe
-
-
-class KprobeHandlerWarning(RuntimeWarning):
-    """A probe handler raised; the program did not see it. Reported once per probe."""
-
-
-def _report_fault(p: Kprobe, where: str, exc: BaseException) -> None:
-    p.nfault += 1
-    if p.nfault != 1:
-        return
-    try:
-        warnings.warn(
-            KprobeHandlerWarning(
-                f"pykprobes: the {where} of probe {p.symbol} raised "
-                f"{type(exc).__name__}: {exc}; counted in .nfault, reported once"
-            ),
-            stacklevel=1,
-        )
-    except Exception:  # noqa: BLE001 - warnings set to 'error' must not reach the program
-        pass
 
 
 def _call(p: Kprobe, handler: Any, regs: Regs, where: str) -> None:
@@ -86,7 +58,7 @@ def _call(p: Kprobe, handler: Any, regs: Regs, where: str) -> None:
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - never reaches the program
-        _report_fault(p, where, exc)
+        report_fault(p, where, exc)
 
 
 def _make_trampoline(site: Site) -> Callable[[], None]:
@@ -96,7 +68,7 @@ def _make_trampoline(site: Site) -> Callable[[], None]:
     fast: tuple[Kprobe, Any, SiteRegs] | None = None
     busy = _busy
     held = _held
-    fault = _report_fault
+    fault = report_fault
 
     def hit() -> None:
         if fast is None or held[0] is not None or busy:
@@ -126,110 +98,6 @@ HIT_CODE: Final[CodeType] = _make_trampoline(None).__code__  # type: ignore[arg-
 _FAST_CELL: Final = HIT_CODE.co_freevars.index("fast")
 
 
-def _stack(frame: FrameType | None) -> Iterator[FrameType]:
-    """`frame` and its callers, innermost first."""
-    while frame is not None:
-        yield frame
-        frame = frame.f_back
-
-
-def _fast_hit_on_stack(frame: FrameType | None) -> bool:
-    """True if `frame` or a caller of it runs a hit (a trampoline or `Site.pre`): this thread
-    is inside a handler (a fast-path one, or a careful one, which also marks its ident)."""
-    hits = HIT_CODES.ids
-    return any(id(f.f_code) in hits for f in _stack(frame))
-
-
-def _thread_busy(tid: int, frame: FrameType | None) -> bool:
-    """Is this thread (`tid`, whose stack `frame` is in) running a handler?"""
-    if tid in _busy:
-        return True
-    return _held[0] is not None and _fast_hit_on_stack(frame)
-
-
-def in_handler() -> bool:
-    """True while this thread runs a probe handler."""
-    return _thread_busy(get_ident(), _getframe(1))
-
-
-def _fast_frames() -> dict[int, FrameType]:
-    """Threads now inside a hit, with the outermost frame running one."""
-    hits = HIT_CODES.ids
-    found: dict[int, FrameType] = {}
-    for tid, frame in sys._current_frames().items():
-        for f in _stack(frame):
-            if id(f.f_code) in hits:
-                found[tid] = f
-    return found
-
-
-def synchronize_hits(timeout: float = 10.0) -> None:
-    """Wait until every hit in flight in another thread has finished (the kernel waits with
-    synchronize_rcu() after unregistering). Hits that start later read the new tables. Call
-    it without holding the registry lock: a handler may register probes."""
-    me = get_ident()
-    # A thread in kprobe_busy runs no handler: nothing of it to wait for.
-    inflight = {tid: regs for tid, regs in list(_busy.items())
-                if tid != me and regs is not KPROBE_BUSY}
-    # A fast-path hit names no thread: find the trampoline frames on the other threads'
-    # stacks, and wait for those very frames to leave them. Holding the frame objects keeps
-    # their identity from being reused meanwhile.
-    fast = {t: f for t, f in _fast_frames().items() if t != me} if _held[0] is not None else {}
-    deadline = time.monotonic() + timeout
-    while (inflight or fast) and time.monotonic() < deadline:
-        time.sleep(0.0002)
-        inflight = {tid: r for tid, r in inflight.items() if _busy.get(tid) is r}
-        if fast:
-            now = sys._current_frames()
-            fast = {t: f for t, f in fast.items() if _on_stack(f, now.get(t))}
-
-
-def _on_stack(target: FrameType, frame: FrameType | None) -> bool:
-    return any(f is target for f in _stack(frame))
-
-
-#: What `_busy` holds for a thread doing pykprobes' own work (the kernel's `kprobe_busy`, the
-#: dummy probe that `kprobe_busy_begin()` makes current): see `kprobe_busy`.
-KPROBE_BUSY: Final = Regs(None, 0)  # type: ignore[arg-type]
-
-
-class kprobe_busy:
-    """`with kprobe_busy():` runs pykprobes' own work on this thread (a trace writer, a
-    command's set-up) as the kernel's kprobe_busy_begin()/kprobe_busy_end() bracket theirs:
-    a probe hit meanwhile on this thread runs no handler and is counted in `nmissed`, as
-    any hit inside a handler is (the careful path's `_thread_busy`). Nothing of the program
-    is recorded on behalf of pykprobes, and the hit paths pay nothing for it: other
-    threads' hits take the careful path while the bracket is open, as while a handler runs.
-    Nests; restores what the thread had (a handler's Regs) on exit."""
-
-    __slots__ = ("_prev", "_tid")
-
-    def __enter__(self) -> None:
-        tid = self._tid = get_ident()
-        self._prev = _busy.get(tid)
-        _busy[tid] = KPROBE_BUSY
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._prev is None:
-            _busy.pop(self._tid, None)
-        else:
-            _busy[self._tid] = self._prev
-
-
-def _after_fork_in_child() -> None:
-    # Only the thread that forked goes on in the child: the hits and kprobe_busy brackets
-    # other threads had open are not the child's, and left in `_busy` / `_held` they would
-    # send every hit of the child down the careful path for good.
-    me = get_ident()
-    for tid in [t for t in _busy if t != me]:
-        del _busy[tid]
-    if _held[0] is not None and not _fast_hit_on_stack(_getframe(0)):
-        _held[0] = None
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class Site:
     """One probe address and the probes registered there."""
 
@@ -254,7 +122,7 @@ class Site:
         self.symbol = symbol
         self.probes: list[Kprobe] = []
         #: The enabled, armed probes, in registration order: what a hit runs. Replaced
-        #: (never mutated) under the registry lock by `set_active`, so that a hit reads a
+        #: (never mutated) under the table lock by `set_active`, so that a hit reads a
         #: consistent tuple.
         self.active: tuple[Kprobe, ...] = ()
         #: The active probes that have a post_handler.
@@ -280,7 +148,7 @@ class Site:
         return len(self.probes) > 1
 
     def set_active(self, active: tuple[Kprobe, ...]) -> None:
-        """Publish what a hit runs (under the registry lock)."""
+        """Publish what a hit runs (under the table lock)."""
         self.active = active
         self.posts = tuple(p for p in active if p.post_handler is not None)
         fast = None
@@ -338,7 +206,7 @@ class Site:
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001 - never reaches the program
-            _report_fault(p, "pre_handler", exc)
+            report_fault(p, "pre_handler", exc)
         finally:
             regs._frame = None
             _held[0] = None
@@ -346,7 +214,7 @@ class Site:
     def _run(self, frame: FrameType, stack: FrameType | None) -> None:
         active = self.active
         tid = get_ident()
-        if (_busy or _held[0] is not None) and _thread_busy(tid, stack):
+        if (_busy or _held[0] is not None) and thread_busy(tid, stack):
             for p in active:
                 p.nmissed += 1
             return
@@ -368,7 +236,7 @@ class Site:
         if not posts:
             return
         tid = get_ident()
-        if (_busy or _held[0] is not None) and _thread_busy(tid, _getframe(1)):
+        if (_busy or _held[0] is not None) and thread_busy(tid, _getframe(1)):
             return  # the pre-hit was counted missed already
         regs = _busy[tid] = Regs(frame, self.addr.offset)
         try:
@@ -383,8 +251,8 @@ class Site:
         return f"<Site {self.symbol}+{self.addr.offset} probes={len(self.probes)}>"
 
 
-#: The code of the frames that run a hit's handlers (`_fast_hit_on_stack`, SiteRegs): the
-#: trampoline, `Site.pre`, and the return side's (core/returns.py adds it).
-HIT_CODES: Final = CodeIds(HIT_CODE, Site.pre.__code__)
+# The code of the frames that run a hit's handlers (guard.fast_hit_on_stack, SiteRegs).
+HIT_CODES.add(HIT_CODE)
+HIT_CODES.add(Site.pre.__code__)
 CAREFUL_CODES.add(Site._run.__code__)
 CAREFUL_CODES.add(Site.careful.__code__)

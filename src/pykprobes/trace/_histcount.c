@@ -29,8 +29,8 @@ typedef struct {
     Py_ssize_t nargs;
     Py_ssize_t index;
     char log2;
-    PyObject *busy;    /* core.site._busy */
-    PyObject *held;    /* core.site._held */
+    PyObject *busy;    /* core.guard.busy */
+    PyObject *held;    /* core.guard.held */
     PyObject *entries; /* HistMap.entries */
     PyObject *insert;  /* HistMap.insert */
     PyObject *convert; /* the key fetcharg's converter */

@@ -483,8 +483,8 @@ typedef struct {
     long long nhit;
     PyObject *event;
     Ring *ring;
-    PyObject *busy;       /* core.site._busy: careful-path hits in flight, by thread */
-    PyObject *held;       /* core.site._held: [the fast-path hit's Regs, or None] */
+    PyObject *busy;       /* core.guard.busy: careful-path hits in flight, by thread */
+    PyObject *held;       /* core.guard.held: [the fast-path hit's Regs, or None] */
     PyObject *kinds;      /* tuple of int */
     PyObject *converters; /* tuple of callables */
     unsigned char *kind;  /* the kinds, as bytes */

@@ -1,13 +1,13 @@
 """Which implementation of the trace hot path runs: the C accelerator or pure Python.
 
 The two implement the same three things, with the same behaviour (tests/trace run against
-both: `dev.py test` runs the suite once more per Python with PYKPROBES_CORE=python):
+both: `dev.py test` runs the suite once more per Python with PYKPROBES_ACCELERATOR=off):
 
 - `Ring`: the trace buffer's storage (ring.py / `_speedups.Ring`);
 - `thread_key()`: the calling thread's key (cmdlines.py / `_speedups.thread_key`);
 - `Recorder`: the compiled record of an event (recorder.py / `_speedups.Recorder`).
 
-The choice is accelerator.py's, made once for the package (`PYKPROBES_CORE=python` forces
+The choice is accelerator.py's, made once for the package (`PYKPROBES_ACCELERATOR=off` forces
 the fallback). `pykprobes info` prints `NAME` and `REASON`.
 """
 

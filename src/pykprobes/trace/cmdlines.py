@@ -80,5 +80,5 @@ os.register_at_fork(after_in_child=saved.clear)
 def resolve(key: Any) -> tuple[int, str]:
     """`(tid, comm)` of a record's key; a `(tid, comm)` pair stands for itself."""
     if type(key) is tuple:
-        return key  # type: ignore[return-value]
+        return key
     return saved.get(key, UNKNOWN)

@@ -28,8 +28,8 @@ CompiledCall): the rewritten code loads the arguments itself and calls the point
 recorder (backend.Recorder: C, or its Python fallback) with them, which records without a
 frame object, a Regs or f_locals. The recorder hands the hit back to the careful path
 (the probe's handler, `_hit`) whenever that path has something to do: a filter, tracing
-off, a probe handler running in some thread (the reentrancy rule: `core.site._busy` and
-`_held`).
+off, a probe handler running in some thread (the reentrancy rule: the marks of core/guard.py,
+handed to the recorders with the offer).
 
 Triggers (trace/hist.py) belong to the event: every hit of any of its points runs them,
 whether or not the event is enabled; its probes are armed while it is enabled *or* has a
@@ -48,6 +48,7 @@ supplied by the hit path, not fetched from the frame, so that a compiled return 
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import threading
@@ -58,8 +59,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import pykprobes as kp
 from pykprobes import grammar
-from pykprobes.core.site import _busy, _held
-from pykprobes.errors import KprobeError, ParseError
+from pykprobes.errors import ERRORS, KprobeError, ParseError
 from pykprobes.trace import backend, fetchargs
 from pykprobes.trace.buffer import TraceBuffer, fixed_size, values_size
 from pykprobes.trace.cmdlines import resolve
@@ -170,7 +170,7 @@ class Event:
 
     @classmethod
     def of(cls, point: ProbePoint, buffer: TraceBuffer, event_id: int) -> Event:
-        """A new event whose first point is `point` (prepared)."""
+        """A new event whose first point is `point` (registered)."""
         d = point.definition
         event = cls(d.group, d.event, point.args, point.is_return, buffer, event_id)
         event.add(point)
@@ -192,7 +192,7 @@ class Event:
         self._refresh()
 
     def refusal(self, point: ProbePoint) -> tuple[str, int] | None:
-        """Why `point` (prepared) cannot join this event (kernel append_trace_kprobe()), as
+        """Why `point` (registered) cannot join this event (kernel append_trace_kprobe()), as
         (error code, column), or None. The kind of probe must be the event's (caret at 0);
         the arguments must be the event's, name for name and type for type
         (trace_probe_compare_arg_type(): the caret at the first that differs, past the end
@@ -234,9 +234,9 @@ class Event:
 
     # ------------------------------------------------------------------ switches
 
-    def release(self) -> None:
+    def unregister(self) -> None:
         for point in self.points:
-            point.release()
+            point.unregister()
         self.enabled = False
         self.triggers = []
         self._armed = False
@@ -415,7 +415,7 @@ class ProbePoint:
         self.definition = definition
         self.is_return: bool = definition.kind == "r"
         self.event: Event | None = None
-        #: The fetchargs, `$arg*` expanded (prepare()), their field names and types.
+        #: The fetchargs, `$arg*` expanded (register()), their field names and types.
         self.args: list[grammar.FetchArgDef] = definition.args
         self.fields: tuple[str, ...] = ()
         self.types: tuple[str | None, ...] = ()
@@ -426,7 +426,8 @@ class ProbePoint:
         self.modules: set[str] = set()
         #: id(code) -> (code, recorder, variables): the compiled call offered for a code
         #: (a backend.Recorder, or a hist.HistRecorder whose `call` is offered).
-        self._compiled: dict[int, tuple[Any, Any, tuple[str, ...]]] = {}
+        #: A return event's third item is its core/rethook.py CompiledReturn.
+        self._compiled: dict[int, tuple[Any, Any, Any]] = {}
         self._fetch: fetchargs.FetchAll = lambda regs, f_locals=None: ()
         #: A return event that reads arguments: they are taken at entry.
         self._entry = False
@@ -490,7 +491,7 @@ class ProbePoint:
         self.offset = addrs[0].offset
         return [{"addr": a} for a in addrs], addrs[0].code
 
-    def prepare(self, *, early: bool = False,
+    def register(self, *, early: bool = False,
                 line_symbols: Callable[[str], list[tuple[str, str, int]]] | None = None,
                 code_before_import: Callable[[str], Any] | None = None) -> None:
         """Resolve the target, register the probes (disabled, or `early`: enabled early
@@ -503,7 +504,7 @@ class ProbePoint:
         # Whether a return event reads arguments (taken at entry): known from the text.
         self._entry = self.is_return and any(a.kind in _VARIABLE_KINDS or a.kind == "args"
                                              for a in d.args)
-        self.probes = self._register(specs, early)
+        self.probes = self._register_probes(specs, early)
         try:
             resolved = getattr(self.probes[0], "addr", None)
             if isinstance(resolved, kp.ProbeAddress):
@@ -525,11 +526,12 @@ class ProbePoint:
             self._fetch = fetchargs.compile_fetchargs(self.args, is_return=self.is_return,
                                                       text=d.text, code=code)
         except (ParseError, KprobeError):
-            self.release()
+            self.unregister()
             raise
         self._watch()
 
-    def _register(self, specs: list[dict[str, Any]], early: bool = False) -> list[Any]:
+    def _register_probes(self, specs: list[dict[str, Any]], early: bool = False
+                         ) -> list[Any]:
         """New probes at `specs`, registered (all or none) disabled, or enabled when
         `early` (an early probe cannot be registered DISABLED: the seed)."""
         d = self.definition
@@ -583,7 +585,7 @@ class ProbePoint:
         event = self.event
         return event is not None and not (event.stamped or event.span_mode)
 
-    def release(self) -> None:
+    def unregister(self) -> None:
         _forget(self)
         if self.is_return:
             kp.unregister_kretprobes(self.probes)
@@ -642,19 +644,21 @@ class ProbePoint:
             kp.unregister_kprobes(old)
         # While early (the boot stage's events), probes are registered enabled (the seed).
         early = kp.kprobes_is_early()
-        self.probes = self._register(specs, early)
+        self.probes = self._register_probes(specs, early)
         event = self.event
         if event is not None and event._armed and not early:
             self.enable()
 
     # ------------------------------------------------------------------ compiled event
 
-    def compile_call(self, code: Any, offset: int) -> tuple[Any, tuple[str, ...]] | None:
-        """The probes' `compile_call` (core/arch.py CompiledCall): `(recorder, argument
+    def compile_call(self, code: Any, offset: int, current: Any
+                     ) -> tuple[Any, tuple[str, ...]] | None:
+        """The probes' `compile_call` (core/arch.py CompiledCall; `current`, the core's
+        current_kprobe marks, is what the recorders test): `(recorder, argument
         names)` when every fetcharg is rooted at an argument of `code` and the event writes
         into a trace buffer or is hist-only with one compilable trigger; else None. One
         recorder per code object, kept while the point lives, so that the registry sees the
-        same call each time it rebuilds. Called under the registry lock: takes no lock."""
+        same call each time it rebuilds. Called under the table lock: takes no lock."""
         cached = self._compiled.get(id(code))
         if cached is not None and cached[0] is code:
             recorder = cached[1]
@@ -681,13 +685,13 @@ class ProbePoint:
         if trigger is not None:
             from pykprobes.trace.hist import HistRecorder
 
-            counter = HistRecorder(trigger, converters, _busy, _held)
+            counter = HistRecorder(trigger, converters, current.busy, current.held)
             self._compiled[id(code)] = (code, counter, variables)
             self._refresh(*event._fast())
             return counter.call, variables
         size = -1 if event.size is None else event.size
-        recorder = backend.Recorder(self, ring, _busy, _held, tuple(kinds), tuple(converters),
-                                    size)
+        recorder = backend.Recorder(self, ring, current.busy, current.held, tuple(kinds),
+                                    tuple(converters), size)
         self._compiled[id(code)] = (code, recorder, variables)
         self._refresh(*event._fast())
         return recorder, variables
@@ -740,11 +744,11 @@ class ProbePoint:
         if trigger is not None:
             from pykprobes.trace.hist import HistRecorder
 
-            recorder = HistRecorder(trigger, converters, _busy, _held)
+            recorder = HistRecorder(trigger, converters, kit.busy, kit.held)
             record, caller = recorder.call, False
         else:
             size = -1 if event.size is None else event.size
-            recorder = backend.Recorder(self, ring, _busy, _held, tuple(kinds),
+            recorder = backend.Recorder(self, ring, kit.busy, kit.held, tuple(kinds),
                                         tuple(converters), size, True)
             record, caller = recorder, True
         names = tuple(params[i] for i in indices)
@@ -787,7 +791,8 @@ class ProbePoint:
     @property
     def hits(self) -> int:
         """Hits of the careful path (the probes' nhit) and of the recorders."""
-        return sum(p.nhit for p in self.probes) + self._recorded()
+        careful: int = sum(p.nhit for p in self.probes)
+        return careful + self._recorded()
 
     def _recorded(self) -> int:
         return sum(int(r.nhit) for _, r, _ in list(self._compiled.values()))
@@ -841,7 +846,7 @@ class ProbePoint:
             # The arguments as they were at entry, over the variables as they are now.
             try:
                 variables = dict(frame.f_locals)
-            except Exception:  # noqa: BLE001 - the hot path never raises (STYLE.md rule 7)
+            except Exception:  # noqa: BLE001 - the hot path never raises (docs/architecture.md, rule 7)
                 variables = {}
             variables.update(entry)
             values = self._fetch(regs, variables)
@@ -867,11 +872,80 @@ class ProbePoint:
         return f"<ProbePoint {self.group}/{self.name} {self.definition.text!r}>"
 
 
+# --------------------------------------------------------------------------- the entry
+
+
+class DefinitionError(KprobeError):
+    """A definition that cannot be registered: `.errno` is what the kernel's write returns,
+    `.code` names the message (errors.ERRORS), `.pos` is the column of the caret, and
+    `.target_error` the core's own error for a bad target (None otherwise)."""
+
+    def __init__(self, err: int, code: str, pos: int,
+                 target_error: KprobeError | None = None) -> None:
+        super().__init__(err, ERRORS.get(code, code))
+        self.code = code
+        self.pos = pos
+        self.target_error = target_error
+
+
+def register_trace_kprobe(
+        events: dict[tuple[str, str], Event], d: grammar.ProbeDef, buffer: TraceBuffer,
+        new_id: Callable[[], int], *, early: bool = False,
+        line_symbols: Callable[[str], list[tuple[str, str, int]]] | None = None,
+        code_before_import: Callable[[str], Any] | None = None) -> Event:
+    """The one way from a definition to a registered event, for the tracefs file and the
+    boot stage alike, as the kernel's kprobe_events writes and its `kprobe_event=` boot
+    parameter both go through trace_kprobe_create(): a new event `d.group/d.event` put into
+    `events` (numbered `new_id()`), or a point appended to the event of that name
+    (append_trace_kprobe()). `early`: the boot stage's, whose probes are early probes,
+    registered enabled (an early probe cannot be registered DISABLED: the seed), so that a
+    new event is enabled and armed as it stands; `line_symbols` and `code_before_import` as
+    for ProbePoint.register. Raises DefinitionError, with nothing left registered."""
+    key = (d.group, d.event)
+    event = events.get(key)
+    if event is not None and event.is_return != (d.kind == "r"):
+        # Before the probes are registered, as the kernel's register_trace_kprobe().
+        raise DefinitionError(errno.EEXIST, "DIFF_PROBE_TYPE", 0)
+    point = ProbePoint(d)
+    try:
+        point.register(early=early, line_symbols=line_symbols,
+                       code_before_import=code_before_import)
+    except ParseError as exc:
+        # trace_uprobe.c returns kern_path()'s -ENOENT with FILE_NOT_FOUND.
+        err = errno.ENOENT if exc.code == "FILE_NOT_FOUND" else errno.EINVAL
+        raise DefinitionError(err, exc.code, exc.pos) from exc
+    except KprobeError as exc:
+        code = "NON_UNIQ_SYMBOL" if exc.errno == errno.EADDRNOTAVAIL else "BAD_PROBE_ADDR"
+        raise DefinitionError(exc.errno, code, _target_pos(d.text), exc) from exc
+    if event is None:
+        event = Event.of(point, buffer, new_id())
+        if early:
+            event.armed_early()
+        events[key] = event
+        return event
+    refusal = event.refusal(point)
+    if refusal is not None:
+        point.unregister()
+        raise DefinitionError(errno.EEXIST, *refusal)
+    if early:
+        point.event = event  # its probes are enabled already
+        event.points.append(point)
+    else:
+        event.add(point)
+    return event
+
+
+def _target_pos(text: str) -> int:
+    """The column of a definition's target (the caret under a bad one)."""
+    space = text.find(" ")
+    return space + 1 if space >= 0 else 0
+
+
 # --------------------------------------------------------------------------- modules
 
 #: module name -> the points with probes on it (the kernel walks its trace_kprobes).
 _by_module: dict[str, weakref.WeakSet[ProbePoint]] = {}
-#: Guards the table, and serializes a point's rearm() with its release().
+#: Guards the table, and serializes a point's rearm() with its unregister().
 _modules_lock = threading.RLock()
 _notifier_registered = False
 

@@ -60,7 +60,7 @@ import threading
 from _thread import get_ident
 from collections.abc import Callable, Sequence
 from types import CodeType, FrameType
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from pykprobes.errors import ParseError
 from pykprobes.grammar import FetchArgDef, parse_fetcharg
@@ -68,7 +68,7 @@ from pykprobes.trace.safe import FAULT, STR_CAP, Fault, Opaque, describe, get_at
 from pykprobes.trace.types import TYPES, Converter
 
 if TYPE_CHECKING:
-    from pykprobes.core.regs import Regs
+    from pykprobes import Regs
 
 __all__ = [
     "FAULT",
@@ -99,7 +99,7 @@ _dict_get: Final = dict.get
 
 def _locals_type() -> type:
     # What frame.f_locals is for a function's frame: dict before PEP 667 (3.13), a
-    # FrameLocalsProxy from it. Asked of a frame, not of the version (STYLE.md rule 4).
+    # FrameLocalsProxy from it. Asked of a frame, not of the version (docs/architecture.md, rule 4).
     return type(sys._getframe().f_locals)
 
 
@@ -155,7 +155,7 @@ def entry_arguments(frame: FrameType) -> dict[str, Any]:
             if value is not FAULT:
                 out[name] = value
         return out
-    except Exception:  # noqa: BLE001 - the hot path never raises (STYLE.md rule 7)
+    except Exception:  # noqa: BLE001 - the hot path never raises (docs/architecture.md, rule 7)
         return {}
 
 
@@ -294,7 +294,7 @@ def _chain_fetch(
             try:
                 value = root_fetch(regs, f_locals)
                 return FAULT if value is FAULT else convert(value)
-            except Exception:  # noqa: BLE001 - the hot path never raises (STYLE.md rule 7)
+            except Exception:  # noqa: BLE001 - the hot path never raises (docs/architecture.md, rule 7)
                 return FAULT
 
         return fetch
@@ -307,7 +307,7 @@ def _chain_fetch(
                     return FAULT
                 value = step(value, arg)
             return FAULT if value is FAULT else convert(value)
-        except Exception:  # noqa: BLE001 - the hot path never raises (STYLE.md rule 7)
+        except Exception:  # noqa: BLE001 - the hot path never raises (docs/architecture.md, rule 7)
             return FAULT
 
     return fetch_chain
@@ -336,7 +336,7 @@ def _arg_fetch(number: int, convert: Converter) -> FetchFn:
             else:
                 value = _read_local(f_locals, name)
             return FAULT if value is FAULT else convert(value)
-        except Exception:  # noqa: BLE001 - the hot path never raises (STYLE.md rule 7)
+        except Exception:  # noqa: BLE001 - the hot path never raises (docs/architecture.md, rule 7)
             return FAULT
 
     return fetch
@@ -353,7 +353,7 @@ def _local_fetch(name: str, convert: Converter) -> FetchFn:
             else:
                 value = _read_local(f_locals, name)
             return FAULT if value is FAULT else convert(value)
-        except Exception:  # noqa: BLE001 - the hot path never raises (STYLE.md rule 7)
+        except Exception:  # noqa: BLE001 - the hot path never raises (docs/architecture.md, rule 7)
             return FAULT
 
     return fetch
@@ -424,7 +424,7 @@ def _compile(d: FetchArgDef, text: str, code: CodeType | None) -> Fetcher:
         return Fetcher(d.body, type_name, kind, False, lambda regs, f_locals: value, value)
     needs_locals = kind in ("local", "argname", "arg")
     if kind == "local" or kind == "argname":
-        root = sys.intern(root)  # type: ignore[arg-type]  # as in _chain_fetch
+        root = sys.intern(cast(str, root))  # as in _chain_fetch
     if (kind == "local" or kind == "argname") and not chain:
         fetch = _local_fetch(root, convert)  # type: ignore[arg-type]
     elif kind == "arg" and not chain:
@@ -451,7 +451,7 @@ def argument_fetch(
             return None
         name: str = names[d.root - 1]  # type: ignore[operator]
     elif d.kind in ("local", "argname") and d.root in names:
-        name = d.root  # type: ignore[assignment]
+        name = d.root
     else:
         return None
     convert: Converter = describe if d.type is None else TYPES[d.type]

@@ -317,6 +317,7 @@ def _parse_field(piece: str, pos: int, fields: Mapping[str, str | None], text: s
     BAD_FIELD_MODIFIER at the modifier."""
     name, dot, mod = piece.partition(".")
     mpos = pos + len(name) + 1
+    ftype: str | None
     if name in _SPECIAL:
         source, index, ftype = _SPECIAL[name], -1, "str" if name == "common_comm" else "int"
     elif name in fields and name not in ("hitcount",):
@@ -504,7 +505,7 @@ class HistTrigger:
             entry[0] += 1
             for i, get in enumerate(self._vals, 1):
                 add_value(entry, i, get(values, tkey, ts, regs))
-        except Exception:  # noqa: BLE001 - the hot path never raises (STYLE.md rule 7)
+        except Exception:  # noqa: BLE001 - the hot path never raises (docs/architecture.md, rule 7)
             return
 
     @property
@@ -729,7 +730,7 @@ class HistRecorder:
     trace/recorder.py Recorder, and it counts the hit into the trigger's table with no
     frame, Regs or record. Like a Recorder, it returns True (the careful path must run
     instead) when `fast` is off (the event was enabled, or got another trigger, a filter,
-    a pause), or a probe handler runs in some thread (core.site's `_busy` and `_held`),
+    a pause), or a probe handler runs in some thread (core/guard.py's `busy` and `held`),
     and False when it counted. A value that is not an exact int goes through its
     fetcharg's converter first, so that no object of the program is kept as a key.
 

@@ -107,7 +107,7 @@ class OtlpExport:
 
         counts = self
 
-        class Counting(SpanExporter):  # type: ignore[misc]
+        class Counting(SpanExporter):
             """The exporter, counting what it sent and what it could not."""
 
             def export(self, spans: Any) -> Any:
@@ -125,7 +125,7 @@ class OtlpExport:
             def shutdown(self) -> None:
                 exporter.shutdown()
 
-        class Ids(IdGenerator):  # type: ignore[misc]
+        class Ids(IdGenerator):
             """Hands out the ids `write` chose for the span being started."""
 
             def __init__(self) -> None:

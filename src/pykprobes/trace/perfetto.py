@@ -27,7 +27,7 @@ import json
 import math
 import os
 from collections.abc import Iterable
-from typing import Any, Final, TextIO
+from typing import Any, Final, Protocol
 
 from pykprobes.trace.format import format_value
 
@@ -126,7 +126,7 @@ class TraceEvents:
         for arg, value in zip(event.args, values, strict=False):
             if getattr(arg, "kind", None) == "duration" and type(value) is int:
                 self._drop_entry(event.symbol, tid)
-                return ts - value  # type: ignore[no-any-return]
+                return ts - value
         return self._drop_entry(event.symbol, tid)
 
     def _drop_entry(self, symbol: str, tid: int) -> int | None:
@@ -140,10 +140,18 @@ class TraceEvents:
         return None
 
 
+class TextOut(Protocol):
+    """Where a PerfettoWriter writes: a text stream, or `pykprobes run`'s output."""
+
+    def write(self, text: str, /) -> Any: ...
+
+    def flush(self) -> Any: ...
+
+
 class PerfettoWriter:
     """Streams records into `out` (see the module docstring)."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextOut) -> None:
         self.out = out
         self.events = TraceEvents()
         self._first = True

@@ -208,5 +208,5 @@ class Ring:
 def _call(wake: Callable[[], object]) -> None:
     try:
         wake()
-    except Exception:  # noqa: BLE001 - a write never raises (STYLE.md rule 7)
+    except Exception:  # noqa: BLE001 - a write never raises (docs/architecture.md, rule 7)
         pass

@@ -1,4 +1,5 @@
-"""Reads of the program's objects that run none of the program's code (STYLE.md rule 9).
+"""Reads of the program's objects that run none of the program's code (docs/architecture.md,
+rule 9).
 
 A fetch runs inside the probed program, in the middle of its work: it must not run a property,
 a descriptor's `__get__`, `__getattr__`, a `__getattribute__` override, `__hash__`, `__eq__`,

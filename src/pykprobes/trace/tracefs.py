@@ -38,6 +38,7 @@ there are fewer), the very same target and arguments SAME_PROBE (column 0), all 
 from __future__ import annotations
 
 import errno
+import itertools
 import threading
 import time
 from collections import deque
@@ -49,7 +50,7 @@ from pykprobes.errors import ERRORS, KprobeError, ParseError
 from pykprobes.trace import format as fmt
 from pykprobes.trace import hist
 from pykprobes.trace.buffer import TraceBuffer
-from pykprobes.trace.events import Event, ProbePoint
+from pykprobes.trace.events import DefinitionError, Event, ProbePoint, register_trace_kprobe
 
 #: The kernel keeps the last TRACING_LOG_ERRS_MAX (16) errors.
 ERROR_LOG_MAX: Final = 16
@@ -86,7 +87,8 @@ class TraceFS:
         self.events: dict[tuple[str, str], Event] = {}
         self.error_log: deque[ErrorLogEntry] = deque(maxlen=ERROR_LOG_MAX)
         self._lock = threading.RLock()
-        self._next_id = 1000
+        #: The events' numbers (their format's ID).
+        self._new_id = itertools.count(1001).__next__
         #: The named hist tables (`hist:name=...`), shared across events.
         self.named = hist.NamedTables()
 
@@ -107,35 +109,14 @@ class TraceFS:
         if isinstance(definition, grammar.RemoveDef):
             self._remove_matching(definition)
             return None
-        key = (definition.group, definition.event)
         with self._lock:
-            event = self.events.get(key)
-            if event is not None and event.is_return != (definition.kind == "r"):
-                # Before the probes are registered, as the kernel's register_trace_kprobe().
-                raise self._fail("DIFF_PROBE_TYPE", 0, text, errno.EEXIST)
-            point = ProbePoint(definition)
             try:
-                point.prepare()
-            except ParseError as exc:
-                # trace_uprobe.c returns kern_path()'s -ENOENT with FILE_NOT_FOUND.
-                err = errno.ENOENT if exc.code == "FILE_NOT_FOUND" else errno.EINVAL
-                raise self._fail(exc.code, exc.pos, text, err) from exc
-            except KprobeError as exc:
-                code = "NON_UNIQ_SYMBOL" if exc.errno == errno.EADDRNOTAVAIL else \
-                    "BAD_PROBE_ADDR"
-                raise self._fail(code, _target_pos(text), text, exc.errno,
-                                 detail=str(exc)) from exc
-            if event is None:
-                self._next_id += 1
-                event = Event.of(point, self.buffer, self._next_id)
-                self.events[key] = event
-                return event
-            refusal = event.refusal(point)
-            if refusal is not None:
-                point.release()
-                raise self._fail(*refusal, text, errno.EEXIST)
-            event.add(point)
-        return event
+                return register_trace_kprobe(self.events, definition, self.buffer,
+                                             self._new_id)
+            except DefinitionError as exc:
+                target = exc.target_error
+                raise self._fail(exc.code, exc.pos, text, exc.errno,
+                                 detail=None if target is None else str(target)) from exc
 
     def remove(self, name: str | None, group: str | None = None) -> None:
         """`-:[GRP/]EVENT` (every point of the event), or `-:GRP/` (name None: every event
@@ -161,11 +142,11 @@ class TraceFS:
                                           f"event {event.group}/{event.name} is enabled")
                 for point in points:
                     event.points.remove(point)
-                    point.release()
+                    point.unregister()
                 if not event.points:
                     del self.events[(event.group, event.name)]
                     event.clear_triggers(self.named)
-                    event.release()
+                    event.unregister()
 
     def clear(self) -> None:
         """`echo > kprobe_events`: remove every event (EBUSY if one is enabled)."""
@@ -177,7 +158,7 @@ class TraceFS:
             for event in events:
                 event.clear_triggers(self.named)
         for event in events:
-            event.release()
+            event.unregister()
 
     def find(self, name: str, group: str | None = None) -> Event | None:
         with self._lock:
@@ -378,11 +359,6 @@ def _matches(point: ProbePoint, words: list[str]) -> bool:
         return False
     listed = _args_text(point.args).split(" ")[1:]
     return len(words) - 1 <= len(listed) and listed[: len(words) - 1] == words[1:]
-
-
-def _target_pos(text: str) -> int:
-    space = text.find(" ")
-    return space + 1 if space >= 0 else 0
 
 
 _default: TraceFS | None = None

@@ -4,8 +4,8 @@ Two kinds:
 
 * the **call sequence** put before a probed instruction: it calls one constant callable
   with no argument and drops its result, so the stack is the same before and after it. It
-  is the cheapest measured way to run a handler at an offset (ANCHOR-COSTS.md, rows H and
-  H1);
+  is the cheapest measured way to run a handler at an offset (docs/architecture.md,
+  "Costs");
 * the **return sequences** of a return probe (`ReturnSequences`): one before each return
   instruction, calling a constant callable with the value being returned, and one
   exception handler, placed after the end of the code and covering the whole body, that

@@ -49,8 +49,8 @@ from types import CodeType
 from typing import Any, Final
 
 import bytecode as _bc
-from bytecode import Bytecode, CellVar, ConcreteBytecode, ConcreteInstr, Instr, Label
-from bytecode.instr import InstrLocation, TryBegin, TryEnd
+from bytecode import Bytecode, ConcreteBytecode, ConcreteInstr, Instr, Label
+from bytecode.instr import CellVar, InstrLocation, TryBegin, TryEnd
 
 from pykprobes import env, insn
 from pykprobes.arch.rewrite import callees
@@ -159,7 +159,7 @@ _STAND_INS: Final[dict[Placeholder, object]] = {
 _FUNC_ATTR: Final[object] = "func" if env.PY311 else (False, "func")
 
 
-def _marshallable(value: object) -> bool:
+def _marshallable(value: Any) -> bool:
     try:
         marshal.dumps(value)
     except ValueError:
