@@ -37,7 +37,7 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from types import FunctionType, ModuleType
-from typing import Any
+from typing import Any, Final
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -497,6 +497,16 @@ class ProtoInlineHit(Case):
     key, group, kind = "X1", "proto", "entry"
     label = "PROTOTYPE fast path inlined into the injected code (no trampoline call)"
 
+    #: The steps of the fast path written (X1: all); the X1a-X1d rows drop some, so that
+    #: the same run shows what each step of the bookkeeping costs inline (ANALYSIS.md).
+    STEPS: Final = frozenset({"test", "mark", "count"})
+
+    def __init__(self, key: str = "X1", steps: frozenset[str] = STEPS, label: str = "") -> None:
+        self.key = key
+        self.steps = steps
+        if label:
+            self.label = label
+
     def unavailable(self) -> str | None:
         return Peer("", "", "", peers.install_closure, "bytecode").unavailable()
 
@@ -531,21 +541,26 @@ class ProtoInlineHit(Case):
 
         def make(location: Any) -> list[Any]:
             skip_pop, done = Label(), Label()
+            steps = self.steps
             ops = [
                 Instr("LOAD_CONST", box), Instr("LOAD_CONST", 0), subscr(),
                 Instr("COPY", 1), Instr(if_none, skip_pop),
-                Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0), subscr(),
-                Instr(if_not_none, skip_pop),
-                Instr("LOAD_CONST", busy), *to_bool, Instr(if_true, skip_pop),
+                *([Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0), subscr(),
+                   Instr(if_not_none, skip_pop),
+                   Instr("LOAD_CONST", busy), *to_bool, Instr(if_true, skip_pop)]
+                  if "test" in steps else []),
                 Instr("UNPACK_SEQUENCE", 3),  # regs, p, handler (top)
-                Instr("COPY", 3), Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0),
-                Instr("STORE_SUBSCR"),  # held[0] = regs
-                Instr("COPY", 2), Instr("COPY", 1), Instr("LOAD_ATTR", nhit),
-                Instr("LOAD_CONST", 1), Instr("BINARY_OP", 13), Instr("SWAP", 2),
-                Instr("STORE_ATTR", "nhit"),  # p.nhit += 1
+                *([Instr("COPY", 3), Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0),
+                   Instr("STORE_SUBSCR")]  # held[0] = regs
+                  if "mark" in steps else []),
+                *([Instr("COPY", 2), Instr("COPY", 1), Instr("LOAD_ATTR", nhit),
+                   Instr("LOAD_CONST", 1), Instr("BINARY_OP", 13), Instr("SWAP", 2),
+                   Instr("STORE_ATTR", "nhit")]  # p.nhit += 1
+                  if "count" in steps else []),
                 Instr("SWAP", 3), *call, Instr("POP_TOP"),  # handler(p, regs), method-style
-                Instr("LOAD_CONST", None), Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0),
-                Instr("STORE_SUBSCR"),  # held[0] = None
+                *([Instr("LOAD_CONST", None), Instr("LOAD_CONST", held),
+                   Instr("LOAD_CONST", 0), Instr("STORE_SUBSCR")]  # held[0] = None
+                  if "mark" in steps else []),
                 Instr("JUMP_FORWARD", done),
                 skip_pop, Instr("POP_TOP"), done,
             ]
@@ -558,7 +573,8 @@ class ProtoInlineHit(Case):
         f.__code__ = peers.inject(f, "entry", make)
 
         def check(calls: int) -> list[str]:
-            return _counter_check("nhit", p.nhit, calls) + (["left marked"] if held[0] else [])
+            counted = p.nhit if "count" in self.steps else calls
+            return _counter_check("nhit", counted, calls) + (["left marked"] if held[0] else [])
 
         def teardown() -> None:
             f.__code__ = original
@@ -729,6 +745,19 @@ def hit_cases() -> list[Case]:
         Peer("HI1", "raw injected bytecode: handler() after RESUME + handler(rv) at return",
              "entry+return", peers.install_inject_entry_return, "bytecode", per_call=2),
         ProtoInlineHit(),
+        *proto_inline_steps(),
+    ]
+
+
+def proto_inline_steps() -> list[Case]:
+    """X1 rebuilt one step at a time (each row adds one step to the previous one): the floor
+    of each piece of the kernel's bookkeeping once no trampoline call is left."""
+    x1 = "PROTOTYPE inline fast path: "
+    return [
+        ProtoInlineHit("X1a", frozenset(), x1 + "read the site's box, unpack, call the handler"),
+        ProtoInlineHit("X1b", frozenset({"test"}), x1 + "X1a + test the marks (held, busy)"),
+        ProtoInlineHit("X1c", frozenset({"test", "mark"}), x1 + "X1b + mark/unmark held[0]"),
+        ProtoInlineHit("X1d", frozenset({"test", "count"}), x1 + "X1b + count nhit (no mark)"),
     ]
 
 
@@ -743,7 +772,8 @@ COMPARISONS: list[tuple[str, str, float | None]] = [
     # Issue 13: a kretprobe (empty handlers) at most 2x raw entry + return injection, a
     # kprobe + kretprobe at most 2.5x.
     ("R1o", "HI1", 2.00), ("R2o", "HI1", 2.50),
-    ("X1", "H", 1.10),
+    ("X1", "H", 1.10), ("X1a", "H", None), ("X1b", "H", None), ("X1c", "H", None),
+    ("X1d", "H", None),
     # Issue 14: a hist-only event costs at most the optimized event; a $duration return
     # event with a .log2 hist at most 4x the unprobed call.
     ("E2o", "E1o", 1.00), ("E3o", "A", 4.00),
