@@ -582,6 +582,111 @@ class ProtoInlineHit(Case):
         return Armed(f, teardown, check)
 
 
+def build_proto(name: str) -> str | None:
+    """Compile bench/proto/<name>.c for this interpreter into a temporary directory put on
+    sys.path; the reason it cannot be built, or None."""
+    import shlex
+    import sysconfig
+
+    out_dir = tempfile.mkdtemp(prefix="pykprobes-bench-")
+    out = os.path.join(out_dir, name + str(sysconfig.get_config_var("EXT_SUFFIX")))
+    cc = shlex.split(str(sysconfig.get_config_var("CC") or "cc"))
+    command = [*cc, "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}",
+               str(HERE / "proto" / f"{name}.c"), "-o", out]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot build bench/proto/{name}.c: {exc}"
+    if done.returncode != 0:
+        return f"cannot build bench/proto/{name}.c: {done.stderr.strip()[:200]}"
+    sys.path.insert(0, out_dir)
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        return f"bench/proto/{name}.c built but not importable: {exc}"
+    return None
+
+
+class ProtoCEnterHit(Case):
+    """Bench-only prototype: the tests, the mark and the count in one C call (`enter(box)`
+    returns the site's (handler, p, regs) or None), then the handler called by the injected
+    code itself and the mark cleared by it (`enter` is bench/proto/inlenter.c, compiled by
+    the suite). No fault isolation (an exception-table entry, free when nothing raises) and
+    no careful path (`enter` would call it where it returns None): the floor of a C-assisted
+    inline hit."""
+
+    key, group, kind = "X2", "proto", "entry"
+    serial = 0
+    label = "PROTOTYPE C enter (test+mark+count) then inline handler call"
+
+    def unavailable(self) -> str | None:
+        try:
+            importlib.import_module("inlenter")
+        except ImportError:
+            problem = build_proto("inlenter")
+            if problem:
+                return problem
+        return Peer("", "", "", peers.install_closure, "bytecode").unavailable()
+
+    def setup(self, f: FunctionType, targets: Targets) -> Armed:
+        import inlenter  # type: ignore[import-not-found]
+        from bytecode import Instr, Label
+
+        class P:
+            __slots__ = ("nhit",)
+
+        p: Any = P()
+        p.nhit = 0
+        busy: dict[int, Any] = {}
+        held: list[Any] = [None]
+        inlenter.setup(held, busy, P.__dict__["nhit"])
+        box = [(peers.handler, p, object())]
+        version = sys.version_info[:2]
+        if_none = "POP_JUMP_FORWARD_IF_NONE" if version == (3, 11) else "POP_JUMP_IF_NONE"
+
+        def call(n: int) -> list[Any]:
+            return [Instr("PRECALL", n), Instr("CALL", n)] if version == (3, 11) else \
+                [Instr("CALL", n)]
+
+        # What the code calls and reads is reached by name, as pykprobes' injected code reaches
+        # it (arch/rewrite/callees.py: a marshallable code object holds no function or list).
+        ProtoCEnterHit.serial += 1
+        names = {f"__x2_{what}_{ProtoCEnterHit.serial}__": obj
+                 for what, obj in (("enter", inlenter.enter), ("box", box), ("held", held))}
+        f.__globals__.update(names)
+        enter_name, box_name, held_name = names
+
+        def make(location: Any) -> list[Any]:
+            skip_pop, done = Label(), Label()
+            ops = [
+                Instr("LOAD_GLOBAL", (True, enter_name)), Instr("LOAD_GLOBAL", (False, box_name)),
+                *call(1),
+                Instr("COPY", 1), Instr(if_none, skip_pop),
+                Instr("UNPACK_SEQUENCE", 3), Instr("SWAP", 3), *call(1), Instr("POP_TOP"),
+                Instr("LOAD_CONST", None), Instr("LOAD_GLOBAL", (False, held_name)),
+                Instr("LOAD_CONST", 0), Instr("STORE_SUBSCR"),  # held[0] = None
+                Instr("JUMP_FORWARD", done),
+                skip_pop, Instr("POP_TOP"), done,
+            ]
+            for op in ops:
+                if isinstance(op, Instr):
+                    op.location = location
+            return ops
+
+        original = f.__code__
+        f.__code__ = peers.inject(f, "entry", make)
+
+        def check(calls: int) -> list[str]:
+            return _counter_check("nhit", p.nhit, calls) + (["left marked"] if held[0] else [])
+
+        def teardown() -> None:
+            f.__code__ = original
+            for name in names:
+                del f.__globals__[name]
+
+        return Armed(f, teardown, check)
+
+
 # --------------------------------------------------------------------------- ladder
 
 
@@ -746,6 +851,7 @@ def hit_cases() -> list[Case]:
              "entry+return", peers.install_inject_entry_return, "bytecode", per_call=2),
         ProtoInlineHit(),
         *proto_inline_steps(),
+        ProtoCEnterHit(),
     ]
 
 
@@ -773,7 +879,7 @@ COMPARISONS: list[tuple[str, str, float | None]] = [
     # kprobe + kretprobe at most 2.5x.
     ("R1o", "HI1", 2.00), ("R2o", "HI1", 2.50),
     ("X1", "H", 1.10), ("X1a", "H", None), ("X1b", "H", None), ("X1c", "H", None),
-    ("X1d", "H", None),
+    ("X1d", "H", None), ("X2", "H", None),
     # Issue 14: a hist-only event costs at most the optimized event; a $duration return
     # event with a .log2 hist at most 4x the unprobed call.
     ("E2o", "E1o", 1.00), ("E3o", "A", 4.00),

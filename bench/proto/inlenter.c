@@ -1,0 +1,59 @@
+/* Bench-only prototype (bench/suite.py row X2), not pykprobes code: the optimized hit's
+   bookkeeping (test the marks, mark, count nhit) in one C call, `enter(box)`, which returns
+   the site's (handler, p, regs) or None; the injected bytecode then calls the handler itself
+   (a Python-to-Python call the eval loop inlines) and clears the mark. Built by the suite. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+static PyObject *held, *busy;
+static Py_ssize_t off = -1;
+
+static PyObject *
+setup(PyObject *m, PyObject *args)
+{
+    PyObject *h, *b, *d;
+    if (!PyArg_ParseTuple(args, "O!O!O", &PyList_Type, &h, &PyDict_Type, &b, &d))
+        return NULL;
+    if (Py_TYPE(d) != &PyMemberDescr_Type) {
+        PyErr_SetString(PyExc_TypeError, "a slot's member descriptor");
+        return NULL;
+    }
+    Py_XSETREF(held, Py_NewRef(h));
+    Py_XSETREF(busy, Py_NewRef(b));
+    off = ((PyMemberDescrObject *)d)->d_member->offset;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+enter(PyObject *m, PyObject *box)
+{
+    PyObject *fast = PyList_GET_ITEM(box, 0);
+    if (fast == Py_None || PyList_GET_ITEM(held, 0) != Py_None || PyDict_GET_SIZE(busy))
+        Py_RETURN_NONE;
+    PyObject *p = PyTuple_GET_ITEM(fast, 1), *regs = PyTuple_GET_ITEM(fast, 2);
+    PyObject **slot = (PyObject **)((char *)p + off);
+    PyObject *old = *slot;
+    long long n = PyLong_AsLongLong(old);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *nw = PyLong_FromLongLong(n + 1);
+    if (nw == NULL)
+        return NULL;
+    *slot = nw;
+    Py_DECREF(old);
+    PyObject *prev = PyList_GET_ITEM(held, 0);
+    PyList_SET_ITEM(held, 0, Py_NewRef(regs));
+    Py_DECREF(prev);
+    return Py_NewRef(fast);
+}
+
+static PyMethodDef methods[] = {
+    {"setup", setup, METH_VARARGS, NULL},
+    {"enter", enter, METH_O, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "inlenter", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit_inlenter(void) { return PyModule_Create(&mod); }
