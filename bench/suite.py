@@ -611,9 +611,10 @@ class ProtoCEnterHit(Case):
     """Bench-only prototype: the tests, the mark and the count in one C call (`enter(box)`
     returns the site's (handler, p, regs) or None), then the handler called by the injected
     code itself and the mark cleared by it (`enter` is bench/proto/inlenter.c, compiled by
-    the suite). No fault isolation (an exception-table entry, free when nothing raises) and
-    no careful path (`enter` would call it where it returns None): the floor of a C-assisted
-    inline hit."""
+    the suite). A handler's exception is isolated as the trampoline isolates it (an
+    exception-table entry: `fault` unmarks, counts `nfault`, lets KeyboardInterrupt through);
+    no careful path (`enter` would call it where it returns None, off the fast path): what a
+    C-assisted inline hit would cost."""
 
     key, group, kind = "X2", "proto", "entry"
     serial = 0
@@ -630,13 +631,13 @@ class ProtoCEnterHit(Case):
 
     def setup(self, f: FunctionType, targets: Targets) -> Armed:
         import inlenter  # type: ignore[import-not-found]
-        from bytecode import Instr, Label
+        from bytecode import Instr, Label, TryBegin, TryEnd
 
         class P:
-            __slots__ = ("nhit",)
+            __slots__ = ("nfault", "nhit")
 
         p: Any = P()
-        p.nhit = 0
+        p.nhit = p.nfault = 0
         busy: dict[int, Any] = {}
         held: list[Any] = [None]
         inlenter.setup(held, busy, P.__dict__["nhit"])
@@ -651,21 +652,41 @@ class ProtoCEnterHit(Case):
         # What the code calls and reads is reached by name, as pykprobes' injected code reaches
         # it (arch/rewrite/callees.py: a marshallable code object holds no function or list).
         ProtoCEnterHit.serial += 1
+        def fault(box: list[Any], exc: BaseException) -> None:
+            held[0] = None
+            if isinstance(exc, KeyboardInterrupt):
+                raise exc
+            box[0][1].nfault += 1
+
         names = {f"__x2_{what}_{ProtoCEnterHit.serial}__": obj
-                 for what, obj in (("enter", inlenter.enter), ("box", box), ("held", held))}
+                 for what, obj in (("enter", inlenter.enter), ("box", box), ("held", held),
+                                   ("fault", fault))}
         f.__globals__.update(names)
-        enter_name, box_name, held_name = names
+        enter_name, box_name, held_name, fault_name = names
 
         def make(location: Any) -> list[Any]:
             skip_pop, done = Label(), Label()
+            handler, cleanup = Label(), Label()
+            hit, unwind = TryBegin(handler, push_lasti=False), TryBegin(cleanup, push_lasti=True)
             ops = [
+                hit,
                 Instr("LOAD_GLOBAL", (True, enter_name)), Instr("LOAD_GLOBAL", (False, box_name)),
                 *call(1),
                 Instr("COPY", 1), Instr(if_none, skip_pop),
-                Instr("UNPACK_SEQUENCE", 3), Instr("SWAP", 3), *call(1), Instr("POP_TOP"),
+                Instr("UNPACK_SEQUENCE", 3), Instr("SWAP", 3), *call(1),  # handler(p, regs)
+                TryEnd(hit),
+                Instr("POP_TOP"),
                 Instr("LOAD_CONST", None), Instr("LOAD_GLOBAL", (False, held_name)),
                 Instr("LOAD_CONST", 0), Instr("STORE_SUBSCR"),  # held[0] = None
                 Instr("JUMP_FORWARD", done),
+                # except BaseException as exc: fault(box, exc) (it unmarks, counts, and
+                # raises KeyboardInterrupt again, which the cleanup lets through)
+                handler, unwind, Instr("PUSH_EXC_INFO"),
+                Instr("LOAD_GLOBAL", (True, fault_name)), Instr("LOAD_GLOBAL", (False, box_name)),
+                Instr("COPY", 4), *call(2), Instr("POP_TOP"), Instr("POP_TOP"),
+                TryEnd(unwind),
+                Instr("POP_EXCEPT"), Instr("JUMP_FORWARD", done),
+                cleanup, Instr("COPY", 3), Instr("POP_EXCEPT"), Instr("RERAISE", 1),
                 skip_pop, Instr("POP_TOP"), done,
             ]
             for op in ops:
@@ -677,7 +698,8 @@ class ProtoCEnterHit(Case):
         f.__code__ = peers.inject(f, "entry", make)
 
         def check(calls: int) -> list[str]:
-            return _counter_check("nhit", p.nhit, calls) + (["left marked"] if held[0] else [])
+            return (_counter_check("nhit", p.nhit, calls) + _counter_check("nfault", p.nfault, 0)
+                    + (["left marked"] if held[0] else []))
 
         def teardown() -> None:
             f.__code__ = original
