@@ -583,28 +583,34 @@ class ProtoInlineHit(Case):
 
 
 def build_proto(name: str) -> str | None:
-    """Compile bench/proto/<name>.c for this interpreter into a temporary directory put on
-    sys.path; the reason it cannot be built, or None."""
+    """Compile bench/proto/<name>.c for this interpreter and import it; the reason it cannot
+    be, or None. The build directory goes at once (the loaded module stays mapped)."""
     import shlex
+    import shutil
     import sysconfig
 
-    out_dir = tempfile.mkdtemp(prefix="pykprobes-bench-")
-    out = os.path.join(out_dir, name + str(sysconfig.get_config_var("EXT_SUFFIX")))
-    cc = shlex.split(str(sysconfig.get_config_var("CC") or "cc"))
-    command = [*cc, "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}",
-               str(HERE / "proto" / f"{name}.c"), "-o", out]
+    out_dir = tempfile.mkdtemp(prefix="pykprobes-bench-proto-")
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"cannot build bench/proto/{name}.c: {exc}"
-    if done.returncode != 0:
-        return f"cannot build bench/proto/{name}.c: {done.stderr.strip()[:200]}"
-    sys.path.insert(0, out_dir)
-    try:
-        importlib.import_module(name)
-    except ImportError as exc:
-        return f"bench/proto/{name}.c built but not importable: {exc}"
-    return None
+        out = os.path.join(out_dir, name + str(sysconfig.get_config_var("EXT_SUFFIX")))
+        cc = shlex.split(str(sysconfig.get_config_var("CC") or "cc"))
+        command = [*cc, "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}",
+                   str(HERE / "proto" / f"{name}.c"), "-o", out]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"cannot build bench/proto/{name}.c: {exc}"
+        if done.returncode != 0:
+            return f"cannot build bench/proto/{name}.c: {done.stderr.strip()[:200]}"
+        sys.path.insert(0, out_dir)
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            return f"bench/proto/{name}.c built but not importable: {exc}"
+        finally:
+            sys.path.remove(out_dir)
+        return None
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 class ProtoCEnterHit(Case):
@@ -631,7 +637,8 @@ class ProtoCEnterHit(Case):
 
     def setup(self, f: FunctionType, targets: Targets) -> Armed:
         import inlenter  # type: ignore[import-not-found]
-        from bytecode import Instr, Label, TryBegin, TryEnd
+        from bytecode import Instr, Label
+        from bytecode.instr import TryBegin, TryEnd
 
         class P:
             __slots__ = ("nfault", "nhit")
