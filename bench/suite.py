@@ -626,6 +626,14 @@ class ProtoCEnterHit(Case):
     serial = 0
     label = "PROTOTYPE C enter (test+mark+count) then inline handler call"
 
+    def __init__(self, key: str = "X2", c_count: bool = False, label: str = "") -> None:
+        self.key = key
+        #: X3: `enter_c` counts in a C integer (no int allocated per hit), where a probe's
+        #: nhit would add it as the rethook's entry counts are added (core/_rethook.c).
+        self.c_count = c_count
+        if label:
+            self.label = label
+
     def unavailable(self) -> str | None:
         try:
             importlib.import_module("inlenter")
@@ -665,8 +673,10 @@ class ProtoCEnterHit(Case):
                 raise exc
             box[0][1].nfault += 1
 
+        enter = inlenter.enter_c if self.c_count else inlenter.enter
+        base = inlenter.counted()
         names = {f"__x2_{what}_{ProtoCEnterHit.serial}__": obj
-                 for what, obj in (("enter", inlenter.enter), ("box", box), ("held", held),
+                 for what, obj in (("enter", enter), ("box", box), ("held", held),
                                    ("fault", fault))}
         f.__globals__.update(names)
         enter_name, box_name, held_name, fault_name = names
@@ -705,7 +715,8 @@ class ProtoCEnterHit(Case):
         f.__code__ = peers.inject(f, "entry", make)
 
         def check(calls: int) -> list[str]:
-            return (_counter_check("nhit", p.nhit, calls) + _counter_check("nfault", p.nfault, 0)
+            nhit = inlenter.counted() - base if self.c_count else p.nhit
+            return (_counter_check("nhit", nhit, calls) + _counter_check("nfault", p.nfault, 0)
                     + (["left marked"] if held[0] else []))
 
         def teardown() -> None:
@@ -881,6 +892,7 @@ def hit_cases() -> list[Case]:
         ProtoInlineHit(),
         *proto_inline_steps(),
         ProtoCEnterHit(),
+        ProtoCEnterHit("X3", True, "PROTOTYPE X2 counting nhit in a C integer"),
     ]
 
 
@@ -908,7 +920,7 @@ COMPARISONS: list[tuple[str, str, float | None]] = [
     # kprobe + kretprobe at most 2.5x.
     ("R1o", "HI1", 2.00), ("R2o", "HI1", 2.50),
     ("X1", "H", 1.10), ("X1a", "H", None), ("X1b", "H", None), ("X1c", "H", None),
-    ("X1d", "H", None), ("X2", "H", None),
+    ("X1d", "H", None), ("X2", "H", None), ("X3", "H", None),
     # Issue 14: a hist-only event costs at most the optimized event; a $duration return
     # event with a .log2 hist at most 4x the unprobed call.
     ("E2o", "E1o", 1.00), ("E3o", "A", 4.00),

@@ -8,6 +8,8 @@
 
 static PyObject *held, *busy;
 static Py_ssize_t off = -1;
+/* enter_c's count: a C integer, read by `counted()` (where a probe's nhit would add it) */
+static long long counted;
 
 static PyObject *
 setup(PyObject *m, PyObject *args)
@@ -25,14 +27,33 @@ setup(PyObject *m, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static PyObject *
-enter(PyObject *m, PyObject *box)
+/* The tests; the site's (handler, p, regs) if they pass, else NULL (None returned). */
+static inline PyObject *
+fast_of(PyObject *box)
 {
     PyObject *fast = PyList_GET_ITEM(box, 0);
     if (fast == Py_None || PyList_GET_ITEM(held, 0) != Py_None || PyDict_GET_SIZE(busy))
+        return NULL;
+    return fast;
+}
+
+static inline PyObject *
+mark(PyObject *fast)
+{
+    PyObject *prev = PyList_GET_ITEM(held, 0);
+    PyList_SET_ITEM(held, 0, Py_NewRef(PyTuple_GET_ITEM(fast, 2)));
+    Py_DECREF(prev);
+    return Py_NewRef(fast);
+}
+
+/* Count in the probe's nhit slot (a Python int: one allocated per hit above 256). */
+static PyObject *
+enter(PyObject *m, PyObject *box)
+{
+    PyObject *fast = fast_of(box);
+    if (fast == NULL)
         Py_RETURN_NONE;
-    PyObject *p = PyTuple_GET_ITEM(fast, 1), *regs = PyTuple_GET_ITEM(fast, 2);
-    PyObject **slot = (PyObject **)((char *)p + off);
+    PyObject **slot = (PyObject **)((char *)PyTuple_GET_ITEM(fast, 1) + off);
     PyObject *old = *slot;
     long long n = PyLong_AsLongLong(old);
     if (n == -1 && PyErr_Occurred())
@@ -42,15 +63,31 @@ enter(PyObject *m, PyObject *box)
         return NULL;
     *slot = nw;
     Py_DECREF(old);
-    PyObject *prev = PyList_GET_ITEM(held, 0);
-    PyList_SET_ITEM(held, 0, Py_NewRef(regs));
-    Py_DECREF(prev);
-    return Py_NewRef(fast);
+    return mark(fast);
+}
+
+/* Count in a C integer instead (no allocation). */
+static PyObject *
+enter_c(PyObject *m, PyObject *box)
+{
+    PyObject *fast = fast_of(box);
+    if (fast == NULL)
+        Py_RETURN_NONE;
+    counted++;
+    return mark(fast);
+}
+
+static PyObject *
+counted_get(PyObject *m, PyObject *unused)
+{
+    return PyLong_FromLongLong(counted);
 }
 
 static PyMethodDef methods[] = {
     {"setup", setup, METH_VARARGS, NULL},
     {"enter", enter, METH_O, NULL},
+    {"enter_c", enter_c, METH_O, NULL},
+    {"counted", counted_get, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
 
