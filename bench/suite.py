@@ -626,8 +626,11 @@ class ProtoCEnterHit(Case):
     serial = 0
     label = "PROTOTYPE C enter (test+mark+count) then inline handler call"
 
-    def __init__(self, key: str = "X2", c_count: bool = False, label: str = "") -> None:
+    def __init__(self, key: str = "X2", c_count: bool = False, label: str = "",
+                 bound: bool = False) -> None:
         self.key = key
+        #: X4: `enter_c` bound to the box (one LOAD_GLOBAL and a call of no argument).
+        self.bound = bound
         #: X3: `enter_c` counts in a C integer (no int allocated per hit), where a probe's
         #: nhit would add it as the rethook's entry counts are added (core/_rethook.c).
         self.c_count = c_count
@@ -673,7 +676,8 @@ class ProtoCEnterHit(Case):
                 raise exc
             box[0][1].nfault += 1
 
-        enter = inlenter.enter_c if self.c_count else inlenter.enter
+        enter = inlenter.gate(box) if self.bound else (
+            inlenter.enter_c if self.c_count else inlenter.enter)
         base = inlenter.counted()
         names = {f"__x2_{what}_{ProtoCEnterHit.serial}__": obj
                  for what, obj in (("enter", enter), ("box", box), ("held", held),
@@ -687,8 +691,9 @@ class ProtoCEnterHit(Case):
             hit, unwind = TryBegin(handler, push_lasti=False), TryBegin(cleanup, push_lasti=True)
             ops = [
                 hit,
-                Instr("LOAD_GLOBAL", (True, enter_name)), Instr("LOAD_GLOBAL", (False, box_name)),
-                *call(1),
+                *([Instr("LOAD_GLOBAL", (True, enter_name)), *call(0)] if self.bound else
+                  [Instr("LOAD_GLOBAL", (True, enter_name)),
+                   Instr("LOAD_GLOBAL", (False, box_name)), *call(1)]),
                 Instr("COPY", 1), Instr(if_none, skip_pop),
                 Instr("UNPACK_SEQUENCE", 3), Instr("SWAP", 3), *call(1),  # handler(p, regs)
                 TryEnd(hit),
@@ -893,6 +898,7 @@ def hit_cases() -> list[Case]:
         *proto_inline_steps(),
         ProtoCEnterHit(),
         ProtoCEnterHit("X3", True, "PROTOTYPE X2 counting nhit in a C integer"),
+        ProtoCEnterHit("X4", True, "PROTOTYPE X3 with enter bound to the site's box", True),
     ]
 
 
@@ -920,7 +926,7 @@ COMPARISONS: list[tuple[str, str, float | None]] = [
     # kprobe + kretprobe at most 2.5x.
     ("R1o", "HI1", 2.00), ("R2o", "HI1", 2.50),
     ("X1", "H", 1.10), ("X1a", "H", None), ("X1b", "H", None), ("X1c", "H", None),
-    ("X1d", "H", None), ("X2", "H", None), ("X3", "H", None),
+    ("X1d", "H", None), ("X2", "H", None), ("X3", "H", None), ("X4", "H", None),
     # Issue 14: a hist-only event costs at most the optimized event; a $duration return
     # event with a .log2 hist at most 4x the unprobed call.
     ("E2o", "E1o", 1.00), ("E3o", "A", 4.00),

@@ -77,6 +77,22 @@ enter_c(PyObject *m, PyObject *box)
     return mark(fast);
 }
 
+/* enter_c bound to one site's box: the injected code loads and calls one object. */
+static PyObject *
+enter_bound(PyObject *box, PyObject *const *args, Py_ssize_t nargs)
+{
+    return enter_c(NULL, box);
+}
+
+static PyMethodDef enter_bound_def = {"enter", (PyCFunction)(void (*)(void))enter_bound,
+                                      METH_FASTCALL, NULL};
+
+static PyObject *
+gate(PyObject *m, PyObject *box)
+{
+    return PyCFunction_NewEx(&enter_bound_def, box, NULL);
+}
+
 static PyObject *
 counted_get(PyObject *m, PyObject *unused)
 {
@@ -88,6 +104,7 @@ static PyMethodDef methods[] = {
     {"enter", enter, METH_O, NULL},
     {"enter_c", enter_c, METH_O, NULL},
     {"counted", counted_get, METH_NOARGS, NULL},
+    {"gate", gate, METH_O, NULL},
     {NULL, NULL, 0, NULL},
 };
 
