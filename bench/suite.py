@@ -627,8 +627,11 @@ class ProtoCEnterHit(Case):
     label = "PROTOTYPE C enter (test+mark+count) then inline handler call"
 
     def __init__(self, key: str = "X2", c_count: bool = False, label: str = "",
-                 bound: bool = False) -> None:
+                 bound: bool = False, kind: str = "entry") -> None:
         self.key = key
+        #: "offset": injected before the BINARY_OP, with the operands on the stack (X4o,
+        #: against H1).
+        self.kind = kind
         #: X4: `enter_c` bound to the box (one LOAD_GLOBAL and a call of no argument).
         self.bound = bound
         #: X3: `enter_c` counts in a C integer (no int allocated per hit), where a probe's
@@ -717,7 +720,7 @@ class ProtoCEnterHit(Case):
             return ops
 
         original = f.__code__
-        f.__code__ = peers.inject(f, "entry", make)
+        f.__code__ = peers.inject(f, self.kind, make)
 
         def check(calls: int) -> list[str]:
             nhit = inlenter.counted() - base if self.c_count else p.nhit
@@ -899,6 +902,7 @@ def hit_cases() -> list[Case]:
         ProtoCEnterHit(),
         ProtoCEnterHit("X3", True, "PROTOTYPE X2 counting nhit in a C integer"),
         ProtoCEnterHit("X4", True, "PROTOTYPE X3 with enter bound to the site's box", True),
+        ProtoCEnterHit("X4o", True, "PROTOTYPE X4 before BINARY_OP", True, "offset"),
     ]
 
 
@@ -925,8 +929,10 @@ COMPARISONS: list[tuple[str, str, float | None]] = [
     # Issue 13: a kretprobe (empty handlers) at most 2x raw entry + return injection, a
     # kprobe + kretprobe at most 2.5x.
     ("R1o", "HI1", 2.00), ("R2o", "HI1", 2.50),
+    # The inline prototypes (ANALYSIS.md, "The optimized kprobe against raw injection").
     ("X1", "H", 1.10), ("X1a", "H", None), ("X1b", "H", None), ("X1c", "H", None),
     ("X1d", "H", None), ("X2", "H", None), ("X3", "H", None), ("X4", "H", None),
+    ("X4o", "H1", None),
     # Issue 14: a hist-only event costs at most the optimized event; a $duration return
     # event with a .log2 hist at most 4x the unprobed call.
     ("E2o", "E1o", 1.00), ("E3o", "A", 4.00),
