@@ -72,4 +72,15 @@ RETHOOK = Extension(
     optional=True,
 )
 
-setup(cmdclass={"build_py": BuildPyWithPth}, ext_modules=[SPEEDUPS, HISTCOUNT, RETHOOK])
+# The C twin of core/opthit.py, the optimized kprobe's inline hit: optional (opthit.py falls
+# back).
+OPTHIT = Extension(
+    "pykprobes.core._opthit",
+    sources=["src/pykprobes/core/_opthit.c"],
+    optional=True,
+)
+
+setup(
+    cmdclass={"build_py": BuildPyWithPth},
+    ext_modules=[SPEEDUPS, HISTCOUNT, RETHOOK, OPTHIT],
+)

@@ -169,6 +169,35 @@ class CompiledCall:
         return f"<CompiledCall {self.record!r}({', '.join(self.variables)}) else {self.hit!r}>"
 
 
+class InlineHit:
+    """An optimized hit whose handler the rewritten code calls itself (core/opthit.py):
+    `enter()` returns (handler, probe, regs) after marking and counting, or None after
+    running the careful path; the code then calls `handler(probe, regs)` and clears
+    `held[0]`, or, where the handler raised, calls `fault(exc)` (which clears it and lets
+    only KeyboardInterrupt go on). `gate` is registered with the offsets of those calls
+    (core/regs.py INLINE_CALLS). An optimizer that cannot build the inline sequence at an
+    offset calls `hit()` there instead, as for any OptHit."""
+
+    __slots__ = ("enter", "fault", "gate", "held", "hit")
+
+    def __init__(
+        self,
+        enter: Callable[[], Any],
+        held: list[Any],
+        fault: Callable[[BaseException], None],
+        gate: Any,
+        hit: OptHit,
+    ) -> None:
+        self.enter = enter
+        self.held = held
+        self.fault = fault
+        self.gate = gate
+        self.hit = hit
+
+    def __repr__(self) -> str:
+        return f"<InlineHit {self.enter!r} else {self.hit!r}>"
+
+
 def opt_call(
     probes: tuple[Any, ...], hit: OptHit, code: CodeType, offset: int
 ) -> OptHit | CompiledCall:
@@ -269,7 +298,7 @@ class OptimizerArch(Protocol):
     def build(
         self,
         code: CodeType,
-        hits: Mapping[int, OptHit | CompiledCall],
+        hits: Mapping[int, OptHit | CompiledCall | InlineHit],
         consts: Mapping[int, CodeType],
         returns: OptReturns | None = None,
     ) -> Built:

@@ -36,7 +36,7 @@ from types import CodeType, FunctionType, ModuleType
 from typing import TYPE_CHECKING, Final
 
 from pykprobes import accelerator
-from pykprobes.core.arch import CompiledCall, OptHit, opt_call
+from pykprobes.core.arch import CompiledCall, InlineHit, OptHit
 from pykprobes.core.holders import Switches
 
 if TYPE_CHECKING:
@@ -193,9 +193,8 @@ def _rebuild(state: CodeState, mech: Mechanisms) -> None:
     returns = state.returns
     ret = bool(opt) and returns is not None and returns.armed
     # A site's one probe may offer a compiled call: a change of its probes changes the call.
-    hits: dict[int, OptHit | CompiledCall] = {
-        off: opt_call(state.sites[off].active, state.sites[off].hit, state.original, off)
-        for off in opt
+    hits: dict[int, OptHit | CompiledCall | InlineHit] = {
+        off: state.sites[off].opt_hit(state.original) for off in opt
     }
     hooks = None
     if ret and returns is not None:

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
-from pykprobes.core.regs import CodeIds, Regs
+from pykprobes.core.regs import INLINE_CALLS, CodeIds, Regs, inline_gate
 
 if TYPE_CHECKING:
     from pykprobes.core.probe import Kprobe
@@ -117,11 +117,22 @@ def _stack(frame: FrameType | None) -> Iterator[FrameType]:
         frame = frame.f_back
 
 
+def _is_hit(f: FrameType, hits: set[int]) -> bool:
+    """`f` runs a hit: a trampoline, `Site.pre`..., or a probed frame calling its handler
+    inline (core/opthit.py)."""
+    key = id(f.f_code)
+    if key in hits:
+        return True
+    calls = INLINE_CALLS.get(key)
+    return calls is not None and f.f_lasti in calls
+
+
 def fast_hit_on_stack(frame: FrameType | None) -> bool:
-    """True if `frame` or a caller of it runs a hit (a trampoline or `Site.pre`): this thread
-    is inside a handler (a fast-path one, or a careful one, which also marks its ident)."""
+    """True if `frame` or a caller of it runs a hit (a trampoline, `Site.pre`, an inline
+    handler call): this thread is inside a handler (a fast-path one, or a careful one,
+    which also marks its ident)."""
     hits = HIT_CODES.ids
-    return any(id(f.f_code) in hits for f in _stack(frame))
+    return any(_is_hit(f, hits) for f in _stack(frame))
 
 
 def thread_busy(tid: int, frame: FrameType | None) -> bool:
@@ -136,15 +147,36 @@ def in_handler() -> bool:
     return thread_busy(get_ident(), _getframe(1))
 
 
-def _fast_frames() -> dict[int, FrameType]:
+class _InFlight:
+    """A hit seen in another thread: its outermost hit frame, and for an inline hit (whose
+    frame goes on running the program afterwards) the place and the gate's serial."""
+
+    __slots__ = ("frame", "gate", "lasti", "serial")
+
+    def __init__(self, frame: FrameType) -> None:
+        self.frame = frame
+        self.gate = inline_gate(frame)
+        self.lasti = frame.f_lasti
+        self.serial = self.gate.serial if self.gate is not None else 0
+
+    def running(self, stack: FrameType | None) -> bool:
+        """Still in flight: the frame on that thread's stack and, inline, still in the same
+        handler call."""
+        if not _on_stack(self.frame, stack):
+            return False
+        gate = self.gate
+        return gate is None or (self.frame.f_lasti == self.lasti and gate.serial == self.serial)
+
+
+def _fast_frames() -> dict[int, _InFlight]:
     """Threads now inside a hit, with the outermost frame running one."""
     hits = HIT_CODES.ids
     found: dict[int, FrameType] = {}
     for tid, frame in sys._current_frames().items():
         for f in _stack(frame):
-            if id(f.f_code) in hits:
+            if _is_hit(f, hits):
                 found[tid] = f
-    return found
+    return {tid: _InFlight(f) for tid, f in found.items()}
 
 
 def synchronize_hits(timeout: float = 10.0) -> None:
@@ -165,7 +197,7 @@ def synchronize_hits(timeout: float = 10.0) -> None:
         inflight = {tid: r for tid, r in inflight.items() if busy.get(tid) is r}
         if fast:
             now = sys._current_frames()
-            fast = {t: f for t, f in fast.items() if _on_stack(f, now.get(t))}
+            fast = {t: f for t, f in fast.items() if f.running(now.get(t))}
 
 
 def _on_stack(target: FrameType, frame: FrameType | None) -> bool:

@@ -9,6 +9,7 @@ while the handler runs, as the kernel's pt_regs are (they live on the stack of t
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Mapping
 from types import CodeType, FrameType
 from typing import Any, Final
@@ -118,6 +119,35 @@ def probed_frame(hit_frame: FrameType) -> FrameType:
     return frame
 
 
+#: The optimized hit's handler calls, made by the probed frame itself (core/opthit.py): per
+#: rewritten code object (by id, for as long as it lives), each `f_lasti` a frame of it has
+#: while it is inside the call of a handler or of the fault report, and the site's Gate.
+INLINE_CALLS: Final[dict[int, dict[int, Any]]] = {}
+
+
+def register_inline_calls(code: CodeType, calls: dict[int, Any]) -> None:
+    """`code` (just built) calls handlers inline at these offsets."""
+    if not calls:
+        return
+    key = id(code)
+    INLINE_CALLS[key] = calls
+    final = weakref.finalize(code, _forget_inline_calls, key, calls)
+    final.atexit = False
+
+
+def _forget_inline_calls(key: int, calls: dict[int, Any]) -> None:
+    if INLINE_CALLS.get(key) is calls:
+        del INLINE_CALLS[key]
+
+
+def inline_gate(frame: FrameType) -> Any:
+    """The Gate of the optimized hit whose handler `frame` is calling, or None."""
+    calls = INLINE_CALLS.get(id(frame.f_code))
+    if calls is None:
+        return None
+    return calls.get(frame.f_lasti)
+
+
 #: The code of the frames that run handlers on the careful path (core/site.py adds them): a
 #: hit frame that called one of them is not a fast-path hit.
 CAREFUL_CODES: Final = CodeIds()
@@ -175,10 +205,13 @@ class SiteRegs(Regs):
         found: FrameType | None = None
         callee: FrameType | None = None
         below: FrameType | None = None
+        inline = INLINE_CALLS
         f: FrameType | None = sys._getframe(1)
         while f is not None:
             code = f.f_code
-            if code is trampoline or id(code) in hits:
+            calls = inline.get(id(code))
+            if code is trampoline or id(code) in hits or (
+                    calls is not None and f.f_lasti in calls):
                 found, callee = f, below
                 if not nested:
                     break
@@ -188,6 +221,8 @@ class SiteRegs(Regs):
             raise RuntimeError(_INVALID)
         if found.f_code is trampoline and found.f_back is not None:
             return found.f_back
+        if id(found.f_code) in inline:
+            return found  # an inline hit: the probed frame calls the handler itself
         return probed_frame(found)
 
     def __repr__(self) -> str:

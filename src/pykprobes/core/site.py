@@ -36,16 +36,17 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, Final
 
-from pykprobes.core.arch import CompiledCall, opt_call
+from pykprobes.core.arch import CompiledCall, InlineHit, OptHit, opt_call
 from pykprobes.core.framecall import frame_call
 from pykprobes.core.guard import HIT_CODES, report_fault, thread_busy
 from pykprobes.core.guard import busy as _busy
 from pykprobes.core.guard import held as _held
+from pykprobes.core.opthit import CALLER_DEPTH, Gate
+from pykprobes.core.probe import Kprobe
 from pykprobes.core.regs import CAREFUL_CODES, Regs, SiteRegs, probed_frame
 
 if TYPE_CHECKING:
     from pykprobes.core.address import ProbeAddress
-    from pykprobes.core.probe import Kprobe
 
 _getframe = sys._getframe
 
@@ -96,6 +97,8 @@ def _make_trampoline(site: Site) -> Callable[[], None]:
 #: it is a hit in progress.
 HIT_CODE: Final[CodeType] = _make_trampoline(None).__code__  # type: ignore[arg-type]
 _FAST_CELL: Final = HIT_CODE.co_freevars.index("fast")
+#: The slot the C gate counts a hit in (core/_opthit.c).
+_NHIT_SLOT: Final[Any] = Kprobe.__dict__["nhit"]
 
 
 class Site:
@@ -108,7 +111,9 @@ class Site:
         "entry_event",
         "fast",
         "compiled",
+        "gate",
         "hit",
+        "inline",
         "optimized",
         "posts",
         "probes",
@@ -142,6 +147,9 @@ class Site:
         self.compiled: tuple[Callable[..., bool], tuple[str, ...]] | None = None
         #: The no-argument hit that rewritten code calls.
         self.hit: Callable[[], None] = _make_trampoline(self)
+        #: The inline hit (core/opthit.py): what rewritten code runs at a plain hit.
+        self.gate = Gate(_held, _busy, self.careful_inline, _NHIT_SLOT)
+        self.inline = InlineHit(self.gate.bound(), _held, self.fault, self.gate, self.hit)
 
     @property
     def is_aggregate(self) -> bool:
@@ -163,6 +171,13 @@ class Site:
         self.fast = fast
         cell = self.hit.__closure__[_FAST_CELL]  # type: ignore[index]
         cell.cell_contents = fast
+        self.gate.publish(None if fast is None else (fast[1], fast[0], fast[2]))
+
+    def opt_hit(self, code: CodeType) -> OptHit | CompiledCall | InlineHit:
+        """What the optimizer builds in at this site: the compiled call its probe offers,
+        else the inline hit."""
+        call = opt_call(self.active, self.hit, code, self.addr.offset)
+        return self.inline if call is self.hit else call
 
     def careful(self) -> None:
         """The trampoline's slow path: a handler runs somewhere, or the site is an aggregate
@@ -170,6 +185,25 @@ class Site:
         if self.active:
             hit_frame = _getframe(1)
             self._run(probed_frame(hit_frame), hit_frame.f_back)
+
+    def careful_inline(self) -> None:
+        """The inline hit's slow path (core/opthit.py): its `enter` calls it, and the
+        probed frame is `enter`'s caller."""
+        if self.active:
+            frame = _getframe(CALLER_DEPTH)
+            self._run(frame, frame)
+
+    def fault(self, exc: BaseException) -> None:
+        """The inline hit's handler raised `exc`: counted on the probe of that hit (once
+        reported), then the mark cleared; KeyboardInterrupt goes on into the program, as the
+        trampoline lets it."""
+        try:
+            if not isinstance(exc, KeyboardInterrupt):
+                report_fault(self.gate.probe, "pre_handler", exc)
+        finally:
+            _held[0] = None
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc
 
     def pre(self, frame: FrameType | None, offset: int = 0) -> None:
         """Before the instruction runs: the aggregate pre-handler (breakpoint mechanisms).
@@ -256,3 +290,4 @@ HIT_CODES.add(HIT_CODE)
 HIT_CODES.add(Site.pre.__code__)
 CAREFUL_CODES.add(Site._run.__code__)
 CAREFUL_CODES.add(Site.careful.__code__)
+CAREFUL_CODES.add(Site.careful_inline.__code__)

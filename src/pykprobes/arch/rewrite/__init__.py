@@ -22,7 +22,14 @@ from typing import Any, Final
 
 from pykprobes import env, insn
 from pykprobes.arch.rewrite import assembly, callees, frames, safety
-from pykprobes.core.arch import ArchUnavailable, Built, CompiledCall, OptHit, OptReturns
+from pykprobes.core.arch import (
+    ArchUnavailable,
+    Built,
+    CompiledCall,
+    InlineHit,
+    OptHit,
+    OptReturns,
+)
 
 #: The instructions a frame returns by (3.12 added RETURN_CONST).
 RETURNS: Final = frozenset({"RETURN_VALUE", "RETURN_CONST"})
@@ -65,6 +72,8 @@ class RewriteArch:
         self._returns = assembly.return_sequences()
         # None on a Python without one: compiled calls are then served as plain hits.
         self._compiled = assembly.compiled_call_sequence()
+        # None on a Python without one: inline hits are then served by their trampoline.
+        self._inline = assembly.inline_sequence()
         #: Compiled calls at a function's entry are built as such (core/arch.py).
         self.compiles_calls = self._compiled is not None
 
@@ -74,7 +83,7 @@ class RewriteArch:
     def build(
         self,
         code: CodeType,
-        hits: Mapping[int, OptHit | CompiledCall],
+        hits: Mapping[int, OptHit | CompiledCall | InlineHit],
         consts: Mapping[int, CodeType],
         returns: OptReturns | None = None,
     ) -> Built:
@@ -91,7 +100,8 @@ class RewriteArch:
                     if reason is not None:
                         raise ValueError(f"{code.co_qualname}+{ins.start}: {reason}")
         new, offsets = self._inject.build(
-            code, hits, consts, self._sequence, returns, self._returns, self._compiled
+            code, hits, consts, self._sequence, returns, self._returns, self._compiled,
+            self._inline,
         )
         return Built(new, offsets)
 

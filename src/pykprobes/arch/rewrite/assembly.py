@@ -44,6 +44,12 @@ NARGS: Final = Placeholder("NARGS")
 #: The return probe's callables: on_return(value) and on_unwind(exc).
 ON_RETURN: Final = Placeholder("ON_RETURN")
 ON_UNWIND: Final = Placeholder("ON_UNWIND")
+#: The inline hit's (core/arch.py InlineHit): `enter`, the mark it sets, the fault report,
+#: and the None it clears the mark with.
+GATE: Final = Placeholder("GATE")
+HELD: Final = Placeholder("HELD")
+FAULT: Final = Placeholder("FAULT")
+NOTHING: Final = Placeholder("NOTHING")
 #: The constant a RETURN_CONST returns (3.12+).
 CONST: Final = Placeholder("CONST")
 #: The callable that turns a StopIteration leaving a generator into the RuntimeError the
@@ -67,7 +73,8 @@ class Handler(NamedTuple):
     """The argument of a TRY pseudo-instruction: the instructions up to the matching
     END_TRY are covered by an exception-table entry to `mark`, entered with the stack cut
     to `depth` items (plus the offset of the raising instruction when `lasti`), and then
-    the exception on top."""
+    the exception on top. In an inline sequence, `depth` counts from the depth where the
+    sequence is inserted."""
 
     mark: Mark
     depth: int
@@ -75,7 +82,9 @@ class Handler(NamedTuple):
 
 
 #: One instruction: (opname, argument); None for opcodes that take none. Pseudo-opnames:
-#: "TRY" (argument a Handler), "END_TRY" (None), "LABEL" (a Mark).
+#: "TRY" (argument a Handler), "END_TRY" (None), "LABEL" (a Mark), "HIT_CALL" and
+#: "END_HIT_CALL" (None: the instructions between make a call during which the frame is
+#: inside a hit; their offsets are registered, core/regs.py INLINE_CALLS).
 Op = tuple[str, object]
 
 
@@ -107,6 +116,94 @@ CALL_SEQUENCES: Final[dict[tuple[int, int], CallSequence]] = {
     # 3.14 and 3.15: the same CALL (bytecodes.c _CALL: callable, self_or_null, args).
     (3, 14): _CALL_313,
     (3, 15): _CALL_313,
+}
+
+
+# The inline hit (core/opthit.py): `fast = enter()`; if not None, `handler(p, regs)` under
+# an exception-table entry whose handler calls `fault(exc)` (a handler that does `except
+# BaseException as exc`, with the cleanup entry that lets what fault() raises go on:
+# KeyboardInterrupt), else `held[0] = None`. enter returns (handler, p, regs), which
+# UNPACK_SEQUENCE pushes as [regs, p, handler] and SWAP 3 turns into [handler, p, regs]:
+# the form of a method call `handler(p, regs)` (3.11/3.12: method, self, args; 3.13+:
+# callable, self_or_null, args). Every jump goes forward: the handler code sits inline.
+# `depth` is what it needs above the depth where it goes: the fault handler's [previous
+# exception, exc, fault, NULL, exc].
+SKIP: Final = Mark("skip")
+FAULTED: Final = Mark("faulted")
+CLEANUP: Final = Mark("cleanup")
+HIT_DONE: Final = Mark("hit-done")
+
+
+def _inline(
+    call0: tuple[Op, ...], call1: tuple[Op, ...], if_none: str, fault_call: tuple[Op, ...]
+) -> CallSequence:
+    return CallSequence(
+        (
+            *call0,  # enter()
+            ("COPY", 1),
+            (if_none, SKIP),
+            ("UNPACK_SEQUENCE", 3),
+            ("SWAP", 3),
+            ("TRY", Handler(FAULTED, 0, False)),
+            ("HIT_CALL", None),
+            *call1,  # handler(p, regs)
+            ("END_HIT_CALL", None),
+            ("END_TRY", None),
+            ("POP_TOP", None),
+            ("LOAD_CONST", NOTHING),
+            ("LOAD_CONST", HELD),
+            ("LOAD_CONST", 0),
+            ("STORE_SUBSCR", None),  # held[0] = None
+            ("JUMP_FORWARD", HIT_DONE),
+            ("LABEL", FAULTED),  # [exc]
+            ("TRY", Handler(CLEANUP, 1, True)),
+            ("PUSH_EXC_INFO", None),  # [previous exception, exc]
+            ("HIT_CALL", None),
+            *fault_call,  # fault(exc)
+            ("END_HIT_CALL", None),
+            ("POP_TOP", None),
+            ("POP_TOP", None),
+            ("END_TRY", None),
+            ("POP_EXCEPT", None),
+            ("JUMP_FORWARD", HIT_DONE),
+            ("LABEL", CLEANUP),  # [previous exception, lasti, exception from fault()]
+            ("COPY", 3),
+            ("POP_EXCEPT", None),
+            ("RERAISE", 1),
+            ("LABEL", SKIP),
+            ("POP_TOP", None),
+            ("LABEL", HIT_DONE),
+        ),
+        depth=5,
+    )
+
+
+_INLINE_313: Final = _inline(
+    (("LOAD_CONST", GATE), ("PUSH_NULL", None), ("CALL", 0)),
+    (("CALL", 1),),
+    "POP_JUMP_IF_NONE",
+    (("LOAD_CONST", FAULT), ("PUSH_NULL", None), ("COPY", 3), ("CALL", 1)),
+)
+
+INLINE_SEQUENCES: Final[dict[tuple[int, int], CallSequence]] = {
+    (3, 11): _inline(
+        (("PUSH_NULL", None), ("LOAD_CONST", GATE), ("PRECALL", 0), ("CALL", 0)),
+        (("PRECALL", 1), ("CALL", 1)),
+        "POP_JUMP_FORWARD_IF_NONE",
+        (("PUSH_NULL", None), ("LOAD_CONST", FAULT), ("COPY", 3), ("PRECALL", 1),
+         ("CALL", 1)),
+    ),
+    (3, 12): _inline(
+        (("PUSH_NULL", None), ("LOAD_CONST", GATE), ("CALL", 0)),
+        (("CALL", 1),),
+        "POP_JUMP_IF_NONE",
+        (("PUSH_NULL", None), ("LOAD_CONST", FAULT), ("COPY", 3), ("CALL", 1)),
+    ),
+    (3, 13): _INLINE_313,
+    # 3.14 and 3.15: the same (their compiler follows a conditional jump with NOT_TAKEN,
+    # for sys.monitoring's BRANCH events, which are about the program's branches: none).
+    (3, 14): _INLINE_313,
+    (3, 15): _INLINE_313,
 }
 
 
@@ -457,6 +554,12 @@ RETURN_SEQUENCES: Final[dict[tuple[int, int], ReturnSequences]] = {
 def call_sequence() -> CallSequence | None:
     """The sequence for the running interpreter; None if none was written and tested for it."""
     return CALL_SEQUENCES.get(env.PYVERSION)
+
+
+def inline_sequence() -> CallSequence | None:
+    """The inline hit's sequence for the running interpreter, or None (then inline hits are
+    served by their trampoline)."""
+    return INLINE_SEQUENCES.get(env.PYVERSION)
 
 
 def compiled_call_sequence() -> CallSequence | None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import builtins
 import functools
 import itertools
+import types
 import typing
 import weakref
 from collections.abc import Callable, MutableMapping
@@ -40,6 +41,9 @@ from typing import Any, Final
 #: (no __format__ or __repr__ of the program runs) and returns "" (false: a compiled call's
 #: recorder that returns it leaves the hit uncalled).
 DROP: Final[Callable[..., Any]] = "".format
+#: A harmless call of no argument that returns None: what an inline hit's `enter` becomes
+#: (the code then skips the handler call).
+NONE: Final[Callable[[], None]] = [].clear
 #: A harmless call of one argument that returns it (the 3.11 StopIteration converter).
 SAME: Final[Callable[..., Any]] = functools.partial(typing.cast, None)
 
@@ -57,7 +61,11 @@ class Callee:
         self.func = func
         self.stand_in = stand_in
 
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+    def __reduce__(self) -> tuple[Any, ...]:
+        if not callable(self.stand_in):
+            # An object the code reads, not calls (an inline hit's mark): a namespace of the
+            # standard library holds its stand-in as `func`.
+            return (types.SimpleNamespace, (), {"func": self.stand_in})
         return (functools.partial, (self.stand_in,))
 
     def __copy__(self) -> Callee:

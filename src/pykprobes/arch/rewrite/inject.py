@@ -53,12 +53,16 @@ from bytecode import Bytecode, ConcreteBytecode, ConcreteInstr, Instr, Label
 from bytecode.instr import CellVar, InstrLocation, TryBegin, TryEnd
 
 from pykprobes import env, insn
-from pykprobes.arch.rewrite import callees
+from pykprobes.arch.rewrite import callees, stackdepth
 from pykprobes.arch.rewrite.assembly import (
     CONST,
     CONVERT,
+    FAULT,
+    GATE,
+    HELD,
     HIT,
     NARGS,
+    NOTHING,
     ON_RETURN,
     ON_UNWIND,
     RECORD,
@@ -71,10 +75,12 @@ from pykprobes.arch.rewrite.assembly import (
     ReturnSequences,
 )
 from pykprobes.arch.rewrite.retprobe import GENERATOR_LIKE, refuse_returns, stop_iteration_error
-from pykprobes.core.arch import CompiledCall, OptHit, OptReturns
+from pykprobes.core.arch import CompiledCall, InlineHit, OptHit, OptReturns
+from pykprobes.core.regs import register_inline_calls
 
-#: What a call sequence calls: a plain hit, or a compiled call (at the entry only).
-Hit = OptHit | CompiledCall
+#: What a call sequence calls: a plain hit, a compiled call (at the entry only), or an
+#: inline hit (where the inline sequence can go: else its plain hit).
+Hit = OptHit | CompiledCall | InlineHit
 
 # `bytecode`'s abstract-to-concrete converter: a private class of bytecode 0.19 that we
 # subclass to seed its tables. If it moves, the import of this module fails and the arch
@@ -153,8 +159,11 @@ Spec = tuple[Label, int, bool]
 #: What a call of each placeholder's value becomes in a function unpickled elsewhere.
 _STAND_INS: Final[dict[Placeholder, object]] = {
     HIT: callees.DROP, RECORD: callees.DROP, ON_RETURN: callees.DROP,
-    ON_UNWIND: callees.DROP, CONVERT: callees.SAME,
+    ON_UNWIND: callees.DROP, CONVERT: callees.SAME, GATE: callees.NONE, FAULT: callees.DROP,
 }
+#: Loaded by name even though marshal could write them: an inline hit's mark is one list
+#: that every hit writes, never a copy (and a copy would hold the Regs of a hit in flight).
+_BY_NAME: Final[frozenset[Placeholder]] = frozenset({HELD})
 #: LOAD_ATTR's argument for a plain attribute: 3.12 folded a method flag into it.
 _FUNC_ATTR: Final[object] = "func" if env.PY311 else (False, "func")
 
@@ -169,10 +178,11 @@ def _marshallable(value: Any) -> bool:
 
 def _load_const(
     value: object, stand_in: object, location: InstrLocation | None,
-    named: dict[str, callees.Callee],
+    named: dict[str, callees.Callee], by_name: bool = False,
 ) -> list[Instr]:
-    """LOAD_CONST `value`, or its load by name when marshal cannot write it (callees.py)."""
-    if _marshallable(value):
+    """LOAD_CONST `value`, or its load by name when marshal cannot write it (callees.py) or
+    `by_name`."""
+    if not by_name and _marshallable(value):
         return [Instr("LOAD_CONST", value, location=location)]
     # The same callable at two places is one name, as it would be one constant.
     name = next((n for n, c in named.items() if c.func is value), None)
@@ -194,6 +204,8 @@ class _Assembler:
         self.values = values
         #: The names the code loads its callables by (callees.py).
         self.named = named
+        #: The instructions between HIT_CALL and END_HIT_CALL, per such run.
+        self.hit_calls: list[list[Instr]] = []
 
     def assemble(
         self,
@@ -201,15 +213,27 @@ class _Assembler:
         location: InstrLocation,
         outer: Spec | None,
         marks: dict[Mark, Label],
+        base: int = 0,
     ) -> list[tuple[Instr | Label, Spec | None]]:
+        """The instructions of `ops`; a TRY's depth counts from `base`."""
         out: list[tuple[Instr | Label, Spec | None]] = []
         spec = outer
+        calls: list[Instr] | None = None
+        recorded = 0
         for opname, arg in ops:
+            if calls is not None:
+                calls.extend(i for i, _ in out[recorded:] if isinstance(i, Instr))
+            recorded = len(out)
             if opname == "TRY":
                 assert isinstance(arg, Handler)
-                spec = (_label(marks, arg.mark), arg.depth, arg.lasti)
+                spec = (_label(marks, arg.mark), base + arg.depth, arg.lasti)
             elif opname == "END_TRY":
                 spec = outer
+            elif opname == "HIT_CALL":
+                calls = []
+                self.hit_calls.append(calls)
+            elif opname == "END_HIT_CALL":
+                calls = None
             elif opname == "LABEL":
                 assert isinstance(arg, Mark)
                 out.append((_label(marks, arg), None))
@@ -221,8 +245,8 @@ class _Assembler:
                 elif opname == "LOAD_CONST":
                     stand_in = _STAND_INS.get(arg) if isinstance(arg, Placeholder) else None
                     value = self.values.get(arg, arg) if isinstance(arg, Placeholder) else arg
-                    out.extend((i, spec) for i in
-                               _load_const(value, stand_in, location, self.named))
+                    out.extend((i, spec) for i in _load_const(
+                        value, stand_in, location, self.named, arg in _BY_NAME))
                     continue
                 else:
                     arg = self.values.get(arg, arg) if isinstance(arg, Placeholder) else arg
@@ -237,6 +261,27 @@ def _label(marks: dict[Mark, Label], mark: Mark) -> Label:
     return label
 
 
+class _Inline:
+    """What the inline hits of one build need: the sequence, the stack depths of the code
+    (computed when a hit needs them), and each hit's calls (registered once built)."""
+
+    def __init__(self, code: CodeType, iseq: CallSequence | None) -> None:
+        self.code = code
+        self.iseq = iseq
+        self._depths: dict[int, int] | None = None
+        #: (the instructions of a call in flight during a hit, the hit's gate)
+        self.calls: list[tuple[list[Instr], Any]] = []
+
+    def depth(self, start: int) -> int | None:
+        """The stack depth before the instruction at `start`, or None if unknown."""
+        if self._depths is None:
+            try:
+                self._depths = stackdepth.depths(self.code)
+            except (ValueError, AttributeError, KeyError):
+                self._depths = {}
+        return self._depths.get(start)
+
+
 def _sequence(
     seq: CallSequence,
     hits: Iterable[Hit],
@@ -244,22 +289,36 @@ def _sequence(
     code: CodeType,
     cseq: CallSequence | None,
     named: dict[str, callees.Callee],
-) -> list[Instr | Label]:
-    """The call sequences of `hits`, in order (a CompiledCall only ever comes here when
-    `_compilable` said yes)."""
-    out: list[Instr | Label] = []
+    spec: Spec | None,
+    inline: _Inline,
+    depth: int | None,
+) -> list[tuple[Instr | Label, Spec | None]]:
+    """The call sequences of `hits`, in order, each instruction with the entry that covers
+    it (`spec`, or an inline hit's own); `depth` is the stack depth where they go, None if
+    unknown (an inline hit is then its plain hit). A CompiledCall only ever comes here when
+    `_compilable` said yes."""
+    out: list[tuple[Instr | Label, Spec | None]] = []
     for hit in hits:
         if isinstance(hit, CompiledCall):
             assert cseq is not None
-            out.extend(_compiled(cseq, hit, location, code, named))
+            out.extend((i, spec) for i in _compiled(cseq, hit, location, code, named))
             continue
+        if isinstance(hit, InlineHit):
+            if inline.iseq is not None and depth is not None:
+                asm = _Assembler({GATE: hit.enter, HELD: hit.held, FAULT: hit.fault,
+                                  NOTHING: None}, named)
+                out.extend(asm.assemble(inline.iseq.ops, location or _NO_LOCATION, spec, {},
+                                        depth))
+                inline.calls.extend((run, hit.gate) for run in asm.hit_calls)
+                continue
+            hit = hit.hit
         for opname, arg in seq.ops:
             if arg is None:
-                out.append(Instr(opname, location=location))
+                out.append((Instr(opname, location=location), spec))
             elif arg is HIT:
-                out.extend(_load_const(hit, callees.DROP, location, named))
+                out.extend((i, spec) for i in _load_const(hit, callees.DROP, location, named))
             else:
-                out.append(Instr(opname, arg, location=location))
+                out.append((Instr(opname, arg, location=location), spec))
     return out
 
 
@@ -303,12 +362,16 @@ def _compilable(code: CodeType, call: CompiledCall, cseq: CallSequence | None) -
     return all(type(name) is str and name in arguments for name in call.variables)
 
 
-def _depth(seq: CallSequence, cseq: CallSequence | None, hits: Iterable[Hit]) -> int:
+def _depth(
+    seq: CallSequence, cseq: CallSequence | None, iseq: CallSequence | None, hits: Iterable[Hit]
+) -> int:
     """The stack slots the deepest of these call sequences needs."""
     deepest = 0
     for hit in hits:
         if isinstance(hit, CompiledCall) and cseq is not None:
             deepest = max(deepest, cseq.depth + len(hit.variables))
+        elif isinstance(hit, InlineHit) and iseq is not None:
+            deepest = max(deepest, iseq.depth)
         else:
             deepest = max(deepest, seq.depth)
     return deepest
@@ -351,11 +414,12 @@ def build(
     returns: OptReturns | None = None,
     rseq: ReturnSequences | None = None,
     cseq: CallSequence | None = None,
+    iseq: CallSequence | None = None,
 ) -> tuple[CodeType, dict[int, int]]:
     """`code` with `hits[offset]()` called before each offset (a CompiledCall at the entry
-    with the compiled call sequence `cseq`), `consts` swapped in and, with `returns`, the
-    return sequences `rseq` (see retprobe.py); and where each instruction start of `code`
-    is in the new code."""
+    with the compiled call sequence `cseq`, an InlineHit with the inline sequence `iseq`),
+    `consts` swapped in and, with `returns`, the return sequences `rseq` (see retprobe.py);
+    and where each instruction start of `code` is in the new code."""
     new_consts = list(code.co_consts)
     for index, replacement in consts.items():
         new_consts[index] = replacement
@@ -393,6 +457,7 @@ def build(
         unwind = (unwind_label, UNWIND_ENTRY.depth, UNWIND_ENTRY.lasti)
     tails: list[tuple[Instr | Label, Spec | None]] = []
     prologue = 0  # how many items of `body` are the prologue
+    inline = _Inline(code, iseq)
 
     # The body, each instruction with the entry that covers it. The original TryBegin and
     # TryEnd markers are dropped and made again at the end from these (`_flatten`), because
@@ -416,9 +481,10 @@ def build(
             spec = unwind  # a gap: only our handler (if any) covers it
         pending = before.get(k)
         if pending:
-            body.extend(
-                (i, spec) for i in _sequence(seq, pending, item.location, code, cseq, named)
-            )
+            depth = inline.depth(instrs[k].start) if any(
+                isinstance(h, InlineHit) for h in pending) else None
+            body.extend(_sequence(seq, pending, item.location, code, cseq, named, spec,
+                                  inline, depth))
         if returns is not None and rseq is not None:
             if item.name in ("RETURN_VALUE", "RETURN_CONST"):
                 tails.extend(_return_hook(asm, rseq, item, spec, body))
@@ -430,10 +496,9 @@ def build(
             prologue = len(body)
         if k == entry and at_entry:
             following = originals[k + 1].location if k + 1 < len(originals) else item.location
-            body.extend(
-                (i, spec or unwind)
-                for i in _sequence(seq, at_entry, following, code, cseq, named)
-            )
+            # After the prologue's RESUME the stack is empty.
+            body.extend(_sequence(seq, at_entry, following, code, cseq, named, spec or unwind,
+                                  inline, 0))
         k += 1
 
     if returns is not None and rseq is not None:
@@ -460,13 +525,34 @@ def build(
         compute_exception_stack_depths=False
     )
     placed = [*at_entry, *(h for hs in before.values() for h in hs)]
-    stacksize = code.co_stacksize + _depth(seq, cseq, placed)
+    stacksize = code.co_stacksize + _depth(seq, cseq, iseq, placed)
     if returns is not None and rseq is not None:
         stacksize = max(stacksize, code.co_stacksize + rseq.depth, rseq.handler_depth)
     new: CodeType = concrete.to_code(stacksize=stacksize, compute_exception_stack_depths=False)
     _check_same_frame(code, new, new_consts)
     callees.publish(new, named)
-    return new, _offsets(code, instrs, originals, new, body)
+    offsets = _offsets(code, instrs, originals, new, body)
+    register_inline_calls(new, _inline_calls(new, body, inline))
+    return new, offsets
+
+
+def _inline_calls(
+    new: CodeType, body: list[tuple[Instr | Label, Spec | None]], inline: _Inline
+) -> dict[int, Any]:
+    """Every offset a frame of `new` is at while an inline hit's call runs (the CALL and
+    its caches; on 3.11 the PRECALL too, which calls a builtin itself) -> that hit's gate."""
+    if not inline.calls:
+        return {}
+    new_instrs = insn.decode(new)
+    position = {id(item): n for n, item in
+                enumerate(item for item, _ in body if isinstance(item, Instr))}
+    out: dict[int, Any] = {}
+    for run, gate in inline.calls:
+        first = new_instrs[position[id(run[0])]]
+        last = new_instrs[position[id(run[-1])]]
+        for offset in range(first.start, last.end, 2):
+            out[offset] = gate
+    return out
 
 
 def _own_prologue_handlers(
