@@ -126,6 +126,11 @@ CALL_SEQUENCES: Final[dict[tuple[int, int], CallSequence]] = {
 # UNPACK_SEQUENCE pushes as [regs, p, handler] and SWAP 3 turns into [handler, p, regs]:
 # the form of a method call `handler(p, regs)` (3.11/3.12: method, self, args; 3.13+:
 # callable, self_or_null, args). Every jump goes forward: the handler code sits inline.
+# The handler call's entry starts one instruction before its CALL: on 3.15.2 an entry that
+# starts at the CALL itself does not catch the callee's exception (measured: the lookup
+# lands before the CALL), which the compiler's `try: f()` never meets (its range starts
+# with the loads of f). It and the registered offsets (HIT_CALL) also take
+# in the POP_TOP after the CALL.
 # `depth` is what it needs above the depth where it goes: the fault handler's [previous
 # exception, exc, fault, NULL, exc].
 SKIP: Final = Mark("skip")
@@ -143,13 +148,13 @@ def _inline(
             ("COPY", 1),
             (if_none, SKIP),
             ("UNPACK_SEQUENCE", 3),
-            ("SWAP", 3),
             ("TRY", Handler(FAULTED, 0, False)),
+            ("SWAP", 3),
             ("HIT_CALL", None),
             *call1,  # handler(p, regs)
+            ("POP_TOP", None),
             ("END_HIT_CALL", None),
             ("END_TRY", None),
-            ("POP_TOP", None),
             ("LOAD_CONST", NOTHING),
             ("LOAD_CONST", HELD),
             ("LOAD_CONST", 0),
@@ -160,8 +165,8 @@ def _inline(
             ("PUSH_EXC_INFO", None),  # [previous exception, exc]
             ("HIT_CALL", None),
             *fault_call,  # fault(exc)
-            ("END_HIT_CALL", None),
             ("POP_TOP", None),
+            ("END_HIT_CALL", None),
             ("POP_TOP", None),
             ("END_TRY", None),
             ("POP_EXCEPT", None),
