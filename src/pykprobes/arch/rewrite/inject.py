@@ -272,6 +272,13 @@ class _Inline:
         #: (the instructions of a call in flight during a hit, the hit's gate)
         self.calls: list[tuple[list[Instr], Any]] = []
 
+    def entry_depth(self) -> int | None:
+        """The stack depth after the prologue (an entry hit's), or None if unknown."""
+        try:
+            return stackdepth.entry_depth(self.code)
+        except (ValueError, KeyError):
+            return None
+
     def depth(self, start: int) -> int | None:
         """The stack depth before the instruction at `start`, or None if unknown."""
         if self._depths is None:
@@ -496,9 +503,8 @@ def build(
             prologue = len(body)
         if k == entry and at_entry:
             following = originals[k + 1].location if k + 1 < len(originals) else item.location
-            # After the prologue's RESUME the stack is empty.
             body.extend(_sequence(seq, at_entry, following, code, cseq, named, spec or unwind,
-                                  inline, 0))
+                                  inline, inline.entry_depth()))
         k += 1
 
     if returns is not None and rseq is not None:

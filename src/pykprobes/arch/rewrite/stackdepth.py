@@ -1,9 +1,8 @@
 """The stack depth before each instruction of a code object (what an exception-table entry
 of an inline hit needs: inject.py).
 
-The compiler's own rule, replayed: from the prologue's RESUME (insn.entry_index) at depth 0
-(the compiler computes depths before it puts the prologue in front: RETURN_GENERATOR and
-its POP_TOP are in no count), each instruction
+The compiler's own rule, replayed: from the prologue's RESUME (insn.entry_index) at the
+depth the prologue leaves (`entry_depth`), each instruction
 moves the depth by `dis.stack_effect` (with `jump=True` towards its jump target, `jump=False`
 to the next instruction, which the unconditional jumps, returns and raises never reach), and
 each exception-table entry starts its handler at the entry's depth plus the offset of the
@@ -34,6 +33,24 @@ def _effect(opcode: int, arg: int, jump: bool) -> int:
         return dis.stack_effect(opcode, jump=jump)
 
 
+def entry_depth(code: CodeType) -> int:
+    """The stack depth the prologue leaves at its RESUME: 0, but for a 3.15 generator
+    expression, whose iterator (GET_ITER's two slots) is on the stack from before its
+    RETURN_GENERATOR. RETURN_GENERATOR counts as the None it pushes when the frame is
+    resumed (which its POP_TOP drops): 3.11 and 3.12 give it no effect, the compiler
+    counting depths before it put the prologue in front."""
+    instrs = insn.decode(code)
+    depth = 0
+    for ins in instrs[: insn.entry_index(instrs)]:
+        if ins.opname == "RETURN_GENERATOR":
+            depth += 1
+        else:
+            depth += _effect(dis.opmap[ins.opname], ins.arg, False)
+    if depth < 0:
+        raise ValueError(f"{code.co_name}: the prologue leaves a negative stack depth")
+    return depth
+
+
 def depths(code: CodeType) -> dict[int, int]:
     """Instruction start -> the stack depth before it, for every reachable instruction.
     ValueError where the walk meets two depths for one instruction (code it does not
@@ -42,8 +59,9 @@ def depths(code: CodeType) -> dict[int, int]:
     index_of = {ins.start: i for i, ins in enumerate(instrs)}
     table = dis._parse_exception_table(code)  # type: ignore[attr-defined]
     entry = insn.entry_index(instrs)
-    found: dict[int, int] = {instrs[entry].start: 0}
-    work: list[tuple[int, int]] = [(entry, 0)]
+    start = entry_depth(code)
+    found: dict[int, int] = {instrs[entry].start: start}
+    work: list[tuple[int, int]] = [(entry, start)]
 
     def reach(index: int | None, depth: int) -> None:
         if index is None or index >= len(instrs):
