@@ -5,8 +5,8 @@
  *
  * Rewritten code calls a site's `enter` (a builtin bound to the site's Gate: a call of no
  * argument, which the eval loop specializes as a builtin's): it tests the marks, marks,
- * counts the hit in the probe's `nhit` slot (written directly, at the offset its member
- * descriptor gives, as _rethook.c writes it) and returns the site's
+ * counts the hit in the probe's Counter (a C integer: no int allocated per hit) and
+ * returns the site's
  * (handler, probe, regs); the injected code then calls the handler itself. Where the fast
  * path does not apply it calls the site's careful path and returns None.
  *
@@ -18,6 +18,29 @@
 #include <Python.h>
 #include <structmember.h>
 
+/* ------------------------------------------------------------------ Counter */
+
+/* A probe's inline hits (core/probe.py: its nhit adds them to the Python count). */
+typedef struct {
+    PyObject_HEAD
+    long long n;
+} Counter;
+
+static PyMemberDef Counter_members[] = {
+    {"n", T_LONGLONG, offsetof(Counter, n), READONLY, "hits counted by the inline hit"},
+    {NULL},
+};
+
+static PyTypeObject Counter_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pykprobes.core._opthit.Counter",
+    .tp_basicsize = sizeof(Counter),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A probe's inline hit count (see opthit.py).",
+    .tp_new = PyType_GenericNew,
+    .tp_members = Counter_members,
+};
+
 /* ------------------------------------------------------------------ Gate */
 
 typedef struct {
@@ -26,8 +49,7 @@ typedef struct {
     PyObject *busy;    /* guard.busy: a dict */
     PyObject *careful; /* the site's careful path, called with no argument */
     PyObject *fast;    /* (handler, probe, regs), or None */
-    PyTypeObject *kprobe; /* the class whose slot `nhit` is at `nhit` */
-    Py_ssize_t nhit;   /* offset of a Kprobe's nhit slot */
+    Counter *counter;  /* the fast probe's Counter, or NULL */
     PyObject *probe;   /* the probe of the last fast hit (its fault is counted there) */
     long long serial;  /* fast hits through this gate (synchronize_hits) */
 } Gate;
@@ -37,14 +59,9 @@ static PyTypeObject Gate_Type;
 static PyObject *
 Gate_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    PyObject *held, *busy, *careful, *descr;
-    if (!PyArg_ParseTuple(args, "O!O!OO!:Gate", &PyList_Type, &held, &PyDict_Type, &busy,
-                          &careful, &PyMemberDescr_Type, &descr)) {
-        return NULL;
-    }
-    PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
-    if (member->type != T_OBJECT_EX && member->type != T_OBJECT) {
-        PyErr_SetString(PyExc_TypeError, "Gate: nhit must be an object slot");
+    PyObject *held, *busy, *careful;
+    if (!PyArg_ParseTuple(args, "O!O!O:Gate", &PyList_Type, &held, &PyDict_Type, &busy,
+                          &careful)) {
         return NULL;
     }
     if (PyList_GET_SIZE(held) != 1) {
@@ -59,9 +76,6 @@ Gate_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->busy = Py_NewRef(busy);
     self->careful = Py_NewRef(careful);
     self->fast = Py_NewRef(Py_None);
-    self->kprobe = (PyTypeObject *)Py_NewRef(
-        (PyObject *)((PyDescrObject *)descr)->d_type);
-    self->nhit = member->offset;
     self->probe = Py_NewRef(Py_None);
     return (PyObject *)self;
 }
@@ -73,7 +87,7 @@ Gate_traverse(Gate *self, visitproc visit, void *arg)
     Py_VISIT(self->busy);
     Py_VISIT(self->careful);
     Py_VISIT(self->fast);
-    Py_VISIT(self->kprobe);
+    Py_VISIT(self->counter);
     Py_VISIT(self->probe);
     return 0;
 }
@@ -85,7 +99,7 @@ Gate_clear(Gate *self)
     Py_CLEAR(self->busy);
     Py_CLEAR(self->careful);
     Py_CLEAR(self->fast);
-    Py_CLEAR(self->kprobe);
+    Py_CLEAR(self->counter);
     Py_CLEAR(self->probe);
     return 0;
 }
@@ -98,49 +112,30 @@ Gate_dealloc(Gate *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* publish(fast): what the next hit runs ((handler, probe, regs), or None). */
+/* publish(fast, counter): what the next hit runs ((handler, probe, regs) and the probe's
+ * Counter, or None and None). */
 static PyObject *
-Gate_publish(Gate *self, PyObject *fast)
+Gate_publish(Gate *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (fast != Py_None && (!PyTuple_CheckExact(fast) || PyTuple_GET_SIZE(fast) != 3
-                            || !PyObject_TypeCheck(PyTuple_GET_ITEM(fast, 1), self->kprobe))) {
-        PyErr_SetString(PyExc_TypeError, "publish((handler, kprobe, regs) or None)");
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "publish(fast, counter)");
         return NULL;
     }
+    PyObject *fast = args[0], *counter = args[1];
+    if (fast == Py_None && counter == Py_None) {
+        Py_SETREF(self->fast, Py_NewRef(Py_None));
+        Py_CLEAR(self->counter);
+        Py_RETURN_NONE;
+    }
+    if (!PyTuple_CheckExact(fast) || PyTuple_GET_SIZE(fast) != 3
+        || !Py_IS_TYPE(counter, &Counter_Type)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "publish((handler, probe, regs), Counter) or publish(None, None)");
+        return NULL;
+    }
+    Py_XSETREF(self->counter, (Counter *)Py_NewRef(counter));
     Py_SETREF(self->fast, Py_NewRef(fast));
     Py_RETURN_NONE;
-}
-
-/* p.nhit += 1, in the slot (an int; a new one past the small ints, as `+= 1` makes). */
-static int
-count_hit(PyObject *p, Py_ssize_t off)
-{
-    PyObject **slot = (PyObject **)((char *)p + off);
-    PyObject *old = *slot;
-    PyObject *new;
-    if (old != NULL && PyLong_CheckExact(old)) {
-        int overflow = 0;
-        long long n = PyLong_AsLongLongAndOverflow(old, &overflow);
-        if (!overflow && n < LLONG_MAX && !(n == -1 && PyErr_Occurred())) {
-            new = PyLong_FromLongLong(n + 1);
-        }
-        else {
-            PyErr_Clear();
-            PyObject *one = PyLong_FromLong(1);
-            new = one == NULL ? NULL : PyNumber_Add(old, one);
-            Py_XDECREF(one);
-        }
-    }
-    else {
-        /* never set to an int by anyone but a user who assigned something else: restart */
-        new = PyLong_FromLong(1);
-    }
-    if (new == NULL) {
-        return -1;
-    }
-    *slot = new;
-    Py_XDECREF(old);
-    return 0;
 }
 
 /* The hit: see the top of this file and opthit.py `Gate.enter`. */
@@ -159,12 +154,9 @@ Gate_enter(PyObject *op, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(
         Py_DECREF(res);
         Py_RETURN_NONE;
     }
-    PyObject *p = PyTuple_GET_ITEM(fast, 1);
-    if (count_hit(p, self->nhit) < 0) {
-        PyErr_Clear(); /* out of memory: the count is lost, never the program */
-    }
+    self->counter->n++;
     self->serial++;
-    Py_SETREF(self->probe, Py_NewRef(p));
+    Py_SETREF(self->probe, Py_NewRef(PyTuple_GET_ITEM(fast, 1)));
     PyObject *prev = PyList_GET_ITEM(held, 0);
     PyList_SET_ITEM(held, 0, Py_NewRef(PyTuple_GET_ITEM(fast, 2)));
     Py_DECREF(prev);
@@ -184,8 +176,8 @@ Gate_bound(PyObject *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyMethodDef Gate_methods[] = {
-    {"publish", (PyCFunction)Gate_publish, METH_O,
-     "publish(fast): what the next hit runs ((handler, kprobe, regs) or None)"},
+    {"publish", (PyCFunction)(void (*)(void))Gate_publish, METH_FASTCALL,
+     "publish(fast, counter): what the next hit runs"},
     {"bound", Gate_bound, METH_NOARGS, "enter bound to this gate"},
     {NULL},
 };
@@ -220,14 +212,15 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__opthit(void)
 {
-    if (PyType_Ready(&Gate_Type) < 0) {
+    if (PyType_Ready(&Counter_Type) < 0 || PyType_Ready(&Gate_Type) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) {
         return NULL;
     }
-    if (PyModule_AddObjectRef(m, "Gate", (PyObject *)&Gate_Type) < 0) {
+    if (PyModule_AddObjectRef(m, "Counter", (PyObject *)&Counter_Type) < 0
+        || PyModule_AddObjectRef(m, "Gate", (PyObject *)&Gate_Type) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -16,10 +16,10 @@ INLINE_SEQUENCES):
 
 `enter` is the trampoline's fast path (core/site.py) without its call of the handler: when
 the site has one active probe with a pre-handler (`publish`ed), no thread runs a handler
-(`held[0]` None, `busy` empty), it counts the hit in the probe's `nhit`, marks `held[0]`
-with the site's regs and returns the site's (handler, probe, regs); else it calls the
-site's careful path (with the probed frame as its caller's caller: `CALLER_DEPTH`) and
-returns None.
+(`held[0]` None, `busy` empty), it counts the hit in the probe's `Counter`, marks
+`held[0]` with the site's regs and returns the site's (handler, probe, regs); else it calls
+the site's careful path (with the probed frame as its caller's caller: `CALLER_DEPTH`) and
+returns None. A probe's `nhit` is its Python count plus its Counter (core/probe.py).
 
 While the handler runs (or the fault is reported), no frame of the hit's own is on the
 stack: the probed frame itself, paused at the injected handler call, is the hit frame.
@@ -29,8 +29,9 @@ SiteRegs find the hit; `serial` tells synchronize_hits that a frame seen there h
 on to a later hit.
 
 `_opthit.c` is the C twin (the accelerator, chosen with the trace layer's,
-accelerator.py): a builtin, which the eval loop calls without a frame; it writes `nhit`
-in its slot. This pure-Python twin does the same, and costs about what the trampoline does.
+accelerator.py): a builtin, which the eval loop calls without a frame, counting in a C
+integer (no int allocated per hit). This pure-Python twin counts the same, in a Python int,
+and costs about what the trampoline does.
 """
 
 from __future__ import annotations
@@ -40,17 +41,24 @@ from typing import Any, Final
 
 from pykprobes import accelerator
 
-__all__ = ["CALLER_DEPTH", "Gate"]
+__all__ = ["CALLER_DEPTH", "Counter", "Gate"]
+
+
+class PyCounter:
+    """A probe's inline hits (core/probe.py: its nhit adds them to the Python count)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
 
 
 class PyGate:
     """A site's inline hit (see the module docstring)."""
 
-    __slots__ = ("busy", "careful", "fast", "held", "kprobe", "probe", "serial")
+    __slots__ = ("busy", "careful", "counter", "fast", "held", "probe", "serial")
 
-    def __init__(
-        self, held: list[Any], busy: dict[int, Any], careful: Callable[[], None], nhit: Any
-    ) -> None:
+    def __init__(self, held: list[Any], busy: dict[int, Any], careful: Callable[[], None]) -> None:
         if len(held) != 1:
             raise ValueError("Gate: held must be a list of one item")
         self.held = held
@@ -58,17 +66,19 @@ class PyGate:
         self.careful = careful
         #: (handler, probe, regs), or None.
         self.fast: tuple[Any, Any, Any] | None = None
-        #: The class whose `nhit` slot (the member descriptor `nhit`) the C twin writes.
-        self.kprobe: type = nhit.__objclass__
+        #: The fast probe's Counter.
+        self.counter: PyCounter | None = None
         #: The probe of the last fast hit: its fault is counted there.
         self.probe: Any = None
         #: Fast hits through this gate.
         self.serial = 0
 
-    def publish(self, fast: tuple[Any, Any, Any] | None) -> None:
-        """What the next hit runs: (handler, kprobe, regs), or None."""
-        if fast is not None and (len(fast) != 3 or not isinstance(fast[1], self.kprobe)):
-            raise TypeError("publish((handler, kprobe, regs) or None)")
+    def publish(self, fast: tuple[Any, Any, Any] | None, counter: PyCounter | None) -> None:
+        """What the next hit runs: (handler, probe, regs) and the probe's Counter, or None
+        and None."""
+        if (fast is None) != (counter is None) or (fast is not None and len(fast) != 3):
+            raise TypeError("publish((handler, probe, regs), Counter) or publish(None, None)")
+        self.counter = counter
         self.fast = fast
 
     def bound(self) -> Callable[[], tuple[Any, Any, Any] | None]:
@@ -84,28 +94,29 @@ class PyGate:
                 return None
             # No call and no backward jump from the tests to the mark: no thread switch
             # between them on 3.11-3.13 (as in the trampoline).
-            p = gate.probe = fast[1]
-            p.nhit += 1
+            gate.counter.n += 1  # type: ignore[union-attr]
             gate.serial += 1
+            gate.probe = fast[1]
             held[0] = fast[2]
             return fast
 
         return enter
 
 
-def _select() -> tuple[Any, int]:
+def _select() -> tuple[Any, Any, int]:
     if accelerator.NAME == "c":
         try:
             from pykprobes.core import _opthit  # type: ignore[attr-defined]
         except ImportError:
             pass
         else:
-            return _opthit.Gate, 1
-    return PyGate, 2
+            return _opthit.Counter, _opthit.Gate, 1
+    return PyCounter, PyGate, 2
 
 
-_gate, _depth = _select()
-#: The Gate class of the twin in use.
+_counter, _gate, _depth = _select()
+#: The Counter and Gate classes of the twin in use.
+Counter: Final[type[PyCounter]] = _counter
 Gate: Final[type[PyGate]] = _gate
 #: How far up from the careful path's frame the probed frame is (`sys._getframe`'s depth):
 #: the C enter has no frame, the Python one has.

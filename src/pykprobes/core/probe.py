@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, overload
+
+from pykprobes.core.opthit import Counter
 
 if TYPE_CHECKING:
     from types import CodeType, FunctionType
@@ -20,6 +22,28 @@ KPROBE_FLAG_EARLY: Final = 16  # registered before init_kprobes() (the seed)
 Handler = Callable[["Kprobe", "Regs"], Any]
 
 
+class _Hits:
+    """`Kprobe.nhit`: the hits counted in Python (`_nhit`: the careful path's, the
+    breakpoints', the kretprobe fast path's) plus those the inline hit counted in the
+    probe's Counter (core/opthit.py). Read on the class, it is the slot of the Python count:
+    core/_rethook.c finds where to count a kprobe's hit by the class attribute `nhit`, which
+    must be an object slot (its slot_offset)."""
+
+    __slots__ = ()
+
+    @overload
+    def __get__(self, obj: None, cls: type | None = None) -> Any: ...
+    @overload
+    def __get__(self, obj: Kprobe, cls: type | None = None) -> int: ...
+    def __get__(self, obj: Kprobe | None, cls: type | None = None) -> Any:
+        if obj is None:
+            return _PYTHON_COUNT
+        return obj._nhit + obj._count.n
+
+    def __set__(self, obj: Kprobe, value: int) -> None:
+        obj._nhit = value - obj._count.n
+
+
 class Kprobe:
     """One probe: where it sits, what it runs, and its counters.
 
@@ -31,12 +55,13 @@ class Kprobe:
 
     __slots__ = (
         "__weakref__",
+        "_count",
+        "_nhit",
         "_site",
         "addr",
         "compile_call",
         "flags",
         "nfault",
-        "nhit",
         "nmissed",
         "offset",
         "post_handler",
@@ -59,7 +84,9 @@ class Kprobe:
         self.pre_handler = pre_handler
         self.post_handler = post_handler
         self.flags = flags
-        self.nhit = 0
+        #: The Python count and the inline hit's Counter: `nhit` is their sum (_Hits).
+        self._count = Counter()
+        self._nhit = 0
         self.nmissed = 0
         #: Faults: handler exceptions caught and counted (the program never sees them).
         self.nfault = 0
@@ -69,6 +96,8 @@ class Kprobe:
         #: Probe events offer one (trace/events.py).
         self.compile_call: Callable[[CodeType, int, Any], Any] | None = None
         self._site: Any = None
+
+    nhit = _Hits()
 
     @property
     def registered(self) -> bool:
@@ -95,3 +124,7 @@ class Kprobe:
     def __repr__(self) -> str:
         state = "registered" if self.registered else "unregistered"
         return f"<Kprobe {self.symbol} {state} nhit={self.nhit} nmissed={self.nmissed}>"
+
+
+#: The slot of a Kprobe's Python count (what `Kprobe.nhit` is on the class).
+_PYTHON_COUNT: Final[Any] = Kprobe.__dict__["_nhit"]

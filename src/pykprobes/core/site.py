@@ -42,11 +42,11 @@ from pykprobes.core.guard import HIT_CODES, report_fault, thread_busy
 from pykprobes.core.guard import busy as _busy
 from pykprobes.core.guard import held as _held
 from pykprobes.core.opthit import CALLER_DEPTH, Gate
-from pykprobes.core.probe import Kprobe
 from pykprobes.core.regs import CAREFUL_CODES, Regs, SiteRegs, probed_frame
 
 if TYPE_CHECKING:
     from pykprobes.core.address import ProbeAddress
+    from pykprobes.core.probe import Kprobe
 
 _getframe = sys._getframe
 
@@ -81,7 +81,7 @@ def _make_trampoline(site: Site) -> Callable[[], None]:
         p, handler, regs = fast
         held[0] = regs
         try:
-            p.nhit += 1
+            p._nhit += 1
             handler(p, regs)
         except KeyboardInterrupt:
             raise
@@ -97,8 +97,6 @@ def _make_trampoline(site: Site) -> Callable[[], None]:
 #: it is a hit in progress.
 HIT_CODE: Final[CodeType] = _make_trampoline(None).__code__  # type: ignore[arg-type]
 _FAST_CELL: Final = HIT_CODE.co_freevars.index("fast")
-#: The slot the C gate counts a hit in (core/_opthit.c).
-_NHIT_SLOT: Final[Any] = Kprobe.__dict__["nhit"]
 
 
 class Site:
@@ -148,7 +146,7 @@ class Site:
         #: The no-argument hit that rewritten code calls.
         self.hit: Callable[[], None] = _make_trampoline(self)
         #: The inline hit (core/opthit.py): what rewritten code runs at a plain hit.
-        self.gate = Gate(_held, _busy, self.careful_inline, _NHIT_SLOT)
+        self.gate = Gate(_held, _busy, self.careful_inline)
         self.inline = InlineHit(self.gate.bound(), _held, self.fault, self.gate, self.hit)
 
     @property
@@ -171,7 +169,10 @@ class Site:
         self.fast = fast
         cell = self.hit.__closure__[_FAST_CELL]  # type: ignore[index]
         cell.cell_contents = fast
-        self.gate.publish(None if fast is None else (fast[1], fast[0], fast[2]))
+        if fast is None:
+            self.gate.publish(None, None)
+        else:
+            self.gate.publish((fast[1], fast[0], fast[2]), fast[0]._count)
 
     def opt_hit(self, code: CodeType) -> OptHit | CompiledCall | InlineHit:
         """What the optimizer builds in at this site: the compiled call its probe offers,
@@ -235,7 +236,7 @@ class Site:
         _held[0] = regs
         regs._frame = frame
         try:
-            p.nhit += 1
+            p._nhit += 1
             handler(p, regs)
         except KeyboardInterrupt:
             raise
@@ -257,7 +258,7 @@ class Site:
             # Read again now that synchronize_hits() can see this hit: an unregister that
             # did not see it has already published the new tuple.
             for p in self.active:
-                p.nhit += 1
+                p._nhit += 1
                 if p.pre_handler is not None:
                     _call(p, p.pre_handler, regs, "pre_handler")
         finally:
