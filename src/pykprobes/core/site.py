@@ -1,10 +1,12 @@
 """A probe site and the hit path (the kernel's aggregate probe and `aggr_pre_handler`).
 
 Every registered address has one `Site`; with more than one probe there it is the
-*aggregate probe*: each probe keeps its own handlers and counters. Rewritten code calls
-`Site.hit` (no argument: the probed frame is the caller's); the breakpoint mechanisms call
-`Site.pre`/`Site.post` with the frame they were given (or None for a pre-handler: see
-core/arch.py PreHit).
+*aggregate probe*: each probe keeps its own handlers and counters. Rewritten code runs the
+site's inline hit (`Site.inline`, core/opthit.py: the fast path below split between a C call
+and the rewritten code, which calls the handler itself), or, for a compiled call and where
+the inline sequence cannot go, calls `Site.hit`, the trampoline (no argument: the probed
+frame is the caller's); the breakpoint mechanisms call `Site.pre`/`Site.post` with the
+frame they were given (or None for a pre-handler: see core/arch.py PreHit).
 
 The hot path never raises into the program, never imports, never logs: a handler's
 exception is counted on its probe and reported once; a hit while any handler runs on the
@@ -143,7 +145,8 @@ class Site:
         #: function's entry (an event's recorder: core/framecall.py), or None: what a
         #: breakpoint hit calls instead of the probe's handler.
         self.compiled: tuple[Callable[..., bool], tuple[str, ...]] | None = None
-        #: The no-argument hit that rewritten code calls.
+        #: The trampoline: the no-argument hit that rewritten code calls where it does not
+        #: run the inline hit (a compiled call's careful path, an offset of unknown depth).
         self.hit: Callable[[], None] = _make_trampoline(self)
         #: The inline hit (core/opthit.py): what rewritten code runs at a plain hit.
         self.gate = Gate(_held, _busy, self.careful_inline)
