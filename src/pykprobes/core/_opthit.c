@@ -6,9 +6,9 @@
  * Rewritten code calls a site's `enter` (a builtin bound to the site's Gate: a call of no
  * argument, which the eval loop specializes as a builtin's): it tests the marks, marks,
  * counts the hit in the probe's Counter (a C integer: no int allocated per hit) and
- * returns the site's
- * (handler, probe, regs); the injected code then calls the handler itself. Where the fast
- * path does not apply it calls the site's careful path and returns None.
+ * returns the site's (handler, probe, regs, held); the injected code then calls the handler
+ * itself and clears the mark. Where the fast path does not apply it calls the site's careful
+ * path and returns None.
  *
  * Every call runs with the GIL held, and from the tests to the mark no Python code runs:
  * a thread switch cannot fall between them. Never built on a free-threaded interpreter
@@ -48,7 +48,7 @@ typedef struct {
     PyObject *held;    /* guard.held: a list of one item, never resized */
     PyObject *busy;    /* guard.busy: a dict */
     PyObject *careful; /* the site's careful path, called with no argument */
-    PyObject *fast;    /* (handler, probe, regs), or None */
+    PyObject *fast;    /* (handler, probe, regs, held), or None */
     Counter *counter;  /* the fast probe's Counter, or NULL */
     PyObject *probe;   /* the probe of the last fast hit (its fault is counted there) */
     long long serial;  /* fast hits through this gate (synchronize_hits) */
@@ -112,8 +112,8 @@ Gate_dealloc(Gate *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* publish(fast, counter): what the next hit runs ((handler, probe, regs) and the probe's
- * Counter, or None and None). */
+/* publish(fast, counter): what the next hit runs ((handler, probe, regs, held) and the
+ * probe's Counter, or None and None). */
 static PyObject *
 Gate_publish(Gate *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -127,10 +127,10 @@ Gate_publish(Gate *self, PyObject *const *args, Py_ssize_t nargs)
         Py_CLEAR(self->counter);
         Py_RETURN_NONE;
     }
-    if (!PyTuple_CheckExact(fast) || PyTuple_GET_SIZE(fast) != 3
-        || !Py_IS_TYPE(counter, &Counter_Type)) {
-        PyErr_SetString(PyExc_TypeError,
-                        "publish((handler, probe, regs), Counter) or publish(None, None)");
+    if (!PyTuple_CheckExact(fast) || PyTuple_GET_SIZE(fast) != 4
+        || PyTuple_GET_ITEM(fast, 3) != self->held || !Py_IS_TYPE(counter, &Counter_Type)) {
+        PyErr_SetString(PyExc_TypeError, "publish((handler, probe, regs, held), Counter) "
+                                         "or publish(None, None)");
         return NULL;
     }
     Py_XSETREF(self->counter, (Counter *)Py_NewRef(counter));
@@ -165,7 +165,7 @@ Gate_enter(PyObject *op, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(
 
 static PyMethodDef enter_def = {
     "enter", (PyCFunction)(void (*)(void))Gate_enter, METH_FASTCALL,
-    "enter() -> (handler, probe, regs) after marking and counting, or None after the "
+    "enter() -> (handler, probe, regs, held) after marking and counting, or None after the "
     "careful path"};
 
 /* bound(): `enter` bound to this gate (what rewritten code loads and calls). */

@@ -171,25 +171,23 @@ class CompiledCall:
 
 class InlineHit:
     """An optimized hit whose handler the rewritten code calls itself (core/opthit.py):
-    `enter()` returns (handler, probe, regs) after marking and counting, or None after
-    running the careful path; the code then calls `handler(probe, regs)` and clears
-    `held[0]`, or, where the handler raised, calls `fault(exc)` (which clears it and lets
-    only KeyboardInterrupt go on). `gate` is registered with the offsets of those calls
+    `enter()` returns (handler, probe, regs, held) after marking `held[0]` and counting, or
+    None after running the careful path; the code then calls `handler(probe, regs)` and
+    clears `held[0]`, or, where the handler raised, calls `fault(exc)` (which clears it and
+    lets only KeyboardInterrupt go on). `gate` is registered with the offsets of those calls
     (core/regs.py INLINE_CALLS). An optimizer that cannot build the inline sequence at an
     offset calls `hit()` there instead, as for any OptHit."""
 
-    __slots__ = ("enter", "fault", "gate", "held", "hit")
+    __slots__ = ("enter", "fault", "gate", "hit")
 
     def __init__(
         self,
         enter: Callable[[], Any],
-        held: list[Any],
         fault: Callable[[BaseException], None],
         gate: Any,
         hit: OptHit,
     ) -> None:
         self.enter = enter
-        self.held = held
         self.fault = fault
         self.gate = gate
         self.hit = hit

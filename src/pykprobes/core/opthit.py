@@ -6,7 +6,7 @@ INLINE_SEQUENCES):
 
     fast = enter()                      # the site's Gate, bound: a call of no argument
     if fast is not None:
-        handler, p, regs = fast
+        handler, p, regs, held = fast
         try:
             handler(p, regs)            # a Python-to-Python call the eval loop inlines
         except BaseException as exc:
@@ -17,7 +17,7 @@ INLINE_SEQUENCES):
 `enter` is the trampoline's fast path (core/site.py) without its call of the handler: when
 the site has one active probe with a pre-handler (`publish`ed), no thread runs a handler
 (`held[0]` None, `busy` empty), it counts the hit in the probe's `Counter`, marks
-`held[0]` with the site's regs and returns the site's (handler, probe, regs); else it calls
+`held[0]` with the site's regs and returns the site's (handler, probe, regs, held); else it calls
 the site's careful path (with the probed frame as its caller's caller: `CALLER_DEPTH`) and
 returns None. A probe's `nhit` is its Python count plus its Counter (core/probe.py).
 
@@ -64,8 +64,8 @@ class PyGate:
         self.held = held
         self.busy = busy
         self.careful = careful
-        #: (handler, probe, regs), or None.
-        self.fast: tuple[Any, Any, Any] | None = None
+        #: (handler, probe, regs, held), or None.
+        self.fast: tuple[Any, Any, Any, Any] | None = None
         #: The fast probe's Counter.
         self.counter: PyCounter | None = None
         #: The probe of the last fast hit: its fault is counted there.
@@ -73,21 +73,25 @@ class PyGate:
         #: Fast hits through this gate.
         self.serial = 0
 
-    def publish(self, fast: tuple[Any, Any, Any] | None, counter: PyCounter | None) -> None:
-        """What the next hit runs: (handler, probe, regs) and the probe's Counter, or None
-        and None."""
-        if (fast is None) != (counter is None) or (fast is not None and len(fast) != 3):
-            raise TypeError("publish((handler, probe, regs), Counter) or publish(None, None)")
+    def publish(
+        self, fast: tuple[Any, Any, Any, Any] | None, counter: PyCounter | None
+    ) -> None:
+        """What the next hit runs: (handler, probe, regs, held) and the probe's Counter, or
+        None and None."""
+        if (fast is None) != (counter is None) or (
+                fast is not None and (len(fast) != 4 or fast[3] is not self.held)):
+            raise TypeError(
+                "publish((handler, probe, regs, held), Counter) or publish(None, None)")
         self.counter = counter
         self.fast = fast
 
-    def bound(self) -> Callable[[], tuple[Any, Any, Any] | None]:
+    def bound(self) -> Callable[[], tuple[Any, Any, Any, Any] | None]:
         """`enter`, bound to this gate."""
         gate = self
         held = self.held
         busy = self.busy
 
-        def enter() -> tuple[Any, Any, Any] | None:
+        def enter() -> tuple[Any, Any, Any, Any] | None:
             fast = gate.fast
             if fast is None or held[0] is not None or busy:
                 gate.careful()

@@ -150,7 +150,7 @@ class Site:
         self.hit: Callable[[], None] = _make_trampoline(self)
         #: The inline hit (core/opthit.py): what rewritten code runs at a plain hit.
         self.gate = Gate(_held, _busy, self.careful_inline)
-        self.inline = InlineHit(self.gate.bound(), _held, self.fault, self.gate, self.hit)
+        self.inline = InlineHit(self.gate.bound(), self.fault, self.gate, self.hit)
 
     @property
     def is_aggregate(self) -> bool:
@@ -175,7 +175,7 @@ class Site:
         if fast is None:
             self.gate.publish(None, None)
         else:
-            self.gate.publish((fast[1], fast[0], fast[2]), fast[0]._count)
+            self.gate.publish((fast[1], fast[0], fast[2], _held), fast[0]._count)
 
     def opt_hit(self, code: CodeType) -> OptHit | CompiledCall | InlineHit:
         """What the optimizer builds in at this site: the compiled call its probe offers,

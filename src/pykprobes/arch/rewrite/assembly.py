@@ -44,10 +44,9 @@ NARGS: Final = Placeholder("NARGS")
 #: The return probe's callables: on_return(value) and on_unwind(exc).
 ON_RETURN: Final = Placeholder("ON_RETURN")
 ON_UNWIND: Final = Placeholder("ON_UNWIND")
-#: The inline hit's (core/arch.py InlineHit): `enter`, the mark it sets, the fault report,
-#: and the None it clears the mark with.
+#: The inline hit's (core/arch.py InlineHit): `enter`, the fault report, and the None it
+#: clears the mark with.
 GATE: Final = Placeholder("GATE")
-HELD: Final = Placeholder("HELD")
 FAULT: Final = Placeholder("FAULT")
 NOTHING: Final = Placeholder("NOTHING")
 #: The constant a RETURN_CONST returns (3.12+).
@@ -122,17 +121,19 @@ CALL_SEQUENCES: Final[dict[tuple[int, int], CallSequence]] = {
 # The inline hit (core/opthit.py): `fast = enter()`; if not None, `handler(p, regs)` under
 # an exception-table entry whose handler calls `fault(exc)` (a handler that does `except
 # BaseException as exc`, with the cleanup entry that lets what fault() raises go on:
-# KeyboardInterrupt), else `held[0] = None`. enter returns (handler, p, regs), which
-# UNPACK_SEQUENCE pushes as [regs, p, handler] and SWAP 3 turns into [handler, p, regs]:
-# the form of a method call `handler(p, regs)` (3.11/3.12: method, self, args; 3.13+:
-# callable, self_or_null, args). Every jump goes forward: the handler code sits inline.
+# KeyboardInterrupt), else `held[0] = None`. enter returns (handler, p, regs, held), which
+# UNPACK_SEQUENCE pushes as [held, regs, p, handler] and SWAP 3 turns into [held, handler,
+# p, regs]: the form of a method call `handler(p, regs)` (3.11/3.12: method, self, args;
+# 3.13+: callable, self_or_null, args), with the mark's list below it for the unmark (no
+# name to load: fault() unmarks with its own). Every jump goes forward: the handler code
+# sits inline.
 # The handler call's entry starts one instruction before its CALL: on 3.15.2 an entry that
 # starts at the CALL itself does not catch the callee's exception (measured: the lookup
 # lands before the CALL), which the compiler's `try: f()` never meets (its range starts
 # with the loads of f). It and the registered offsets (HIT_CALL) also take
 # in the POP_TOP after the CALL.
-# `depth` is what it needs above the depth where it goes: the fault handler's [previous
-# exception, exc, fault, NULL, exc].
+# `depth` is what it needs above the depth where it goes: the fault handler's [held,
+# previous exception, exc, fault, NULL, exc].
 SKIP: Final = Mark("skip")
 FAULTED: Final = Mark("faulted")
 CLEANUP: Final = Mark("cleanup")
@@ -147,8 +148,8 @@ def _inline(
             *call0,  # enter()
             ("COPY", 1),
             (if_none, SKIP),
-            ("UNPACK_SEQUENCE", 3),
-            ("TRY", Handler(FAULTED, 0, False)),
+            ("UNPACK_SEQUENCE", 4),
+            ("TRY", Handler(FAULTED, 1, False)),
             ("SWAP", 3),
             ("HIT_CALL", None),
             *call1,  # handler(p, regs)
@@ -156,13 +157,13 @@ def _inline(
             ("END_HIT_CALL", None),
             ("END_TRY", None),
             ("LOAD_CONST", NOTHING),
-            ("LOAD_CONST", HELD),
+            ("SWAP", 2),
             ("LOAD_CONST", 0),
             ("STORE_SUBSCR", None),  # held[0] = None
             ("JUMP_FORWARD", HIT_DONE),
-            ("LABEL", FAULTED),  # [exc]
-            ("TRY", Handler(CLEANUP, 1, True)),
-            ("PUSH_EXC_INFO", None),  # [previous exception, exc]
+            ("LABEL", FAULTED),  # [held, exc]
+            ("TRY", Handler(CLEANUP, 2, True)),
+            ("PUSH_EXC_INFO", None),  # [held, previous exception, exc]
             ("HIT_CALL", None),
             *fault_call,  # fault(exc)
             ("POP_TOP", None),
@@ -170,8 +171,9 @@ def _inline(
             ("POP_TOP", None),
             ("END_TRY", None),
             ("POP_EXCEPT", None),
+            ("POP_TOP", None),
             ("JUMP_FORWARD", HIT_DONE),
-            ("LABEL", CLEANUP),  # [previous exception, lasti, exception from fault()]
+            ("LABEL", CLEANUP),  # [held, previous exception, lasti, exception from fault()]
             ("COPY", 3),
             ("POP_EXCEPT", None),
             ("RERAISE", 1),
@@ -179,7 +181,7 @@ def _inline(
             ("POP_TOP", None),
             ("LABEL", HIT_DONE),
         ),
-        depth=5,
+        depth=6,
     )
 
 

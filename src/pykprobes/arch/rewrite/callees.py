@@ -29,7 +29,6 @@ from __future__ import annotations
 import builtins
 import functools
 import itertools
-import types
 import typing
 import weakref
 from collections.abc import Callable, MutableMapping
@@ -61,11 +60,7 @@ class Callee:
         self.func = func
         self.stand_in = stand_in
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        if not callable(self.stand_in):
-            # An object the code reads, not calls (an inline hit's mark): a namespace of the
-            # standard library holds its stand-in as `func`.
-            return (types.SimpleNamespace, (), {"func": self.stand_in})
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (functools.partial, (self.stand_in,))
 
     def __copy__(self) -> Callee:

@@ -59,7 +59,6 @@ from pykprobes.arch.rewrite.assembly import (
     CONVERT,
     FAULT,
     GATE,
-    HELD,
     HIT,
     NARGS,
     NOTHING,
@@ -161,9 +160,6 @@ _STAND_INS: Final[dict[Placeholder, object]] = {
     HIT: callees.DROP, RECORD: callees.DROP, ON_RETURN: callees.DROP,
     ON_UNWIND: callees.DROP, CONVERT: callees.SAME, GATE: callees.NONE, FAULT: callees.DROP,
 }
-#: Loaded by name even though marshal could write them: an inline hit's mark is one list
-#: that every hit writes, never a copy (and a copy would hold the Regs of a hit in flight).
-_BY_NAME: Final[frozenset[Placeholder]] = frozenset({HELD})
 #: LOAD_ATTR's argument for a plain attribute: 3.12 folded a method flag into it.
 _FUNC_ATTR: Final[object] = "func" if env.PY311 else (False, "func")
 
@@ -178,11 +174,10 @@ def _marshallable(value: Any) -> bool:
 
 def _load_const(
     value: object, stand_in: object, location: InstrLocation | None,
-    named: dict[str, callees.Callee], by_name: bool = False,
+    named: dict[str, callees.Callee],
 ) -> list[Instr]:
-    """LOAD_CONST `value`, or its load by name when marshal cannot write it (callees.py) or
-    `by_name`."""
-    if not by_name and _marshallable(value):
+    """LOAD_CONST `value`, or its load by name when marshal cannot write it (callees.py)."""
+    if _marshallable(value):
         return [Instr("LOAD_CONST", value, location=location)]
     # The same callable at two places is one name, as it would be one constant.
     name = next((n for n, c in named.items() if c.func is value), None)
@@ -245,8 +240,8 @@ class _Assembler:
                 elif opname == "LOAD_CONST":
                     stand_in = _STAND_INS.get(arg) if isinstance(arg, Placeholder) else None
                     value = self.values.get(arg, arg) if isinstance(arg, Placeholder) else arg
-                    out.extend((i, spec) for i in _load_const(
-                        value, stand_in, location, self.named, arg in _BY_NAME))
+                    out.extend((i, spec) for i in
+                               _load_const(value, stand_in, location, self.named))
                     continue
                 else:
                     arg = self.values.get(arg, arg) if isinstance(arg, Placeholder) else arg
@@ -312,8 +307,7 @@ def _sequence(
             continue
         if isinstance(hit, InlineHit):
             if inline.iseq is not None and depth is not None:
-                asm = _Assembler({GATE: hit.enter, HELD: hit.held, FAULT: hit.fault,
-                                  NOTHING: None}, named)
+                asm = _Assembler({GATE: hit.enter, FAULT: hit.fault, NOTHING: None}, named)
                 out.extend(asm.assemble(inline.iseq.ops, location or _NO_LOCATION, spec, {},
                                         depth))
                 inline.calls.extend((run, hit.gate) for run in asm.hit_calls)
