@@ -33,6 +33,7 @@ BOOT_PYKPROBES = {
     "pykprobes.core", "pykprobes.core.address", "pykprobes.core.arch",
     "pykprobes.core.blacklist", "pykprobes.core.codestate", "pykprobes.core.early_kprobes",
     "pykprobes.core.framecall", "pykprobes.core.rethook",
+    "pykprobes.core.opthit",  # a site's inline hit (its C twin below)
     "pykprobes.core.guard", "pykprobes.core.kprobe_addr",
     "pykprobes.core.modules", "pykprobes.core.modwatch", "pykprobes.core.optimizer",
     "pykprobes.core.probe", "pykprobes.core.registry", "pykprobes.core.regs",
@@ -52,7 +53,7 @@ BOOT_PYKPROBES = {
     "pykprobes.trace.recorder", "pykprobes.trace.ring",
 }
 #: Loaded with the above when the trace hot path's C accelerator is built and chosen.
-SPEEDUPS = {"pykprobes.trace._speedups", "pykprobes.core._rethook"}
+SPEEDUPS = {"pykprobes.trace._speedups", "pykprobes.core._rethook", "pykprobes.core._opthit"}
 #: The standard library modules the above may add (the core's imports: typing, threading,
 #: dis, warnings, ...; `re` comes with typing before 3.13; 3.14 moved warnings' Python code
 #: to _py_warnings). A superset over 3.11-3.15. Not annotationlib and ast: on 3.14+ a
