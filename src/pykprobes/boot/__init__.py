@@ -93,9 +93,9 @@ def start_from_environ() -> None:
     if value and not _started:
         _started = True
         try:
-            from pykprobes.boot import stage
+            from pykprobes.boot import lazy
 
-            stage.run(value)
+            lazy.start(value)
         except Exception as exc:  # noqa: BLE001 - start-up must go on
             warn(f"the boot stage failed: {exc!r}")
     control = os.environ.get("PYKPROBES_CONTROL")
