@@ -12,9 +12,9 @@ first of
   the stage registers the probes as pending and installs the core's module watch, which
   this very import then goes through, so the target's body runs rewritten (import-time
   code is probed, as at start-up);
-* the first import of `pykprobes.core` (the API, `stage.status()`, the control server's
-  first request...), once the package's body has run: the process is early, with its
-  early probes registered, before any other part of the core can be used.
+* the first import of any other pykprobes module (the API, `stage.status()`, the control
+  server...), once the outermost such import is done: the process is early, with its
+  early probes registered, before any part of the core can be used.
 
 What the deferred stage cannot keep to itself runs at start-up as before (the eager
 path): a definition that does not parse (its one warning belongs to start-up), a removal,
@@ -63,13 +63,19 @@ BUFFER_DEFAULT, BUFFER_MAX = 16384, 1 << 20
 #: The deferred stage: (PYKPROBES_EVENTS, the program as start-up saw it), until it runs.
 _pending: tuple[str, tuple[str | None, str | None]] | None = None
 _lock = _thread.RLock()
+#: Per thread: how deep in imports of pykprobes modules it is (ImportHook._resuming_spec).
+_imports = _thread._local()
+
+#: The modules of the lazy path: imported at start-up, and by anything, without the stage.
+LAZY_MODULES = frozenset(("pykprobes._version", "pykprobes.boot", "pykprobes.boot.lazy",
+                          "pykprobes.boot.pth", "pykprobes.errors", "pykprobes.grammar"))
 
 
 def start(value: str) -> None:
     """The boot stage for PYKPROBES_EVENTS=`value`: deferred when it can be, run now else."""
     global _pending
     program_now = program()
-    tops = _deferrable(value)
+    tops = _deferrable(value, program_now[1])
     if tops is None:
         from pykprobes.boot import stage
 
@@ -101,8 +107,9 @@ def is_deferred() -> bool:
     return _pending is not None
 
 
-def _deferrable(value: str) -> frozenset[str] | None:
-    """The top-level packages to wait for, or None if the stage must run now."""
+def _deferrable(value: str, path0: str | None) -> frozenset[str] | None:
+    """The top-level packages to wait for, or None if the stage must run now. `path0`: the
+    directory the program will find first on sys.path, not there yet."""
     if "pykprobes.core" in sys.modules:
         return None  # started by hand, late: the stage decides
     slots = env_int("PYKPROBES_EARLY_SLOTS", SLOTS_DEFAULT, SLOTS_MIN, SLOTS_MAX)
@@ -125,8 +132,11 @@ def _deferrable(value: str) -> frozenset[str] | None:
     if path_finder is None:
         return None
     for top in tops:
-        if top in sys.builtin_module_names or path_finder.find_spec(top) is None:
-            return None  # a built-in cannot be rewritten; a missing one is warned now
+        if top in sys.builtin_module_names:
+            return None  # no code to rewrite: warned now
+        if path_finder.find_spec(top) is None and (
+                not path0 or path_finder.find_spec(top, [path0]) is None):
+            return None  # not found: warned now
     return frozenset(tops)
 
 
@@ -149,8 +159,8 @@ class ImportHook:
     ) -> ModuleSpec | None:
         if _pending is None:
             return None
-        if name == "pykprobes.core":
-            return self._core_spec(name, path, target)
+        if name.startswith("pykprobes."):
+            return None if name in LAZY_MODULES else self._resuming_spec(name, path, target)
         if name.partition(".")[0] not in self.tops:
             return None
         resume()
@@ -159,20 +169,20 @@ class ImportHook:
         for finder in list(sys.meta_path):
             if finder is self:
                 break
-            find = getattr(finder, "find_spec", None)
-            spec: ModuleSpec | None = find(name, path, target) if find is not None else None
+            spec = _find(finder, name, path, target)
             if spec is not None:
                 return spec
         return None
 
-    def _core_spec(
+    def _resuming_spec(
         self, name: str, path: Sequence[str] | None, target: ModuleType | None
     ) -> ModuleSpec | None:
-        """The core's own spec, whose loader runs the stage once the package's body ran."""
+        """A pykprobes module's own spec, whose loader runs the stage once the outermost
+        pykprobes import of this thread is done: then every module it imported is whole,
+        those the stage imports too (run earlier, the stage would find them half-made)."""
         meta_path = list(sys.meta_path)
         for finder in meta_path[meta_path.index(self) + 1:] if self in meta_path else ():
-            find = getattr(finder, "find_spec", None)
-            spec: ModuleSpec | None = find(name, path, target) if find is not None else None
+            spec = _find(finder, name, path, target)
             if spec is not None:
                 _resume_after_exec(spec.loader)
                 return spec
@@ -182,14 +192,27 @@ class ImportHook:
         pass
 
 
+def _find(
+    finder: object, name: str, path: Sequence[str] | None, target: ModuleType | None
+) -> ModuleSpec | None:
+    find = getattr(finder, "find_spec", None)
+    return find(name, path, target) if find is not None else None  # type: ignore[no-any-return]
+
+
 def _resume_after_exec(loader: Any) -> None:
     exec_module = getattr(loader, "exec_module", None)
     if exec_module is None:
         return
 
     def exec_then_resume(module: ModuleType) -> None:
-        exec_module(module)
-        resume()
+        depth = getattr(_imports, "depth", 0)
+        _imports.depth = depth + 1
+        try:
+            exec_module(module)
+        finally:
+            _imports.depth = depth
+        if depth == 0:
+            resume()
 
     loader.exec_module = exec_then_resume
 
