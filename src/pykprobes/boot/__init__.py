@@ -64,9 +64,13 @@ target the import machinery (core/early_kprobes.py EARLY_NEEDED) nor what no pro
 
 When `PYKPROBES_EVENTS` and `PYKPROBES_CONTROL` are unset, the `.pth` line imports nothing;
 the `.start` entry point of 3.15+ costs `site` the import of `pkgutil` and of this package
-(boot/pth.py). When `PYKPROBES_EVENTS` is set, the boot stage loads the core's registry and
-the trace's event code (tests/boot/test_import_weight.py lists them); the rewrite arch and
-`bytecode` are loaded only when a target's code has to be rewritten. `PYKPROBES_CONTROL`
+(boot/pth.py). When `PYKPROBES_EVENTS` is set and every definition is an early probe on a
+module not imported yet, start-up only parses them and installs an import hook (boot/lazy.py,
+the lazy early path): the stage runs at the first import of a target's package, before its
+body, or of any other pykprobes module (the API, the control server), and a program that
+does neither never loads the core. Otherwise the boot stage runs at start-up and loads the
+core's registry and the trace's event code (tests/boot/test_import_weight.py lists both);
+the rewrite arch and `bytecode` are loaded only when a target's code has to be rewritten. `PYKPROBES_CONTROL`
 loads the control server's few modules (the same test lists them); the tracefs comes with
 its first request.
 """
