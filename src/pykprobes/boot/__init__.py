@@ -70,9 +70,9 @@ the lazy early path): the stage runs at the first import of a target's package, 
 body, or of any other pykprobes module (the API, the control server), and a program that
 does neither never loads the core. Otherwise the boot stage runs at start-up and loads the
 core's registry and the trace's event code (tests/boot/test_import_weight.py lists both);
-the rewrite arch and `bytecode` are loaded only when a target's code has to be rewritten. `PYKPROBES_CONTROL`
-loads the control server's few modules (the same test lists them); the tracefs comes with
-its first request.
+the rewrite arch and `bytecode` are loaded only when a target's code has to be rewritten.
+`PYKPROBES_CONTROL` loads the control server's few modules (the same test lists them), and
+with them the deferred stage; the tracefs comes with its first request.
 """
 
 from __future__ import annotations

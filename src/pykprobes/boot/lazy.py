@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 #: The top-level modules that loading the core, its trace events, the rewrite arch
 #: (`bytecode`) and writing the events import (the union over 3.11-3.15, measured by
-#: tests/boot/test_import_weight.py), and those no early probe may target
+#: tests/boot/test_import_weight.py; a superset), and those no early probe may target
 #: (core/blacklist.py, core/early_kprobes.py EARLY_NEEDED): an early probe on one of them is
 #: registered at start-up.
 CORE_IMPORTS = frozenset((
@@ -101,10 +101,6 @@ def resume() -> None:
             from pykprobes.boot import warn
 
             warn(f"the boot stage failed: {exc!r}")
-
-
-def is_deferred() -> bool:
-    return _pending is not None
 
 
 def _deferrable(value: str, path0: str | None) -> frozenset[str] | None:
@@ -250,4 +246,4 @@ def program() -> tuple[str | None, str | None]:
     return "script", os.path.dirname(os.path.realpath(argv0))
 
 
-__all__ = ["CORE_IMPORTS", "ImportHook", "env_int", "is_deferred", "program", "resume", "start"]
+__all__ = ["CORE_IMPORTS", "LAZY_MODULES", "ImportHook", "env_int", "program", "resume", "start"]
