@@ -192,7 +192,7 @@ def _find(
     finder: object, name: str, path: Sequence[str] | None, target: ModuleType | None
 ) -> ModuleSpec | None:
     find = getattr(finder, "find_spec", None)
-    return find(name, path, target) if find is not None else None  # type: ignore[no-any-return]
+    return find(name, path, target) if find is not None else None
 
 
 def _resume_after_exec(loader: Any) -> None:
