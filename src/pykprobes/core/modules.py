@@ -78,7 +78,8 @@ class ModuleNotifier:
         #: realpath -> module name, for source files whose code will be handed over by
         #: `loaded()` rather than imported under a name sys.path tells (core/lines.py).
         self.expected_files: dict[str, str] = {}
-        #: id(module code being run) -> Mechanisms.installs when `loaded` handed it over.
+        #: id(module code the import system runs) -> its module's Mechanisms.installs when
+        #: `loaded` handed it over (module_executed).
         self.installs_at_load: dict[int, int] = {}
 
     # ------------------------------------------------------------------ the chain
@@ -317,6 +318,9 @@ class Loading:
         #: The code the program compiled (-m: the import may have rewritten `code`).
         self.original = modules.table.original(code)
         self.run = modules.loaded(name, self.original)
+        # Its caller may run another code than `run` (the main hook, in a multiprocessing
+        # child, runs the original: boot/mainhook.py): the holders are adopted after it.
+        modules.installs_at_load.pop(id(self.original), None)
 
     def executed(self) -> None:
         self._modules.executed(self.name, self.original)
