@@ -119,7 +119,7 @@ def test_the_pth_line_tests_the_variable_inline() -> None:
 
 #: What the lazy early path loads at start-up (boot/lazy.py): the parse and the import hook.
 LAZY_PYKPROBES = {"pykprobes", "pykprobes._version", "pykprobes.boot", "pykprobes.boot.lazy",
-                  "pykprobes.errors", "pykprobes.grammar"}
+                  "pykprobes.env", "pykprobes.errors", "pykprobes.grammar"}
 #: What it must not load: the core, the trace, and the standard library's heavy modules.
 NOT_LAZY = {"typing", "enum", "re", "dataclasses", "collections", "functools", "threading",
             "contextlib", "opcode", "dis", "weakref", "warnings"}

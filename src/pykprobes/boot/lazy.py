@@ -25,7 +25,8 @@ definitions than early slots (the full-table error), and a PYKPROBES_EARLY_SLOTS
 PYKPROBES_EARLY_BUFFER that is not a number in range (its warning).
 
 Standard library only, and nothing of it but `sys`, `os` and `_thread` (all loaded by the
-interpreter before `site`): no `typing`, `enum`, `re` or `dataclasses` at run time.
+interpreter before `site`), with the leaves env.py, grammar.py and errors.py: no `typing`,
+`enum`, `re` or `dataclasses` at run time.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ _imports = _thread._local()
 
 #: The modules of the lazy path: imported at start-up, and by anything, without the stage.
 LAZY_MODULES = frozenset(("pykprobes._version", "pykprobes.boot", "pykprobes.boot.lazy",
-                          "pykprobes.boot.pth", "pykprobes.errors", "pykprobes.grammar"))
+                          "pykprobes.boot.pth", "pykprobes.env", "pykprobes.errors",
+                          "pykprobes.grammar"))
 
 
 def start(value: str) -> None:
@@ -108,6 +110,10 @@ def _deferrable(value: str, path0: str | None) -> frozenset[str] | None:
     directory the program will find first on sys.path, not there yet."""
     if "pykprobes.core" in sys.modules:
         return None  # started by hand, late: the stage decides
+    from pykprobes import env
+
+    if env.FREE_THREADED:
+        return None  # the core refuses the build: its one line belongs to start-up
     slots = env_int("PYKPROBES_EARLY_SLOTS", SLOTS_DEFAULT, SLOTS_MIN, SLOTS_MAX)
     if slots is None or env_int("PYKPROBES_EARLY_BUFFER", BUFFER_DEFAULT, 1, BUFFER_MAX) is None:
         return None
