@@ -20,6 +20,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stddef.h>
+#include <stdint.h>
 
 typedef struct {
     PyObject_HEAD
@@ -66,12 +67,73 @@ count_one(PyObject *entry)
     return 0;
 }
 
+/* Count one hit under `key` (a reference it takes): entries[key][0] += 1, or a drop counted
+ * by insert. 0: counted, -1: failed (an error set). */
+static int
+count_key(HistCounter *self, PyObject *key)
+{
+    PyObject *entry = PyDict_GetItemWithError(self->entries, key);
+    if (entry != NULL) {
+        Py_INCREF(entry);
+    }
+    else if (PyErr_Occurred()) {
+        Py_DECREF(key);
+        return -1;
+    }
+    else {
+        entry = PyObject_CallOneArg(self->insert, key);
+        if (entry == NULL) {
+            Py_DECREF(key);
+            return -1;
+        }
+        if (entry == Py_None) { /* the table is full: a drop, counted by insert */
+            Py_DECREF(entry);
+            Py_DECREF(key);
+            self->nhit++;
+            return 0;
+        }
+    }
+    Py_DECREF(key);
+    int failed = count_one(entry);
+    Py_DECREF(entry);
+    if (failed) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "a hist entry is not a list");
+        }
+        return -1;
+    }
+    self->nhit++;
+    return 0;
+}
+
+/* Whether a hit may be counted here: on, and no handler running in any thread. */
+static inline int
+may_count(HistCounter *self)
+{
+    return self->fast && !PyDict_GET_SIZE(self->busy) && PyList_GET_ITEM(self->held, 0) == Py_None;
+}
+
+/* Count one hit under the log2 bucket of `v` (ilog2(roundup_pow_of_two(v))). 0: counted,
+ * 1: the careful path's (negative), -1: failed (an error set). */
+static int
+count_log2(HistCounter *self, long long v)
+{
+    if (v < 0) {
+        return 1;
+    }
+    long bits = v > 1 ? 64 - __builtin_clzll((unsigned long long)(v - 1)) : 0;
+    PyObject *key = PyLong_FromLong(bits); /* 0..63: a small int, no allocation */
+    if (key == NULL) {
+        return -1;
+    }
+    return count_key(self, key);
+}
+
 static PyObject *
 HistCounter_call(HistCounter *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t n = PyVectorcall_NARGS(nargsf);
-    if (!self->fast || PyDict_GET_SIZE(self->busy)
-        || PyList_GET_ITEM(self->held, 0) != Py_None || kwnames != NULL || n != self->nargs) {
+    if (!may_count(self) || kwnames != NULL || n != self->nargs) {
         Py_RETURN_TRUE;
     }
     PyObject *key = args[self->index];
@@ -85,54 +147,39 @@ HistCounter_call(HistCounter *self, PyObject *const *args, size_t nargsf, PyObje
             Py_RETURN_TRUE;
         }
     }
+    int done;
     if (self->log2) {
         int overflow = 0;
         long long v = PyLong_CheckExact(key) ? PyLong_AsLongLongAndOverflow(key, &overflow) : -1;
         Py_DECREF(key);
-        if (v < 0 || overflow) { /* not an int, negative or huge: the careful path's */
-            PyErr_Clear();
-            Py_RETURN_TRUE;
-        }
-        long bits = v > 1 ? 64 - __builtin_clzll((unsigned long long)(v - 1)) : 0;
-        key = PyLong_FromLong(bits);
-        if (key == NULL) {
-            PyErr_Clear();
-            Py_RETURN_TRUE;
-        }
-    }
-    PyObject *entry = PyDict_GetItemWithError(self->entries, key);
-    if (entry != NULL) {
-        Py_INCREF(entry);
-    }
-    else if (PyErr_Occurred()) {
-        PyErr_Clear();
-        Py_DECREF(key);
-        Py_RETURN_TRUE;
+        /* not an int, negative or huge: the careful path's */
+        done = overflow ? 1 : count_log2(self, v);
     }
     else {
-        entry = PyObject_CallOneArg(self->insert, key);
-        if (entry == NULL) {
-            PyErr_Clear();
-            Py_DECREF(key);
-            Py_RETURN_TRUE;
-        }
-        if (entry == Py_None) { /* the table is full: a drop, counted by insert */
-            Py_DECREF(entry);
-            Py_DECREF(key);
-            self->nhit++;
-            Py_RETURN_FALSE;
-        }
+        done = count_key(self, key);
     }
-    Py_DECREF(key);
-    int failed = count_one(entry);
-
-    Py_DECREF(entry);
-    if (failed) {
+    if (done) {
         PyErr_Clear();
         Py_RETURN_TRUE;
     }
-    self->nhit++;
     Py_RETURN_FALSE;
+}
+
+/* The duration entry of a log2 counter of one value (core/_rethook.c, its `count_ns`
+ * capsule): counter(ns) without an int object or a call. 0: counted, 1: the careful path's
+ * (no error set). */
+static int
+count_ns(PyObject *counter, int64_t ns)
+{
+    HistCounter *self = (HistCounter *)counter;
+    if (!may_count(self)) {
+        return 1;
+    }
+    if (count_log2(self, (long long)ns)) {
+        PyErr_Clear();
+        return 1;
+    }
+    return 0;
 }
 
 static PyObject *
@@ -230,7 +277,22 @@ HistCounter_get_nhit(HistCounter *self, void *c)
     return PyLong_FromLongLong(self->nhit);
 }
 
+/* The name core/_rethook.c looks for: a capsule of `int (*)(PyObject *, int64_t)`. */
+#define COUNT_NS_CAPSULE "pykprobes.count_ns"
+
+/* A log2 counter of one value offers `count_ns` to the rethook (a latency histogram's
+ * $duration); any other, None. */
+static PyObject *
+HistCounter_get_count_ns(HistCounter *self, void *c)
+{
+    if (!self->log2 || self->nargs != 1) {
+        Py_RETURN_NONE;
+    }
+    return PyCapsule_New((void *)count_ns, COUNT_NS_CAPSULE, NULL);
+}
+
 static PyGetSetDef HistCounter_getset[] = {
+    {"count_ns", (getter)HistCounter_get_count_ns, NULL, NULL, NULL},
     {"fast", (getter)HistCounter_get_fast, (setter)HistCounter_set_fast, NULL, NULL},
     {"nhit", (getter)HistCounter_get_nhit, NULL, NULL, NULL},
     {NULL},
