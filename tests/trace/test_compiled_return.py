@@ -207,6 +207,28 @@ def test_a_latency_histogram_paused_and_continued(fs: TraceFS) -> None:
     assert event.hits == 12 and event.nmissed == 0
 
 
+def test_a_latency_histogram_read_between_hits_and_cleared(fs: TraceFS) -> None:
+    """A latency histogram's counts are exact at every read, and a `:clear` forgets all of
+    them, however they were counted (the C counter keeps a known bucket's hits apart until
+    the table is read)."""
+    event = fs.define(f"r:grp/dc {__name__}:recurse d=$duration")
+    assert event is not None
+    fs.write("events/grp/dc/trigger", "hist:keys=d.log2")
+    kp.wait_for_kprobe_optimizer()
+    for expected in (3, 6, 9):
+        recurse(2)
+        table = fs.read("events/grp/dc/hist")
+        counts = [int(n) for n in re.findall(r"hitcount:\s+(\d+)", table)]
+        assert sum(counts) == expected and f"Hits: {expected}\n" in table
+    fs.write("events/grp/dc/trigger", "hist:keys=d.log2:clear", append=True)
+    assert "Hits: 0\n    Entries: 0\n" in fs.read("events/grp/dc/hist")
+    for _ in range(5):
+        recurse(1)
+    table = fs.read("events/grp/dc/hist")
+    assert sum(int(n) for n in re.findall(r"hitcount:\s+(\d+)", table)) == 10
+    assert "Hits: 10\n" in table and event.hits == 19 and event.nmissed == 0
+
+
 def test_span_mode_while_compiled_takes_the_entry_handler(fs: TraceFS) -> None:
     """An event switched to something the compiled entry does not keep (a summary's
     stamps, spans) goes back to the entry handler for the calls that follow."""
