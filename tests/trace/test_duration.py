@@ -156,6 +156,26 @@ def test_duration_as_a_log2_hist_key(fs: TraceFS) -> None:
     assert "nap:" not in fs.read("trace")  # hist-only: no record
 
 
+def test_a_duration_lies_within_the_callers_own_reading_of_the_clock(fs: TraceFS) -> None:
+    """The compiled return measures with the TSC where the kernel keeps time with it (the
+    kernel's `local` trace clock), scaled to ns: the scale must agree with CLOCK_MONOTONIC,
+    which the caller reads around the call (slew and the scale's error: far below 1%)."""
+    _define(fs, f"r:t/nap {__name__}:nap d=$duration")
+    fs.write("events/t/nap/trigger", "hist:keys=d.log2")
+    outer = []
+    for pause in (0.003, 0.02):
+        start = time.monotonic_ns()
+        nap(pause)
+        outer.append(time.monotonic_ns() - start)
+    recorded = [int(r["d"]) for r in _records(fs)]
+    assert len(recorded) == 2
+    for pause, inner, around in zip((0.003, 0.02), recorded, outer, strict=True):
+        assert pause * 1e9 * 0.99 <= inner <= around * 1.01
+    # The latency histogram's own count (the C counter's path) is scaled the same way.
+    exponents = sorted(int(e) for e in re.findall(r"d: ~ 2\^(\d+)", fs.read("events/t/nap/hist")))
+    assert exponents == sorted((d - 1).bit_length() for d in recorded)  # rounded up
+
+
 def test_duration_is_only_for_return_probes(fs: TraceFS) -> None:
     from pykprobes.trace.tracefs import TraceWriteError
 
