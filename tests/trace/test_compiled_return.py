@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import re
 import threading
+import types
 from typing import Any
 
 import pytest
 
 import pykprobes as kp
+from pykprobes.core.rethook import C_MODULE
 from pykprobes.trace.tracefs import TraceFS
 from tests.testenv import OPTIMIZED
 from tests.trace.test_compiled_event import _define, _recorded
@@ -46,6 +48,14 @@ def caller_of_rebinds() -> Any:
     return rebinds(1, 2)
 
 
+def calls_through_map() -> list[Any]:
+    return list(map(rebinds, [1], [2]))
+
+
+def generator_caller() -> Any:
+    yield rebinds(2, 2)
+
+
 def _records(fs: TraceFS) -> list[tuple[str, str]]:
     """(where, fields) of each record: the `(return from <- caller)` part and the rest."""
     out = []
@@ -70,6 +80,28 @@ def test_a_return_event_is_recorded_by_the_return_hook(fs: TraceFS) -> None:
                                   "return_hook")
     assert event.hits == event.nhit == 4
     assert _recorded(event) == (4 if OPTIMIZED else 0)
+
+
+def test_the_caller_is_named_whichever_calls_after_which(fs: TraceFS) -> None:
+    """The caller as the frame objects name it, whoever called before: through a C function
+    (map: the Python frame that called it), from a generator, and one code object run with
+    the globals of another module and with none named."""
+    _define(fs, f"r:grp/c {__name__}:rebinds a r=$retval")
+    caller_of_rebinds()
+    calls_through_map()
+    list(generator_caller())
+    code = caller_of_rebinds.__code__
+    types.FunctionType(code, {"rebinds": rebinds, "__name__": "elsewhere"})()
+    types.FunctionType(code, {"rebinds": rebinds})()
+    caller_of_rebinds()
+    callers = [r[0].split(" <- ")[1] for r in _records(fs)]
+    assert callers == [f"{__name__}:caller_of_rebinds", f"{__name__}:calls_through_map",
+                       f"{__name__}:generator_caller", "elsewhere:caller_of_rebinds",
+                       "?:caller_of_rebinds", f"{__name__}:caller_of_rebinds"]
+    if OPTIMIZED and C_MODULE is not None:
+        # The C twin read them from the interpreter frames, which agreed with the frame
+        # objects at every new caller (else it would have gone back to the frame objects).
+        assert C_MODULE.callers_by_head()
 
 
 def test_recursion_records_each_call_once(fs: TraceFS) -> None:

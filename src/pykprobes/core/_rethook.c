@@ -330,22 +330,31 @@ typedef struct {
      * counter: trace/_histcount.c): record's count of a duration, with no int object and
      * no call. 0: counted; else refused, as `record` returning True. */
     int (*count_ns)(PyObject *record, int64_t ns);
+    /* When `record` is a return record's recorder that offers it (trace/_speedups.c):
+     * record(*fields, caller, ts) with no int object for `ts` and no call. 0: recorded;
+     * else refused, as `record` returning True. */
+    int (*record_return)(PyObject *record, PyObject *const *fields, Py_ssize_t n,
+                         PyObject *caller, int64_t ts);
 } CompiledReturn;
 
 #define COUNT_NS_CAPSULE "pykprobes.count_ns"
 
-/* The `count_ns` that `record` offers for a single $duration field (NULL: none). */
-static int (*offered_count_ns(PyObject *record))(PyObject *, int64_t)
+#define RECORD_RETURN_CAPSULE "pykprobes.record_return"
+
+/* The C function that `record` offers as its attribute `name`, a capsule of that name
+ * (NULL: none). */
+static void *
+offered(PyObject *record, const char *name, const char *capsule_name)
 {
-    PyObject *capsule = PyObject_GetAttrString(record, "count_ns");
+    PyObject *capsule = PyObject_GetAttrString(record, name);
     if (capsule == NULL) {
         PyErr_Clear(); /* not offered: the record is called */
         return NULL;
     }
-    void *fn = PyCapsule_IsValid(capsule, COUNT_NS_CAPSULE)
-        ? PyCapsule_GetPointer(capsule, COUNT_NS_CAPSULE) : NULL;
+    void *fn = PyCapsule_IsValid(capsule, capsule_name)
+        ? PyCapsule_GetPointer(capsule, capsule_name) : NULL;
     Py_DECREF(capsule);
-    return (int (*)(PyObject *, int64_t))fn;
+    return fn;
 }
 
 static PyTypeObject CompiledReturn_Type;
@@ -435,7 +444,13 @@ CompiledReturn_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         stamp_setup();
     }
     if (ns == 1 && source[0] == DURATION && convert == Py_None && !caller) {
-        self->count_ns = offered_count_ns(record);
+        self->count_ns = (int (*)(PyObject *, int64_t))offered(record, "count_ns",
+                                                                 COUNT_NS_CAPSULE);
+    }
+    if (caller) {
+        self->record_return = (int (*)(PyObject *, PyObject *const *, Py_ssize_t, PyObject *,
+                                       int64_t))offered(record, "record_return",
+                                                        RECORD_RETURN_CAPSULE);
     }
     self->nindices = ni;
     self->nsources = ns;
@@ -506,10 +521,98 @@ static PyTypeObject CompiledReturn_Type = {
     .tp_members = CompiledReturn_members,
 };
 
+/* The head of an interpreter frame (`_PyInterpreterFrame`, Include/internal/pycore_frame.h
+ * on 3.11-3.13, pycore_interpframe_structs.h from 3.14), as far as `caller_text` reads it:
+ * the code, the globals, the link to the frame below and the owner. Why: the caller's name
+ * read through PyEval_GetFrame/PyFrame_GetBack makes two frame objects per return (malloc,
+ * GC, free: ~15% of a return event's hit on 3.12). `caller_layout` says whether this head
+ * matched the frame objects' answer every time it was compared (each new caller is); once
+ * it did not, the frame objects alone are used. */
+typedef struct {
+#if PY_VERSION_HEX >= 0x030C0000
+    uintptr_t code; /* 3.14+: a _PyStackRef, its low bits a tag; 3.13: f_executable */
+    void *previous;
+    PyObject *funcobj;
+    PyObject *globals;
+    PyObject *builtins;
+    PyObject *locals;
+    PyObject *frame_obj;
+    void *instr;
+#if PY_VERSION_HEX >= 0x030E0000
+    void *stackpointer;
+#else
+    int stacktop;
+#endif
+    uint16_t return_offset;
+    char owner;
+#else
+    PyObject *func;
+    PyObject *globals;
+    PyObject *builtins;
+    PyObject *locals;
+    uintptr_t code;
+    PyObject *frame_obj;
+    void *previous;
+    void *prev_instr;
+    int stacktop;
+    char is_entry;
+    char owner;
+#endif
+} IFrameHead;
+
+/* FRAME_OWNED_BY_THREAD and _BY_GENERATOR (0 and 1 on 3.11-3.15): a frame that runs; the
+ * others (a frame object's copy, 3.12+'s shim frames on the C stack) are left to the frame
+ * objects. */
+#define OWNER_RUNS 1
+#define TAG_BITS ((uintptr_t)7)
+
+static char caller_layout = 1; /* 0: the head disagreed once with the frame objects */
+
+/* The code and globals of the frame below the running one (borrowed), by the head; 0 when
+ * the head cannot say (the frame objects then do). */
+static int
+caller_by_head(PyThreadState *ts, PyObject **code, PyObject **globals)
+{
+    IFrameHead *f = (IFrameHead *)frame_key(ts);
+    IFrameHead *back = f != NULL ? (IFrameHead *)f->previous : NULL;
+    if (back == NULL || back->owner < 0 || back->owner > OWNER_RUNS) {
+        return 0;
+    }
+    *code = (PyObject *)(back->code & ~TAG_BITS);
+    *globals = back->globals;
+    return *code != NULL && PyCode_Check(*code) && *globals != NULL
+           && PyDict_Check(*globals);
+}
+
+static PyObject *
+dunder_name(void)
+{
+    static PyObject *name = NULL; /* interned once, kept for the process */
+    if (name == NULL) {
+        name = PyUnicode_InternFromString("__name__");
+    }
+    return name;
+}
+
 /* The caller's `module:qualname` (new reference), None without one, NULL on error. */
 static PyObject *
-caller_text(CompiledReturn *c)
+caller_text(CompiledReturn *c, PyThreadState *ts)
 {
+    PyObject *key = dunder_name();
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *head_code = NULL, *head_globals = NULL;
+    if (caller_layout && caller_by_head(ts, &head_code, &head_globals)) {
+        PyObject *name = PyDict_GetItemWithError(head_globals, key);
+        if (name == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (head_code == c->caller_code && name == c->caller_name && c->caller_text) {
+            return Py_NewRef(c->caller_text);
+        }
+    }
+    /* A caller not seen last: by the frame objects, which also check the head's answer. */
     PyFrameObject *frame = PyEval_GetFrame(); /* the probed frame, made if needed */
     if (frame == NULL) {
         Py_RETURN_NONE;
@@ -521,16 +624,11 @@ caller_text(CompiledReturn *c)
     PyCodeObject *code = PyFrame_GetCode(back);
     PyObject *globals = PyFrame_GetGlobals(back);
     Py_DECREF(back);
-    static PyObject *dunder_name = NULL; /* interned once, kept for the process */
-    if (dunder_name == NULL) {
-        dunder_name = PyUnicode_InternFromString("__name__");
-        if (dunder_name == NULL) {
-            Py_DECREF(globals);
-            Py_DECREF(code);
-            return NULL;
-        }
+    if (head_code != NULL
+        && (head_code != (PyObject *)code || head_globals != globals)) {
+        caller_layout = 0;
     }
-    PyObject *name = PyDict_GetItemWithError(globals, dunder_name);
+    PyObject *name = PyDict_GetItemWithError(globals, key);
     PyObject *result = NULL;
     if (name == NULL && PyErr_Occurred()) {
         goto done;
@@ -1531,6 +1629,43 @@ hand_over(Rethook *self, Node *node)
     return 0;
 }
 
+/* Record a compiled return's `fields` (its nsources; references taken over) with the
+ * caller's text and the record's time when it names its caller: whether it was recorded
+ * (else refused: the kretprobe's handler serves the call). */
+static int
+compiled_record(CompiledReturn *c, PyObject **fields, PyObject *caller, int64_t now)
+{
+    Py_ssize_t nf = c->nsources;
+    if (c->record_return != NULL) {
+        int recorded = c->record_return(c->record, fields, nf, caller, now) == 0;
+        for (Py_ssize_t k = 0; k < nf; k++) {
+            Py_DECREF(fields[k]);
+        }
+        return recorded;
+    }
+    PyObject *when = NULL;
+    if (c->caller) {
+        when = PyLong_FromLongLong(now);
+        if (when == NULL) {
+            PyErr_Clear();
+            when = Py_NewRef(Py_None); /* refused by the recorder */
+        }
+        fields[nf++] = caller;
+        fields[nf++] = when;
+    }
+    PyObject *res = PyObject_Vectorcall(c->record, fields, nf, NULL);
+    for (Py_ssize_t k = 0; k < c->nsources; k++) {
+        Py_DECREF(fields[k]);
+    }
+    Py_XDECREF(when);
+    if (res == NULL) {
+        PyErr_Clear(); /* never raises; if it did: the careful path */
+    }
+    int recorded = res == Py_False;
+    Py_XDECREF(res);
+    return recorded;
+}
+
 static PyObject *
 leave(Rethook *self, PyObject *value, PyObject *exc)
 {
@@ -1605,36 +1740,19 @@ leave(Rethook *self, PyObject *value, PyObject *exc)
             else if (nf <= MAX_FIELDS
                 && compiled_fields(c, s.obj, value, exc, node.stamp != 0, duration,
                                    fields) == 0) {
-                PyObject *when = NULL;
                 if (c->caller) {
                     if (now == 0) {
                         now = monotonic_ns();
                     }
                     if (caller == NULL) {
-                        caller = caller_text(c);
+                        caller = caller_text(c, ts);
                     }
                     if (caller == NULL) {
                         PyErr_Clear();
                         caller = Py_NewRef(Py_None);
                     }
-                    when = PyLong_FromLongLong(now);
-                    if (when == NULL) {
-                        PyErr_Clear();
-                        when = Py_NewRef(Py_None); /* refused by the recorder */
-                    }
-                    fields[nf++] = caller;
-                    fields[nf++] = when;
                 }
-                PyObject *res = PyObject_Vectorcall(c->record, fields, nf, NULL);
-                for (Py_ssize_t k = 0; k < c->nsources; k++) {
-                    Py_DECREF(fields[k]);
-                }
-                Py_XDECREF(when);
-                if (res == NULL) {
-                    PyErr_Clear(); /* never raises; if it did: the careful path */
-                }
-                acted = res == Py_False;
-                Py_XDECREF(res);
+                acted = compiled_record(c, fields, caller, now);
             }
             else {
                 PyErr_Clear();
@@ -1892,7 +2010,17 @@ frame_call(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     return PyBool_FromLong(!recorded);
 }
 
+/* Whether return records still name their callers from the interpreter frames' heads: no
+ * answer of theirs has differed from the frame objects' (caller_text). */
+static PyObject *
+callers_by_head(PyObject *mod, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(caller_layout);
+}
+
 static PyMethodDef module_methods[] = {
+    {"callers_by_head", callers_by_head, METH_NOARGS,
+     "Whether return records name their callers from the interpreter frames (caller_text)."},
     {"frame_call", (PyCFunction)(void (*)(void))frame_call, METH_FASTCALL,
      "frame_call(record, frame, names) -> bool: see core/framecall.py"},
     {"hit_frame", hit_frame, METH_O,

@@ -493,34 +493,20 @@ typedef struct {
     char caller;          /* a return record's: the caller text follows the values */
 } Recorder;
 
-static PyObject *
-Recorder_call(Recorder *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+/* Record `values` (n of them) with `caller` (None: an entry record) at `ts` (0: now);
+ * 0 recorded, 1 refused (the careful path's). Never raises. */
+static int
+recorder_put(Recorder *self, PyObject *const *args, Py_ssize_t n, PyObject *caller, int64_t ts)
 {
-    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
     Ring *ring = self->ring;
-    PyObject *caller = Py_None;
-    int64_t ts = 0;
-    if (self->caller) {
-        /* A return record's: its caller and time follow the values. */
-        if (n != self->n + 2) {
-            Py_RETURN_TRUE;
-        }
-        caller = args[n - 2];
-        ts = PyLong_CheckExact(args[n - 1]) ? PyLong_AsLongLong(args[n - 1]) : -1;
-        if ((caller != Py_None && !PyUnicode_CheckExact(caller)) || ts <= 0) {
-            PyErr_Clear();
-            Py_RETURN_TRUE;
-        }
-        n -= 2;
-    }
     if (!self->fast || !ring->tracing_on || PyDict_GET_SIZE(self->busy)
-        || PyList_GET_ITEM(self->held, 0) != Py_None || kwnames != NULL || n != self->n) {
-        Py_RETURN_TRUE;
+        || PyList_GET_ITEM(self->held, 0) != Py_None || n != self->n) {
+        return 1;
     }
     PyObject *values = PyTuple_New(n);
     if (values == NULL) {
         PyErr_Clear();
-        Py_RETURN_TRUE;
+        return 1;
     }
     Py_ssize_t size = OVERHEAD + SCALAR * n;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -554,7 +540,7 @@ Recorder_call(Recorder *self, PyObject *const *args, size_t nargsf, PyObject *kw
             if (v == NULL) { /* converters never raise; if one did, the careful path */
                 PyErr_Clear();
                 Py_DECREF(values);
-                Py_RETURN_TRUE;
+                return 1;
             }
             tp = Py_TYPE(v);
         }
@@ -575,12 +561,51 @@ Recorder_call(Recorder *self, PyObject *const *args, size_t nargsf, PyObject *kw
     PyObject *key = current_key();
     if (key == NULL) {
         Py_DECREF(values);
-        Py_RETURN_TRUE;
+        return 1;
     }
-    ring_put(ring, self->caller ? ts : monotonic_ns(), key, self->event, values, caller, size);
+    ring_put(ring, ts ? ts : monotonic_ns(), key, self->event, values, caller, size);
     Py_DECREF(values);
     self->nhit++;
-    Py_RETURN_FALSE;
+    return 0;
+}
+
+static PyObject *
+Recorder_call(Recorder *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    PyObject *caller = Py_None;
+    int64_t ts = 0;
+    if (kwnames != NULL) {
+        Py_RETURN_TRUE;
+    }
+    if (self->caller) {
+        /* A return record's: its caller and time follow the values. */
+        if (n != self->n + 2) {
+            Py_RETURN_TRUE;
+        }
+        caller = args[n - 2];
+        ts = PyLong_CheckExact(args[n - 1]) ? PyLong_AsLongLong(args[n - 1]) : -1;
+        if ((caller != Py_None && !PyUnicode_CheckExact(caller)) || ts <= 0) {
+            PyErr_Clear();
+            Py_RETURN_TRUE;
+        }
+        n -= 2;
+    }
+    return PyBool_FromLong(recorder_put(self, args, n, caller, ts));
+}
+
+/* The return record of core/_rethook.c (its `record_return` capsule): rec(*values, caller,
+ * ts) without the int object of `ts` or a call. 0: recorded, 1: refused, as rec's result
+ * False / True. */
+static int
+record_return(PyObject *rec, PyObject *const *values, Py_ssize_t n, PyObject *caller,
+              int64_t ts)
+{
+    Recorder *self = (Recorder *)rec;
+    if (!self->caller || (caller != Py_None && !PyUnicode_CheckExact(caller)) || ts <= 0) {
+        return 1;
+    }
+    return recorder_put(self, values, n, caller, ts);
 }
 
 static PyObject *
@@ -731,7 +756,21 @@ Recorder_repr(Recorder *self)
                                 self->fast ? "True" : "False", self->nhit);
 }
 
+/* The name core/_rethook.c looks for: a capsule of `record_return`'s type. */
+#define RECORD_RETURN_CAPSULE "pykprobes.record_return"
+
+/* A return record's recorder offers `record_return` to the rethook; any other, None. */
+static PyObject *
+Recorder_get_record_return(Recorder *self, void *c)
+{
+    if (!self->caller) {
+        Py_RETURN_NONE;
+    }
+    return PyCapsule_New((void *)record_return, RECORD_RETURN_CAPSULE, NULL);
+}
+
 static PyGetSetDef Recorder_getset[] = {
+    {"record_return", (getter)Recorder_get_record_return, NULL, NULL, NULL},
     {"fast", (getter)Recorder_get_fast, (setter)Recorder_set_fast, NULL, NULL},
     {"nhit", (getter)Recorder_get_nhit, (setter)Recorder_set_nhit, NULL, NULL},
     {NULL},
