@@ -334,7 +334,7 @@ typedef struct {
      * record(*fields, caller, ts) with no int object for `ts` and no call. 0: recorded;
      * else refused, as `record` returning True. */
     int (*record_return)(PyObject *record, PyObject *const *fields, Py_ssize_t n,
-                         PyObject *caller, int64_t ts);
+                         PyObject *caller, int64_t ts, PyThreadState *tstate);
 } CompiledReturn;
 
 #define COUNT_NS_CAPSULE "pykprobes.count_ns"
@@ -449,8 +449,8 @@ CompiledReturn_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     if (caller) {
         self->record_return = (int (*)(PyObject *, PyObject *const *, Py_ssize_t, PyObject *,
-                                       int64_t))offered(record, "record_return",
-                                                        RECORD_RETURN_CAPSULE);
+                                       int64_t, PyThreadState *))offered(
+            record, "record_return", RECORD_RETURN_CAPSULE);
     }
     self->nindices = ni;
     self->nsources = ns;
@@ -1633,11 +1633,12 @@ hand_over(Rethook *self, Node *node)
  * caller's text and the record's time when it names its caller: whether it was recorded
  * (else refused: the kretprobe's handler serves the call). */
 static int
-compiled_record(CompiledReturn *c, PyObject **fields, PyObject *caller, int64_t now)
+compiled_record(CompiledReturn *c, PyObject **fields, PyObject *caller, int64_t now,
+                PyThreadState *ts)
 {
     Py_ssize_t nf = c->nsources;
     if (c->record_return != NULL) {
-        int recorded = c->record_return(c->record, fields, nf, caller, now) == 0;
+        int recorded = c->record_return(c->record, fields, nf, caller, now, ts) == 0;
         for (Py_ssize_t k = 0; k < nf; k++) {
             Py_DECREF(fields[k]);
         }
@@ -1752,7 +1753,7 @@ leave(Rethook *self, PyObject *value, PyObject *exc)
                         caller = Py_NewRef(Py_None);
                     }
                 }
-                acted = compiled_record(c, fields, caller, now);
+                acted = compiled_record(c, fields, caller, now, ts);
             }
             else {
                 PyErr_Clear();

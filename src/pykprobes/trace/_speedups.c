@@ -39,12 +39,12 @@ static PyObject *saved_dict = NULL; /* cmdlines.saved */
 static uint64_t last_id = 0;
 static PyObject *last_key = NULL;
 
-/* The calling thread's key (borrowed), noted in `saved` at its first record; NULL only
- * on a memory error (with the error cleared). */
+/* The key (borrowed) of the calling thread, whose state is `ts`, noted in `saved` at its
+ * first record; NULL only on a memory error (with the error cleared). */
 static PyObject *
-current_key(void)
+current_key(PyThreadState *ts)
 {
-    uint64_t id = PyThreadState_GetID(PyThreadState_Get());
+    uint64_t id = PyThreadState_GetID(ts);
     if (id == last_id && last_key != NULL) {
         return last_key;
     }
@@ -493,10 +493,12 @@ typedef struct {
     char caller;          /* a return record's: the caller text follows the values */
 } Recorder;
 
-/* Record `values` (n of them) with `caller` (None: an entry record) at `ts` (0: now);
- * 0 recorded, 1 refused (the careful path's). Never raises. */
+/* Record `values` (n of them) with `caller` (None: an entry record) at `ts` (0: now), for
+ * the thread whose state is `tstate`; 0 recorded, 1 refused (the careful path's). Never
+ * raises. */
 static int
-recorder_put(Recorder *self, PyObject *const *args, Py_ssize_t n, PyObject *caller, int64_t ts)
+recorder_put(Recorder *self, PyObject *const *args, Py_ssize_t n, PyObject *caller, int64_t ts,
+             PyThreadState *tstate)
 {
     Ring *ring = self->ring;
     if (!self->fast || !ring->tracing_on || PyDict_GET_SIZE(self->busy)
@@ -558,7 +560,7 @@ recorder_put(Recorder *self, PyObject *const *args, Py_ssize_t n, PyObject *call
     if (self->size >= 0) {
         size = self->size;
     }
-    PyObject *key = current_key();
+    PyObject *key = current_key(tstate);
     if (key == NULL) {
         Py_DECREF(values);
         return 1;
@@ -591,21 +593,22 @@ Recorder_call(Recorder *self, PyObject *const *args, size_t nargsf, PyObject *kw
         }
         n -= 2;
     }
-    return PyBool_FromLong(recorder_put(self, args, n, caller, ts));
+    return PyBool_FromLong(recorder_put(self, args, n, caller, ts, PyThreadState_Get()));
 }
 
 /* The return record of core/_rethook.c (its `record_return` capsule): rec(*values, caller,
- * ts) without the int object of `ts` or a call. 0: recorded, 1: refused, as rec's result
- * False / True. */
+ * ts) without the int object of `ts` or a call, from the thread whose state is `tstate`
+ * (the caller has it: no second look-up). 0: recorded, 1: refused, as rec's result False /
+ * True. */
 static int
 record_return(PyObject *rec, PyObject *const *values, Py_ssize_t n, PyObject *caller,
-              int64_t ts)
+              int64_t ts, PyThreadState *tstate)
 {
     Recorder *self = (Recorder *)rec;
     if (!self->caller || (caller != Py_None && !PyUnicode_CheckExact(caller)) || ts <= 0) {
         return 1;
     }
-    return recorder_put(self, values, n, caller, ts);
+    return recorder_put(self, values, n, caller, ts, tstate);
 }
 
 static PyObject *
@@ -931,7 +934,7 @@ set_note(PyObject *mod, PyObject *args)
 static PyObject *
 thread_key(PyObject *mod, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *key = current_key();
+    PyObject *key = current_key(PyThreadState_Get());
     if (key == NULL) {
         return PyErr_NoMemory();
     }
