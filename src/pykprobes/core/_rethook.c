@@ -578,10 +578,14 @@ caller_by_head(PyThreadState *ts, PyObject **code, PyObject **globals)
     if (back == NULL || back->owner < 0 || back->owner > OWNER_RUNS) {
         return 0;
     }
-    *code = (PyObject *)(back->code & ~TAG_BITS);
+    PyObject *c = (PyObject *)(back->code & ~TAG_BITS);
+    if (c == NULL || !PyCode_Check(c) || back->globals == NULL
+        || !PyDict_Check(back->globals)) {
+        return 0;
+    }
+    *code = c;
     *globals = back->globals;
-    return *code != NULL && PyCode_Check(*code) && *globals != NULL
-           && PyDict_Check(*globals);
+    return 1;
 }
 
 static PyObject *
