@@ -122,10 +122,8 @@ def test_a_call_in_flight_when_the_event_gets_a_filter(fs: TraceFS) -> None:
     assert event.hits == 2 and event.nmissed == 0
 
 
-def test_a_return_while_another_thread_runs_a_handler(fs: TraceFS) -> None:
-    """The recorder refuses while any handler runs (the reentrancy rule is the careful
-    path's): the call is still recorded, once, by the careful return."""
-    event = _define(fs, f"r:grp/h {__name__}:waits x r=$retval")
+def _return_while_another_thread_runs_a_handler(x: int) -> None:
+    """`waits(.., x)` returns in thread B while thread A runs a kprobe's pre-handler."""
     entered, release = threading.Event(), threading.Event()
 
     def pre(p: kp.Kprobe, regs: kp.Regs) -> None:
@@ -137,7 +135,7 @@ def test_a_return_while_another_thread_runs_a_handler(fs: TraceFS) -> None:
     try:
         kp.wait_for_kprobe_optimizer()
         b_entered, gate = threading.Event(), threading.Event()
-        thread_b = threading.Thread(target=waits, args=(b_entered, gate, 5))
+        thread_b = threading.Thread(target=waits, args=(b_entered, gate, x))
         thread_b.start()
         assert b_entered.wait(10)
         thread_a = threading.Thread(target=rebinds, args=(1, 1))
@@ -147,10 +145,17 @@ def test_a_return_while_another_thread_runs_a_handler(fs: TraceFS) -> None:
         thread_b.join(10)
         release.set()
         thread_a.join(10)
-        assert [r[1] for r in _records(fs)] == ["x=5 r=5"]
-        assert event.hits == 1 and event.nmissed == 0
     finally:
         kp.unregister_kprobe(p)
+
+
+def test_a_return_while_another_thread_runs_a_handler(fs: TraceFS) -> None:
+    """The recorder refuses while any handler runs (the reentrancy rule is the careful
+    path's): the call is still recorded, once, by the careful return."""
+    event = _define(fs, f"r:grp/h {__name__}:waits x r=$retval")
+    _return_while_another_thread_runs_a_handler(5)
+    assert [r[1] for r in _records(fs)] == ["x=5 r=5"]
+    assert event.hits == 1 and event.nmissed == 0
 
 
 def test_a_latency_histogram_counts_every_call(fs: TraceFS) -> None:
@@ -166,6 +171,62 @@ def test_a_latency_histogram_counts_every_call(fs: TraceFS) -> None:
     assert _recorded(event) == (30 if REWRITTEN else 0)
     keys = [int(k) for k in re.findall(r"d: ~ 2\^(\d+)", table)]
     assert keys and all(0 < k < 40 for k in keys)
+
+
+def test_a_latency_histogram_while_another_thread_runs_a_handler(fs: TraceFS) -> None:
+    """The rethook counts a latency histogram itself (no int, no call of the counter); it
+    refuses while any handler runs, and the careful return counts the call, once."""
+    event = fs.define(f"r:grp/dw {__name__}:waits d=$duration")
+    assert event is not None
+    fs.write("events/grp/dw/trigger", "hist:keys=d.log2")
+    kp.wait_for_kprobe_optimizer()
+    opened = threading.Event()
+    opened.set()
+    waits(threading.Event(), opened, 1)  # no handler running: counted by the rethook
+    _return_while_another_thread_runs_a_handler(5)
+    table = fs.read("events/grp/dw/hist")
+    assert "Hits: 2" in table and "Dropped: 0" in table
+    assert event.hits == 2 and event.nmissed == 0
+    assert _recorded(event) == (1 if REWRITTEN else 0)
+
+
+def test_a_latency_histogram_paused_and_continued(fs: TraceFS) -> None:
+    """A paused trigger counts nothing (the careful path's rule), and counts again once
+    continued: every call is an event hit either way."""
+    event = fs.define(f"r:grp/dp {__name__}:recurse d=$duration")
+    assert event is not None
+    fs.write("events/grp/dp/trigger", "hist:keys=d.log2")
+    kp.wait_for_kprobe_optimizer()
+    recurse(3)
+    fs.write("events/grp/dp/trigger", "hist:keys=d.log2:pause", append=True)
+    recurse(3)
+    assert "Hits: 4" in fs.read("events/grp/dp/hist")
+    fs.write("events/grp/dp/trigger", "hist:keys=d.log2:cont", append=True)
+    recurse(3)
+    assert "Hits: 8" in fs.read("events/grp/dp/hist")
+    assert event.hits == 12 and event.nmissed == 0
+
+
+def test_a_latency_histogram_read_between_hits_and_cleared(fs: TraceFS) -> None:
+    """A latency histogram's counts are exact at every read, and a `:clear` forgets all of
+    them, however they were counted (the C counter keeps a known bucket's hits apart until
+    the table is read)."""
+    event = fs.define(f"r:grp/dc {__name__}:recurse d=$duration")
+    assert event is not None
+    fs.write("events/grp/dc/trigger", "hist:keys=d.log2")
+    kp.wait_for_kprobe_optimizer()
+    for expected in (3, 6, 9):
+        recurse(2)
+        table = fs.read("events/grp/dc/hist")
+        counts = [int(n) for n in re.findall(r"hitcount:\s+(\d+)", table)]
+        assert sum(counts) == expected and f"Hits: {expected}\n" in table
+    fs.write("events/grp/dc/trigger", "hist:keys=d.log2:clear", append=True)
+    assert "Hits: 0\n    Entries: 0\n" in fs.read("events/grp/dc/hist")
+    for _ in range(5):
+        recurse(1)
+    table = fs.read("events/grp/dc/hist")
+    assert sum(int(n) for n in re.findall(r"hitcount:\s+(\d+)", table)) == 10
+    assert "Hits: 10\n" in table and event.hits == 19 and event.nmissed == 0
 
 
 def test_span_mode_while_compiled_takes_the_entry_handler(fs: TraceFS) -> None:

@@ -224,7 +224,27 @@ typedef struct {
     Py_ssize_t *source; /* the sources */
     /* The last caller seen, by its code object and module name: its text. */
     PyObject *caller_code, *caller_name, *caller_text;
+    /* When the one field is $duration and `record` offers it (a latency histogram's
+     * counter: trace/_histcount.c): record's count of a duration, with no int object and
+     * no call. 0: counted; else refused, as `record` returning True. */
+    int (*count_ns)(PyObject *record, int64_t ns);
 } CompiledReturn;
+
+#define COUNT_NS_CAPSULE "pykprobes.count_ns"
+
+/* The `count_ns` that `record` offers for a single $duration field (NULL: none). */
+static int (*offered_count_ns(PyObject *record))(PyObject *, int64_t)
+{
+    PyObject *capsule = PyObject_GetAttrString(record, "count_ns");
+    if (capsule == NULL) {
+        PyErr_Clear(); /* not offered: the record is called */
+        return NULL;
+    }
+    void *fn = PyCapsule_IsValid(capsule, COUNT_NS_CAPSULE)
+        ? PyCapsule_GetPointer(capsule, COUNT_NS_CAPSULE) : NULL;
+    Py_DECREF(capsule);
+    return (int (*)(PyObject *, int64_t))fn;
+}
 
 static PyTypeObject CompiledReturn_Type;
 
@@ -309,6 +329,9 @@ CompiledReturn_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->fault = Py_NewRef(fault);
     self->caller = (char)caller;
     self->stamp = stamp;
+    if (ns == 1 && source[0] == DURATION && convert == Py_None && !caller) {
+        self->count_ns = offered_count_ns(record);
+    }
     self->nindices = ni;
     self->nsources = ns;
     self->index = index;
@@ -1463,7 +1486,12 @@ leave(Rethook *self, PyObject *value, PyObject *exc)
             int acted = 0;
             /* One clock reading: the duration's end is the record's time. */
             int64_t now = monotonic_ns();
-            if (nf <= MAX_FIELDS
+            if (c->count_ns != NULL && node.ns != 0) {
+                /* A latency histogram: counted here (a call entered before the stamp has
+                 * no duration: `record` gets the fault). */
+                acted = c->count_ns(c->record, now - node.ns) == 0;
+            }
+            else if (nf <= MAX_FIELDS
                 && compiled_fields(c, s.obj, value, exc, node.ns, now, fields) == 0) {
                 PyObject *when = NULL;
                 if (c->caller) {

@@ -122,8 +122,8 @@ class CodeState:
 class Mechanisms:
     """The two arches the states are synced with (the optimizer may be missing)."""
 
-    __slots__ = ("breakpoint", "optimizer", "reap", "retiring", "switches", "versions",
-                 "walks")
+    __slots__ = ("breakpoint", "installs", "optimizer", "reap", "retiring", "switches",
+                 "versions", "walks")
 
     def __init__(self, breakpoint: BreakpointArch, optimizer: OptimizerArch | None) -> None:
         self.breakpoint = breakpoint
@@ -140,6 +140,10 @@ class Mechanisms:
         self.switches: Switches | None = None
         #: Heap walks done so far (holders.py), for tests and the bench.
         self.walks = 0
+        #: Module -> versions installed so far for its code: unchanged across the module
+        #: body's run, the functions it made hold the versions it was given
+        #: (core/modules.py module_executed).
+        self.installs: dict[str, int] = {}
 
 
 @contextmanager
@@ -161,6 +165,21 @@ def switching(mech: Mechanisms) -> Iterator[None]:
         reap = mech.reap
         if reap is not None and mech.retiring:
             reap()
+
+
+@contextmanager
+def unheld(mech: Mechanisms) -> Iterator[None]:
+    """The holder switches made inside are dropped: they are of code just loaded, whose
+    body has not run, so no function holds any version of it yet (and the heap walk would
+    find nothing). Inside an open batch, they join it as usual."""
+    if mech.switches is not None:
+        yield
+        return
+    mech.switches = Switches()
+    try:
+        yield
+    finally:
+        mech.switches = None
 
 
 def _switch(state: CodeState, old: Version, mech: Mechanisms) -> None:
@@ -248,6 +267,7 @@ def share_names(state: CodeState, mech: Mechanisms) -> None:
 def _install(state: CodeState, version: Version, mech: Mechanisms) -> None:
     old = state.current
     state.current = version
+    mech.installs[state.module] = mech.installs.get(state.module, 0) + 1
     mech.versions[id(version.code)] = state
     share_names(state, mech)
     retired = [v for v in state.retired if v.code is not version.code]
