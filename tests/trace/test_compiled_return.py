@@ -17,7 +17,7 @@ import pytest
 import pykprobes as kp
 from pykprobes.core.rethook import C_MODULE
 from pykprobes.trace.tracefs import TraceFS
-from tests.testenv import OPTIMIZED
+from tests.testenv import REWRITTEN
 from tests.trace.test_compiled_event import _define, _recorded
 
 RECORD = re.compile(r": \(([^)]*)\)(.*)$")
@@ -79,7 +79,7 @@ def test_a_return_event_is_recorded_by_the_return_hook(fs: TraceFS) -> None:
     assert records[0][0].endswith(f"<- {__name__}:test_a_return_event_is_recorded_by_the_"
                                   "return_hook")
     assert event.hits == event.nhit == 4
-    assert _recorded(event) == (4 if OPTIMIZED else 0)
+    assert _recorded(event) == (4 if REWRITTEN else 0)
 
 
 def test_the_caller_is_named_whichever_calls_after_which(fs: TraceFS) -> None:
@@ -109,7 +109,7 @@ def test_recursion_records_each_call_once(fs: TraceFS) -> None:
     recurse(4)
     assert [r[1] for r in _records(fs)] == [f"n={n} r={n}" for n in range(5)]
     assert event.hits == event.nhit == 5 and event.nmissed == 0
-    assert _recorded(event) == (5 if OPTIMIZED else 0)
+    assert _recorded(event) == (5 if REWRITTEN else 0)
 
 
 def test_an_exception_records_retval_as_a_fault(fs: TraceFS) -> None:
@@ -200,7 +200,7 @@ def test_a_latency_histogram_counts_every_call(fs: TraceFS) -> None:
     table = fs.read("events/grp/d/hist")
     assert "Hits: 30" in table and "Dropped: 0" in table
     assert event.hits == 30
-    assert _recorded(event) == (30 if OPTIMIZED else 0)
+    assert _recorded(event) == (30 if REWRITTEN else 0)
     keys = [int(k) for k in re.findall(r"d: ~ 2\^(\d+)", table)]
     assert keys and all(0 < k < 40 for k in keys)
 
@@ -219,7 +219,7 @@ def test_a_latency_histogram_while_another_thread_runs_a_handler(fs: TraceFS) ->
     table = fs.read("events/grp/dw/hist")
     assert "Hits: 2" in table and "Dropped: 0" in table
     assert event.hits == 2 and event.nmissed == 0
-    assert _recorded(event) == (1 if OPTIMIZED else 0)
+    assert _recorded(event) == (1 if REWRITTEN else 0)
 
 
 def test_a_latency_histogram_paused_and_continued(fs: TraceFS) -> None:
