@@ -98,7 +98,7 @@ def test_the_caller_is_named_whichever_calls_after_which(fs: TraceFS) -> None:
     assert callers == [f"{__name__}:caller_of_rebinds", f"{__name__}:calls_through_map",
                        f"{__name__}:generator_caller", "elsewhere:caller_of_rebinds",
                        "?:caller_of_rebinds", f"{__name__}:caller_of_rebinds"]
-    if OPTIMIZED and C_MODULE is not None:
+    if REWRITTEN and C_MODULE is not None:
         # The C twin read them from the interpreter frames, which agreed with the frame
         # objects at every new caller (else it would have gone back to the frame objects).
         assert C_MODULE.callers_by_head()
