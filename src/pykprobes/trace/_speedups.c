@@ -300,44 +300,106 @@ entry_tuple(Entry *e)
                          e->values, e->caller ? e->caller : Py_None, e->size);
 }
 
-static PyObject *
-ring_list(Ring *r)
+/* Why reads copy or detach the entries before making any object: making a tuple may run the
+ * garbage collector, whose finalizers and weakref callbacks are Python code, during which the
+ * eval loop lets other threads in; a writer there may grow the ring (a new buffer) or pop its
+ * oldest entries, under a reader still walking the old indices (seen as an abort in
+ * tests/trace/test_buffer_threads.py under load). Copying the Entry structs and taking
+ * references runs no Python code (PyMem_Malloc never starts a collection). */
+
+/* The ring's entries, oldest first, with new references (`*n` of them); NULL: no memory. */
+static Entry *
+ring_copy(Ring *r, Py_ssize_t *n)
 {
-    PyObject *list = PyList_New(r->len);
-    if (list == NULL) {
+    Entry *copy = PyMem_Malloc((size_t)(r->len ? r->len : 1) * sizeof(Entry));
+    if (copy == NULL) {
+        PyErr_NoMemory();
         return NULL;
     }
     for (Py_ssize_t i = 0; i < r->len; i++) {
-        PyObject *t = entry_tuple(&r->buf[(r->head + i) % r->cap]);
+        Entry *e = &copy[i];
+        *e = r->buf[(r->head + i) % r->cap];
+        Py_INCREF(e->key);
+        Py_INCREF(e->event);
+        Py_INCREF(e->values);
+        Py_XINCREF(e->caller);
+    }
+    *n = r->len;
+    return copy;
+}
+
+/* Move every entry out of the ring (their references with them): the ring is empty after. */
+static Entry *
+ring_detach(Ring *r, Py_ssize_t *n)
+{
+    Entry *out = PyMem_Malloc((size_t)(r->len ? r->len : 1) * sizeof(Entry));
+    if (out == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < r->len; i++) {
+        Entry *e = &r->buf[(r->head + i) % r->cap];
+        out[i] = *e;
+        memset(e, 0, sizeof(Entry));
+    }
+    *n = r->len;
+    r->len = 0;
+    r->head = 0;
+    r->bytes = 0;
+    return out;
+}
+
+/* Drop the references of `n` entries and the array. */
+static void
+entries_release(Entry *entries, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        entry_clear(&entries[i]);
+    }
+    PyMem_Free(entries);
+}
+
+/* The entries as a list of tuples; the entries are released either way. */
+static PyObject *
+entries_list(Entry *entries, Py_ssize_t n)
+{
+    PyObject *list = PyList_New(n);
+    for (Py_ssize_t i = 0; list != NULL && i < n; i++) {
+        PyObject *t = entry_tuple(&entries[i]);
         if (t == NULL) {
-            Py_DECREF(list);
-            return NULL;
+            Py_CLEAR(list);
+            break;
         }
         PyList_SET_ITEM(list, i, t);
     }
+    entries_release(entries, n);
     return list;
 }
 
 static PyObject *
 Ring_take(Ring *r, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *list = ring_list(r);
+    Py_ssize_t n;
+    Entry *taken = ring_detach(r, &n);
+    if (taken == NULL) {
+        return NULL;
+    }
+    int64_t start = r->read_seq;
+    int64_t end = r->next_seq;
+    r->read_seq = end;
+    PyObject *list = entries_list(taken, n);
     if (list == NULL) {
         return NULL;
     }
-    while (r->len) {
-        ring_pop(r);
-    }
-    r->bytes = 0;
-    int64_t start = r->read_seq;
-    r->read_seq = r->next_seq;
-    return Py_BuildValue("(NLL)", list, (long long)start, (long long)r->next_seq);
+    return Py_BuildValue("(NLL)", list, (long long)start, (long long)end);
 }
 
 static PyObject *
 Ring_snapshot(Ring *r, PyObject *Py_UNUSED(ignored))
 {
-    return ring_list(r);
+    Py_ssize_t n;
+    Entry *copy = ring_copy(r, &n);
+    return copy == NULL ? NULL : entries_list(copy, n);
 }
 
 static PyObject *
@@ -349,12 +411,14 @@ Ring_pending(Ring *r, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Ring_clear(Ring *r, PyObject *Py_UNUSED(ignored))
 {
-    while (r->len) {
-        ring_pop(r);
+    Py_ssize_t n;
+    Entry *gone = ring_detach(r, &n);
+    if (gone == NULL) {
+        return NULL;
     }
-    r->bytes = 0;
     r->read_seq = r->next_seq;
     r->overrun = r->dropped = 0;
+    entries_release(gone, n); /* last: it may run Python code (see ring_copy) */
     Py_RETURN_NONE;
 }
 
