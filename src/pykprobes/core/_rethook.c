@@ -68,7 +68,10 @@ monotonic_ns(void)
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* The clock of `$duration`: a call's entry stamp and its return's, in "ticks".
+/* The clock of a latency histogram's `$duration` (a plan whose every stamping return is
+ * counted by a `count_ns` counter: no record, no timestamp), in "ticks". A record's
+ * `$duration` is CLOCK_MONOTONIC at both ends, the end read once as the record's time, so
+ * that a Perfetto slice (its start = time - duration) nests inside its caller's exactly.
  *
  * On x86-64 when the kernel itself keeps time with the TSC (clocksource `tsc`: invariant and
  * synchronised across CPUs, or the kernel would have marked it unstable and switched), a
@@ -76,8 +79,7 @@ monotonic_ns(void)
  * -- the kernel's own `local` trace clock (sched_clock) is the TSC scaled the same way. Why:
  * the vDSO's clock_gettime costs ~26 ns on this kind of VM against ~10 ns for RDTSC, and a
  * latency histogram's hit reads the clock twice (issue 14's 4x goal). Elsewhere a tick is a
- * nanosecond of CLOCK_MONOTONIC. The record's own time (a trace line's timestamp) is always
- * CLOCK_MONOTONIC, as every other record's. */
+ * nanosecond of CLOCK_MONOTONIC. */
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <x86intrin.h>
 #define HAVE_TSC 1
@@ -440,12 +442,12 @@ CompiledReturn_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->fault = Py_NewRef(fault);
     self->caller = (char)caller;
     self->stamp = stamp;
-    if (stamp) {
-        stamp_setup();
-    }
     if (ns == 1 && source[0] == DURATION && convert == Py_None && !caller) {
         self->count_ns = (int (*)(PyObject *, int64_t))offered(record, "count_ns",
                                                                  COUNT_NS_CAPSULE);
+    }
+    if (stamp && self->count_ns != NULL) {
+        stamp_setup();
     }
     if (caller) {
         self->record_return = (int (*)(PyObject *, PyObject *const *, Py_ssize_t, PyObject *,
@@ -818,6 +820,7 @@ typedef struct {
     Py_ssize_t n;
     Py_ssize_t nvalues; /* -1: any */
     char stamp;
+    char tsc; /* every stamping return is a latency histogram's: stamped with the TSC */
     PlanItem items[1];
 } Plan;
 
@@ -850,7 +853,8 @@ typedef struct {
 typedef struct {
     void *key;  /* the interpreter frame */
     Plan *plan; /* NULL: careful */
-    int64_t stamp; /* the entry's stamp_now(); 0: not stamped */
+    int64_t stamp; /* the entry's time (0: not stamped): stamp_now() if `tsc`, else ns */
+    char tsc;
     Slot inl[INLINE_SLOTS];
     Slot *more; /* when the plan has more items */
 } Node;
@@ -1139,6 +1143,7 @@ Rethook_publish(Rethook *self, PyObject *const *args, Py_ssize_t nargs)
     plan->n = 0;
     plan->nvalues = -1;
     plan->stamp = 0;
+    plan->tsc = 1;
     char compiled = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *it = PyTuple_GET_ITEM(items, i);
@@ -1152,7 +1157,11 @@ Rethook_publish(Rethook *self, PyObject *const *args, Py_ssize_t nargs)
             probe = r->kp;
             if (r->compiled != Py_None) {
                 compiled = 1;
-                plan->stamp |= ((CompiledReturn *)r->compiled)->stamp;
+                CompiledReturn *c = (CompiledReturn *)r->compiled;
+                plan->stamp |= c->stamp;
+                if (c->stamp && c->count_ns == NULL) {
+                    plan->tsc = 0; /* a record's duration: see stamp_now() */
+                }
             }
         }
         else if (PyTuple_Check(it) && PyTuple_GET_SIZE(it) == 2) {
@@ -1445,7 +1454,8 @@ Rethook_entry(Rethook *self, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(regs);
     if (plan->stamp) {
         /* Last, so that the duration leaves out what the entry cost. */
-        st->nodes[idx].stamp = stamp_now();
+        st->nodes[idx].tsc = plan->tsc;
+        st->nodes[idx].stamp = plan->tsc ? stamp_now() : monotonic_ns();
     }
     return Py_NewRef(result);
 fail:
@@ -1541,7 +1551,8 @@ kept_tuple(CompiledReturn *c, PyObject *kept)
  * what the compiled return's `data(kept, entry_ns)` makes: what the kretprobe's entry
  * handler would have kept. 0, or -1 with an error set (the slot as it was). */
 static int
-compiled_to_instance(Rethook *self, RetProbe *r, Slot *s, int64_t stamp, PyObject *tid)
+compiled_to_instance(Rethook *self, RetProbe *r, Slot *s, int64_t stamp, char tsc,
+                     PyObject *tid)
 {
     CompiledReturn *c = s->compiled;
     PyObject *kept = kept_tuple(c, s->obj);
@@ -1549,7 +1560,7 @@ compiled_to_instance(Rethook *self, RetProbe *r, Slot *s, int64_t stamp, PyObjec
         return -1;
     }
     /* The instance's entry time is CLOCK_MONOTONIC ns, as the Python twin's (0: none). */
-    PyObject *when = PyLong_FromLongLong(stamp ? stamp_to_monotonic(stamp) : 0);
+    PyObject *when = PyLong_FromLongLong(stamp && tsc ? stamp_to_monotonic(stamp) : stamp);
     if (when == NULL) {
         Py_DECREF(kept);
         return -1;
@@ -1590,7 +1601,7 @@ hand_over(Rethook *self, Node *node)
         r->inflight--;
         if (s->compiled != NULL) {
             PyObject *tid = ident_obj();
-            if (tid == NULL || compiled_to_instance(self, r, s, node->stamp, tid) < 0) {
+            if (tid == NULL || compiled_to_instance(self, r, s, node->stamp, node->tsc, tid) < 0) {
                 if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
                     slot_release(s);
                     r->nmissed++;
@@ -1735,7 +1746,13 @@ leave(Rethook *self, PyObject *value, PyObject *exc)
             /* The clocks are read once per return, for every compiled return of the
              * node: the duration's end (a stamp), the record's time (CLOCK_MONOTONIC). */
             if (node.stamp != 0 && duration < 0) {
-                duration = stamp_ns(stamp_now() - node.stamp);
+                if (node.tsc) {
+                    duration = stamp_ns(stamp_now() - node.stamp);
+                }
+                else {
+                    now = monotonic_ns(); /* one reading: the duration's end, the record's time */
+                    duration = now - node.stamp;
+                }
             }
             if (c->count_ns != NULL && node.stamp != 0) {
                 /* A latency histogram: counted here (a call entered before the stamp has
@@ -1773,7 +1790,7 @@ leave(Rethook *self, PyObject *value, PyObject *exc)
                 slot_release(&s);
                 continue;
             }
-            if (compiled_to_instance(self, r, &s, node.stamp, tid) < 0) {
+            if (compiled_to_instance(self, r, &s, node.stamp, node.tsc, tid) < 0) {
                 PyErr_Clear();
                 r->nmissed++;
                 slot_release(&s);
