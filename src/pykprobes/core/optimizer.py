@@ -84,9 +84,14 @@ class KprobeOptimizer:
         of the optimizer. Not for a post-handler (the instruction after may be any one)
         nor where the optimizer refuses the address, nor in a module or class body: it
         runs once, most often at once, and its rewrite would put the names its calls read
-        in the very namespace the body runs in (the program sees them in `globals()`)."""
+        in the very namespace the body runs in (the program sees them in `globals()`).
+        Nor while optimization is allowed: the optimizer's next pass rewrites the site anyway
+        (the kernel's int3 first, its jump later), in one batch with one heap walk, where a
+        rewrite at every registration cost 21 ms a probe and a second rewrite (the
+        bench's 3.11 scale rows, 2026-12-03)."""
         return (
             m.optimizer is not None
+            and not self.allowed
             and not m.breakpoint.capabilities.unprobed_code_untaxed
             and not self.table.early.is_early()
             and bool(state.original.co_flags & _CO_OPTIMIZED)
