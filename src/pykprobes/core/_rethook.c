@@ -110,10 +110,14 @@ stamp_now(void)
     return monotonic_ns();
 }
 
-/* Nanoseconds in `ticks` (a difference of two stamps). */
+/* Nanoseconds in `ticks` (a difference of two stamps; never negative on a clocksource the
+ * kernel keeps, but a skew would make a huge unsigned product: 0 then). */
 static inline int64_t
 stamp_ns(int64_t ticks)
 {
+    if (ticks < 0) {
+        return 0;
+    }
 #ifdef HAVE_TSC
     if (use_tsc) {
         return (int64_t)(((unsigned __int128)(uint64_t)ticks * tsc_mult) >> 32);
