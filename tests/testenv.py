@@ -16,10 +16,12 @@ from pykprobes.env import HAS_SYS_MONITORING
 __all__ = [
     "ARCH",
     "ARCHES",
+    "BREAKPOINT_REWRITES",
     "BREAKPOINT_SEES_HANDLER_HITS",
     "HAS_SYS_MONITORING",
     "NESTED_MISS_SEEN",
     "OPTIMIZED",
+    "REWRITTEN",
     "RunPython",
 ]
 
@@ -63,6 +65,20 @@ def _breakpoint_sees_handler_hits() -> bool:
 #: The chosen breakpoint arch's capabilities (see core/arch.py BreakpointArch).
 BREAKPOINT_CAPS: Final[Capabilities] = _breakpoint_capabilities()
 
+
+def _breakpoint_rewrites() -> bool:
+    from pykprobes.core import registry
+
+    m = registry.table_view().mechanisms
+    return m.optimizer is not None and not m.breakpoint.capabilities.unprobed_code_untaxed
+
+
+#: Breakpoints on functions are armed by a rewrite, the breakpoint arch serving only frames
+#: already running the code it replaced: where that arch would tax unprobed code
+#: (core/optimizer.py `rewrites_breakpoint`).
+BREAKPOINT_REWRITES: Final[bool] = _breakpoint_rewrites()
+#: A probed function runs rewritten code: optimized, or a breakpoint armed by a rewrite.
+REWRITTEN: Final[bool] = OPTIMIZED or BREAKPOINT_REWRITES
 
 #: A probe hit by a handler that a breakpoint runs (from a sys.monitoring or settrace
 #: callback, where CPython reports no event: tstate->tracing) is seen and counted missed:

@@ -7,7 +7,10 @@ for a capability (docs/architecture.md, rule 4).
 from __future__ import annotations
 
 import sys
-from typing import Final
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the lazy early path imports this at start-up
+if TYPE_CHECKING:
+    from typing import Final
 
 PYVERSION: Final = sys.version_info[:2]
 

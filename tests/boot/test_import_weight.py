@@ -118,25 +118,88 @@ def test_the_pth_line_tests_the_variable_inline() -> None:
     assert PTH_LINE.index("os.environ.get") < PTH_LINE.index("and __import__")
 
 
-def test_set_loads_the_listed_modules_and_nothing_heavy(tmp_path: Path) -> None:
+#: What the lazy early path loads at start-up (boot/lazy.py): the parse and the import hook.
+LAZY_PYKPROBES = {"pykprobes", "pykprobes._version", "pykprobes.boot", "pykprobes.boot.lazy",
+                  "pykprobes.env", "pykprobes.errors", "pykprobes.grammar"}
+#: What it must not load: the core, the trace, and the standard library's heavy modules.
+NOT_LAZY = {"typing", "enum", "re", "dataclasses", "collections", "functools", "threading",
+            "contextlib", "opcode", "dis", "weakref", "warnings"}
+#: Early probes on modules the program does not import (as bench/startup.py's early16).
+UNIMPORTED = "p:boot/a json.decoder:JSONDecoder.decode s:len;p:boot/b textwrap:dedent text:len"
+
+
+def test_early_probes_on_unimported_modules_load_no_core_module(tmp_path: Path) -> None:
+    """The lazy early path: the definitions are parsed and an import hook installed; no
+    module of the core or the trace, and none of typing, enum, re... (boot/lazy.py)."""
     base = _modules(tmp_path, None)
-    mods = _modules(tmp_path, "p:boot/a json.decoder:JSONDecoder.decode s:len")
+    mods = _modules(tmp_path, UNIMPORTED)
+    assert _pykprobes(mods) == LAZY_PYKPROBES
+    assert not (mods - base) & (NOT_LAZY | NEVER | REWRITE)
+    assert (mods - base) - LAZY_PYKPROBES <= {"__future__", "errno"}, sorted(mods - base)
+
+
+def test_the_first_import_of_a_target_loads_the_core(tmp_path: Path) -> None:
+    """The stage deferred by the lazy path runs at the target's import, before its body: the
+    core's registry and the rewrite arch are loaded then, and the process is early."""
+    code = ("import json, sys; import pykprobes; from pykprobes.boot import stage; "
+            "print(pykprobes.kprobes_is_early(), stage.status()['events']);" + MODULES)
+    res = run(["-c", code], events=UNIMPORTED, cwd=tmp_path)
+    assert res.returncode == 0 and warnings_of(res.stderr) == [], res.stderr
+    early, mods = res.stdout.splitlines()[-2:]
+    assert early == "True ['boot/a', 'boot/b']"
+    loaded = set(ast.literal_eval(mods))
+    assert _pykprobes(loaded) - SPEEDUPS >= BOOT_PYKPROBES
+    assert {"pykprobes.arch.rewrite", "bytecode"} <= loaded
+
+
+def test_every_slot_constant_is_the_seeds() -> None:
+    from pykprobes.boot import lazy, stage
+
+    assert (lazy.SLOTS_DEFAULT, lazy.SLOTS_MIN, lazy.SLOTS_MAX) == (
+        early_module.NR_EARLY_KPROBES_SLOTS_DEFAULT, early_module.NR_EARLY_KPROBES_SLOTS_MIN,
+        early_module.NR_EARLY_KPROBES_SLOTS_MAX)
+    assert (stage.EARLY_BUFFER_DEFAULT, stage.EARLY_BUFFER_MAX) == (16384, 1 << 20)
+
+
+def test_loading_the_core_imports_only_what_the_lazy_path_waits_behind(tmp_path: Path) -> None:
+    """An early probe on a module that loading the core (and the rewrite arch, and writing
+    the events) imports is registered at start-up: deferred to that module's import, the
+    core would import it again halfway through (boot/lazy.py CORE_IMPORTS)."""
+    from pykprobes.boot import lazy
+
+    code = ("import sys; before = set(sys.modules); "
+            "import pykprobes; pykprobes.kprobes_is_early(); import json; json.loads('1'); "
+            "from pykprobes.core.table import TABLE; TABLE.early.load_optimizer(); "
+            "from pykprobes.boot import stage; stage._write_at_exit(); "
+            "print(sorted({m.partition('.')[0] for m in set(sys.modules) - before}))")
+    res = run(["-c", code], events="p:boot/a json:loads s", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    added = set(ast.literal_eval(res.stdout.splitlines()[-1]))
+    python = {m for m in added if not _is_builtin_or_extension(m)}
+    assert python - {"json"} <= lazy.CORE_IMPORTS
+
+
+def test_set_loads_the_listed_modules_and_nothing_heavy(tmp_path: Path) -> None:
+    """The eager path (a target that loading the core may import, boot/lazy.py CORE_IMPORTS:
+    `string`) loads the core at start-up, and no more."""
+    base = _modules(tmp_path, None)
+    events = "p:boot/a json.decoder:JSONDecoder.decode s:len;p:boot/s string:capwords s"
+    mods = _modules(tmp_path, events)
     added = mods - base
     # The C accelerator comes when it is built and chosen (trace/backend.py).
-    assert _pykprobes(mods) - SPEEDUPS == BOOT_PYKPROBES
+    assert _pykprobes(mods) - SPEEDUPS == BOOT_PYKPROBES | {"pykprobes.boot.lazy"}
     assert {m for m in added if m.split(".")[0] != "pykprobes"} <= BOOT_STDLIB
     assert not added & (NEVER | REWRITE)
     # The target's import brings the rewrite arch, to rewrite its code before it runs.
-    after = _modules(tmp_path, "p:boot/a json.decoder:JSONDecoder.decode s:len",
-                     "import json; json.loads('[1]');" + MODULES)
+    after = _modules(tmp_path, events, "import json; json.loads('[1]');" + MODULES)
     assert {"pykprobes.arch.rewrite", "pykprobes.arch.rewrite.inject", "bytecode"} <= after
 
 
 def test_the_optimizer_imports_only_what_early_knows(tmp_path: Path) -> None:
     """Loading the rewrite arch imports these standard library modules: an early probe
     waiting for one of them loads it at registration (core/early_kprobes.py OPTIMIZER_IMPORTS)."""
-    code = ("import sys; before = set(sys.modules);"
-            "from pykprobes.core.table import TABLE; TABLE.early.load_optimizer();"
+    code = ("import sys; from pykprobes.core.table import TABLE; before = set(sys.modules);"
+            "TABLE.early.load_optimizer();"
             "print(sorted({m.partition('.')[0] for m in set(sys.modules) - before}))")
     added = set(ast.literal_eval(
         run(["-c", code], events="p:boot/a json:loads", cwd=tmp_path).stdout.splitlines()[-1]))

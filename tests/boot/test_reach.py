@@ -91,3 +91,37 @@ def test_the_import_machinery_stays_out_of_reach_while_early(project: Path) -> N
     assert res.returncode == 0
     warned = warnings_of(res.stderr)
     assert len(warned) == 2 and all("cannot probe" in w for w in warned), res.stderr
+
+
+def test_the_lazy_path_reaches_import_time_code_without_a_heap_walk(tmp_path: Path) -> None:
+    """Early probes only on modules not imported at start-up (boot/lazy.py): the stage runs
+    at the first import of the target, before its body, so the call its body makes is
+    hit; its code is rewritten before any function holds it, so no heap walk is needed."""
+    write(tmp_path / "lazy_pkg" / "__init__.py", "")
+    write(tmp_path / "lazy_pkg" / "mod.py", """
+        def f(x):
+            return x
+
+        def make(k):
+            def add(x):
+                return x + k
+            return add
+
+        AT_IMPORT = f(7)
+    """)
+    write(tmp_path / "main.py", """
+        import gc, sys
+        walks = []
+        real = gc.get_referrers
+        gc.get_referrers = lambda *objs: walks.append(1) or real(*objs)
+        assert "pykprobes.core" not in sys.modules
+        from lazy_pkg import mod
+        assert mod.make(1)(2) == 3
+        print("walks", len(walks))
+    """)
+    events = "p:e/f lazy_pkg.mod:f x;p:e/add lazy_pkg.mod:make.<locals>.add x"
+    res = run(["main.py"], events=events, cwd=tmp_path)
+    assert res.returncode == 0 and warnings_of(res.stderr) == [], res.stderr
+    assert res.stdout.split() == ["walks", "0"]
+    assert [(m["event"], m["args"]) for m in trace_lines(res.stderr)] == [
+        ("f", " x=7"), ("add", " x=2")]

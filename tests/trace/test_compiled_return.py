@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import re
 import threading
+import types
 from typing import Any
 
 import pytest
 
 import pykprobes as kp
+from pykprobes.core.rethook import C_MODULE
 from pykprobes.trace.tracefs import TraceFS
-from tests.testenv import OPTIMIZED
+from tests.testenv import REWRITTEN
 from tests.trace.test_compiled_event import _define, _recorded
 
 RECORD = re.compile(r": \(([^)]*)\)(.*)$")
@@ -46,6 +48,14 @@ def caller_of_rebinds() -> Any:
     return rebinds(1, 2)
 
 
+def calls_through_map() -> list[Any]:
+    return list(map(rebinds, [1], [2]))
+
+
+def generator_caller() -> Any:
+    yield rebinds(2, 2)
+
+
 def _records(fs: TraceFS) -> list[tuple[str, str]]:
     """(where, fields) of each record: the `(return from <- caller)` part and the rest."""
     out = []
@@ -69,7 +79,29 @@ def test_a_return_event_is_recorded_by_the_return_hook(fs: TraceFS) -> None:
     assert records[0][0].endswith(f"<- {__name__}:test_a_return_event_is_recorded_by_the_"
                                   "return_hook")
     assert event.hits == event.nhit == 4
-    assert _recorded(event) == (4 if OPTIMIZED else 0)
+    assert _recorded(event) == (4 if REWRITTEN else 0)
+
+
+def test_the_caller_is_named_whichever_calls_after_which(fs: TraceFS) -> None:
+    """The caller as the frame objects name it, whoever called before: through a C function
+    (map: the Python frame that called it), from a generator, and one code object run with
+    the globals of another module and with none named."""
+    _define(fs, f"r:grp/c {__name__}:rebinds a r=$retval")
+    caller_of_rebinds()
+    calls_through_map()
+    list(generator_caller())
+    code = caller_of_rebinds.__code__
+    types.FunctionType(code, {"rebinds": rebinds, "__name__": "elsewhere"})()
+    types.FunctionType(code, {"rebinds": rebinds})()
+    caller_of_rebinds()
+    callers = [r[0].split(" <- ")[1] for r in _records(fs)]
+    assert callers == [f"{__name__}:caller_of_rebinds", f"{__name__}:calls_through_map",
+                       f"{__name__}:generator_caller", "elsewhere:caller_of_rebinds",
+                       "?:caller_of_rebinds", f"{__name__}:caller_of_rebinds"]
+    if REWRITTEN and C_MODULE is not None:
+        # The C twin read them from the interpreter frames, which agreed with the frame
+        # objects at every new caller (else it would have gone back to the frame objects).
+        assert C_MODULE.callers_by_head()
 
 
 def test_recursion_records_each_call_once(fs: TraceFS) -> None:
@@ -77,7 +109,7 @@ def test_recursion_records_each_call_once(fs: TraceFS) -> None:
     recurse(4)
     assert [r[1] for r in _records(fs)] == [f"n={n} r={n}" for n in range(5)]
     assert event.hits == event.nhit == 5 and event.nmissed == 0
-    assert _recorded(event) == (5 if OPTIMIZED else 0)
+    assert _recorded(event) == (5 if REWRITTEN else 0)
 
 
 def test_an_exception_records_retval_as_a_fault(fs: TraceFS) -> None:
@@ -122,10 +154,8 @@ def test_a_call_in_flight_when_the_event_gets_a_filter(fs: TraceFS) -> None:
     assert event.hits == 2 and event.nmissed == 0
 
 
-def test_a_return_while_another_thread_runs_a_handler(fs: TraceFS) -> None:
-    """The recorder refuses while any handler runs (the reentrancy rule is the careful
-    path's): the call is still recorded, once, by the careful return."""
-    event = _define(fs, f"r:grp/h {__name__}:waits x r=$retval")
+def _return_while_another_thread_runs_a_handler(x: int) -> None:
+    """`waits(.., x)` returns in thread B while thread A runs a kprobe's pre-handler."""
     entered, release = threading.Event(), threading.Event()
 
     def pre(p: kp.Kprobe, regs: kp.Regs) -> None:
@@ -137,7 +167,7 @@ def test_a_return_while_another_thread_runs_a_handler(fs: TraceFS) -> None:
     try:
         kp.wait_for_kprobe_optimizer()
         b_entered, gate = threading.Event(), threading.Event()
-        thread_b = threading.Thread(target=waits, args=(b_entered, gate, 5))
+        thread_b = threading.Thread(target=waits, args=(b_entered, gate, x))
         thread_b.start()
         assert b_entered.wait(10)
         thread_a = threading.Thread(target=rebinds, args=(1, 1))
@@ -147,10 +177,17 @@ def test_a_return_while_another_thread_runs_a_handler(fs: TraceFS) -> None:
         thread_b.join(10)
         release.set()
         thread_a.join(10)
-        assert [r[1] for r in _records(fs)] == ["x=5 r=5"]
-        assert event.hits == 1 and event.nmissed == 0
     finally:
         kp.unregister_kprobe(p)
+
+
+def test_a_return_while_another_thread_runs_a_handler(fs: TraceFS) -> None:
+    """The recorder refuses while any handler runs (the reentrancy rule is the careful
+    path's): the call is still recorded, once, by the careful return."""
+    event = _define(fs, f"r:grp/h {__name__}:waits x r=$retval")
+    _return_while_another_thread_runs_a_handler(5)
+    assert [r[1] for r in _records(fs)] == ["x=5 r=5"]
+    assert event.hits == 1 and event.nmissed == 0
 
 
 def test_a_latency_histogram_counts_every_call(fs: TraceFS) -> None:
@@ -163,9 +200,65 @@ def test_a_latency_histogram_counts_every_call(fs: TraceFS) -> None:
     table = fs.read("events/grp/d/hist")
     assert "Hits: 30" in table and "Dropped: 0" in table
     assert event.hits == 30
-    assert _recorded(event) == (30 if OPTIMIZED else 0)
+    assert _recorded(event) == (30 if REWRITTEN else 0)
     keys = [int(k) for k in re.findall(r"d: ~ 2\^(\d+)", table)]
     assert keys and all(0 < k < 40 for k in keys)
+
+
+def test_a_latency_histogram_while_another_thread_runs_a_handler(fs: TraceFS) -> None:
+    """The rethook counts a latency histogram itself (no int, no call of the counter); it
+    refuses while any handler runs, and the careful return counts the call, once."""
+    event = fs.define(f"r:grp/dw {__name__}:waits d=$duration")
+    assert event is not None
+    fs.write("events/grp/dw/trigger", "hist:keys=d.log2")
+    kp.wait_for_kprobe_optimizer()
+    opened = threading.Event()
+    opened.set()
+    waits(threading.Event(), opened, 1)  # no handler running: counted by the rethook
+    _return_while_another_thread_runs_a_handler(5)
+    table = fs.read("events/grp/dw/hist")
+    assert "Hits: 2" in table and "Dropped: 0" in table
+    assert event.hits == 2 and event.nmissed == 0
+    assert _recorded(event) == (1 if REWRITTEN else 0)
+
+
+def test_a_latency_histogram_paused_and_continued(fs: TraceFS) -> None:
+    """A paused trigger counts nothing (the careful path's rule), and counts again once
+    continued: every call is an event hit either way."""
+    event = fs.define(f"r:grp/dp {__name__}:recurse d=$duration")
+    assert event is not None
+    fs.write("events/grp/dp/trigger", "hist:keys=d.log2")
+    kp.wait_for_kprobe_optimizer()
+    recurse(3)
+    fs.write("events/grp/dp/trigger", "hist:keys=d.log2:pause", append=True)
+    recurse(3)
+    assert "Hits: 4" in fs.read("events/grp/dp/hist")
+    fs.write("events/grp/dp/trigger", "hist:keys=d.log2:cont", append=True)
+    recurse(3)
+    assert "Hits: 8" in fs.read("events/grp/dp/hist")
+    assert event.hits == 12 and event.nmissed == 0
+
+
+def test_a_latency_histogram_read_between_hits_and_cleared(fs: TraceFS) -> None:
+    """A latency histogram's counts are exact at every read, and a `:clear` forgets all of
+    them, however they were counted (the C counter keeps a known bucket's hits apart until
+    the table is read)."""
+    event = fs.define(f"r:grp/dc {__name__}:recurse d=$duration")
+    assert event is not None
+    fs.write("events/grp/dc/trigger", "hist:keys=d.log2")
+    kp.wait_for_kprobe_optimizer()
+    for expected in (3, 6, 9):
+        recurse(2)
+        table = fs.read("events/grp/dc/hist")
+        counts = [int(n) for n in re.findall(r"hitcount:\s+(\d+)", table)]
+        assert sum(counts) == expected and f"Hits: {expected}\n" in table
+    fs.write("events/grp/dc/trigger", "hist:keys=d.log2:clear", append=True)
+    assert "Hits: 0\n    Entries: 0\n" in fs.read("events/grp/dc/hist")
+    for _ in range(5):
+        recurse(1)
+    table = fs.read("events/grp/dc/hist")
+    assert sum(int(n) for n in re.findall(r"hitcount:\s+(\d+)", table)) == 10
+    assert "Hits: 10\n" in table and event.hits == 19 and event.nmissed == 0
 
 
 def test_span_mode_while_compiled_takes_the_entry_handler(fs: TraceFS) -> None:

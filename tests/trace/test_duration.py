@@ -156,6 +156,50 @@ def test_duration_as_a_log2_hist_key(fs: TraceFS) -> None:
     assert "nap:" not in fs.read("trace")  # hist-only: no record
 
 
+def _naps_timed_around(pauses: tuple[float, ...]) -> list[int]:
+    outer = []
+    for pause in pauses:
+        start = time.monotonic_ns()
+        nap(pause)
+        outer.append(time.monotonic_ns() - start)
+    return outer
+
+
+PAUSES = (0.003, 0.02)
+
+
+def test_a_recorded_duration_lies_within_the_callers_own_reading_of_the_clock(
+    fs: TraceFS,
+) -> None:
+    """A record's `$duration` and its time are CLOCK_MONOTONIC (a Perfetto slice's start is
+    time - duration): within what the caller reads around the call."""
+    _define(fs, f"r:t/nap {__name__}:nap d=$duration")
+    outer = _naps_timed_around(PAUSES)
+    recorded = [int(r["d"]) for r in _records(fs)]
+    assert len(recorded) == 2
+    for pause, inner, around in zip(PAUSES, recorded, outer, strict=True):
+        assert pause * 1e9 <= inner <= around
+
+
+def test_a_latency_histogram_counts_in_the_callers_own_reading_of_the_clock(
+    fs: TraceFS,
+) -> None:
+    """A hist-only latency event may measure with the TSC (the kernel's `local` trace clock,
+    docs/events.md): its scale must agree with CLOCK_MONOTONIC, which the caller reads around
+    the call (slew and the scale's error: far below 1%)."""
+    event = fs.define(f"r:t/nap {__name__}:nap d=$duration")
+    assert event is not None
+    fs.write("events/t/nap/trigger", "hist:keys=d.log2")
+    kp.wait_for_kprobe_optimizer()
+    outer = _naps_timed_around(PAUSES)
+    exponents = sorted(int(e) for e in re.findall(r"d: ~ 2\^(\d+)", fs.read("events/t/nap/hist")))
+    assert len(exponents) == 2
+    for pause, exponent, around in zip(PAUSES, exponents, outer, strict=True):
+        # log2 rounds up: the duration d has (d - 1).bit_length() == exponent.
+        assert (int(pause * 1e9 * 0.99) - 1).bit_length() <= exponent
+        assert exponent <= (int(around * 1.01) - 1).bit_length()
+
+
 def test_duration_is_only_for_return_probes(fs: TraceFS) -> None:
     from pykprobes.trace.tracefs import TraceWriteError
 

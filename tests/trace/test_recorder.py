@@ -113,5 +113,5 @@ def test_the_backend_choice_is_forced_by_the_environment_and_shown_by_info() -> 
     assert out.strip() == "python | forced by PYKPROBES_ACCELERATOR=off"
     info = subprocess.run([sys.executable, "-m", "pykprobes", "info"], env=env,
                           capture_output=True, text=True, timeout=60, check=True).stdout
-    assert "trace core: python (forced by PYKPROBES_ACCELERATOR=off)" in info
+    assert "accelerator: python (forced by PYKPROBES_ACCELERATOR=off)" in info
     assert "hits inside breakpoint handlers: not seen (no C accelerator)" in info

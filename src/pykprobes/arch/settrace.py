@@ -94,6 +94,11 @@ Limits
 * The global trace function is called for every call of every function in traced
   threads, and on 3.12 every instruction of every code object fires an INSTRUCTION event
   while it is installed: unprobed code is taxed (5-15x per call: docs/architecture.md, "Costs").
+  So, while optimization is off, the core arms what it can by a rewrite instead
+  (core/optimizer.py `rewrites_breakpoint`, asked of an arch whose `unprobed_code_untaxed`
+  is False; with optimization on the optimizer's next pass rewrites the site), and
+  leaves this arch the frames already running the replaced code and the probes a rewrite
+  cannot take: its trace function is installed only while something is armed here.
 * Threads that were already running when the first probe was armed have no trace function:
   neither their running frames nor their new calls are ever hit.
 * Only one trace function per thread exists: if another one is installed (`sys.gettrace()`

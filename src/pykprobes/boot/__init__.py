@@ -64,11 +64,15 @@ target the import machinery (core/early_kprobes.py EARLY_NEEDED) nor what no pro
 
 When `PYKPROBES_EVENTS` and `PYKPROBES_CONTROL` are unset, the `.pth` line imports nothing;
 the `.start` entry point of 3.15+ costs `site` the import of `pkgutil` and of this package
-(boot/pth.py). When `PYKPROBES_EVENTS` is set, the boot stage loads the core's registry and
-the trace's event code (tests/boot/test_import_weight.py lists them); the rewrite arch and
-`bytecode` are loaded only when a target's code has to be rewritten. `PYKPROBES_CONTROL`
-loads the control server's few modules (the same test lists them); the tracefs comes with
-its first request.
+(boot/pth.py). When `PYKPROBES_EVENTS` is set and every definition is an early probe on a
+module not imported yet, start-up only parses them and installs an import hook (boot/lazy.py,
+the lazy early path): the stage runs at the first import of a target's package, before its
+body, or of any other pykprobes module (the API, the control server), and a program that
+does neither never loads the core. Otherwise the boot stage runs at start-up and loads the
+core's registry and the trace's event code (tests/boot/test_import_weight.py lists both);
+the rewrite arch and `bytecode` are loaded only when a target's code has to be rewritten.
+`PYKPROBES_CONTROL` loads the control server's few modules (the same test lists them), and
+with them the deferred stage; the tracefs comes with its first request.
 """
 
 from __future__ import annotations
@@ -93,9 +97,9 @@ def start_from_environ() -> None:
     if value and not _started:
         _started = True
         try:
-            from pykprobes.boot import stage
+            from pykprobes.boot import lazy
 
-            stage.run(value)
+            lazy.start(value)
         except Exception as exc:  # noqa: BLE001 - start-up must go on
             warn(f"the boot stage failed: {exc!r}")
     control = os.environ.get("PYKPROBES_CONTROL")

@@ -27,6 +27,7 @@ import itertools
 import os
 import sys
 
+from pykprobes.boot import lazy
 from pykprobes.boot.buffer import EarlyBuffer
 from pykprobes.core import early_kprobes, registry
 
@@ -38,8 +39,8 @@ if TYPE_CHECKING:
     from pykprobes.trace.events import Event
 
 #: PYKPROBES_EARLY_BUFFER: the early buffer's entries.
-EARLY_BUFFER_DEFAULT = 16384
-EARLY_BUFFER_MAX = 1 << 20
+EARLY_BUFFER_DEFAULT = lazy.BUFFER_DEFAULT
+EARLY_BUFFER_MAX = lazy.BUFFER_MAX
 
 #: What the boot stage did, for `status()` and the tests.
 _events: dict[tuple[str, str], Event] = {}
@@ -49,16 +50,19 @@ _warnings: list[str] = []
 _new_id = itertools.count(1).__next__
 
 
-def run(value: str) -> None:
+def run(value: str, program: tuple[str | None, str | None] | None = None) -> None:
+    """The stage for PYKPROBES_EVENTS=`value`; `program`: how the program is run and the
+    directory Python puts first on sys.path for it (lazy.program()), as start-up saw them
+    (the stage may run later: boot/lazy.py)."""
     # The boot stage's work is pykprobes' own (kprobe_busy): an early probe on a module it
     # runs (re, functools, enum, typing, os.path...) is not hit by it.
     from pykprobes.core.guard import kprobe_busy
 
     with kprobe_busy():
-        _run(value)
+        _run(value, program or lazy.program())
 
 
-def _run(value: str) -> None:
+def _run(value: str, program: tuple[str | None, str | None]) -> None:
     global _buffer, _output
     env = os.environ
     slots = _env_int("PYKPROBES_EARLY_SLOTS", early_kprobes.NR_EARLY_KPROBES_SLOTS_DEFAULT,
@@ -67,7 +71,7 @@ def _run(value: str) -> None:
     entries = _env_int("PYKPROBES_EARLY_BUFFER", EARLY_BUFFER_DEFAULT, 1, EARLY_BUFFER_MAX)
     panic = env.get("PYKPROBES_PANIC_ON_UNSAFE", "").strip() in ("1", "y", "Y")
     _output = env.get("PYKPROBES_OUTPUT") or None
-    mode, path0 = _program()
+    mode, path0 = program
     if not registry.start_early_kprobes(slots, panic=panic, path0=path0):
         return  # the core is initialised already (the stage was started by hand, late)
     _buffer = EarlyBuffer(entries)
@@ -108,37 +112,12 @@ def _run(value: str) -> None:
 
 
 def _env_int(name: str, default: int, low: int, high: int) -> int:
-    text = os.environ.get(name)
-    if text is None or not text.strip():
-        return default
-    try:
-        value = int(text.strip(), 0)
-    except ValueError:
-        value = None
-    if value is None or not low <= value <= high:
-        _warn(f"{name}={text!r} is not a number in {low}..{high}: using {default}")
+    value = lazy.env_int(name, default, low, high)
+    if value is None:
+        _warn(f"{name}={os.environ.get(name)!r} is not a number in {low}..{high}: "
+              f"using {default}")
         return default
     return value
-
-
-def _program() -> tuple[str | None, str | None]:
-    """How the program will be run, from sys.argv as `site` sees it ("script", "-c", "-m",
-    or None: interactive or stdin), and the directory Python will put first on sys.path for
-    it (the boot stage runs before it does)."""
-    argv0 = sys.argv[0] if sys.argv else ""
-    safe = getattr(sys.flags, "safe_path", False)
-    if argv0 == "-c":
-        return "-c", None if safe else os.getcwd()
-    if argv0 == "-m":
-        return "-m", None if safe else os.getcwd()
-    if not argv0 or argv0 == "-":
-        return None, None
-    if safe:
-        return "script", None
-    if os.path.isdir(argv0) or (os.path.isfile(argv0) and
-                                not argv0.endswith((".py", ".pyw", ".pyc"))):
-        return "script", os.path.abspath(argv0)  # a directory or a zip with __main__.py
-    return "script", os.path.dirname(os.path.realpath(argv0))
 
 
 # ----------------------------------------------------------------------------- definitions

@@ -70,7 +70,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from pykprobes.trace import backend
 
     # The trace hot path's implementation, with its reason (coverage's CTracer/PyTracer).
-    print(f"trace core: {backend.NAME} ({backend.REASON})")
+    print(f"accelerator: {backend.NAME} ({backend.REASON})")
     from pykprobes.core import codestate
 
     # Whether a probe hit inside a handler run by a breakpoint is seen (README, Known limits).

@@ -68,6 +68,114 @@ monotonic_ns(void)
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
+/* The clock of a latency histogram's `$duration` (a plan whose every stamping return is
+ * counted by a `count_ns` counter: no record, no timestamp), in "ticks". A record's
+ * `$duration` is CLOCK_MONOTONIC at both ends, the end read once as the record's time, so
+ * that a Perfetto slice (its start = time - duration) nests inside its caller's exactly.
+ *
+ * On x86-64 when the kernel itself keeps time with the TSC (clocksource `tsc`: invariant and
+ * synchronised across CPUs, or the kernel would have marked it unstable and switched), a
+ * tick is a TSC cycle, scaled to nanoseconds by a factor measured against CLOCK_MONOTONIC_RAW
+ * -- the kernel's own `local` trace clock (sched_clock) is the TSC scaled the same way. Why:
+ * the vDSO's clock_gettime costs ~26 ns on this kind of VM against ~10 ns for RDTSC, and a
+ * latency histogram's hit reads the clock twice (issue 14's 4x goal). Elsewhere a tick is a
+ * nanosecond of CLOCK_MONOTONIC. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <x86intrin.h>
+#define HAVE_TSC 1
+#endif
+
+static int use_tsc;        /* decided once, by stamp_setup() */
+static int stamp_ready;
+static uint64_t tsc_mult;  /* ns = ticks * tsc_mult >> 32 */
+static uint64_t tsc_base;  /* the calibration's start: the module's import */
+static int64_t raw_base;
+
+static int64_t
+raw_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC_RAW, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static inline int64_t
+stamp_now(void)
+{
+#ifdef HAVE_TSC
+    if (use_tsc) {
+        return (int64_t)__rdtsc();
+    }
+#endif
+    return monotonic_ns();
+}
+
+/* Nanoseconds in `ticks` (a difference of two stamps; never negative on a clocksource the
+ * kernel keeps, but a skew would make a huge unsigned product: 0 then). */
+static inline int64_t
+stamp_ns(int64_t ticks)
+{
+    if (ticks < 0) {
+        return 0;
+    }
+#ifdef HAVE_TSC
+    if (use_tsc) {
+        return (int64_t)(((unsigned __int128)(uint64_t)ticks * tsc_mult) >> 32);
+    }
+#endif
+    return ticks;
+}
+
+/* CLOCK_MONOTONIC at the stamp `then` (for a Python instance's entry time). */
+static int64_t
+stamp_to_monotonic(int64_t then)
+{
+    int64_t now = stamp_now();
+    return monotonic_ns() - stamp_ns(now - then);
+}
+
+static int
+clocksource_is_tsc(void)
+{
+    FILE *f = fopen("/sys/devices/system/clocksource/clocksource0/current_clocksource", "r");
+    if (f == NULL) {
+        return 0;
+    }
+    char name[16] = {0};
+    int ok = fgets(name, sizeof name, f) != NULL && strncmp(name, "tsc\n", 4) == 0;
+    fclose(f);
+    return ok;
+}
+
+/* Choose the clock before the first stamp (when a compiled return that stamps is made, not
+ * at a hit): the TSC's rate is measured over at least 2 ms since the module's import, so a
+ * registration made at once waits out the rest (once per process). The error of the rate is
+ * the two clock reads' jitter over the window: some 1e-5. */
+static void
+stamp_setup(void)
+{
+    if (stamp_ready) {
+        return;
+    }
+    stamp_ready = 1;
+#ifdef HAVE_TSC
+    if (!clocksource_is_tsc()) {
+        return;
+    }
+    uint64_t tsc;
+    int64_t raw;
+    do {
+        tsc = __rdtsc();
+        raw = raw_ns();
+    } while (raw - raw_base < 2000000);
+    if (tsc <= tsc_base) {
+        return;
+    }
+    tsc_mult = (uint64_t)((((unsigned __int128)(raw - raw_base)) << 32) / (tsc - tsc_base));
+    use_tsc = tsc_mult != 0;
+#endif
+}
+
 /* The running frame's interpreter frame: the probed frame, when rewritten code calls us. */
 static inline void *
 frame_key(PyThreadState *ts)
@@ -224,7 +332,36 @@ typedef struct {
     Py_ssize_t *source; /* the sources */
     /* The last caller seen, by its code object and module name: its text. */
     PyObject *caller_code, *caller_name, *caller_text;
+    /* When the one field is $duration and `record` offers it (a latency histogram's
+     * counter: trace/_histcount.c): record's count of a duration, with no int object and
+     * no call. 0: counted; else refused, as `record` returning True. */
+    int (*count_ns)(PyObject *record, int64_t ns);
+    /* When `record` is a return record's recorder that offers it (trace/_speedups.c):
+     * record(*fields, caller, ts) with no int object for `ts` and no call. 0: recorded;
+     * else refused, as `record` returning True. */
+    int (*record_return)(PyObject *record, PyObject *const *fields, Py_ssize_t n,
+                         PyObject *caller, int64_t ts, PyThreadState *tstate);
 } CompiledReturn;
+
+#define COUNT_NS_CAPSULE "pykprobes.count_ns"
+
+#define RECORD_RETURN_CAPSULE "pykprobes.record_return"
+
+/* The C function that `record` offers as its attribute `name`, a capsule of that name
+ * (NULL: none). */
+static void *
+offered(PyObject *record, const char *name, const char *capsule_name)
+{
+    PyObject *capsule = PyObject_GetAttrString(record, name);
+    if (capsule == NULL) {
+        PyErr_Clear(); /* not offered: the record is called */
+        return NULL;
+    }
+    void *fn = PyCapsule_IsValid(capsule, capsule_name)
+        ? PyCapsule_GetPointer(capsule, capsule_name) : NULL;
+    Py_DECREF(capsule);
+    return fn;
+}
 
 static PyTypeObject CompiledReturn_Type;
 
@@ -309,6 +446,18 @@ CompiledReturn_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->fault = Py_NewRef(fault);
     self->caller = (char)caller;
     self->stamp = stamp;
+    if (ns == 1 && source[0] == DURATION && convert == Py_None && !caller) {
+        self->count_ns = (int (*)(PyObject *, int64_t))offered(record, "count_ns",
+                                                                 COUNT_NS_CAPSULE);
+    }
+    if (stamp && self->count_ns != NULL) {
+        stamp_setup();
+    }
+    if (caller) {
+        self->record_return = (int (*)(PyObject *, PyObject *const *, Py_ssize_t, PyObject *,
+                                       int64_t, PyThreadState *))offered(
+            record, "record_return", RECORD_RETURN_CAPSULE);
+    }
     self->nindices = ni;
     self->nsources = ns;
     self->index = index;
@@ -378,10 +527,102 @@ static PyTypeObject CompiledReturn_Type = {
     .tp_members = CompiledReturn_members,
 };
 
+/* The head of an interpreter frame (`_PyInterpreterFrame`, Include/internal/pycore_frame.h
+ * on 3.11-3.13, pycore_interpframe_structs.h from 3.14), as far as `caller_text` reads it:
+ * the code, the globals, the link to the frame below and the owner. Why: the caller's name
+ * read through PyEval_GetFrame/PyFrame_GetBack makes two frame objects per return (malloc,
+ * GC, free: ~15% of a return event's hit on 3.12). `caller_layout` says whether this head
+ * matched the frame objects' answer every time it was compared (each new caller is); once
+ * it did not, the frame objects alone are used. */
+typedef struct {
+#if PY_VERSION_HEX >= 0x030C0000
+    uintptr_t code; /* 3.14+: a _PyStackRef, its low bits a tag; 3.13: f_executable */
+    void *previous;
+    PyObject *funcobj;
+    PyObject *globals;
+    PyObject *builtins;
+    PyObject *locals;
+    PyObject *frame_obj;
+    void *instr;
+#if PY_VERSION_HEX >= 0x030E0000
+    void *stackpointer;
+#else
+    int stacktop;
+#endif
+    uint16_t return_offset;
+    char owner;
+#else
+    PyObject *func;
+    PyObject *globals;
+    PyObject *builtins;
+    PyObject *locals;
+    uintptr_t code;
+    PyObject *frame_obj;
+    void *previous;
+    void *prev_instr;
+    int stacktop;
+    char is_entry;
+    char owner;
+#endif
+} IFrameHead;
+
+/* FRAME_OWNED_BY_THREAD and _BY_GENERATOR (0 and 1 on 3.11-3.15): a frame that runs; the
+ * others (a frame object's copy, 3.12+'s shim frames on the C stack) are left to the frame
+ * objects. */
+#define OWNER_RUNS 1
+#define TAG_BITS ((uintptr_t)7)
+
+static char caller_layout = 1; /* 0: the head disagreed once with the frame objects */
+
+/* The code and globals of the frame below the running one (borrowed), by the head; 0 when
+ * the head cannot say (the frame objects then do). */
+static int
+caller_by_head(PyThreadState *ts, PyObject **code, PyObject **globals)
+{
+    IFrameHead *f = (IFrameHead *)frame_key(ts);
+    IFrameHead *back = f != NULL ? (IFrameHead *)f->previous : NULL;
+    if (back == NULL || back->owner < 0 || back->owner > OWNER_RUNS) {
+        return 0;
+    }
+    PyObject *c = (PyObject *)(back->code & ~TAG_BITS);
+    if (c == NULL || !PyCode_Check(c) || back->globals == NULL
+        || !PyDict_Check(back->globals)) {
+        return 0;
+    }
+    *code = c;
+    *globals = back->globals;
+    return 1;
+}
+
+static PyObject *
+dunder_name(void)
+{
+    static PyObject *name = NULL; /* interned once, kept for the process */
+    if (name == NULL) {
+        name = PyUnicode_InternFromString("__name__");
+    }
+    return name;
+}
+
 /* The caller's `module:qualname` (new reference), None without one, NULL on error. */
 static PyObject *
-caller_text(CompiledReturn *c)
+caller_text(CompiledReturn *c, PyThreadState *ts)
 {
+    PyObject *key = dunder_name();
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *head_code = NULL, *head_globals = NULL;
+    if (caller_layout && caller_by_head(ts, &head_code, &head_globals)) {
+        PyObject *name = PyDict_GetItemWithError(head_globals, key);
+        if (name == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (head_code == c->caller_code && name == c->caller_name && c->caller_text) {
+            return Py_NewRef(c->caller_text);
+        }
+    }
+    /* A caller not seen last: by the frame objects, which also check the head's answer. */
     PyFrameObject *frame = PyEval_GetFrame(); /* the probed frame, made if needed */
     if (frame == NULL) {
         Py_RETURN_NONE;
@@ -393,16 +634,11 @@ caller_text(CompiledReturn *c)
     PyCodeObject *code = PyFrame_GetCode(back);
     PyObject *globals = PyFrame_GetGlobals(back);
     Py_DECREF(back);
-    static PyObject *dunder_name = NULL; /* interned once, kept for the process */
-    if (dunder_name == NULL) {
-        dunder_name = PyUnicode_InternFromString("__name__");
-        if (dunder_name == NULL) {
-            Py_DECREF(globals);
-            Py_DECREF(code);
-            return NULL;
-        }
+    if (head_code != NULL
+        && (head_code != (PyObject *)code || head_globals != globals)) {
+        caller_layout = 0;
     }
-    PyObject *name = PyDict_GetItemWithError(globals, dunder_name);
+    PyObject *name = PyDict_GetItemWithError(globals, key);
     PyObject *result = NULL;
     if (name == NULL && PyErr_Occurred()) {
         goto done;
@@ -588,6 +824,7 @@ typedef struct {
     Py_ssize_t n;
     Py_ssize_t nvalues; /* -1: any */
     char stamp;
+    char tsc; /* every stamping return is a latency histogram's: stamped with the TSC */
     PlanItem items[1];
 } Plan;
 
@@ -620,7 +857,8 @@ typedef struct {
 typedef struct {
     void *key;  /* the interpreter frame */
     Plan *plan; /* NULL: careful */
-    int64_t ns;
+    int64_t stamp; /* the entry's time (0: not stamped): stamp_now() if `tsc`, else ns */
+    char tsc;
     Slot inl[INLINE_SLOTS];
     Slot *more; /* when the plan has more items */
 } Node;
@@ -909,6 +1147,7 @@ Rethook_publish(Rethook *self, PyObject *const *args, Py_ssize_t nargs)
     plan->n = 0;
     plan->nvalues = -1;
     plan->stamp = 0;
+    plan->tsc = 1;
     char compiled = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *it = PyTuple_GET_ITEM(items, i);
@@ -922,7 +1161,11 @@ Rethook_publish(Rethook *self, PyObject *const *args, Py_ssize_t nargs)
             probe = r->kp;
             if (r->compiled != Py_None) {
                 compiled = 1;
-                plan->stamp |= ((CompiledReturn *)r->compiled)->stamp;
+                CompiledReturn *c = (CompiledReturn *)r->compiled;
+                plan->stamp |= c->stamp;
+                if (c->stamp && c->count_ns == NULL) {
+                    plan->tsc = 0; /* a record's duration: see stamp_now() */
+                }
             }
         }
         else if (PyTuple_Check(it) && PyTuple_GET_SIZE(it) == 2) {
@@ -1215,7 +1458,8 @@ Rethook_entry(Rethook *self, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(regs);
     if (plan->stamp) {
         /* Last, so that the duration leaves out what the entry cost. */
-        st->nodes[idx].ns = monotonic_ns();
+        st->nodes[idx].tsc = plan->tsc;
+        st->nodes[idx].stamp = plan->tsc ? stamp_now() : monotonic_ns();
     }
     return Py_NewRef(result);
 fail:
@@ -1249,7 +1493,7 @@ careful_return(Rethook *self, PyObject *value, PyObject *exc)
 /* The fields of a compiled return (new references into `out`); 0, or -1 with an error. */
 static int
 compiled_fields(CompiledReturn *c, PyObject *kept, PyObject *value, PyObject *exc,
-                int64_t ns, int64_t now, PyObject **out)
+                int stamped, int64_t duration, PyObject **out)
 {
     for (Py_ssize_t i = 0; i < c->nsources; i++) {
         Py_ssize_t src = c->source[i];
@@ -1258,11 +1502,11 @@ compiled_fields(CompiledReturn *c, PyObject *kept, PyObject *value, PyObject *ex
             v = Py_NewRef(exc != Py_None ? c->fault : value);
         }
         else if (src == DURATION) {
-            if (ns == 0) {
+            if (!stamped) {
                 v = Py_NewRef(c->fault);
             }
             else {
-                PyObject *d = PyLong_FromLongLong(now - ns);
+                PyObject *d = PyLong_FromLongLong(duration);
                 if (d == NULL) {
                     v = NULL;
                 }
@@ -1311,14 +1555,16 @@ kept_tuple(CompiledReturn *c, PyObject *kept)
  * what the compiled return's `data(kept, entry_ns)` makes: what the kretprobe's entry
  * handler would have kept. 0, or -1 with an error set (the slot as it was). */
 static int
-compiled_to_instance(Rethook *self, RetProbe *r, Slot *s, int64_t ns, PyObject *tid)
+compiled_to_instance(Rethook *self, RetProbe *r, Slot *s, int64_t stamp, char tsc,
+                     PyObject *tid)
 {
     CompiledReturn *c = s->compiled;
     PyObject *kept = kept_tuple(c, s->obj);
     if (kept == NULL) {
         return -1;
     }
-    PyObject *when = PyLong_FromLongLong(ns);
+    /* The instance's entry time is CLOCK_MONOTONIC ns, as the Python twin's (0: none). */
+    PyObject *when = PyLong_FromLongLong(stamp && tsc ? stamp_to_monotonic(stamp) : stamp);
     if (when == NULL) {
         Py_DECREF(kept);
         return -1;
@@ -1359,7 +1605,7 @@ hand_over(Rethook *self, Node *node)
         r->inflight--;
         if (s->compiled != NULL) {
             PyObject *tid = ident_obj();
-            if (tid == NULL || compiled_to_instance(self, r, s, node->ns, tid) < 0) {
+            if (tid == NULL || compiled_to_instance(self, r, s, node->stamp, node->tsc, tid) < 0) {
                 if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
                     slot_release(s);
                     r->nmissed++;
@@ -1402,6 +1648,44 @@ hand_over(Rethook *self, Node *node)
     return 0;
 }
 
+/* Record a compiled return's `fields` (its nsources; references taken over) with the
+ * caller's text and the record's time when it names its caller: whether it was recorded
+ * (else refused: the kretprobe's handler serves the call). */
+static int
+compiled_record(CompiledReturn *c, PyObject **fields, PyObject *caller, int64_t now,
+                PyThreadState *ts)
+{
+    Py_ssize_t nf = c->nsources;
+    if (c->record_return != NULL) {
+        int recorded = c->record_return(c->record, fields, nf, caller, now, ts) == 0;
+        for (Py_ssize_t k = 0; k < nf; k++) {
+            Py_DECREF(fields[k]);
+        }
+        return recorded;
+    }
+    PyObject *when = NULL;
+    if (c->caller) {
+        when = PyLong_FromLongLong(now);
+        if (when == NULL) {
+            PyErr_Clear();
+            when = Py_NewRef(Py_None); /* refused by the recorder */
+        }
+        fields[nf++] = caller;
+        fields[nf++] = when;
+    }
+    PyObject *res = PyObject_Vectorcall(c->record, fields, nf, NULL);
+    for (Py_ssize_t k = 0; k < c->nsources; k++) {
+        Py_DECREF(fields[k]);
+    }
+    Py_XDECREF(when);
+    if (res == NULL) {
+        PyErr_Clear(); /* never raises; if it did: the careful path */
+    }
+    int recorded = res == Py_False;
+    Py_XDECREF(res);
+    return recorded;
+}
+
 static PyObject *
 leave(Rethook *self, PyObject *value, PyObject *exc)
 {
@@ -1442,6 +1726,8 @@ leave(Rethook *self, PyObject *value, PyObject *exc)
     PyObject *regs = Py_NewRef(self->return_regs);
     PyObject *tid = NULL;
     PyObject *caller = NULL;
+    int64_t duration = -1; /* read at the first compiled return that needs it */
+    int64_t now = 0;
     int marked = 0;
     Py_ssize_t i = 0;
     int failed = 0;
@@ -1461,37 +1747,38 @@ leave(Rethook *self, PyObject *value, PyObject *exc)
             PyObject *fields[MAX_FIELDS + 2];
             Py_ssize_t nf = c->nsources;
             int acted = 0;
-            /* One clock reading: the duration's end is the record's time. */
-            int64_t now = monotonic_ns();
-            if (nf <= MAX_FIELDS
-                && compiled_fields(c, s.obj, value, exc, node.ns, now, fields) == 0) {
-                PyObject *when = NULL;
+            /* The clocks are read once per return, for every compiled return of the
+             * node: the duration's end (a stamp), the record's time (CLOCK_MONOTONIC). */
+            if (node.stamp != 0 && duration < 0) {
+                if (node.tsc) {
+                    duration = stamp_ns(stamp_now() - node.stamp);
+                }
+                else {
+                    now = monotonic_ns(); /* one reading: the duration's end, the record's time */
+                    duration = now - node.stamp;
+                }
+            }
+            if (c->count_ns != NULL && node.stamp != 0) {
+                /* A latency histogram: counted here (a call entered before the stamp has
+                 * no duration: `record` gets the fault). */
+                acted = c->count_ns(c->record, duration) == 0;
+            }
+            else if (nf <= MAX_FIELDS
+                && compiled_fields(c, s.obj, value, exc, node.stamp != 0, duration,
+                                   fields) == 0) {
                 if (c->caller) {
+                    if (now == 0) {
+                        now = monotonic_ns();
+                    }
                     if (caller == NULL) {
-                        caller = caller_text(c);
+                        caller = caller_text(c, ts);
                     }
                     if (caller == NULL) {
                         PyErr_Clear();
                         caller = Py_NewRef(Py_None);
                     }
-                    when = PyLong_FromLongLong(now);
-                    if (when == NULL) {
-                        PyErr_Clear();
-                        when = Py_NewRef(Py_None); /* refused by the recorder */
-                    }
-                    fields[nf++] = caller;
-                    fields[nf++] = when;
                 }
-                PyObject *res = PyObject_Vectorcall(c->record, fields, nf, NULL);
-                for (Py_ssize_t k = 0; k < c->nsources; k++) {
-                    Py_DECREF(fields[k]);
-                }
-                Py_XDECREF(when);
-                if (res == NULL) {
-                    PyErr_Clear(); /* never raises; if it did: the careful path */
-                }
-                acted = res == Py_False;
-                Py_XDECREF(res);
+                acted = compiled_record(c, fields, caller, now, ts);
             }
             else {
                 PyErr_Clear();
@@ -1507,7 +1794,7 @@ leave(Rethook *self, PyObject *value, PyObject *exc)
                 slot_release(&s);
                 continue;
             }
-            if (compiled_to_instance(self, r, &s, node.ns, tid) < 0) {
+            if (compiled_to_instance(self, r, &s, node.stamp, node.tsc, tid) < 0) {
                 PyErr_Clear();
                 r->nmissed++;
                 slot_release(&s);
@@ -1749,7 +2036,17 @@ frame_call(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     return PyBool_FromLong(!recorded);
 }
 
+/* Whether return records still name their callers from the interpreter frames' heads: no
+ * answer of theirs has differed from the frame objects' (caller_text). */
+static PyObject *
+callers_by_head(PyObject *mod, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(caller_layout);
+}
+
 static PyMethodDef module_methods[] = {
+    {"callers_by_head", callers_by_head, METH_NOARGS,
+     "Whether return records name their callers from the interpreter frames (caller_text)."},
     {"frame_call", (PyCFunction)(void (*)(void))frame_call, METH_FASTCALL,
      "frame_call(record, frame, names) -> bool: see core/framecall.py"},
     {"hit_frame", hit_frame, METH_O,
@@ -1778,6 +2075,11 @@ PyInit__rethook(void)
     if (m == NULL) {
         return NULL;
     }
+#ifdef HAVE_TSC
+    /* The start of the TSC's calibration window (stamp_setup). */
+    tsc_base = __rdtsc();
+    raw_base = raw_ns();
+#endif
     if (PyModule_AddObjectRef(m, "CompiledReturn", (PyObject *)&CompiledReturn_Type) < 0
         || PyModule_AddObjectRef(m, "RetProbe", (PyObject *)&RetProbe_Type) < 0
         || PyModule_AddObjectRef(m, "Rethook", (PyObject *)&Rethook_Type) < 0) {

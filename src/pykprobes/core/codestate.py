@@ -122,11 +122,16 @@ class CodeState:
 class Mechanisms:
     """The two arches the states are synced with (the optimizer may be missing)."""
 
-    __slots__ = ("breakpoint", "optimizer", "retiring", "switches", "versions", "walks")
+    __slots__ = ("breakpoint", "installs", "optimizer", "reap", "retiring", "switches",
+                 "versions", "walks")
 
     def __init__(self, breakpoint: BreakpointArch, optimizer: OptimizerArch | None) -> None:
         self.breakpoint = breakpoint
         self.optimizer = optimizer
+        #: Called after each outermost batch of switches, or None: forgets at once the
+        #: retired versions no frame runs (core/optimizer.py `reap`), when breakpoints left
+        #: on them would tax every call (a global trace function).
+        self.reap: Callable[[], None] | None = None
         #: id(any version's code) -> its state, to map a function's current code back.
         self.versions: dict[int, CodeState] = {}
         #: id(state) -> the states with retired versions (the optimizer looks only at these).
@@ -135,6 +140,10 @@ class Mechanisms:
         self.switches: Switches | None = None
         #: Heap walks done so far (holders.py), for tests and the bench.
         self.walks = 0
+        #: Module -> versions installed so far for its code: unchanged across the module
+        #: body's run, the functions it made hold the versions it was given
+        #: (core/modules.py module_executed).
+        self.installs: dict[str, int] = {}
 
 
 @contextmanager
@@ -153,6 +162,24 @@ def switching(mech: Mechanisms) -> Iterator[None]:
             batch.flush()
         finally:
             mech.walks += batch.walks
+        reap = mech.reap
+        if reap is not None and mech.retiring:
+            reap()
+
+
+@contextmanager
+def unheld(mech: Mechanisms) -> Iterator[None]:
+    """The holder switches made inside are dropped: they are of code just loaded, whose
+    body has not run, so no function holds any version of it yet (and the heap walk would
+    find nothing). Inside an open batch, they join it as usual."""
+    if mech.switches is not None:
+        yield
+        return
+    mech.switches = Switches()
+    try:
+        yield
+    finally:
+        mech.switches = None
 
 
 def _switch(state: CodeState, old: Version, mech: Mechanisms) -> None:
@@ -182,7 +209,9 @@ def sync(state: CodeState, mech: Mechanisms) -> None:
 
 
 def _rebuild(state: CodeState, mech: Mechanisms) -> None:
-    opt = frozenset(off for off, site in state.sites.items() if site.optimized and site.active)
+    # Every site served by a call sequence: optimized ones, and those the breakpoint arms by
+    # a rewrite (Site.inline); both call the same hit, so optimizing one changes nothing here.
+    opt = frozenset(off for off, site in state.sites.items() if site.inline and site.active)
     consts = {
         index: child.current.code
         for index, child in state.children.items()
@@ -237,6 +266,7 @@ def share_names(state: CodeState, mech: Mechanisms) -> None:
 def _install(state: CodeState, version: Version, mech: Mechanisms) -> None:
     old = state.current
     state.current = version
+    mech.installs[state.module] = mech.installs.get(state.module, 0) + 1
     mech.versions[id(version.code)] = state
     share_names(state, mech)
     retired = [v for v in state.retired if v.code is not version.code]
@@ -346,8 +376,10 @@ def reconcile_breakpoints(state: CodeState, mech: Mechanisms) -> None:
         # Only a site at offset 0 can be: the table puts every probe in the prologue
         # there. Asking the arch about every site decodes the code for each (a sync of a
         # code with n sites cost n decodings).
-        site.entry_event = off == 0 and off not in cur.opt and bool(site.active) and \
-            bp.uses_entry_event(cur.code, cur.phys(off))
+        # A breakpoint armed by a rewrite (Site.inline) is still the breakpoint's probe: the
+        # prologue call stands for its entry event.
+        site.entry_event = off == 0 and not site.optimized and bool(site.active) and \
+            bp.uses_entry_event(state.original, off)
     _reconcile_returns(state, mech)
 
 

@@ -78,6 +78,9 @@ class ModuleNotifier:
         #: realpath -> module name, for source files whose code will be handed over by
         #: `loaded()` rather than imported under a name sys.path tells (core/lines.py).
         self.expected_files: dict[str, str] = {}
+        #: id(module code the import system runs) -> its module's Mechanisms.installs when
+        #: `loaded` handed it over (module_executed).
+        self.installs_at_load: dict[int, int] = {}
 
     # ------------------------------------------------------------------ the chain
 
@@ -207,7 +210,8 @@ class ModuleNotifier:
         if early.is_early() and module in table.pending:
             early.load_optimizer()  # before the lock: it imports
         m = table.mechanisms()
-        with table.lock:
+        # `code` was just loaded: no function holds any of its code objects yet.
+        with table.lock, codestate.unheld(m):
             table.expected.discard(module)
             unresolved: list[tuple[Kprobe, str]] = []
             for p, qualname in table.pending.pop(module, []):
@@ -232,6 +236,7 @@ class ModuleNotifier:
             if root is None:
                 return code
             table.executing.add(id(code))
+            self.installs_at_load[id(code)] = m.installs.get(module, 0)
             return root.current.code
 
     def module_executed(self, module: str, code: CodeType) -> None:
@@ -241,6 +246,9 @@ class ModuleNotifier:
         m = table.mechanisms()
         with table.lock, codestate.switching(m):
             table.executing.discard(id(code))
+            # No version installed while the body ran: the functions it made hold the
+            # versions it was given, the current ones (no heap walk to adopt them).
+            adopt = self.installs_at_load.pop(id(code), None) != m.installs.get(module, 0)
             # The module is in sys.modules now, whatever it was when its code was rewritten.
             for state in table.states.values():
                 if state.module == module:
@@ -248,17 +256,18 @@ class ModuleNotifier:
             root = table.states.get(id(code))
             if root is None:
                 return
-            self._detach_executed(root, m)
+            self._detach_executed(root, m, adopt)
 
-    def _detach_executed(self, state: CodeState, m: Mechanisms) -> None:
+    def _detach_executed(self, state: CodeState, m: Mechanisms, adopt: bool) -> None:
         # Module and class bodies run once: their children are held by objects from now on.
         for index, child in list(state.children.items()):
             if _runs_once(child.original):
-                self._detach_executed(child, m)
+                self._detach_executed(child, m, adopt)
             child.parent = None
             child.const_index = None
             del state.children[index]
-            codestate.adopt_holders(child, m)
+            if adopt:
+                codestate.adopt_holders(child, m)
         # Without sites or children, nothing maps its versions back any more, nor waits for
         # them to retire.
         if not state.sites and not state.children and \
@@ -309,6 +318,9 @@ class Loading:
         #: The code the program compiled (-m: the import may have rewritten `code`).
         self.original = modules.table.original(code)
         self.run = modules.loaded(name, self.original)
+        # Its caller may run another code than `run` (the main hook, in a multiprocessing
+        # child, runs the original: boot/mainhook.py): the holders are adopted after it.
+        modules.installs_at_load.pop(id(self.original), None)
 
     def executed(self) -> None:
         self._modules.executed(self.name, self.original)

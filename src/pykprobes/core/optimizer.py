@@ -25,12 +25,15 @@ if TYPE_CHECKING:
 OPTIMIZE_DELAY: Final = 0.005
 #: How often the optimizer looks again for frames still running replaced code.
 RETIRE_RECHECK: Final = 0.1
+#: inspect.CO_OPTIMIZED (not imported: the boot stage imports this module): a function's
+#: code, not a module or class body.
+_CO_OPTIMIZED: Final = 0x01
 
 
 class KprobeOptimizer:
     """The optimizer's queue, timer and switch, for one table."""
 
-    __slots__ = ("allowed", "queue", "reasons", "rechecks", "table", "timer")
+    __slots__ = ("allowed", "queue", "reaping", "reasons", "rechecks", "table", "timer")
 
     def __init__(self, table: KprobeTable) -> None:
         self.table = table
@@ -45,6 +48,8 @@ class KprobeOptimizer:
         #: scans the heap (gc.get_referrers), so the re-checks back off: 0.1 s, 0.2 s, ...
         #: up to 6.4 s.
         self.rechecks = 0
+        #: `reap` is running (its own batches end in a reap).
+        self.reaping = False
 
     # ------------------------------------------------------------------ decisions
 
@@ -68,6 +73,48 @@ class KprobeOptimizer:
             and not site.posts
             and self.check(site, state, m) is None
         )
+
+    def rewrites_breakpoint(self, site: Site, state: CodeState, m: Mechanisms) -> bool:
+        """Whether the breakpoint of `site` is armed by a rewrite rather than by the
+        breakpoint arch: where that arch taxes every call of unprobed code (a global trace
+        function, CPython 3.11), a call of the site's hit in rewritten code serves the new
+        calls, and the arch is left only the frames that already run the code it replaces
+        (retired versions, until `reap` finds none). The probe stays a breakpoint to the
+        kernel's eye (not OPTIMIZED); its hit is the optimized one, so the counts are those
+        of the optimizer. Not for a post-handler (the instruction after may be any one)
+        nor where the optimizer refuses the address, nor in a module or class body: it
+        runs once, most often at once, and its rewrite would put the names its calls read
+        in the very namespace the body runs in (the program sees them in `globals()`).
+        Nor while optimization is allowed: the optimizer's next pass rewrites the site anyway
+        (the kernel's int3 first, its jump later), in one batch with one heap walk, where a
+        rewrite at every registration cost 21 ms a probe and a second rewrite (the
+        bench's 3.11 scale rows, 2026-12-03)."""
+        return (
+            m.optimizer is not None
+            and not self.allowed
+            and not m.breakpoint.capabilities.unprobed_code_untaxed
+            and not self.table.early.is_early()
+            and bool(state.original.co_flags & _CO_OPTIMIZED)
+            and bool(site.active)
+            and not site.posts
+            and self.check(site, state, m) is None
+        )
+
+    def sync(self, state: CodeState, m: Mechanisms) -> None:
+        """codestate.sync, leaving to the breakpoint arch the sites whose rewrite failed
+        (table lock held)."""
+        # Rewriting runs library code a program may probe (enum and contextlib, under
+        # `bytecode`): pykprobes' own work, in which a hit records nothing (kprobe_busy: it
+        # counts nmissed; hits in other threads take the careful path meanwhile).
+        with kprobe_busy():
+            try:
+                codestate.sync(state, m)
+            except Exception as exc:  # noqa: BLE001 - a failed rewrite stays a breakpoint
+                for site in state.sites.values():
+                    if site.inline:
+                        site.optimized = site.inline = False
+                        self.reasons[site.addr.key] = f"rewrite failed: {exc}"
+                codestate.sync(state, m)
 
     def try_to_optimize_kprobe(self, site: Site, state: CodeState, m: Mechanisms) -> None:
         """Queue `site` for the next pass if it can be optimized (table lock held)."""
@@ -119,25 +166,13 @@ class KprobeOptimizer:
             if state is None or state.sites.get(site.addr.offset) is not site:
                 continue
             if self.optimizable(site, state, m):
-                site.optimized = True
+                site.optimized = site.inline = True
                 touched[id(state)] = state
         # One heap walk at most for the whole pass (holders.py), done when the block ends:
         # before any retired version is forgotten below.
         with codestate.switching(m):
             for state in touched.values():
-                # Rewriting runs library code a program may probe (enum and contextlib,
-                # under `bytecode`): pykprobes' own work, in which a hit records nothing
-                # (kprobe_busy: it counts nmissed; hits in other threads take the careful
-                # path meanwhile).
-                with kprobe_busy():
-                    try:
-                        codestate.sync(state, m)
-                    except Exception as exc:  # noqa: BLE001 - a failed rewrite stays a breakpoint
-                        for site in state.sites.values():
-                            if site.optimized:
-                                site.optimized = False
-                                self.reasons[site.addr.key] = f"rewrite failed: {exc}"
-                        codestate.sync(state, m)
+                self.sync(state, m)
                 for site in state.sites.values():
                     table.update_flags(site)
         if queued:
@@ -155,12 +190,37 @@ class KprobeOptimizer:
                         codestate.adopt_holders(state, m)
                         adopting.add(id(state))
                         running = True
+        return self._prune(m, adopting) or running
+
+    def _prune(self, m: Mechanisms, adopting: set[int]) -> bool:
+        """Forget the retired versions no frame runs any more (except those of `adopting`);
+        True if some are still running."""
+        running = False
         # Only states with retired versions have something to forget (not all of them:
         # with 10,000 probes, every pass would look at 10,000 states).
         for state in list(m.retiring.values()):
             if id(state) not in adopting:
                 running |= codestate.prune_retired(state, m)
         return running
+
+    def reap(self) -> None:
+        """Mechanisms.reap: after a batch of switches, forget at once the retired versions
+        no frame runs, so that the breakpoint arch leaves them (and, with nothing else
+        armed, removes its global trace function) now rather than at the next pass; those
+        still running are looked at again by the passes (table lock held). Versions a
+        running module or class body may still make functions of are left to the passes."""
+        if self.reaping:
+            return  # prune_retired's own switches end a batch too
+        self.reaping = True
+        try:
+            table = self.table
+            m = table.mechanisms()
+            adopting = {id(s) for s in m.retiring.values() if table.ancestor_executing(s)} \
+                if table.executing else set()
+            if self._prune(m, adopting) or adopting:
+                self.kick(RETIRE_RECHECK)
+        finally:
+            self.reaping = False
 
     def wait_for_kprobe_optimizer(self) -> None:
         """Run the pending optimization now (the kernel flushes the optimizer's work)."""

@@ -133,6 +133,10 @@ class Site:
         #: The active probes that have a post_handler.
         self.posts: tuple[Kprobe, ...] = ()
         self.optimized = False
+        #: Served by a call sequence in rewritten code: optimized, or armed by a rewrite
+        #: where the breakpoint arch would tax unprobed code (core/optimizer.py
+        #: `rewrites_breakpoint`). Kept by the table with `optimized`.
+        self.inline = False
         self.entry_event = False
         #: The fast path's Regs: one per site, valid while its handler runs (the kernel's
         #: pt_regs live on the stack of the hit, too).

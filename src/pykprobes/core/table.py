@@ -153,6 +153,10 @@ class KprobeTable:
                 else:
                     mech = em
                     reports, notifiers = self.early.convert_early_kprobes(mech, bp, opt)
+                if opt is not None and not bp.capabilities.unprobed_code_untaxed:
+                    # Breakpoints are armed by rewrites there (optimizer.rewrites_breakpoint):
+                    # forget the code they replace as soon as no frame runs it.
+                    mech.reap = self.optimizer.reap
                 self.mech = mech
                 self.modules.install()
         for message in reports:
@@ -362,7 +366,11 @@ class KprobeTable:
             # While early the seed calls arch_optimize_kprobes() at once: no optimizer
             # thread, and no breakpoint to serve the probe until it runs.
             site.optimized = True
-        codestate.sync(state, m)
+        site.inline = site.optimized or optimizer.rewrites_breakpoint(site, state, m)
+        if site.inline and not site.optimized:
+            optimizer.sync(state, m)  # a failed rewrite leaves the breakpoint arch the site
+        else:
+            codestate.sync(state, m)
         self.try_to_optimize_kprobe(site, state, m)
         self.update_flags(site)
 
@@ -455,7 +463,7 @@ class KprobeTable:
         """A site that lost its last probe: nothing runs there any more, and it leaves the
         table and the optimizer's queue (its code is synced by the caller)."""
         site.set_active(())
-        site.optimized = False
+        site.optimized = site.inline = False
         del self.site_table()[site.addr.key]
         self.optimizer.forget(site)
         del state.sites[site.addr.offset]

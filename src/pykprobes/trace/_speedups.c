@@ -39,12 +39,12 @@ static PyObject *saved_dict = NULL; /* cmdlines.saved */
 static uint64_t last_id = 0;
 static PyObject *last_key = NULL;
 
-/* The calling thread's key (borrowed), noted in `saved` at its first record; NULL only
- * on a memory error (with the error cleared). */
+/* The key (borrowed) of the calling thread, whose state is `ts`, noted in `saved` at its
+ * first record; NULL only on a memory error (with the error cleared). */
 static PyObject *
-current_key(void)
+current_key(PyThreadState *ts)
 {
-    uint64_t id = PyThreadState_GetID(PyThreadState_Get());
+    uint64_t id = PyThreadState_GetID(ts);
     if (id == last_id && last_key != NULL) {
         return last_key;
     }
@@ -300,44 +300,106 @@ entry_tuple(Entry *e)
                          e->values, e->caller ? e->caller : Py_None, e->size);
 }
 
-static PyObject *
-ring_list(Ring *r)
+/* Why reads copy or detach the entries before making any object: making a tuple may run the
+ * garbage collector, whose finalizers and weakref callbacks are Python code, during which the
+ * eval loop lets other threads in; a writer there may grow the ring (a new buffer) or pop its
+ * oldest entries, under a reader still walking the old indices (seen as an abort in
+ * tests/trace/test_buffer_threads.py under load). Copying the Entry structs and taking
+ * references runs no Python code (PyMem_Malloc never starts a collection). */
+
+/* The ring's entries, oldest first, with new references (`*n` of them); NULL: no memory. */
+static Entry *
+ring_copy(Ring *r, Py_ssize_t *n)
 {
-    PyObject *list = PyList_New(r->len);
-    if (list == NULL) {
+    Entry *copy = PyMem_Malloc((size_t)(r->len ? r->len : 1) * sizeof(Entry));
+    if (copy == NULL) {
+        PyErr_NoMemory();
         return NULL;
     }
     for (Py_ssize_t i = 0; i < r->len; i++) {
-        PyObject *t = entry_tuple(&r->buf[(r->head + i) % r->cap]);
+        Entry *e = &copy[i];
+        *e = r->buf[(r->head + i) % r->cap];
+        Py_INCREF(e->key);
+        Py_INCREF(e->event);
+        Py_INCREF(e->values);
+        Py_XINCREF(e->caller);
+    }
+    *n = r->len;
+    return copy;
+}
+
+/* Move every entry out of the ring (their references with them): the ring is empty after. */
+static Entry *
+ring_detach(Ring *r, Py_ssize_t *n)
+{
+    Entry *out = PyMem_Malloc((size_t)(r->len ? r->len : 1) * sizeof(Entry));
+    if (out == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < r->len; i++) {
+        Entry *e = &r->buf[(r->head + i) % r->cap];
+        out[i] = *e;
+        memset(e, 0, sizeof(Entry));
+    }
+    *n = r->len;
+    r->len = 0;
+    r->head = 0;
+    r->bytes = 0;
+    return out;
+}
+
+/* Drop the references of `n` entries and the array. */
+static void
+entries_release(Entry *entries, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        entry_clear(&entries[i]);
+    }
+    PyMem_Free(entries);
+}
+
+/* The entries as a list of tuples; the entries are released either way. */
+static PyObject *
+entries_list(Entry *entries, Py_ssize_t n)
+{
+    PyObject *list = PyList_New(n);
+    for (Py_ssize_t i = 0; list != NULL && i < n; i++) {
+        PyObject *t = entry_tuple(&entries[i]);
         if (t == NULL) {
-            Py_DECREF(list);
-            return NULL;
+            Py_CLEAR(list);
+            break;
         }
         PyList_SET_ITEM(list, i, t);
     }
+    entries_release(entries, n);
     return list;
 }
 
 static PyObject *
 Ring_take(Ring *r, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *list = ring_list(r);
+    Py_ssize_t n;
+    Entry *taken = ring_detach(r, &n);
+    if (taken == NULL) {
+        return NULL;
+    }
+    int64_t start = r->read_seq;
+    int64_t end = r->next_seq;
+    r->read_seq = end;
+    PyObject *list = entries_list(taken, n);
     if (list == NULL) {
         return NULL;
     }
-    while (r->len) {
-        ring_pop(r);
-    }
-    r->bytes = 0;
-    int64_t start = r->read_seq;
-    r->read_seq = r->next_seq;
-    return Py_BuildValue("(NLL)", list, (long long)start, (long long)r->next_seq);
+    return Py_BuildValue("(NLL)", list, (long long)start, (long long)end);
 }
 
 static PyObject *
 Ring_snapshot(Ring *r, PyObject *Py_UNUSED(ignored))
 {
-    return ring_list(r);
+    Py_ssize_t n;
+    Entry *copy = ring_copy(r, &n);
+    return copy == NULL ? NULL : entries_list(copy, n);
 }
 
 static PyObject *
@@ -349,12 +411,14 @@ Ring_pending(Ring *r, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Ring_clear(Ring *r, PyObject *Py_UNUSED(ignored))
 {
-    while (r->len) {
-        ring_pop(r);
+    Py_ssize_t n;
+    Entry *gone = ring_detach(r, &n);
+    if (gone == NULL) {
+        return NULL;
     }
-    r->bytes = 0;
     r->read_seq = r->next_seq;
     r->overrun = r->dropped = 0;
+    entries_release(gone, n); /* last: it may run Python code (see ring_copy) */
     Py_RETURN_NONE;
 }
 
@@ -493,34 +557,22 @@ typedef struct {
     char caller;          /* a return record's: the caller text follows the values */
 } Recorder;
 
-static PyObject *
-Recorder_call(Recorder *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+/* Record `values` (n of them) with `caller` (None: an entry record) at `ts` (0: now), for
+ * the thread whose state is `tstate`; 0 recorded, 1 refused (the careful path's). Never
+ * raises. */
+static int
+recorder_put(Recorder *self, PyObject *const *args, Py_ssize_t n, PyObject *caller, int64_t ts,
+             PyThreadState *tstate)
 {
-    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
     Ring *ring = self->ring;
-    PyObject *caller = Py_None;
-    int64_t ts = 0;
-    if (self->caller) {
-        /* A return record's: its caller and time follow the values. */
-        if (n != self->n + 2) {
-            Py_RETURN_TRUE;
-        }
-        caller = args[n - 2];
-        ts = PyLong_CheckExact(args[n - 1]) ? PyLong_AsLongLong(args[n - 1]) : -1;
-        if ((caller != Py_None && !PyUnicode_CheckExact(caller)) || ts <= 0) {
-            PyErr_Clear();
-            Py_RETURN_TRUE;
-        }
-        n -= 2;
-    }
     if (!self->fast || !ring->tracing_on || PyDict_GET_SIZE(self->busy)
-        || PyList_GET_ITEM(self->held, 0) != Py_None || kwnames != NULL || n != self->n) {
-        Py_RETURN_TRUE;
+        || PyList_GET_ITEM(self->held, 0) != Py_None || n != self->n) {
+        return 1;
     }
     PyObject *values = PyTuple_New(n);
     if (values == NULL) {
         PyErr_Clear();
-        Py_RETURN_TRUE;
+        return 1;
     }
     Py_ssize_t size = OVERHEAD + SCALAR * n;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -554,7 +606,7 @@ Recorder_call(Recorder *self, PyObject *const *args, size_t nargsf, PyObject *kw
             if (v == NULL) { /* converters never raise; if one did, the careful path */
                 PyErr_Clear();
                 Py_DECREF(values);
-                Py_RETURN_TRUE;
+                return 1;
             }
             tp = Py_TYPE(v);
         }
@@ -572,15 +624,55 @@ Recorder_call(Recorder *self, PyObject *const *args, size_t nargsf, PyObject *kw
     if (self->size >= 0) {
         size = self->size;
     }
-    PyObject *key = current_key();
+    PyObject *key = current_key(tstate);
     if (key == NULL) {
         Py_DECREF(values);
-        Py_RETURN_TRUE;
+        return 1;
     }
-    ring_put(ring, self->caller ? ts : monotonic_ns(), key, self->event, values, caller, size);
+    ring_put(ring, ts ? ts : monotonic_ns(), key, self->event, values, caller, size);
     Py_DECREF(values);
     self->nhit++;
-    Py_RETURN_FALSE;
+    return 0;
+}
+
+static PyObject *
+Recorder_call(Recorder *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    PyObject *caller = Py_None;
+    int64_t ts = 0;
+    if (kwnames != NULL) {
+        Py_RETURN_TRUE;
+    }
+    if (self->caller) {
+        /* A return record's: its caller and time follow the values. */
+        if (n != self->n + 2) {
+            Py_RETURN_TRUE;
+        }
+        caller = args[n - 2];
+        ts = PyLong_CheckExact(args[n - 1]) ? PyLong_AsLongLong(args[n - 1]) : -1;
+        if ((caller != Py_None && !PyUnicode_CheckExact(caller)) || ts <= 0) {
+            PyErr_Clear();
+            Py_RETURN_TRUE;
+        }
+        n -= 2;
+    }
+    return PyBool_FromLong(recorder_put(self, args, n, caller, ts, PyThreadState_Get()));
+}
+
+/* The return record of core/_rethook.c (its `record_return` capsule): rec(*values, caller,
+ * ts) without the int object of `ts` or a call, from the thread whose state is `tstate`
+ * (the caller has it: no second look-up). 0: recorded, 1: refused, as rec's result False /
+ * True. */
+static int
+record_return(PyObject *rec, PyObject *const *values, Py_ssize_t n, PyObject *caller,
+              int64_t ts, PyThreadState *tstate)
+{
+    Recorder *self = (Recorder *)rec;
+    if (!self->caller || (caller != Py_None && !PyUnicode_CheckExact(caller)) || ts <= 0) {
+        return 1;
+    }
+    return recorder_put(self, values, n, caller, ts, tstate);
 }
 
 static PyObject *
@@ -731,7 +823,21 @@ Recorder_repr(Recorder *self)
                                 self->fast ? "True" : "False", self->nhit);
 }
 
+/* The name core/_rethook.c looks for: a capsule of `record_return`'s type. */
+#define RECORD_RETURN_CAPSULE "pykprobes.record_return"
+
+/* A return record's recorder offers `record_return` to the rethook; any other, None. */
+static PyObject *
+Recorder_get_record_return(Recorder *self, void *c)
+{
+    if (!self->caller) {
+        Py_RETURN_NONE;
+    }
+    return PyCapsule_New((void *)record_return, RECORD_RETURN_CAPSULE, NULL);
+}
+
 static PyGetSetDef Recorder_getset[] = {
+    {"record_return", (getter)Recorder_get_record_return, NULL, NULL, NULL},
     {"fast", (getter)Recorder_get_fast, (setter)Recorder_set_fast, NULL, NULL},
     {"nhit", (getter)Recorder_get_nhit, (setter)Recorder_set_nhit, NULL, NULL},
     {NULL},
@@ -892,7 +998,7 @@ set_note(PyObject *mod, PyObject *args)
 static PyObject *
 thread_key(PyObject *mod, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *key = current_key();
+    PyObject *key = current_key(PyThreadState_Get());
     if (key == NULL) {
         return PyErr_NoMemory();
     }

@@ -763,6 +763,7 @@ class HistRecorder:
             # The C twin (_histcount.c): one C call from the rewritten code.
             self._counter = counter_type(busy, held, hist_map.entries, insert,
                                          converters[index], nargs, index, log2)
+            hist_map.counters.add(self._counter)
             self.call = self._counter
         elif simple and nargs == 1 and index == 0:
             (convert,) = converters

@@ -22,6 +22,7 @@ is not an int, float or bool (FAULT, None, a string) adds nothing.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -49,7 +50,7 @@ class HistMap:
     the hitcount; `comms` keeps, for a `.execname` key, the thread name seen at the entry's
     first hit (the kernel's elt_data->comm)."""
 
-    __slots__ = ("size", "nvals", "entries", "drops", "comms", "lock", "_blank")
+    __slots__ = ("size", "nvals", "entries", "drops", "comms", "lock", "counters", "_blank")
 
     def __init__(self, size: int = DEFAULT_SIZE, nvals: int = 0) -> None:
         self.size = size
@@ -61,11 +62,20 @@ class HistMap:
         self.comms: dict[Any, str] = {}
         #: Taken by the hit paths only in a free-threaded build; by readers always.
         self.lock = threading.Lock()
+        #: The C counters of latency histograms (hist.py HistRecorder, _histcount.c) count a
+        #: known entry's hits apart, without an int object: added to the entries (`flush`)
+        #: before the table is read, forgotten when it is cleared.
+        self.counters: weakref.WeakSet[Any] = weakref.WeakSet()
         self._blank = [0] * (1 + nvals)
+
+    def _flush(self) -> None:
+        for counter in list(self.counters):
+            counter.flush()
 
     @property
     def hits(self) -> int:
         """Hits that found or made an entry (the kernel's map->hits)."""
+        self._flush()
         return sum(entry[0] for entry in list(self.entries.values()))
 
     def insert(self, key: Any) -> list[Any] | None:
@@ -89,12 +99,15 @@ class HistMap:
         """The trigger's `:clear` (and `> trigger` of a named table's last user): empty it."""
         with self.lock:
             self.entries.clear()
+            for counter in list(self.counters):
+                counter.forget()
             self.comms.clear()
             self.drops = 0
 
     def snapshot(self) -> tuple[list[tuple[Any, list[Any]]], int, int]:
         """`(entries as (key, a copy of the entry), hits, drops)`, read together."""
         with self.lock:
+            self._flush()
             items = [(key, entry[:]) for key, entry in list(self.entries.items())]
             return items, sum(e[0] for _, e in items), self.drops
 

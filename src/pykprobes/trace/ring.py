@@ -24,12 +24,16 @@ A reader that waits sets `waiting` and the ring calls `wake()` once after the ne
 or loss (outside its lock: the reader holds its own condition's lock while it checks).
 
 Concurrency: one lock around each operation (the C ring needs none: each of its operations
-runs without releasing the GIL and without running Python code, until it calls `wake`).
+runs without releasing the GIL and without running Python code, until it calls `wake`). A
+write made while its own thread holds the lock -- a finalizer run by a collection that one
+of the ring's allocations started -- is dropped and counted, as the kernel's ring buffer
+drops a recursive write, instead of waiting for itself.
 """
 
 from __future__ import annotations
 
 import threading
+from _thread import get_ident
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeAlias
@@ -38,6 +42,24 @@ __all__ = ["Entry", "Ring"]
 
 #: (seq, ts_ns, key, event, values, caller, size)
 Entry: TypeAlias = tuple[int, int, Any, Any, tuple[Any, ...], str | None, int]
+
+
+class _RingLock:
+    """The ring's lock, knowing which thread holds it (see the module docstring)."""
+
+    __slots__ = ("_lock", "owner")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.owner: int | None = None
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self.owner = get_ident()
+
+    def __exit__(self, *exc: object) -> None:
+        self.owner = None
+        self._lock.release()
 
 
 class Ring:
@@ -65,7 +87,7 @@ class Ring:
         self.overwrite: bool = bool(overwrite)
         self.waiting: bool = False
         self.wake: Callable[[], object] | None = None
-        self._lock = threading.Lock()
+        self._lock = _RingLock()
         self._entries: deque[Entry] = deque()
         self._bytes = 0
         self._limit = limit
@@ -82,8 +104,12 @@ class Ring:
             return False
         wake = None
         lock = self._lock
-        lock.acquire()
-        try:
+        if lock.owner == get_ident():
+            # Written from inside this thread's own ring operation: lost, counted.
+            self._next_seq += 1
+            self._dropped += 1
+            return False
+        with lock:
             seq = self._next_seq
             self._next_seq = seq + 1
             used = self._bytes + size
@@ -106,8 +132,6 @@ class Ring:
             if self.waiting:
                 self.waiting = False
                 wake = self.wake
-        finally:
-            lock.release()
         if wake is not None:
             _call(wake)
         return stored
@@ -147,7 +171,7 @@ class Ring:
     def after_fork(self) -> None:
         """In a child just forked: a new lock (another thread of the parent may have held
         the old one at the fork, and it does not exist here to release it)."""
-        self._lock = threading.Lock()
+        self._lock = _RingLock()
 
     def clear(self) -> None:
         with self._lock:
