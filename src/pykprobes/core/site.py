@@ -2,7 +2,7 @@
 
 Every registered address has one `Site`; with more than one probe there it is the
 *aggregate probe*: each probe keeps its own handlers and counters. Rewritten code runs the
-site's inline hit (`Site.inline`, core/opthit.py: the fast path below split between a C call
+site's inline hit (`Site.inline_hit`, core/opthit.py: the fast path below split between a C call
 and the rewritten code, which calls the handler itself), or, for a compiled call and where
 the inline sequence cannot go, calls `Site.hit`, the trampoline (no argument: the probed
 frame is the caller's); the breakpoint mechanisms call `Site.pre`/`Site.post` with the
@@ -114,6 +114,7 @@ class Site:
         "gate",
         "hit",
         "inline",
+        "inline_hit",
         "optimized",
         "posts",
         "probes",
@@ -154,7 +155,7 @@ class Site:
         self.hit: Callable[[], None] = _make_trampoline(self)
         #: The inline hit (core/opthit.py): what rewritten code runs at a plain hit.
         self.gate = Gate(_held, _busy, self.careful_inline)
-        self.inline = InlineHit(self.gate.bound(), self.fault, self.gate, self.hit)
+        self.inline_hit = InlineHit(self.gate.bound(), self.fault, self.gate, self.hit)
 
     @property
     def is_aggregate(self) -> bool:
@@ -185,7 +186,7 @@ class Site:
         """What the optimizer builds in at this site: the compiled call its probe offers,
         else the inline hit."""
         call = opt_call(self.active, self.hit, code, self.addr.offset)
-        return self.inline if call is self.hit else call
+        return self.inline_hit if call is self.hit else call
 
     def careful(self) -> None:
         """The trampoline's slow path: a handler runs somewhere, or the site is an aggregate
