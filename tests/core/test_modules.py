@@ -215,3 +215,33 @@ def test_a_waiting_probe_is_refused_at_the_import_as_an_imported_module_refuses_
         assert len(reported) == 1 and str(info.value) in reported[0]
     finally:
         kp.unregister_kprobe(p)
+
+
+
+SLOW_BODY = '''
+import pykprobes as kp
+
+kp.wait_for_kprobe_optimizer()
+NAMES = sorted(k for k in globals() if k.startswith("__pykprobes"))
+'''
+
+
+def test_a_module_body_is_not_rewritten_while_it_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside the early stage the optimizer leaves module bodies to the breakpoint: its
+    delayed pass comes while the body runs (`pykprobes run -e 'p:t/m __main__:<module>'`),
+    and a rewrite would put its call names in the namespace the body runs in, where the
+    program's own `globals()` sees them."""
+    name = f"pkslow_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(SLOW_BODY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    top = kp.Kprobe(symbol_name=f"{name}:<module>")
+    kp.register_kprobe(top)
+    try:
+        mod = importlib.import_module(name)
+        assert mod.NAMES == []
+        assert top.nhit == 1
+        assert not top.flags & kp.KPROBE_FLAG_OPTIMIZED
+    finally:
+        kp.unregister_kprobe(top)
+        sys.modules.pop(name, None)

@@ -64,11 +64,15 @@ class KprobeOptimizer:
     def optimizable(self, site: Site, state: CodeState, m: Mechanisms) -> bool:
         # While early, the seed's optimize_kprobe() ignores kprobes_allow_optimization and
         # kprobes_all_disarmed: early probes have no other mechanism. Both apply at
-        # conversion.
+        # conversion. Outside the early stage a module or class body is not optimized: it
+        # runs once, most often while the delayed pass comes, and a rewrite then would put
+        # its call names in the namespace the body runs in, where the program sees them in
+        # `globals()`. An early rewrite, made before the body runs, stays.
+        early = self.table.early.is_early()
         return (
             m.optimizer is not None
-            and (self.table.early.is_early()
-                 or (self.allowed and not self.table.all_disarmed))
+            and (early or (self.allowed and not self.table.all_disarmed))
+            and (early or site.optimized or bool(state.original.co_flags & _CO_OPTIMIZED))
             and bool(site.active)
             and not site.posts
             and self.check(site, state, m) is None
