@@ -156,10 +156,12 @@ Gate_enter(PyObject *op, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(
     }
     self->counter->n++;
     self->serial++;
-    Py_SETREF(self->probe, Py_NewRef(PyTuple_GET_ITEM(fast, 1)));
-    PyObject *prev = PyList_GET_ITEM(held, 0);
+    /* The mark before the probe's reference changes hands: dropping the last reference
+     * to the previous probe could run Python code (a weakref callback), and with it a
+     * thread switch, between the tests and the mark. The item replaced is None (tested). */
     PyList_SET_ITEM(held, 0, Py_NewRef(PyTuple_GET_ITEM(fast, 2)));
-    Py_DECREF(prev);
+    Py_DECREF(Py_None);
+    Py_SETREF(self->probe, Py_NewRef(PyTuple_GET_ITEM(fast, 1)));
     return Py_NewRef(fast);
 }
 
