@@ -37,7 +37,7 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from types import FunctionType, ModuleType
-from typing import Any, Final
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -497,16 +497,6 @@ class ProtoInlineHit(Case):
     key, group, kind = "X1", "proto", "entry"
     label = "PROTOTYPE fast path inlined into the injected code (no trampoline call)"
 
-    #: The steps of the fast path written (X1: all); the X1a-X1d rows drop some, so that
-    #: the same run shows what each step of the bookkeeping costs inline (ANALYSIS.md).
-    STEPS: Final = frozenset({"test", "mark", "count"})
-
-    def __init__(self, key: str = "X1", steps: frozenset[str] = STEPS, label: str = "") -> None:
-        self.key = key
-        self.steps = steps
-        if label:
-            self.label = label
-
     def unavailable(self) -> str | None:
         return Peer("", "", "", peers.install_closure, "bytecode").unavailable()
 
@@ -541,26 +531,21 @@ class ProtoInlineHit(Case):
 
         def make(location: Any) -> list[Any]:
             skip_pop, done = Label(), Label()
-            steps = self.steps
             ops = [
                 Instr("LOAD_CONST", box), Instr("LOAD_CONST", 0), subscr(),
                 Instr("COPY", 1), Instr(if_none, skip_pop),
-                *([Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0), subscr(),
-                   Instr(if_not_none, skip_pop),
-                   Instr("LOAD_CONST", busy), *to_bool, Instr(if_true, skip_pop)]
-                  if "test" in steps else []),
+                Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0), subscr(),
+                Instr(if_not_none, skip_pop),
+                Instr("LOAD_CONST", busy), *to_bool, Instr(if_true, skip_pop),
                 Instr("UNPACK_SEQUENCE", 3),  # regs, p, handler (top)
-                *([Instr("COPY", 3), Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0),
-                   Instr("STORE_SUBSCR")]  # held[0] = regs
-                  if "mark" in steps else []),
-                *([Instr("COPY", 2), Instr("COPY", 1), Instr("LOAD_ATTR", nhit),
-                   Instr("LOAD_CONST", 1), Instr("BINARY_OP", 13), Instr("SWAP", 2),
-                   Instr("STORE_ATTR", "nhit")]  # p.nhit += 1
-                  if "count" in steps else []),
+                Instr("COPY", 3), Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0),
+                Instr("STORE_SUBSCR"),  # held[0] = regs
+                Instr("COPY", 2), Instr("COPY", 1), Instr("LOAD_ATTR", nhit),
+                Instr("LOAD_CONST", 1), Instr("BINARY_OP", 13), Instr("SWAP", 2),
+                Instr("STORE_ATTR", "nhit"),  # p.nhit += 1
                 Instr("SWAP", 3), *call, Instr("POP_TOP"),  # handler(p, regs), method-style
-                *([Instr("LOAD_CONST", None), Instr("LOAD_CONST", held),
-                   Instr("LOAD_CONST", 0), Instr("STORE_SUBSCR")]  # held[0] = None
-                  if "mark" in steps else []),
+                Instr("LOAD_CONST", None), Instr("LOAD_CONST", held), Instr("LOAD_CONST", 0),
+                Instr("STORE_SUBSCR"),  # held[0] = None
                 Instr("JUMP_FORWARD", done),
                 skip_pop, Instr("POP_TOP"), done,
             ]
@@ -573,164 +558,10 @@ class ProtoInlineHit(Case):
         f.__code__ = peers.inject(f, "entry", make)
 
         def check(calls: int) -> list[str]:
-            counted = p.nhit if "count" in self.steps else calls
-            return _counter_check("nhit", counted, calls) + (["left marked"] if held[0] else [])
+            return _counter_check("nhit", p.nhit, calls) + (["left marked"] if held[0] else [])
 
         def teardown() -> None:
             f.__code__ = original
-
-        return Armed(f, teardown, check)
-
-
-def build_proto(name: str) -> str | None:
-    """Compile bench/proto/<name>.c for this interpreter and import it; the reason it cannot
-    be, or None. The build directory goes at once (the loaded module stays mapped)."""
-    import shlex
-    import shutil
-    import sysconfig
-
-    out_dir = tempfile.mkdtemp(prefix="pykprobes-bench-proto-")
-    try:
-        out = os.path.join(out_dir, name + str(sysconfig.get_config_var("EXT_SUFFIX")))
-        cc = shlex.split(str(sysconfig.get_config_var("CC") or "cc"))
-        command = [*cc, "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}",
-                   str(HERE / "proto" / f"{name}.c"), "-o", out]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"cannot build bench/proto/{name}.c: {exc}"
-        if done.returncode != 0:
-            return f"cannot build bench/proto/{name}.c: {done.stderr.strip()[:200]}"
-        sys.path.insert(0, out_dir)
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            return f"bench/proto/{name}.c built but not importable: {exc}"
-        finally:
-            sys.path.remove(out_dir)
-        return None
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
-
-
-class ProtoCEnterHit(Case):
-    """Bench-only prototype: the tests, the mark and the count in one C call (`enter(box)`
-    returns the site's (handler, p, regs) or None), then the handler called by the injected
-    code itself and the mark cleared by it (`enter` is bench/proto/inlenter.c, compiled by
-    the suite). A handler's exception is isolated as the trampoline isolates it (an
-    exception-table entry: `fault` unmarks, counts `nfault`, lets KeyboardInterrupt through);
-    no careful path (`enter` would call it where it returns None, off the fast path): what a
-    C-assisted inline hit would cost."""
-
-    key, group, kind = "X2", "proto", "entry"
-    serial = 0
-    label = "PROTOTYPE C enter (test+mark+count) then inline handler call"
-
-    def __init__(self, key: str = "X2", c_count: bool = False, label: str = "",
-                 bound: bool = False, kind: str = "entry") -> None:
-        self.key = key
-        #: "offset": injected before the BINARY_OP, with the operands on the stack (X4o,
-        #: against H1).
-        self.kind = kind
-        #: X4: `enter_c` bound to the box (one LOAD_GLOBAL and a call of no argument).
-        self.bound = bound
-        #: X3: `enter_c` counts in a C integer (no int allocated per hit), where a probe's
-        #: nhit would add it as the rethook's entry counts are added (core/_rethook.c).
-        self.c_count = c_count
-        if label:
-            self.label = label
-
-    def unavailable(self) -> str | None:
-        try:
-            importlib.import_module("inlenter")
-        except ImportError:
-            problem = build_proto("inlenter")
-            if problem:
-                return problem
-        return Peer("", "", "", peers.install_closure, "bytecode").unavailable()
-
-    def setup(self, f: FunctionType, targets: Targets) -> Armed:
-        import inlenter  # type: ignore[import-not-found]
-        from bytecode import Instr, Label
-        from bytecode.instr import TryBegin, TryEnd
-
-        class P:
-            __slots__ = ("nfault", "nhit")
-
-        p: Any = P()
-        p.nhit = p.nfault = 0
-        busy: dict[int, Any] = {}
-        held: list[Any] = [None]
-        inlenter.setup(held, busy, P.__dict__["nhit"])
-        box = [(peers.handler, p, object())]
-        version = sys.version_info[:2]
-        if_none = "POP_JUMP_FORWARD_IF_NONE" if version == (3, 11) else "POP_JUMP_IF_NONE"
-
-        def call(n: int) -> list[Any]:
-            return [Instr("PRECALL", n), Instr("CALL", n)] if version == (3, 11) else \
-                [Instr("CALL", n)]
-
-        # What the code calls and reads is reached by name, as pykprobes' injected code reaches
-        # it (arch/rewrite/callees.py: a marshallable code object holds no function or list).
-        ProtoCEnterHit.serial += 1
-        def fault(box: list[Any], exc: BaseException) -> None:
-            held[0] = None
-            if isinstance(exc, KeyboardInterrupt):
-                raise exc
-            box[0][1].nfault += 1
-
-        enter = inlenter.gate(box) if self.bound else (
-            inlenter.enter_c if self.c_count else inlenter.enter)
-        base = inlenter.counted()
-        names = {f"__x2_{what}_{ProtoCEnterHit.serial}__": obj
-                 for what, obj in (("enter", enter), ("box", box), ("held", held),
-                                   ("fault", fault))}
-        f.__globals__.update(names)
-        enter_name, box_name, held_name, fault_name = names
-
-        def make(location: Any) -> list[Any]:
-            skip_pop, done = Label(), Label()
-            handler, cleanup = Label(), Label()
-            hit, unwind = TryBegin(handler, push_lasti=False), TryBegin(cleanup, push_lasti=True)
-            ops = [
-                hit,
-                *([Instr("LOAD_GLOBAL", (True, enter_name)), *call(0)] if self.bound else
-                  [Instr("LOAD_GLOBAL", (True, enter_name)),
-                   Instr("LOAD_GLOBAL", (False, box_name)), *call(1)]),
-                Instr("COPY", 1), Instr(if_none, skip_pop),
-                Instr("UNPACK_SEQUENCE", 3), Instr("SWAP", 3), *call(1),  # handler(p, regs)
-                TryEnd(hit),
-                Instr("POP_TOP"),
-                Instr("LOAD_CONST", None), Instr("LOAD_GLOBAL", (False, held_name)),
-                Instr("LOAD_CONST", 0), Instr("STORE_SUBSCR"),  # held[0] = None
-                Instr("JUMP_FORWARD", done),
-                # except BaseException as exc: fault(box, exc) (it unmarks, counts, and
-                # raises KeyboardInterrupt again, which the cleanup lets through)
-                handler, unwind, Instr("PUSH_EXC_INFO"),
-                Instr("LOAD_GLOBAL", (True, fault_name)), Instr("LOAD_GLOBAL", (False, box_name)),
-                Instr("COPY", 4), *call(2), Instr("POP_TOP"), Instr("POP_TOP"),
-                TryEnd(unwind),
-                Instr("POP_EXCEPT"), Instr("JUMP_FORWARD", done),
-                cleanup, Instr("COPY", 3), Instr("POP_EXCEPT"), Instr("RERAISE", 1),
-                skip_pop, Instr("POP_TOP"), done,
-            ]
-            for op in ops:
-                if isinstance(op, Instr):
-                    op.location = location
-            return ops
-
-        original = f.__code__
-        f.__code__ = peers.inject(f, self.kind, make)
-
-        def check(calls: int) -> list[str]:
-            nhit = inlenter.counted() - base if self.c_count else p.nhit
-            return (_counter_check("nhit", nhit, calls) + _counter_check("nfault", p.nfault, 0)
-                    + (["left marked"] if held[0] else []))
-
-        def teardown() -> None:
-            f.__code__ = original
-            for name in names:
-                del f.__globals__[name]
 
         return Armed(f, teardown, check)
 
@@ -898,23 +729,6 @@ def hit_cases() -> list[Case]:
         Peer("HI1", "raw injected bytecode: handler() after RESUME + handler(rv) at return",
              "entry+return", peers.install_inject_entry_return, "bytecode", per_call=2),
         ProtoInlineHit(),
-        *proto_inline_steps(),
-        ProtoCEnterHit(),
-        ProtoCEnterHit("X3", True, "PROTOTYPE X2 counting nhit in a C integer"),
-        ProtoCEnterHit("X4", True, "PROTOTYPE X3 with enter bound to the site's box", True),
-        ProtoCEnterHit("X4o", True, "PROTOTYPE X4 before BINARY_OP", True, "offset"),
-    ]
-
-
-def proto_inline_steps() -> list[Case]:
-    """X1 rebuilt one step at a time (each row adds one step to the previous one): the floor
-    of each piece of the kernel's bookkeeping once no trampoline call is left."""
-    x1 = "PROTOTYPE inline fast path: "
-    return [
-        ProtoInlineHit("X1a", frozenset(), x1 + "read the site's box, unpack, call the handler"),
-        ProtoInlineHit("X1b", frozenset({"test"}), x1 + "X1a + test the marks (held, busy)"),
-        ProtoInlineHit("X1c", frozenset({"test", "mark"}), x1 + "X1b + mark/unmark held[0]"),
-        ProtoInlineHit("X1d", frozenset({"test", "count"}), x1 + "X1b + count nhit (no mark)"),
     ]
 
 
@@ -929,10 +743,7 @@ COMPARISONS: list[tuple[str, str, float | None]] = [
     # Issue 13: a kretprobe (empty handlers) at most 2x raw entry + return injection, a
     # kprobe + kretprobe at most 2.5x.
     ("R1o", "HI1", 2.00), ("R2o", "HI1", 2.50),
-    # The inline prototypes (ANALYSIS.md, "The optimized kprobe against raw injection").
-    ("X1", "H", 1.10), ("X1a", "H", None), ("X1b", "H", None), ("X1c", "H", None),
-    ("X1d", "H", None), ("X2", "H", None), ("X3", "H", None), ("X4", "H", None),
-    ("X4o", "H1", None),
+    ("X1", "H", 1.10),
     # Issue 14: a hist-only event costs at most the optimized event; a $duration return
     # event with a .log2 hist at most 4x the unprobed call.
     ("E2o", "E1o", 1.00), ("E3o", "A", 4.00),
